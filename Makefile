@@ -1,0 +1,29 @@
+# The README's commands live here. `make quickstart` and `make test` each set up everything they
+# need on a fresh machine: a project-local virtualenv, torch==2.13.0 first (a CPU build here), then
+# the package with its extras.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv quickstart test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/posttrain quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/sft.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,193 @@
+"""One typed config per stage, read from YAML plus `key=value` overrides.
+
+Key names follow LLaMA-Factory / Hugging Face TrainingArguments, so a user's existing YAML mostly
+works as it is. Unknown keys and invalid values are refused with the key's name and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from posttrain.errors import ConfigError
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup", "polynomial",
+              "inverse_sqrt")
+FORMATTINGS = ("auto", "prompt_completion", "alpaca", "role", "openai", "sharegpt", "text")
+
+# Other names users bring from TRL / LLaMA-Factory for the same key.
+ALIASES = {"max_length": "cutoff_len", "max_seq_length": "cutoff_len", "lr": "learning_rate",
+           "dataset_path": "dataset"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetEntry(_Strict):
+    """One data source; `dataset:` takes a path, a list of paths, or a list of these."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+    formatting: Literal[FORMATTINGS] = "auto"
+    columns: dict[str, str] | None = None
+
+
+class TrainArgs(_Strict):
+    """Keys every training stage shares (the loop's settings)."""
+
+    model_name_or_path: str
+    output_dir: str
+    trust_remote_code: bool = False
+    overwrite_output_dir: bool = False
+    finetuning_type: Literal["full"] = "full"
+
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 turns clipping off
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    lr_scheduler_type: Literal[SCHEDULERS] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)  # > 0 overrides warmup_ratio
+
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)  # default: logging_steps * 10, and at the end
+    save_steps: int = Field(500, ge=0)  # 0: only the final model
+    save_total_limit: int | None = Field(2, ge=1)
+    resume_from_checkpoint: str | None = None  # "auto" (latest in output_dir) or a checkpoint folder
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    plot_loss: bool = True
+    disable_tqdm: bool = False
+
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _check_precision(self):
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both set; choose one")
+        return self
+
+
+class DataArgs(_Strict):
+    """Keys for reading, rendering and batching conversation data."""
+
+    dataset: Union[str, list[Union[str, DatasetEntry]]]
+    eval_dataset: Union[str, list[Union[str, DatasetEntry]], None] = None
+    val_size: float = Field(0.0, ge=0)  # < 1: a fraction of the training rows; >= 1: a row count
+    formatting: Literal[FORMATTINGS] = "auto"  # default for entries that do not set their own
+    columns: dict[str, str] | None = None
+    template: str | None = None  # built-in name, .jinja path, or None for the tokenizer's own
+    cutoff_len: int = Field(1024, ge=2)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    mask_history: bool = False  # train only the last assistant turn
+    packing: bool = False
+    group_by_length: bool = True
+    on_bad_rows: Literal["error", "skip"] = "error"
+    max_samples: int | None = Field(None, ge=1)
+
+    def dataset_entries(self, which: str = "dataset") -> list[DatasetEntry]:
+        value = getattr(self, which)
+        if value is None:
+            return []
+        items = value if isinstance(value, list) else [value]
+        return [DatasetEntry(path=i, formatting=self.formatting, columns=self.columns) if isinstance(i, str) else i
+                for i in items]
+
+
+class SFTConfig(TrainArgs, DataArgs):
+    stage: Literal["sft"] = "sft"
+    learning_rate: float = Field(1e-4, gt=0)
+
+
+STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings to a nested dict; values are parsed as YAML (`lr=1e-4`, `packing=true`)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not of the form key=value")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _apply_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+    out = dict(raw)
+    for alias, key in ALIASES.items():
+        if alias in out:
+            if key in out and out[key] != out[alias]:
+                raise ConfigError(f"config sets both {alias!r} and {key!r} (same setting); keep one")
+            out[key] = out.pop(alias)
+    return out
+
+
+def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
+    lines = []
+    known = list(cls.model_fields)
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(config)"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"unknown config key {key!r}{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"config key {key!r} is required")
+        else:
+            lines.append(f"config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(cls: type[BaseModel], raw: dict[str, Any]):
+    raw = _apply_aliases(raw)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, cls)) from None
+
+
+def load_config(stage: str, path: str | None, overrides: list[str] | None = None):
+    """Read YAML (optional) + overrides into the stage's typed config."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    raw.update(parse_overrides(overrides or []))
+    file_stage = raw.pop("stage", stage)
+    if file_stage != stage:
+        raise ConfigError(f"{path}: stage is {file_stage!r} but the command is {stage!r}")
+    return build_config(STAGES[stage], raw)
+
+
+def save_config(config: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

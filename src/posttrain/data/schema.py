@@ -1,0 +1,45 @@
+"""The one schema every input format is normalized to.
+
+Later stages add `Preference`, `Unpaired` and `Prompt`; SFT and continued pre-training use
+`Conversation` (a conversation with only `text` set is a pre-training document).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Message:
+    role: str  # one of ROLES
+    content: str
+    tool_calls: list[dict[str, Any]] | None = None  # assistant only, OpenAI shape
+    name: str | None = None  # tool name on a tool message, when given
+    tool_call_id: str | None = None  # tool message: which call it answers (some templates print it)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            d["tool_calls"] = self.tool_calls
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+
+@dataclass
+class Conversation:
+    """A chat (messages) or, for continued pre-training, a plain document (text)."""
+
+    messages: list[Message] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    text: str | None = None  # set only for plain-text (pre-training) rows
+    source: str = ""  # "file:line" of the row it came from, for error messages
+
+    @property
+    def is_text(self) -> bool:
+        return self.text is not None

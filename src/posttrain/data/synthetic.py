@@ -1,0 +1,102 @@
+"""The embedded tasks used by the quickstart, the tests and the benchmarks.
+
+Every task is deterministic given a seed, needs no download, and has one exact answer per prompt,
+so "did training work" is an exact-match accuracy, not a judgement call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import string
+from pathlib import Path
+
+# Digits: the default tokenizer gives every digit its own token, so these tasks are about the
+# transformation, not about undoing BPE merges.
+SYMBOLS = string.digits
+
+
+def _word(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice(SYMBOLS) for _ in range(rng.randint(lo, hi)))
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 3, 7)
+    return f"reverse {w}", w[::-1]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 3, 7)
+    return f"sort {w}", "".join(sorted(w))
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    return f"{a}+{b}", str(a + b)
+
+
+TASKS = {"reverse": _reverse, "sort": _sort, "add": _add}
+DEFAULT_TASKS = ("reverse", "sort")
+
+
+def task_examples(n: int, seed: int, tasks=DEFAULT_TASKS) -> list[dict]:
+    """`n` rows in OpenAI `messages` format, each with its exact `answer` for evaluation."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, answer = TASKS[rng.choice(tasks)](rng)
+        rows.append({
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            "answer": answer,
+        })
+    return rows
+
+
+def split_task(n_train: int, n_eval: int, seed: int = 0, tasks=DEFAULT_TASKS) -> tuple[list[dict], list[dict]]:
+    """Train and held-out rows with no prompt in common."""
+    rows = task_examples(n_train + n_eval * 2, seed, tasks)
+    train, seen = rows[:n_train], {r["messages"][0]["content"] for r in rows[:n_train]}
+    held_out = [r for r in rows[n_train:] if r["messages"][0]["content"] not in seen][:n_eval]
+    return train, held_out
+
+
+_WORDS = ("the model reads tokens and learns to answer questions about data files while the loss "
+          "falls steadily across every step of training on small machines").split()
+
+
+def chat_corpus(n: int, seed: int, min_words: int = 5, max_words: int = 700) -> list[dict]:
+    """Mixed-length multi-turn conversations (tens to ~1k tokens) for benchmarks."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        turns = rng.randint(1, 3)
+        budget = int(math.exp(rng.uniform(math.log(min_words), math.log(max_words))))
+        messages = []
+        if rng.random() < 0.3:
+            messages.append({"role": "system", "content": "You are a helpful assistant."})
+        for _ in range(turns):
+            q = max(2, budget // (3 * turns))
+            a = max(2, budget // turns - q)
+            messages.append({"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(q)) + "?"})
+            messages.append({"role": "assistant", "content": " ".join(rng.choice(_WORDS) for _ in range(a)) + "."})
+        rows.append({"messages": messages})
+    return rows
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the default tokenizer is trained on: the tasks, chat scaffolding, plain words."""
+    texts = [r["messages"][0]["content"] + " " + r["answer"] for r in task_examples(2000, 1234, tuple(TASKS))]
+    texts += [" ".join(_WORDS)] * 20
+    texts += ["system user assistant tool You are a helpful assistant."] * 50
+    texts += [string.ascii_letters + string.digits + string.punctuation] * 5
+    return texts
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path

@@ -1,0 +1,256 @@
+"""The one training loop every objective runs through.
+
+An objective is an `nn.Module` that takes a collated batch and returns the SUM of its loss over
+the batch's trained units (tokens for SFT) plus that count. The loop divides by the number of
+units in the whole optimizer step — over every micro-batch and every rank — so accumulating 4x2
+gives the same update as one batch of 8, and N processes the same as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from posttrain.config import TrainArgs
+from posttrain.data.batching import example_length, plan_epoch
+from posttrain.train import checkpoint, distributed as dist
+from posttrain.train.metrics import MetricsLogger, plot_metrics
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+    output_dir: Path
+    plot: Path | None
+    metrics: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Norm weights and biases are not decayed (the usual practice; decaying them hurts).
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon)
+
+
+def build_scheduler(optimizer, args: TrainArgs, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    name = args.lr_scheduler_type
+    if name == "constant" and warmup:
+        name = "constant_with_warmup"
+    extra = {"min_lr_rate": 0.1} if name == "cosine_with_min_lr" else {}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=extra)
+
+
+def autocast(device: torch.device, args: TrainArgs):
+    if args.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if args.fp16:
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Runs `objective` over `train_examples` with the settings in `args`.
+
+    `count(batch)` gives the units a batch's loss sum is over; `save_final(folder)` writes the
+    finished model (HF folder, adapter, ...) into a temporary folder the loop then moves in place.
+    """
+
+    def __init__(self, args: TrainArgs, objective: nn.Module, *, train_examples: list, eval_examples: list,
+                 collate: Callable[[list], dict], count: Callable[[dict], int],
+                 save_final: Callable[[Path], None], device: torch.device, run_config: dict | None = None):
+        self.args = args
+        self.objective = objective
+        self.train_examples = train_examples
+        self.eval_examples = eval_examples
+        self.collate = collate
+        self.count = count
+        self.save_final = save_final
+        self.device = device
+        self.run_config = run_config or {}
+        self.output_dir = Path(args.output_dir)
+        self.lengths = [example_length(e) for e in train_examples]
+        self.world, self.rank = dist.world_size(), dist.rank()
+        self.group_by_length = bool(getattr(args, "group_by_length", False))
+
+    # -- planning ---------------------------------------------------------------------------------
+    def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
+        return plan_epoch(self.lengths, epoch=epoch, seed=self.args.seed,
+                          micro_batch_size=self.args.per_device_train_batch_size,
+                          accumulation=self.args.gradient_accumulation_steps, world_size=self.world,
+                          rank=self.rank, group_by_length=self.group_by_length)
+
+    def total_steps(self) -> int:
+        per_epoch = len(self.epoch_plan(0))
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return max(1, math.ceil(self.args.num_train_epochs * per_epoch))
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def _step(self, module: nn.Module, micro: list[list[int]]) -> tuple[float, int, int]:
+        batches = [self.collate([self.train_examples[i] for i in idx]) if idx else None for idx in micro]
+        local = sum(self.count(b) for b in batches if b is not None)
+        total = int(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
+        loss_sum, tokens = 0.0, 0
+        for k, batch in enumerate(batches):
+            weight = 1.0
+            if batch is None:  # this rank has no samples left in a partial last batch: a zero-weight pass
+                batch, weight = self.collate([self.train_examples[0]]), 0.0
+            batch = _to(batch, self.device)
+            sync = k == len(batches) - 1 or self.world == 1
+            ctx = contextlib.nullcontext() if sync else module.no_sync()
+            with ctx:
+                with autocast(self.device, self.args):
+                    out = module(batch)
+                # DDP averages gradients over ranks; multiplying by world size makes that a sum.
+                loss = out["loss_sum"] * (weight * self.world / max(total, 1))
+                loss.backward()
+            if weight:
+                loss_sum += out["loss_sum"].item()
+                tokens += int(batch["num_tokens"])
+        return loss_sum, total, tokens
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module) -> float | None:
+        if not self.eval_examples:
+            return None
+        module.eval()
+        bs = self.args.per_device_eval_batch_size
+        mine = self.eval_examples[self.rank::self.world]
+        mine = sorted(mine, key=example_length)  # similar lengths together: less padding
+        sums = torch.zeros(2, dtype=torch.float64)
+        for i in range(0, len(mine), bs):
+            batch = _to(self.collate(mine[i:i + bs]), self.device)
+            with autocast(self.device, self.args):
+                out = module(batch)
+            sums += torch.tensor([out["loss_sum"].item(), self.count(batch)], dtype=torch.float64)
+        dist.all_reduce_sum(sums)
+        module.train()
+        return (sums[0] / sums[1].clamp(min=1)).item()
+
+    # -- the run ----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        args = self.args
+        seed_everything(args.seed)
+        model = self.objective
+        optimizer = build_optimizer(model, args)
+        total_steps = self.total_steps()
+        scheduler = build_scheduler(optimizer, args, total_steps)
+        step = 0
+        resume = dist.broadcast_object(
+            checkpoint.resolve_resume(args.resume_from_checkpoint, self.output_dir) if dist.is_main() else None)
+        if resume is not None:
+            state = checkpoint.load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler,
+                                               device=self.device)
+            step = state["step"]
+        module = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        logger = MetricsLogger(self.output_dir, args.report_to, self.run_config, resume_step=step) \
+            if dist.is_main() else None
+        per_epoch = len(self.epoch_plan(0))
+        eval_every = args.eval_steps or args.logging_steps * 10
+        bar = tqdm(total=total_steps, initial=step, disable=args.disable_tqdm or not dist.is_main(),
+                   dynamic_ncols=True, desc="train")
+        window_loss, window_units, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        last_loss = last_eval = None
+        module.train()
+        while step < total_steps:
+            epoch, offset = divmod(step, per_epoch)
+            plan = self.epoch_plan(epoch)
+            for micro in plan[offset:]:
+                loss_sum, units, tokens = self._step(module, micro)
+                grad_norm = None
+                if args.max_grad_norm > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_loss += loss_sum
+                window_units += units
+                window_tokens += tokens
+                if step % args.logging_steps == 0 or step == total_steps:
+                    stats = dist.all_reduce_sum(torch.tensor([window_loss, window_tokens], dtype=torch.float64))
+                    elapsed = time.perf_counter() - window_start
+                    last_loss = stats[0].item() / max(window_units, 1)
+                    record = {"step": step, "epoch": round(step / per_epoch, 4), "loss": round(last_loss, 6),
+                              "lr": lr, "tokens_per_s": round(stats[1].item() / elapsed, 1),
+                              "trained_tokens": window_units}
+                    if grad_norm is not None:
+                        record["grad_norm"] = round(grad_norm, 6)
+                    if logger:
+                        logger.log(record)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    window_loss, window_units, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                if self.eval_examples and (step % eval_every == 0 or step == total_steps):
+                    last_eval = self.evaluate(module)
+                    if logger:
+                        logger.log({"step": step, "eval_loss": round(last_eval, 6)})
+                if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+                    if dist.is_main():
+                        checkpoint.save_checkpoint(
+                            self.output_dir, step, model_state=model.state_dict(), optimizer=optimizer,
+                            scheduler=scheduler, trainer_state={"epoch": epoch}, keep=args.save_total_limit)
+                    dist.barrier()
+                bar.update(1)
+                if step >= total_steps:
+                    break
+        bar.close()
+        plot = None
+        if dist.is_main():
+            self._write_final()
+            logger.close()
+            if args.plot_loss:
+                plot = plot_metrics(logger.path, self.output_dir / "training_loss.png")
+        dist.barrier()
+        from posttrain.train.metrics import read_metrics
+
+        metrics = read_metrics(self.output_dir / "metrics.jsonl") if dist.is_main() else []
+        return TrainResult(step, last_loss, last_eval, self.output_dir, plot, metrics)
+
+    def _write_final(self) -> None:
+        """Write the finished model next to a temp name, then move each file in; config.json goes last
+        so a folder without it was never finished."""
+        tmp = self.output_dir / f".tmp-final-{os.getpid()}"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.save_final(tmp)
+        files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+        for f in files:
+            os.replace(f, self.output_dir / f.name)
+        tmp.rmdir()

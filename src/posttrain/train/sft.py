@@ -1,0 +1,136 @@
+"""Supervised fine-tuning (and continued pre-training on `text` rows): read top to bottom.
+
+setup (config -> tokenizer -> data -> model) -> Trainer -> save. Every check on the input runs in
+setup, before the model loads and long before the first step.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from posttrain.config import SFTConfig, save_config
+from posttrain.data.batching import collate, example_length, pack
+from posttrain.data.chat import IGNORE_INDEX, ChatRenderer
+from posttrain.data.formats import DatasetSpec, load_conversations
+from posttrain.data.prepare import split_eval, tokenize_all
+from posttrain.errors import ConfigError
+from posttrain.model.loading import load_model, load_tokenizer, pick_device
+from posttrain.train import distributed as dist
+from posttrain.train.loop import Trainer, TrainResult
+from posttrain.train.metrics import check_tracker
+
+log = logging.getLogger(__name__)
+
+
+class CausalLMLoss(nn.Module):
+    """Summed next-token cross-entropy over trained positions.
+
+    The output head runs only on the positions that are trained, not on every prompt and padding
+    position: with short answers after long prompts that skips most of the head's work and memory.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        special_logits = any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+        self.split = head is not None and body is not None and body is not model and not special_logits
+
+    def forward(self, batch: dict) -> dict:
+        targets = batch["targets"]
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        selected = targets != IGNORE_INDEX
+        if self.split:
+            hidden = getattr(self.model, self.model.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[selected])
+        else:
+            logits = self.model(**inputs, use_cache=False).logits[selected]
+        loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        return {"loss_sum": loss_sum}
+
+
+def count_trained(batch: dict) -> int:
+    return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+def check_output_dir(config: SFTConfig) -> None:
+    out = Path(config.output_dir)
+    if out.exists() and out.is_file():
+        raise ConfigError(f"output_dir: {config.output_dir!r} is a file")
+    if (out / "config.json").exists() or (out / "adapter_config.json").exists():
+        if not (config.overwrite_output_dir or config.resume_from_checkpoint):
+            raise ConfigError(f"output_dir: {config.output_dir!r} already holds a trained model; "
+                              "set overwrite_output_dir: true or choose another folder")
+
+
+def load_samples(config: SFTConfig, tokenizer):
+    """Read, normalize, render and tokenize the training (and eval) data, with a report."""
+    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history)
+
+    def specs(which):
+        return [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
+                for e in config.dataset_entries(which)]
+
+    convs, load_report = load_conversations(specs("dataset"), config.on_bad_rows, config.seed, config.max_samples)
+    if load_report.bad_rows:
+        log.warning("skipped %d bad rows; first reasons:\n  %s", load_report.bad_rows,
+                    "\n  ".join(load_report.bad_reasons))
+    eval_convs = []
+    if config.eval_dataset:
+        eval_convs, _ = load_conversations(specs("eval_dataset"), config.on_bad_rows, config.seed)
+    elif config.val_size:
+        convs, eval_convs = split_eval(convs, config.val_size, config.seed)
+    train, report = tokenize_all(convs, renderer, config.cutoff_len, config.overlong)
+    evals = tokenize_all(eval_convs, renderer, config.cutoff_len, config.overlong)[0] if eval_convs else []
+    return train, evals, report, renderer
+
+
+def run_sft(config: SFTConfig) -> TrainResult:
+    device = pick_device(config.device)
+    dist.init(device)
+    check_tracker(config.report_to)
+    check_output_dir(config)
+    if (config.bf16 or config.fp16) and device.type == "cpu" and config.fp16:
+        raise ConfigError("fp16 autocast is for CUDA; on CPU use bf16: true or neither")
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    train, evals, report, _ = load_samples(config, tokenizer)
+    if dist.is_main():
+        log.info("data: %s", report.summary())
+    if config.packing:
+        train, evals = pack(train, config.cutoff_len), (pack(evals, config.cutoff_len) if evals else [])
+        if dist.is_main():
+            log.info("packing: %d rows of up to %d tokens", len(train), config.cutoff_len)
+    model = load_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
+                       attn_implementation=config.attn_implementation,
+                       gradient_checkpointing=config.gradient_checkpointing)
+    out = Path(config.output_dir)
+    if dist.is_main():
+        if config.overwrite_output_dir and not config.resume_from_checkpoint and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "posttrain_config.yaml")
+    dist.barrier()
+
+    def save_final(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_config(config, folder / "posttrain_config.yaml")
+
+    pad_id = tokenizer.pad_token_id
+
+    def collate_fn(examples):
+        batch = collate(examples, pad_id)
+        batch["num_tokens"] = sum(example_length(e) for e in examples)
+        return batch
+
+    trainer = Trainer(config, CausalLMLoss(model), train_examples=train, eval_examples=evals,
+                      collate=collate_fn, count=count_trained, save_final=save_final, device=device,
+                      run_config=config.model_dump(mode="json"))
+    return trainer.train()

@@ -41,10 +41,10 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> d
     start = time.perf_counter()
     root = Path(output_dir)
     base = write_tiny_model(root / "base-model")
-    train_rows, held_out = split_task(4000, 200, seed=0)
+    train_rows, held_out = split_task(6000, 200, seed=0)
     data = write_jsonl([{"messages": r["messages"]} for r in train_rows], root / "data" / "train.jsonl")
     write_jsonl(held_out, root / "data" / "held_out.jsonl")
-    print(f"[quickstart] tiny Llama written to {base}; task: reverse or sort a string of digits "
+    print(f"[quickstart] tiny Llama written to {base}; task: reverse a string of 3-7 digits "
           f"({len(train_rows)} train rows, {len(held_out)} held-out)")
     before = exact_match(base, held_out)
     print(f"[quickstart] held-out exact match before SFT: {before:.1%}")

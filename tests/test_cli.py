@@ -1,0 +1,110 @@
+"""End to end through the CLI: a run that learns, writes a usable folder, and refuses bad input early."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.cli import main
+
+from conftest import sft_overrides
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_sft_cli_loss_falls_and_writes_a_usable_folder(tiny_model_dir, task_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_model_dir), "dataset": str(task_data),
+                                      "output_dir": str(out), "val_size": 40, "eval_steps": 20}))
+    rest = [o for o in sft_overrides(tiny_model_dir, task_data, out, max_steps=60)
+            if not o.startswith(("model_name_or_path", "dataset", "output_dir"))]
+    assert main(["sft", str(config), *rest]) == 0
+    printed = capsys.readouterr().out
+    assert "plot:" in printed and "final loss" in printed
+
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert all({"lr", "tokens_per_s", "grad_norm"} <= r.keys() for r in records if "loss" in r)
+    assert (out / "training_loss.png").stat().st_size > 1000
+    assert yaml.safe_load((out / "posttrain_config.yaml").read_text())["max_steps"] == 60
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+    # The folder is an ordinary HF model: plain transformers loads it.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+    # One-shot chat from the trained folder answers with something.
+    res = subprocess.run([sys.executable, "-m", "posttrain", "chat", str(out), "--prompt", "reverse 123",
+                          "--max-new-tokens", "8"], capture_output=True, text=True, env={"PYTHONPATH": SRC})
+    assert res.returncode == 0 and res.stdout.strip()
+
+
+def test_continued_pretraining_on_text(tiny_model_dir, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the model reads tokens {i % 7} and learns"}) + "\n"
+                            for i in range(64)))
+    out = tmp_path / "pt"
+    assert main(["sft", *sft_overrides(tiny_model_dir, data, out, max_steps=20, packing=True)]) == 0
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_data_preview_marks_trained_spans(tiny_model_dir, task_data, capsys):
+    assert main(["data", "preview", f"model_name_or_path={tiny_model_dir}", f"dataset={task_data}",
+                 "output_dir=unused", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "trained" in out and "<|im_end|>]]" in out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learning_rat=0.1", "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
+    ("lr_scheduler_type=cosin", "'lr_scheduler_type'"),
+    ("per_device_train_batch_size=0", "'per_device_train_batch_size'"),
+    ("on_bad_rows=ignore", "'error' or 'skip'"),
+    ("report_to=wandb_x", "'report_to'"),
+])
+def test_bad_config_keys_are_named(tiny_model_dir, task_data, tmp_path, capsys, override, message):
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, tmp_path / "o"), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_hub_id_and_bad_data_fail_before_training(tiny_model_dir, tmp_path, capsys):
+    assert main(["sft", *sft_overrides("meta-llama/Llama-3-8B", "x.jsonl", tmp_path / "o")]) == 2
+    assert "not a local folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n')
+    assert main(["sft", *sft_overrides(tiny_model_dir, bad, tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "empty" in err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_model_dir, task_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2)]) == 0
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2)]) == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2, overwrite_output_dir=True)]) == 0
+
+
+def test_missing_tracker_is_a_clear_error(tiny_model_dir, task_data, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, tmp_path / "o", report_to="wandb")]) == 2
+    assert "needs the 'wandb' package" in capsys.readouterr().err

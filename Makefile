@@ -1,6 +1,6 @@
 # The README's commands live here. `make quickstart` and `make test` each set up everything they
-# need on a fresh machine: a project-local virtualenv, torch==2.13.0 first (a CPU build here), then
-# the package with its extras.
+# need on a fresh machine: a project-local virtualenv, torch==2.13.0 first (a CPU build on machines
+# without a GPU), then the package with its extras.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,6 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python bench/sft.py
 
 clean:

@@ -54,13 +54,19 @@ TAGGED_CHATML = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# (name, kind, extra settings). The headline ratio is posttrain (its defaults) over TRL (its defaults).
+# name -> (kind, extra settings). The headline ratio is posttrain (its defaults) over TRL (its
+# defaults). The two opt-in sides swap the batch sampling (random vs length-grouped) so each
+# implementation can also be compared under the other's sampling, i.e. with similar padding.
 SIDES = {
     "posttrain": ("posttrain", {}),
     "posttrain-packing": ("posttrain", {"packing": True}),
     "trl": ("trl", {}),
+    "posttrain-ungrouped": ("posttrain", {"group_by_length": False}),
     "trl-grouped": ("trl", {"group_by_length": True}),
 }
+# (posttrain side, TRL side) pairs to report ratios for, when both ran; the first is the headline.
+PAIRS = [("posttrain", "trl"), ("posttrain-packing", "trl"), ("posttrain-ungrouped", "trl"),
+         ("posttrain", "trl-grouped"), ("posttrain-ungrouped", "trl-grouped")]
 
 
 def peak_rss_mib() -> float:
@@ -106,6 +112,8 @@ def child_posttrain(spec: dict, extra: dict) -> dict:
         f"logging_steps={spec['logging_steps']}", "save_steps=0", "disable_tqdm=true", "report_to=none",
         "plot_loss=false", "bf16=false", "fp16=false", "gradient_checkpointing=false",
     ]
+    if "group_by_length" in extra:
+        overrides.append(f"group_by_length={str(extra['group_by_length']).lower()}")
     if extra.get("packing"):
         # Packed rows hold ~cutoff_len tokens each, so a fixed step count would be several epochs:
         # train the same number of passes over the data as the other sides instead.
@@ -285,12 +293,13 @@ def fmt(v, spec: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run (fewer conversations and steps)")
-    p.add_argument("--conversations", type=int, help="training conversations (default 600; quick 96)")
+    p.add_argument("--conversations", type=int, help="training conversations (default 400; quick 64)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: one pass over the data)")
-    p.add_argument("--eval-conversations", type=int, help="held-out conversations (default 64; quick 24)")
+    p.add_argument("--eval-conversations", type=int, help="held-out conversations (default 64; quick 16)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--logging-steps", type=int, help="default 10; quick 4 (TRL logs no loss for a last partial window)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--sides", default=None,
                    help=f"comma-separated, from {','.join(SIDES)} (default: posttrain,posttrain-packing,trl; "
@@ -302,10 +311,11 @@ def main() -> None:
     if args.child:
         return run_child(args.child, Path(args.spec))
 
-    args.conversations = args.conversations or (96 if args.quick else 600)
-    args.eval_conversations = args.eval_conversations or (24 if args.quick else 64)
+    args.conversations = args.conversations or (64 if args.quick else 400)
+    args.eval_conversations = args.eval_conversations or (16 if args.quick else 64)
     per_epoch = math.ceil(args.conversations / args.batch)
     args.steps = args.steps or per_epoch
+    args.logging_steps = args.logging_steps or (4 if args.quick else 10)
     sides = (args.sides or ("posttrain,trl" if args.quick else "posttrain,posttrain-packing,trl")).split(",")
     for s in sides:
         if s not in SIDES:
@@ -341,7 +351,7 @@ def main() -> None:
         print("WARNING: the two sides do not train the same tokens; the comparison is off", file=sys.stderr)
 
     spec = {**paths, "steps": args.steps, "epochs": args.steps / per_epoch, "batch": args.batch,
-            "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "logging_steps": 10}
+            "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "logging_steps": args.logging_steps}
     runs: dict[str, dict] = {}
     for side in sides:
         side_spec = {**spec, "out": str(work / f"out-{side}"), "result": str(work / f"result-{side}.json")}
@@ -349,6 +359,7 @@ def main() -> None:
         spec_path.write_text(json.dumps(side_spec))
         log = work / f"log-{side}.txt"
         print(f"running {side} ...", end=" ", flush=True)
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         with open(log, "w") as f:
             rc = subprocess.call([sys.executable, __file__, "--child", side, "--spec", str(spec_path)],
@@ -358,9 +369,13 @@ def main() -> None:
             sys.exit(1)
         r = json.loads(Path(side_spec["result"]).read_text())
         r["process_s"] = time.perf_counter() - t0  # includes interpreter start and imports
+        # Other work on the machine slows a side down; the 1-minute load average before and after
+        # its run says how much to trust its number (2 cores: ~1 is this run alone).
+        r["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         r["trained_tokens_per_s"] = r["trained_tokens"] / r["train_s"]
         runs[side] = r
-        print(f"{r['train_s']:.1f} s training, {r['trained_tokens_per_s']:.0f} trained tok/s", flush=True)
+        print(f"{r['train_s']:.1f} s training, {r['trained_tokens_per_s']:.0f} trained tok/s "
+              f"(load avg {r['load_avg_1m'][0]} -> {r['load_avg_1m'][1]})", flush=True)
 
     print("scoring held-out conversations ...", flush=True)
     base_eval = heldout_loss(paths["model"], eval_samples)
@@ -380,16 +395,18 @@ def main() -> None:
           "'setup s' is loading + tokenization + final save; 'batch cells' = rows x padded width computed; "
           "final train loss: posttrain = token-weighted mean over the last logging window, TRL = mean of its "
           "per-step losses over the window)")
+    if "posttrain-packing" in runs:
+        print("(posttrain-packing trains the same passes over the data in fewer, fuller steps, so its losses are "
+              "not comparable with the other rows; read its throughput)")
 
     ratios = {}
-    if "trl" in runs:
-        for side in ("posttrain", "posttrain-packing"):
-            if side in runs:
-                ratios[f"{side}/trl throughput"] = runs[side]["trained_tokens_per_s"] / runs["trl"]["trained_tokens_per_s"]
-                ratios[f"{side}/trl peak RSS"] = runs[side]["peak_rss_mib"] / runs["trl"]["peak_rss_mib"]
-                ratios[f"{side}-trl held-out loss"] = runs[side]["heldout_loss"] - runs["trl"]["heldout_loss"]
-        for k, v in ratios.items():
-            print(f"{k}: {v:+.4f}" if k.endswith("loss") else f"{k}: {v:.2f}x")
+    for a, b in PAIRS:
+        if a in runs and b in runs:
+            ratios[f"{a}/{b} throughput"] = runs[a]["trained_tokens_per_s"] / runs[b]["trained_tokens_per_s"]
+            ratios[f"{a}/{b} peak RSS"] = runs[a]["peak_rss_mib"] / runs[b]["peak_rss_mib"]
+            ratios[f"{a}-{b} held-out loss"] = runs[a]["heldout_loss"] - runs[b]["heldout_loss"]
+    for k, v in ratios.items():
+        print(f"{k}: {v:+.4f}" if k.endswith("loss") else f"{k}: {v:.2f}x")
 
     result = {
         "bench": "sft", "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

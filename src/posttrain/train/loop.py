@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 from posttrain.config import TrainArgs
 from posttrain.data.batching import example_length, plan_epoch
 from posttrain.train import checkpoint, distributed as dist
-from posttrain.train.metrics import MetricsLogger, plot_metrics
+from posttrain.errors import ConfigError
+from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Trainer:
         return max(1, math.ceil(self.args.num_train_epochs * per_epoch))
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def _step(self, module: nn.Module, micro: list[list[int]]) -> tuple[float, int, int]:
+    def _step(self, module: nn.Module, micro: list[list[int]], scaler) -> tuple[float, int, int]:
         batches = [self.collate([self.train_examples[i] for i in idx]) if idx else None for idx in micro]
         local = sum(self.count(b) for b in batches if b is not None)
         total = int(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
@@ -133,7 +135,7 @@ class Trainer:
                     out = module(batch)
                 # DDP averages gradients over ranks; multiplying by world size makes that a sum.
                 loss = out["loss_sum"] * (weight * self.world / max(total, 1))
-                loss.backward()
+                scaler.scale(loss).backward()
             if weight:
                 loss_sum += out["loss_sum"].item()
                 tokens += int(batch["num_tokens"])
@@ -172,6 +174,10 @@ class Trainer:
             state = checkpoint.load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler,
                                                device=self.device)
             step = state["step"]
+            if state.get("steps_per_epoch", len(self.epoch_plan(0))) != len(self.epoch_plan(0)):
+                raise ConfigError(f"{resume}: the checkpoint was written with another data size or global batch "
+                                  f"({state['steps_per_epoch']} steps per epoch, now {len(self.epoch_plan(0))}); "
+                                  "resume with the same data, batch size, accumulation and process count")
         module = model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -184,17 +190,21 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         window_loss, window_units, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         last_loss = last_eval = None
+        # fp16 needs loss scaling so small gradients do not flush to zero; a no-op otherwise.
+        scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
         module.train()
         while step < total_steps:
             epoch, offset = divmod(step, per_epoch)
             plan = self.epoch_plan(epoch)
             for micro in plan[offset:]:
-                loss_sum, units, tokens = self._step(module, micro)
+                loss_sum, units, tokens = self._step(module, micro, scaler)
                 grad_norm = None
+                scaler.unscale_(optimizer)
                 if args.max_grad_norm > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -222,7 +232,8 @@ class Trainer:
                     if dist.is_main():
                         checkpoint.save_checkpoint(
                             self.output_dir, step, model_state=model.state_dict(), optimizer=optimizer,
-                            scheduler=scheduler, trainer_state={"epoch": epoch}, keep=args.save_total_limit)
+                            scheduler=scheduler, trainer_state={"epoch": epoch, "steps_per_epoch": per_epoch},
+                            keep=args.save_total_limit)
                     dist.barrier()
                 bar.update(1)
                 if step >= total_steps:
@@ -235,8 +246,6 @@ class Trainer:
             if args.plot_loss:
                 plot = plot_metrics(logger.path, self.output_dir / "training_loss.png")
         dist.barrier()
-        from posttrain.train.metrics import read_metrics
-
         metrics = read_metrics(self.output_dir / "metrics.jsonl") if dist.is_main() else []
         return TrainResult(step, last_loss, last_eval, self.output_dir, plot, metrics)
 
@@ -245,8 +254,6 @@ class Trainer:
         so a folder without it was never finished."""
         tmp = self.output_dir / f".tmp-final-{os.getpid()}"
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         self.save_final(tmp)

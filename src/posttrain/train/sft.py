@@ -97,7 +97,7 @@ def run_sft(config: SFTConfig) -> TrainResult:
     dist.init(device)
     check_tracker(config.report_to)
     check_output_dir(config)
-    if (config.bf16 or config.fp16) and device.type == "cpu" and config.fp16:
+    if config.fp16 and device.type == "cpu":
         raise ConfigError("fp16 autocast is for CUDA; on CPU use bf16: true or neither")
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train, evals, report, _ = load_samples(config, tokenizer)

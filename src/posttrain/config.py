@@ -17,11 +17,16 @@ from posttrain.errors import ConfigError
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup", "polynomial",
               "inverse_sqrt")
-FORMATTINGS = ("auto", "prompt_completion", "alpaca", "role", "openai", "sharegpt", "text")
+FORMATTINGS = ("auto", "prompt_completion", "alpaca", "role", "openai", "sharegpt", "text", "preference")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "bco_pair")
 
 # Other names users bring from TRL / LLaMA-Factory for the same key.
 ALIASES = {"max_length": "cutoff_len", "max_seq_length": "cutoff_len", "lr": "learning_rate",
            "dataset_path": "dataset"}
+# The preference stages take LLaMA-Factory's names; TRL's names for the same settings are aliases.
+ALIASES.update({"beta": "pref_beta", "rpo_alpha": "pref_ftx", "loss_type": "pref_loss",
+                "label_smoothing": "dpo_label_smoothing", "desirable_weight": "kto_chosen_weight",
+                "undesirable_weight": "kto_rejected_weight"})
 
 
 class _Strict(BaseModel):
@@ -116,7 +121,54 @@ class SFTConfig(TrainArgs, DataArgs):
     learning_rate: float = Field(1e-4, gt=0)
 
 
+class ReferenceArgs(_Strict):
+    """Where the reference log-probs of the DPO family and KTO come from (computed once, cached)."""
+
+    ref_model: str | None = None  # a reference model folder; default: the starting model itself
+    ref_cache_dir: str | None = None  # default: $POSTTRAIN_CACHE or ~/.cache/posttrain, under reference_logps/
+
+
+class RMConfig(TrainArgs, DataArgs):
+    """`posttrain rm`: a reward model (scalar head) trained on preference pairs, Bradley-Terry loss."""
+
+    stage: Literal["rm"] = "rm"
+    learning_rate: float = Field(1e-5, gt=0)
+    center_rewards_coefficient: float = Field(0.0, ge=0)  # + c * (r_chosen + r_rejected)^2 keeps rewards near 0
+
+
+class DPOConfig(TrainArgs, DataArgs, ReferenceArgs):
+    """`posttrain dpo`: the DPO family (sigmoid, ipo, hinge, robust, bco_pair) and the reference-free
+    SimPO and ORPO, on preference pairs."""
+
+    stage: Literal["dpo"] = "dpo"
+    learning_rate: float = Field(5e-6, gt=0)
+    pref_loss: Literal[PREF_LOSSES] = "sigmoid"  # alias loss_type
+    pref_beta: float = Field(0.1, gt=0)  # alias beta; ORPO's lambda
+    pref_ftx: float = Field(0.0, ge=0)  # alias rpo_alpha: weight of an NLL term on chosen (RPO)
+    dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # alias label_smoothing: sigmoid (cDPO) and robust
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
+
+    @model_validator(mode="after")
+    def _check_smoothing(self):
+        if self.dpo_label_smoothing and self.pref_loss not in ("sigmoid", "robust"):
+            raise ValueError(f"dpo_label_smoothing is for pref_loss sigmoid or robust, not {self.pref_loss!r}")
+        return self
+
+
+class KTOConfig(TrainArgs, DataArgs, ReferenceArgs):
+    """`posttrain kto`: KTO on unpaired rows (a response and a true/false label)."""
+
+    stage: Literal["kto"] = "kto"
+    learning_rate: float = Field(5e-6, gt=0)
+    pref_beta: float = Field(0.1, gt=0)  # alias beta
+    pref_ftx: float = Field(0.0, ge=0)  # alias rpo_alpha: weight of an NLL term on desirable rows
+    kto_chosen_weight: float = Field(1.0, gt=0)  # alias desirable_weight
+    kto_rejected_weight: float = Field(1.0, gt=0)  # alias undesirable_weight
+
+
 STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig}
+
+STAGES.update({"rm": RMConfig, "dpo": DPOConfig, "kto": KTOConfig})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def pack(samples: list[TokenizedSample], max_len: int) -> list[PackedRow]:
 
 
 def example_length(example) -> int:
-    return len(example) if isinstance(example, PackedRow) else len(example.input_ids)
+    """Tokens in a sample; a packed row or a preference pair says itself (`len`)."""
+    return len(example.input_ids) if isinstance(example, TokenizedSample) else len(example)
 
 
 def collate(examples: list, pad_id: int) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import json
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from posttrain.data.schema import ROLES, Conversation, Message
 from posttrain.data.sources import BadRow, read_rows, type_name
@@ -39,6 +39,11 @@ FORMATS = ("auto", "prompt_completion", "alpaca", "role", "openai", "sharegpt", 
 REQUIRED_COLUMNS = {"prompt", "completion", "instruction", "output", "user", "assistant",
                     "messages", "conversations", "text"}
 OPTIONAL_COLUMNS = {"system", "tools", "input", "history", "role", "content"}
+# Preference and unpaired (KTO) rows, read by data/preference.py with the same loader.
+PREFERENCE_COLUMNS = {"chosen", "rejected"}
+PREFERENCE_OPTIONAL_COLUMNS = {"margin", "label", "kto_tag"}
+REQUIRED_COLUMNS |= PREFERENCE_COLUMNS
+OPTIONAL_COLUMNS |= PREFERENCE_OPTIONAL_COLUMNS
 COLUMNS = REQUIRED_COLUMNS | OPTIONAL_COLUMNS
 
 _ALIASES = {"human": "user", "gpt": "assistant", "observation": "tool"}
@@ -352,6 +357,15 @@ def load_conversations(specs: list[DatasetSpec], on_bad_rows: str = "error", see
     on_bad_rows="error" raises the first bad row's DataError; "skip" drops bad rows and counts
     them in the report. Either way a file with no usable row left is a DataError.
     """
+    return load_records(specs, to_conversation, detect_format, on_bad_rows, seed, max_samples)
+
+
+def load_records(specs: list[DatasetSpec], convert: Callable[[dict, str, str, int], Any],
+                 detect: Callable[[set[str]], str | None], on_bad_rows: str = "error", seed: int = 0,
+                 max_samples: int | None = None, formats: tuple[str, ...] = FORMATS) -> tuple[list, LoadReport]:
+    """`load_conversations` for any record type: `convert(row, fmt, source, rownum)` builds one
+    record (raising DataError for a bad row), `detect(keys)` names a row's format, and `formats`
+    are the `formatting:` values allowed."""
     if on_bad_rows not in ("error", "skip"):
         raise ConfigError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
     if max_samples is not None and max_samples < 1:
@@ -359,8 +373,8 @@ def load_conversations(specs: list[DatasetSpec], on_bad_rows: str = "error", see
     report = LoadReport(per_source={}, bad_rows=0, bad_reasons=[])
     picked: list[tuple[str, Conversation]] = []
     for index, spec in enumerate(specs):
-        _check_spec(spec)
-        convs = _load_spec(spec, on_bad_rows, report)
+        _check_spec(spec, formats)
+        convs = _load_spec(spec, on_bad_rows, report, convert, detect)
         rng = random.Random(f"{seed}/{index}")  # per spec: adding a spec leaves the others' picks alone
         picked += [(spec.path, c) for c in _apply_weight(convs, spec.weight, rng)]
     if max_samples is not None:
@@ -372,9 +386,9 @@ def load_conversations(specs: list[DatasetSpec], on_bad_rows: str = "error", see
     return [c for _, c in picked], report
 
 
-def _check_spec(spec: DatasetSpec) -> None:
-    if spec.formatting not in FORMATS:
-        raise ConfigError(f"{spec.path}: formatting {spec.formatting!r} is not one of {', '.join(FORMATS)}")
+def _check_spec(spec: DatasetSpec, formats: tuple[str, ...] = FORMATS) -> None:
+    if spec.formatting not in formats:
+        raise ConfigError(f"{spec.path}: formatting {spec.formatting!r} is not one of {', '.join(formats)}")
     if not (isinstance(spec.weight, (int, float)) and math.isfinite(spec.weight) and spec.weight >= 0):
         raise ConfigError(f"{spec.path}: weight must be a number >= 0, got {spec.weight!r}")
     for canon, col in (spec.columns or {}).items():
@@ -385,7 +399,8 @@ def _check_spec(spec: DatasetSpec) -> None:
             raise ConfigError(f"{spec.path}: columns: {canon} must name a column, got {col!r}")
 
 
-def _load_spec(spec: DatasetSpec, on_bad_rows: str, report: LoadReport) -> list[Conversation]:
+def _load_spec(spec: DatasetSpec, on_bad_rows: str, report: LoadReport, convert=to_conversation,
+               detect=detect_format) -> list:
     convs: list[Conversation] = []
     fmt_of: dict[str, str] = {}  # file -> format fixed by its first good row
     seen: dict[str, int] = {}  # file -> rows read
@@ -398,7 +413,7 @@ def _load_spec(spec: DatasetSpec, on_bad_rows: str, report: LoadReport) -> list[
                 raise item.error()
             data = _rename(item.data, spec.columns, item.source, item.row)
             fmt = fmt_of.get(item.source, spec.formatting)
-            conv = to_conversation(data, fmt, item.source, item.row)
+            conv = convert(data, fmt, item.source, item.row)
         except DataError as e:
             if on_bad_rows == "error":
                 raise
@@ -408,7 +423,7 @@ def _load_spec(spec: DatasetSpec, on_bad_rows: str, report: LoadReport) -> list[
             first_problem.setdefault(item.source, str(e))
             continue
         if item.source not in fmt_of:
-            fmt_of[item.source] = _format_of(data, spec.formatting)
+            fmt_of[item.source] = detect(set(data)) if spec.formatting == "auto" else spec.formatting
         kept[item.source] = kept.get(item.source, 0) + 1
         convs.append(conv)
     for source, n in seen.items():
@@ -416,10 +431,6 @@ def _load_spec(spec: DatasetSpec, on_bad_rows: str, report: LoadReport) -> list[
             raise DataError(f"no usable rows: all {n} rows are bad; the first: "
                             f"{first_problem[source]}", source)
     return convs
-
-
-def _format_of(data: dict, formatting: str) -> str:
-    return detect_format(set(data)) if formatting == "auto" else formatting
 
 
 def _rename(data: dict, columns: dict[str, str] | None, source: str, row: int) -> dict:

@@ -1,7 +1,8 @@
 """The one schema every input format is normalized to.
 
-Later stages add `Preference`, `Unpaired` and `Prompt`; SFT and continued pre-training use
-`Conversation` (a conversation with only `text` set is a pre-training document).
+SFT and continued pre-training use `Conversation` (a conversation with only `text` set is a
+pre-training document); reward models and the DPO family use `Preference`; KTO uses `Unpaired`.
+RL adds `Prompt`.
 """
 
 from __future__ import annotations
@@ -43,3 +44,26 @@ class Conversation:
     @property
     def is_text(self) -> bool:
         return self.text is not None
+
+
+@dataclass
+class Preference:
+    """One prompt with a preferred and a dispreferred response (reward models, DPO family)."""
+
+    prompt: list[Message]  # the conversation so far; ends with a user (or tool) message
+    chosen: Message  # the preferred assistant response
+    rejected: Message  # the dispreferred assistant response
+    margin: float | None = None  # how much better chosen is (optional; the RM loss uses it)
+    tools: list[dict[str, Any]] | None = None
+    source: str = ""  # "file:line"
+
+
+@dataclass
+class Unpaired:
+    """One prompt with one response and a thumbs-up / thumbs-down label (KTO)."""
+
+    prompt: list[Message]
+    completion: Message  # an assistant response
+    label: bool  # True: desirable, False: undesirable
+    tools: list[dict[str, Any]] | None = None
+    source: str = ""

@@ -105,3 +105,32 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A near miss of `answer`: one digit changed, two neighbours swapped, one dropped or added, or
+    the reversal undone — the mistakes a half-trained model makes, never the answer itself."""
+    for _ in range(100):
+        i = rng.randrange(len(answer))
+        kind = rng.choice(("change", "swap", "drop", "add", "unreverse"))
+        if kind == "change":
+            wrong = answer[:i] + rng.choice(SYMBOLS.replace(answer[i], "")) + answer[i + 1:]
+        elif kind == "swap" and len(answer) > 1:
+            i = min(i, len(answer) - 2)
+            wrong = answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]
+        elif kind == "drop" and len(answer) > 1:
+            wrong = answer[:i] + answer[i + 1:]
+        elif kind == "add":
+            wrong = answer[:i] + rng.choice(SYMBOLS) + answer[i:]
+        else:
+            wrong = answer[::-1]
+        if wrong != answer:
+            return wrong
+    raise ValueError(f"no wrong answer found for {answer!r}")
+
+
+def preference_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """{prompt, chosen, rejected} rows from task rows: the exact answer against a near miss."""
+    rng = random.Random(seed)
+    return [{"prompt": r["messages"][0]["content"], "chosen": r["answer"], "rejected": wrong_answer(r["answer"], rng)}
+            for r in rows]

@@ -4,6 +4,10 @@ An objective is an `nn.Module` that takes a collated batch and returns the SUM o
 the batch's trained units (tokens for SFT) plus that count. The loop divides by the number of
 units in the whole optimizer step — over every micro-batch and every rank — so accumulating 4x2
 gives the same update as one batch of 8, and N processes the same as one.
+
+An objective may also return `metrics`: {name: (sum, count)} (e.g. the DPO reward accuracy summed
+over the batch's pairs); the loop adds sums and counts up over each logging window (and over the
+eval set) and logs sum / count under the name (`eval_<name>` for eval).
 """
 
 from __future__ import annotations
@@ -80,6 +84,22 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _add_metrics(into: dict[str, list[float]], metrics: dict) -> None:
+    for name, (total, count) in metrics.items():
+        acc = into.setdefault(name, [0.0, 0.0])
+        acc[0] += float(total)
+        acc[1] += float(count)
+
+
+def _reduce_metrics(sums: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
+    """sum / count per name, over every rank (each rank reports the same names)."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = dist.all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64))
+    return {prefix + n: round((t[0] / t[1]).item(), 6) for n, t in zip(names, totals) if t[1] > 0}
+
+
 class Trainer:
     """Runs `objective` over `train_examples` with the settings in `args`.
 
@@ -103,6 +123,7 @@ class Trainer:
         self.lengths = [example_length(e) for e in train_examples]
         self.world, self.rank = dist.world_size(), dist.rank()
         self.group_by_length = bool(getattr(args, "group_by_length", False))
+        self.eval_metrics: dict[str, float] = {}  # the objective's metrics from the last evaluate()
 
     # -- planning ---------------------------------------------------------------------------------
     def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
@@ -118,7 +139,7 @@ class Trainer:
         return max(1, math.ceil(self.args.num_train_epochs * per_epoch))
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def _step(self, module: nn.Module, micro: list[list[int]], scaler) -> tuple[float, int, int]:
+    def _step(self, module: nn.Module, micro: list[list[int]], scaler, metrics: dict) -> tuple[float, int, int]:
         batches = [self.collate([self.train_examples[i] for i in idx]) if idx else None for idx in micro]
         local = sum(self.count(b) for b in batches if b is not None)
         total = int(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
@@ -139,6 +160,7 @@ class Trainer:
             if weight:
                 loss_sum += out["loss_sum"].item()
                 tokens += int(batch["num_tokens"])
+                _add_metrics(metrics, out.get("metrics", {}))
         return loss_sum, total, tokens
 
     @torch.no_grad()
@@ -150,12 +172,15 @@ class Trainer:
         mine = self.eval_examples[self.rank::self.world]
         mine = sorted(mine, key=example_length)  # similar lengths together: less padding
         sums = torch.zeros(2, dtype=torch.float64)
+        metrics: dict[str, list[float]] = {}
         for i in range(0, len(mine), bs):
             batch = _to(self.collate(mine[i:i + bs]), self.device)
             with autocast(self.device, self.args):
                 out = module(batch)
             sums += torch.tensor([out["loss_sum"].item(), self.count(batch)], dtype=torch.float64)
+            _add_metrics(metrics, out.get("metrics", {}))
         dist.all_reduce_sum(sums)
+        self.eval_metrics = _reduce_metrics(metrics, "eval_")
         module.train()
         return (sums[0] / sums[1].clamp(min=1)).item()
 
@@ -189,6 +214,7 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=step, disable=args.disable_tqdm or not dist.is_main(),
                    dynamic_ncols=True, desc="train")
         window_loss, window_units, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_metrics: dict[str, list[float]] = {}
         last_loss = last_eval = None
         # fp16 needs loss scaling so small gradients do not flush to zero; a no-op otherwise.
         scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
@@ -197,7 +223,7 @@ class Trainer:
             epoch, offset = divmod(step, per_epoch)
             plan = self.epoch_plan(epoch)
             for micro in plan[offset:]:
-                loss_sum, units, tokens = self._step(module, micro, scaler)
+                loss_sum, units, tokens = self._step(module, micro, scaler, window_metrics)
                 grad_norm = None
                 scaler.unscale_(optimizer)
                 if args.max_grad_norm > 0:
@@ -220,6 +246,8 @@ class Trainer:
                               "trained_tokens": window_units}
                     if grad_norm is not None:
                         record["grad_norm"] = round(grad_norm, 6)
+                    record.update(_reduce_metrics(window_metrics))
+                    window_metrics = {}
                     if logger:
                         logger.log(record)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -227,7 +255,7 @@ class Trainer:
                 if self.eval_examples and (step % eval_every == 0 or step == total_steps):
                     last_eval = self.evaluate(module)
                     if logger:
-                        logger.log({"step": step, "eval_loss": round(last_eval, 6)})
+                        logger.log({"step": step, "eval_loss": round(last_eval, 6), **self.eval_metrics})
                 if args.save_steps and step % args.save_steps == 0 and step < total_steps:
                     if dist.is_main():
                         checkpoint.save_checkpoint(

@@ -1,0 +1,112 @@
+"""Reward models: a causal LM body with a scalar head, saved as an ordinary HF sequence-classification folder.
+
+A reward model is `AutoModelForSequenceClassification` with `num_labels=1` (for a Llama:
+`LlamaForSequenceClassification`, a bias-free `score` Linear(hidden, 1) on the decoder). Built from a
+causal-LM folder, the body keeps its weights, the LM head is dropped and `score` starts fresh. The
+reward of a sequence is the head read at its LAST REAL token (found from the attention mask, so it
+works whatever the pad token is, even when pad == eos).
+
+The trained folder loads back with plain transformers:
+
+    AutoModelForSequenceClassification.from_pretrained(folder)   # logits[:, 0] is the reward
+
+`config.json` also holds the reward mean and std over the training data (`reward_mean`,
+`reward_std`), so a later stage (RLHF) can normalize rewards: (r - reward_mean) / reward_std.
+The same head read at every position gives per-token values (`token_values`), which is what a PPO
+critic needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from posttrain.errors import ConfigError
+from posttrain.model.loading import resolve_model_path
+
+
+def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_code: bool = False,
+                      attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
+                      dtype: torch.dtype = torch.float32, pad_token_id: int | None = None):
+    """A reward model from a reward-model folder, or a new head on a causal-LM folder."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.num_labels != 1 and _is_classifier(config):
+        raise ConfigError(f"{name_or_path}: a sequence classifier with {config.num_labels} labels, not a reward "
+                          "model (one scalar output)")
+    config.num_labels = 1
+    if pad_token_id is not None and config.pad_token_id is None:
+        config.pad_token_id = pad_token_id  # lets plain transformers batch the saved model too
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected on a causal-LM folder
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+            dtype=dtype)
+    except ValueError as err:
+        raise ConfigError(f"{name_or_path}: cannot build a reward model from this folder "
+                          f"(no sequence-classification class for its architecture?): {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def _is_classifier(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder body, scalar head) of a sequence-classification model (PEFT-wrapped or not)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(hf, hf.base_model_prefix, None)
+    head = getattr(hf, "score", None)
+    if body is None or head is None:
+        raise ConfigError(f"{type(hf).__name__} has no `{hf.base_model_prefix}` body and `score` head; posttrain "
+                          "reads rewards from the sequence-classification layout most decoders share")
+    return body, head
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each row's last real token, for right- or left-padded rows."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(dim=1)
+
+
+def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per row: the head applied to the hidden state of the row's last real token."""
+    body, head = _parts(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
+    return head(last).squeeze(-1).float()
+
+
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head at every position, [rows, length]: a PPO critic's per-token value estimates."""
+    body, head = _parts(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+def set_reward_stats(model: nn.Module, mean: float, std: float) -> None:
+    """Store the training data's reward mean / std in the config (saved in config.json)."""
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config.reward_mean = float(mean)
+    config.reward_std = float(std)
+
+
+def reward_stats(folder: str | Path) -> tuple[float, float] | None:
+    """(mean, std) saved with a reward model, or None if it has none."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if "reward_mean" in config and "reward_std" in config:
+        return float(config["reward_mean"]), float(config["reward_std"])
+    return None

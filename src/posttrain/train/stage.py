@@ -1,0 +1,94 @@
+"""Set-up steps the pair-based stages (rm, dpo, kto) share: checks, data, the output folder.
+
+Every check runs here, before a model loads; the output folder is only cleared once the data has
+been read and tokenized without error.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from posttrain.config import save_config
+from posttrain.data.formats import DatasetSpec
+from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_unpaired
+from posttrain.data.prepare import split_eval
+from posttrain.data.preference import load_preferences, load_unpaired
+from posttrain.errors import ConfigError
+from posttrain.model.loading import pick_device
+from posttrain.train import distributed as dist
+from posttrain.train.metrics import check_tracker
+from posttrain.train.sft import check_output_dir
+
+log = logging.getLogger(__name__)
+
+
+def begin(config) -> torch.device:
+    """Device and process group, and the checks that need nothing loaded."""
+    device = pick_device(config.device)
+    dist.init(device)
+    check_tracker(config.report_to)
+    check_output_dir(config)
+    if config.fp16 and device.type == "cpu":
+        raise ConfigError("fp16 autocast is for CUDA; on CPU use bf16: true or neither")
+    for key in ("packing", "train_on_prompt", "mask_history"):
+        if getattr(config, key):
+            raise ConfigError(f"{key}: true is for SFT; the {config.stage} stage trains on the response only "
+                              "(the last assistant turn), one unpacked sequence per response")
+    return device
+
+
+def _specs(config, which: str) -> list[DatasetSpec]:
+    return [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
+            for e in config.dataset_entries(which)]
+
+
+def _load(config, loader):
+    rows, report = loader(_specs(config, "dataset"), config.on_bad_rows, config.seed, config.max_samples)
+    if report.bad_rows:
+        log.warning("skipped %d bad rows; first reasons:\n  %s", report.bad_rows, "\n  ".join(report.bad_reasons))
+    evals = []
+    if config.eval_dataset:
+        evals = loader(_specs(config, "eval_dataset"), config.on_bad_rows, config.seed)[0]
+    elif config.val_size:
+        rows, evals = split_eval(rows, config.val_size, config.seed)
+    return rows, evals
+
+
+def load_pairs(config, tokenizer):
+    """Training and eval `PairSample`s (preference data), tokenized and cut to cutoff_len."""
+    renderer = response_renderer(tokenizer, config.template)
+    pairs, eval_pairs = _load(config, load_preferences)
+    train, report = tokenize_pairs(pairs, renderer, config.cutoff_len, config.overlong)
+    evals = tokenize_pairs(eval_pairs, renderer, config.cutoff_len, config.overlong)[0] if eval_pairs else []
+    if dist.is_main():
+        log.info("data: %s", report.summary().replace("samples", "pairs", 1))
+    return train, evals
+
+
+def load_unpaired_samples(config, tokenizer):
+    """Training and eval `UnpairedSample`s (KTO data)."""
+    renderer = response_renderer(tokenizer, config.template)
+    rows, eval_rows = _load(config, load_unpaired)
+    train, report = tokenize_unpaired(rows, renderer, config.cutoff_len, config.overlong)
+    evals = tokenize_unpaired(eval_rows, renderer, config.cutoff_len, config.overlong)[0] if eval_rows else []
+    labels = [s.label for s in train]
+    if dist.is_main():
+        log.info("data: %s; %d desirable, %d undesirable", report.summary().replace("samples", "rows", 1),
+                 sum(labels), len(labels) - sum(labels))
+    return train, evals
+
+
+def open_output_dir(config) -> Path:
+    """Clear (when asked) and create the output folder, with the resolved config in it."""
+    out = Path(config.output_dir)
+    if dist.is_main():
+        if config.overwrite_output_dir and not config.resume_from_checkpoint and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "posttrain_config.yaml")
+    dist.barrier()
+    return out

@@ -1,0 +1,303 @@
+"""The generation engine: continuous batching over a KV cache, many adapters in one batch.
+
+One `step()` does, in order:
+1. admit waiting requests into free batch slots (pinning their adapters; a request whose adapter
+   cannot get a bank slot yet waits, the ones behind it are still admitted),
+2. one decode step for every row already running (one token each),
+3. one prefill for the rows just admitted (their first token),
+4. stop checks, then finished rows leave at once and the cache is compacted, so the slot is free
+   for the next step's admissions.
+Requests therefore join and leave between any two decode steps; nobody waits for the longest
+sequence of a batch. The engine is single-threaded: the server's worker thread owns it
+(serve/worker.py); RL rollouts or `generate()` call it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.inference import forward
+from posttrain.inference.detokenize import TextTracker
+from posttrain.inference.errors import RequestError, RequestTooLarge
+from posttrain.inference.kv_cache import KVCache
+from posttrain.inference.registry import Adapter, AdapterRegistry
+from posttrain.inference.sampling import SamplingParams, TokenChoice, choose_tokens
+from posttrain.inference.weights import DecoderWeights
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: Adapter | None = None
+    stream: bool = False  # report text deltas every step (else text once, at the end)
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+
+@dataclass
+class Output:
+    """What happened to one request in one step (streaming), or its whole result (at the end)."""
+
+    request_id: str
+    text: str  # new text since the last output of this request
+    token_ids: list[int]  # new tokens since the last output
+    logprobs: list[TokenChoice]  # for the new tokens, when the request asked for log-probs
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenChoice]
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: Request
+    prompt: list[int]
+    stop_ids: frozenset[int]
+    tokenizer: object
+    generator: torch.Generator | None
+    lora_slot: int = 0
+    length: int = 0  # positions written to the KV cache (virtual tokens + prompt + generated - 1)
+    generated: list[int] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)  # since the last Output
+    new_choices: list[TokenChoice] = field(default_factory=list)
+    tracker: TextTracker | None = None
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, registry: AdapterRegistry | None = None, max_batch_size: int = 32,
+                 max_seq_len: int | None = None, max_prefill_tokens: int = 4096, fuse_weights: bool = True,
+                 seed: int | None = None):
+        self.weights = DecoderWeights(model, fuse=fuse_weights, max_positions=max_seq_len)
+        dims = self.weights.dims
+        self.dims = dims
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = dims.max_positions
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = self.weights.device
+        self.cache = KVCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, max_batch_size, self.max_seq_len,
+                             self.weights.dtype, self.device)
+        self.model_stop_ids = self._model_stop_ids(model, tokenizer)
+        self.waiting: list[Request] = []
+        self.running: list[_Sequence] = []  # running[i] lives in cache slot i
+        self._seeds = random.Random(seed)
+
+    @staticmethod
+    def _model_stop_ids(model, tokenizer) -> frozenset[int]:
+        ids = set()
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # ---- requests in ----
+
+    def add(self, request: Request) -> str:
+        """Queue a request after checking it fits; raises RequestError / RequestTooLarge otherwise."""
+        request.params.validate(self.dims.vocab)
+        prompt = request.prompt_ids
+        if not prompt:
+            raise RequestError("the prompt is empty", param="prompt")
+        if min(prompt) < 0 or max(prompt) >= self.dims.vocab:
+            raise RequestError(f"prompt token ids must be in [0, {self.dims.vocab})", param="prompt")
+        virtual = self._virtual_tokens(request)
+        total = virtual + len(prompt) + request.params.max_new_tokens
+        if total > self.max_seq_len:
+            raise RequestTooLarge(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested {total} "
+                f"tokens ({virtual + len(prompt)} in the prompt, {request.params.max_new_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.", param="max_tokens")
+        self.waiting.append(request)
+        return request.request_id
+
+    @staticmethod
+    def _virtual_tokens(request: Request) -> int:
+        adapter = request.adapter
+        return adapter.prompt.num_virtual_tokens if adapter is not None and adapter.kind == "prompt" else 0
+
+    def abort(self, request_id: str) -> None:
+        self.waiting = [r for r in self.waiting if r.request_id != request_id]
+        for seq in self.running:
+            if seq.request.request_id == request_id and seq.finish_reason is None:
+                seq.finish_reason = "abort"
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        if self.registry is not None:
+            self.registry.collect()
+        old = [s for s in self.running]
+        new = self._admit()
+        if old:
+            self._decode(old)
+        if new:
+            self._prefill(new, first_slot=len(old))
+        self.running = old + new
+        outputs = [out for seq in self.running if (out := self._report(seq)) is not None]
+        self._compact()
+        return outputs
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        widest = 0
+        for request in list(self.waiting):
+            if len(self.running) + len(admitted) >= self.max_batch_size:
+                break
+            width = self._virtual_tokens(request) + len(request.prompt_ids)
+            if admitted and (len(admitted) + 1) * max(widest, width) > self.max_prefill_tokens:
+                break
+            lora_slot = 0
+            if request.adapter is not None and self.registry is not None:
+                lora_slot = self.registry.acquire(request.adapter)
+                if lora_slot is None:  # every bank slot is pinned by running requests: wait for one
+                    continue
+            self.waiting.remove(request)
+            widest = max(widest, width)
+            admitted.append(self._start(request, lora_slot))
+        return admitted
+
+    def _start(self, request: Request, lora_slot: int) -> _Sequence:
+        params = request.params
+        adapter = request.adapter
+        tokenizer = adapter.tokenizer if adapter is not None else self.tokenizer
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.model_stop_ids
+            if tokenizer.eos_token_id is not None:
+                stop_ids.add(tokenizer.eos_token_id)
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        seq = _Sequence(request, list(request.prompt_ids), frozenset(stop_ids), tokenizer, generator, lora_slot)
+        if request.stream or params.stop:
+            seq.tracker = TextTracker(tokenizer, seq.prompt, params.stop)
+        return seq
+
+    def _prefill(self, seqs: list[_Sequence], first_slot: int) -> None:
+        rows = []
+        for seq in seqs:
+            emb = F.embedding(torch.tensor(seq.prompt, device=self.device), self.weights.embed)
+            adapter = seq.request.adapter
+            if adapter is not None and adapter.kind == "prompt":
+                emb = torch.cat([adapter.prompt.embeddings, emb])
+            rows.append(emb)
+        lengths = torch.tensor([r.shape[0] for r in rows], device=self.device)
+        embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        lora = self._lora(seqs)
+        logits = forward.prefill(self.weights, self.cache, embeds, lengths, first_slot, lora)
+        for seq, n in zip(seqs, lengths.tolist()):
+            seq.length = n
+        self._advance(seqs, logits)
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        tokens = torch.tensor([s.generated[-1] for s in seqs], device=self.device)
+        positions = torch.tensor([s.length for s in seqs], device=self.device)
+        max_len = max(s.length for s in seqs) + 1
+        self.cache.ensure_length(max_len)
+        logits = forward.decode(self.weights, self.cache, tokens, positions, max_len, self._lora(seqs))
+        for seq in seqs:
+            seq.length += 1
+        self._advance(seqs, logits)
+
+    def _lora(self, seqs: list[_Sequence]):
+        if self.registry is None or not any(s.lora_slot for s in seqs):
+            return None
+        return self.registry.bank.rows(torch.tensor([s.lora_slot for s in seqs], device=self.device))
+
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Choose each row's next token and apply the stop rules."""
+        live = [j for j, s in enumerate(seqs) if s.finish_reason is None]  # an aborted row still ran; skip it
+        if not live:
+            return
+        choices = choose_tokens(logits[live], [seqs[j].request.params for j in live],
+                                [seqs[j].generator for j in live], [seqs[j].prompt for j in live],
+                                [seqs[j].generated for j in live])
+        for j, choice in zip(live, choices):
+            seq = seqs[j]
+            token = choice.token
+            seq.generated.append(token)
+            seq.new_tokens.append(token)
+            if seq.request.params.logprobs is not None:
+                seq.new_choices.append(choice)
+            if token in seq.stop_ids:
+                seq.finish_reason = "stop"
+            elif seq.tracker is not None and seq.tracker.add(token):
+                seq.finish_reason = "stop"
+            elif len(seq.generated) >= seq.request.params.max_new_tokens or seq.length + 1 >= self.max_seq_len:
+                seq.finish_reason = "length"
+
+    def _report(self, seq: _Sequence) -> Output | None:
+        done = seq.finish_reason is not None
+        if not done and not seq.request.stream:
+            return None
+        if seq.tracker is not None:
+            if done:
+                seq.tracker.flush()
+            text = seq.tracker.take_delta(final=done)
+        elif done:
+            body = seq.generated[:-1] if seq.generated and seq.generated[-1] in seq.stop_ids else seq.generated
+            text = seq.tokenizer.decode(body, skip_special_tokens=True)
+        else:
+            text = ""
+        out = Output(seq.request.request_id, text, seq.new_tokens, seq.new_choices, done, seq.finish_reason,
+                     prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
+        if seq.request.stream or done:
+            seq.new_tokens, seq.new_choices = [], []
+        return out
+
+    def _compact(self) -> None:
+        """Finished rows leave; the last running rows move into their slots."""
+        alive = [s for s in self.running if s.finish_reason is None]
+        for seq in self.running:
+            if seq.finish_reason is not None and seq.request.adapter is not None and self.registry is not None:
+                self.registry.release(seq.request.adapter)
+        if len(alive) == len(self.running):
+            return
+        n = len(alive)
+        placed: list[_Sequence | None] = [s if s.finish_reason is None else None for s in self.running[:n]]
+        movers = [(i, s) for i, s in enumerate(self.running[n:], start=n) if s.finish_reason is None]
+        holes = [i for i, s in enumerate(placed) if s is None]
+        for hole, (src, seq) in zip(holes, movers):
+            self.cache.move(src, hole, seq.length)
+            placed[hole] = seq
+        self.running = placed  # type: ignore[assignment]
+
+    # ---- convenience: run a list of requests to completion ----
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[Adapter | None] | None = None) -> list[Completion]:
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        alist = adapters or [None] * len(prompts)
+        requests = [Request(p, sp, a) for p, sp, a in zip(prompts, plist, alist)]
+        for r in requests:
+            self.add(r)
+        results: dict[str, Completion] = {}
+        while self.has_work():
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = Completion(out.text, out.token_ids, out.finish_reason, out.logprobs)
+        return [results[r.request_id] for r in requests]

@@ -1,0 +1,240 @@
+"""LoRA adapters for the engine: read and check a PEFT folder; keep many resident; apply per row.
+
+Reading (`read_lora`): every tensor in the file must land on a linear layer of the served model
+with the right shape, or the adapter is refused — an adapter for another model is never "loaded
+with no effect". Features the engine does not compute (DoRA, LoRA on embeddings, trained biases,
+modules_to_save) are refused too, by name. Scaling (alpha / r, or alpha / sqrt(r) with rsLoRA,
+alpha_pattern per module) is folded into B once at load.
+
+Serving (`LoraBank`, `RowLora`): the weights of all resident adapters are stacked, per layer and
+per projection group, into A [slots, in, R] and B [slots, R, out], slot 0 all zeros (rows without
+an adapter). A batch's delta is two batched matmuls over the rows' gathered slots — the BGMV idea —
+so the cost does not depend on how many different adapters the batch mixes. Different ranks share
+a stack: each adapter is zero-padded to the largest resident rank (zero columns add nothing).
+The projections of one group (q, k, v; gate, up) are concatenated along the rank, with B block-
+diagonal, so a group costs two matmuls however many of its modules an adapter targets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.inference.errors import AdapterError
+from posttrain.inference.weights import ModelDims
+
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}
+MODULE_GROUP = {m: (g, j) for g, mods in GROUPS.items() for j, m in enumerate(mods)}
+KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
+
+
+@dataclass
+class LoraWeights:
+    name: str
+    rank: int  # the largest rank of any module
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, module) -> (A [r,in], B*scale [out,r])
+
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+
+
+def read_adapter_config(folder: Path) -> dict:
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterError(f"{folder}: no adapter_config.json; expected a PEFT adapter folder "
+                           "(adapter_config.json + adapter_model.safetensors)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise AdapterError(f"{path}: has no peft_type; expected a PEFT adapter config")
+    return config
+
+
+def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if st.is_file():
+        try:
+            return load_file(st)
+        except Exception as err:  # a truncated or foreign file: say which
+            raise AdapterError(f"{st}: cannot read safetensors ({err})") from None
+    if binary.is_file():  # older PEFT; weights_only refuses pickled code
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise AdapterError(f"{folder}: no adapter_model.safetensors (or adapter_model.bin)")
+
+
+def check_base_model(config: dict, folder: Path, base_config) -> None:
+    """When the adapter names a local base folder, its architecture must be the served one's."""
+    named = config.get("base_model_name_or_path")
+    if not named:
+        return
+    base_dir = Path(named).expanduser()
+    if not (base_dir / "config.json").is_file():
+        return  # a hub id or a folder not on this machine: the module shapes are the check
+    try:
+        theirs = json.loads((base_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size"):
+        if key in theirs and theirs[key] != getattr(base_config, key, None):
+            raise AdapterError(f"{folder}: trained on {named} ({key}={theirs[key]}), but the served model has "
+                               f"{key}={getattr(base_config, key, None)}; an adapter only works on its own base model")
+
+
+def _alpha_for(module_path: str, config: dict) -> float:
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", module_path):
+            return float(alpha)
+    return float(config.get("lora_alpha", 8))
+
+
+def read_lora(name: str, folder: Path, config: dict, dims: ModelDims, dtype: torch.dtype) -> LoraWeights:
+    """Read and check a LoRA adapter against the served model's dimensions."""
+    refused = []
+    if config.get("use_dora"):
+        refused.append("DoRA (use_dora)")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        refused.append(f"trained biases (bias={config.get('bias')!r})")
+    if config.get("modules_to_save"):
+        refused.append(f"modules_to_save={config['modules_to_save']}")
+    if config.get("layer_replication"):
+        refused.append("layer_replication")
+    if config.get("fan_in_fan_out"):
+        refused.append("fan_in_fan_out (Conv1D-style weights)")
+    if refused:
+        raise AdapterError(f"{folder}: the engine serves plain LoRA on linear layers; this adapter uses "
+                           f"{', '.join(refused)}. Merge it into the base model instead "
+                           "(PeftModel.merge_and_unload) and serve the merged folder")
+    tensors = read_adapter_tensors(folder)
+    shapes = dims.module_shapes()
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = KEY.search(key)
+        if not m or m.group(2) not in shapes:
+            raise AdapterError(f"{folder}: tensor {key!r} is not LoRA on a linear layer of a {dims.model_type} "
+                               f"decoder ({', '.join(shapes)}); this adapter does not fit the served model")
+        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= dims.num_layers:
+            raise AdapterError(f"{folder}: {key!r} targets layer {layer}, but the served model has "
+                               f"{dims.num_layers} layers; the adapter was trained on a different base model")
+        pairs.setdefault((layer, module), {})[which] = tensor
+    if not pairs:
+        raise AdapterError(f"{folder}: no LoRA weights in the file; the adapter would have no effect")
+    modules = {}
+    use_rslora = bool(config.get("use_rslora"))
+    for (layer, module), ab in sorted(pairs.items()):
+        where = f"layers.{layer}.{module}"
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{folder}: {where} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"], ab["B"]
+        fan_in, fan_out = shapes[module]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{folder}: {where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the "
+                               f"served model's {module} maps {fan_in} -> {fan_out}; the adapter was trained on a "
+                               "different base model")
+        rank = a.shape[0]
+        alpha = _alpha_for(f"model.layers.{layer}.{'self_attn' if module.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{module}", config)
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        modules[(layer, module)] = (a.to(dtype), (b.float() * scale).to(dtype))
+    return LoraWeights(name, max(a.shape[0] for a, _ in modules.values()), modules)
+
+
+class LoraBank:
+    """Stacked weights of the resident LoRA adapters: slot 0 is zeros, adapters use slots 1..capacity."""
+
+    def __init__(self, dims: ModelDims, max_loras: int, dtype: torch.dtype, device: torch.device):
+        self.dims = dims
+        self.max_loras = max_loras
+        self.dtype = dtype
+        self.device = device
+        self.rank = 0  # every adapter is padded to this rank
+        self.slots = 1  # rows in every stack (slot 0 + allocated adapter slots)
+        self.a: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, in, n_sub * rank]
+        self.b: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, n_sub * rank, out]
+        self.resident: dict[int, LoraWeights] = {}  # slot -> adapter
+
+    def _group_dims(self, group: str) -> tuple[int, list[int]]:
+        shapes = self.dims.module_shapes()
+        mods = GROUPS[group]
+        return shapes[mods[0]][0], [shapes[m][1] for m in mods]
+
+    def _relayout(self, rank: int, slots: int, groups: set[tuple[int, str]]) -> None:
+        """Reallocate the stacks for a larger rank / more slots / new groups, keeping resident weights."""
+        old_rank = self.rank
+        for key in sorted(groups | set(self.a)):
+            fan_in, outs = self._group_dims(key[1])
+            n = len(outs)
+            a = torch.zeros(slots, fan_in, n * rank, dtype=self.dtype, device=self.device)
+            b = torch.zeros(slots, n * rank, sum(outs), dtype=self.dtype, device=self.device)
+            if key in self.a:
+                old_a, old_b = self.a[key], self.b[key]
+                keep = old_a.shape[0]
+                offset = 0
+                for j, out in enumerate(outs):
+                    a[:keep, :, j * rank:j * rank + old_rank] = old_a[:, :, j * old_rank:(j + 1) * old_rank]
+                    b[:keep, j * rank:j * rank + old_rank, offset:offset + out] = \
+                        old_b[:, j * old_rank:(j + 1) * old_rank, offset:offset + out]
+                    offset += out
+            self.a[key], self.b[key] = a, b
+        self.rank, self.slots = rank, slots
+
+    def load(self, slot: int, adapter: LoraWeights) -> None:
+        if not 1 <= slot <= self.max_loras:
+            raise ValueError(f"LoRA slot {slot} outside 1..{self.max_loras}")
+        groups = {(layer, MODULE_GROUP[module][0]) for layer, module in adapter.modules}
+        if adapter.rank > self.rank or slot >= self.slots or not groups <= set(self.a):
+            slots = self.slots
+            while slots <= slot:
+                slots = min(max(2 * slots, 2), self.max_loras + 1)
+            self._relayout(max(self.rank, adapter.rank), slots, groups)
+        self.clear(slot)
+        rank = self.rank
+        for (layer, module), (a, b) in adapter.modules.items():
+            group, j = MODULE_GROUP[module]
+            _, outs = self._group_dims(group)
+            offset = sum(outs[:j])
+            r = a.shape[0]
+            self.a[(layer, group)][slot, :, j * rank:j * rank + r] = a.t().to(self.device)
+            self.b[(layer, group)][slot, j * rank:j * rank + r, offset:offset + outs[j]] = b.t().to(self.device)
+        self.resident[slot] = adapter
+
+    def clear(self, slot: int) -> None:
+        if slot < self.slots:
+            for key in self.a:
+                self.a[key][slot].zero_()
+                self.b[key][slot].zero_()
+        self.resident.pop(slot, None)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+    def rows(self, slots: torch.Tensor) -> "RowLora | None":
+        """The delta provider for a batch whose row i uses adapter slot slots[i] (0 = none)."""
+        if not self.a or not bool((slots > 0).any()):
+            return None
+        return RowLora(self, slots)
+
+
+class RowLora:
+    """Per-row LoRA deltas for one forward call (see forward.RowDeltas)."""
+
+    def __init__(self, bank: LoraBank, slots: torch.Tensor):
+        self.bank = bank
+        self.slots = slots
+
+    def delta(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor | None:
+        a = self.bank.a.get((layer, group))
+        if a is None:
+            return None
+        shrunk = torch.bmm(x, a.index_select(0, self.slots))  # [B,T,in] @ [B,in,R]
+        return torch.bmm(shrunk, self.bank.b[(layer, group)].index_select(0, self.slots))  # @ [B,R,out]

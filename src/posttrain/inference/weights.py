@@ -1,0 +1,160 @@
+"""The tensors of a Llama-family decoder, read straight from a transformers model.
+
+The engine runs its own forward pass (see forward.py) over these tensors instead of calling the
+HF modules: it needs per-row KV positions, per-row LoRA deltas and no per-call mask/cache objects.
+Which models qualify is a whitelist, checked here once: an architecture whose layers hold
+anything this forward does not compute (QK-norm, a different norm, a different MLP activation,
+length-dependent RoPE) is refused with the reason, never run approximately.
+
+`fuse=True` concatenates q/k/v and gate/up into single matmuls (a server's frozen weights: faster,
+a second copy of those matrices); `fuse=False` keeps references to the live parameters, so a model
+that is still training is generated from with its current weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from posttrain.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length
+
+
+@dataclass
+class Projection:
+    """One or more linear maps applied to the same input; outputs are `sizes` wide, in order."""
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    sizes: list[int]
+
+    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> list[torch.Tensor]:
+        if len(self.weights) == 1:
+            out = torch.nn.functional.linear(x, self.weights[0], self.biases[0])
+            if delta is not None:
+                out = out + delta
+            return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
+        outs = [torch.nn.functional.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
+        if delta is not None:
+            outs = [o + d for o, d in zip(outs, delta.split(self.sizes, dim=-1))]
+        return outs
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: Projection  # outputs q, k, v
+    o: Projection
+    post_norm: torch.Tensor
+    gate_up: Projection  # outputs gate, up
+    down: Projection
+
+
+@dataclass
+class ModelDims:
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    num_layers: int
+    vocab: int
+    eps: float
+    max_positions: int
+    model_type: str
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear a LoRA adapter may target, by PEFT module name."""
+        h, q, kv, i = self.hidden, self.q_size, self.kv_size, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _linear(module: nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if type(module) is not nn.Linear:  # e.g. a PEFT LoRA wrapper: its delta would be silently skipped
+        raise ConfigError(f"{where} is a {type(module).__name__}, not a plain nn.Linear; the engine runs plain "
+                          "(or merged) models only — merge adapters first or serve them as adapters")
+    return module.weight, module.bias
+
+
+def _projection(modules: list[tuple[nn.Module, str]], fuse: bool) -> Projection:
+    pairs = [_linear(m, where) for m, where in modules]
+    sizes = [w.shape[0] for w, _ in pairs]
+    if fuse and len(pairs) > 1:
+        weight = torch.cat([w.detach() for w, _ in pairs], dim=0)
+        biases = [b for _, b in pairs]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else weight.new_zeros(s) for b, s in zip(biases, sizes)])
+        return Projection([weight], [bias], sizes)
+    return Projection([w.detach() for w, _ in pairs], [b.detach() if b is not None else None for _, b in pairs], sizes)
+
+
+def check_supported(config) -> None:
+    """Raise ConfigError unless the engine's forward computes exactly what this architecture does."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"the inference engine supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+                          f"this model is {model_type!r}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"the inference engine supports hidden_act 'silu'; this model uses {config.hidden_act!r}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ConfigError(f"RoPE type {rope_type!r} depends on the sequence length; the engine supports "
+                          f"{', '.join(STATIC_ROPE_TYPES)}")
+
+
+class DecoderWeights:
+    """Every tensor the forward pass reads, plus the RoPE cos/sin tables and the model's dimensions."""
+
+    def __init__(self, model, fuse: bool = False, max_positions: int | None = None):
+        config = model.config
+        check_supported(config)
+        base = model.model
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        limit = config.max_position_embeddings
+        window = getattr(config, "sliding_window", None)
+        if window:  # beyond the window the model attends differently; stay inside it instead of approximating
+            limit = min(limit, window)
+        self.dims = ModelDims(
+            hidden=config.hidden_size, num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim, intermediate=config.intermediate_size, num_layers=config.num_hidden_layers,
+            vocab=model.get_output_embeddings().weight.shape[0], eps=config.rms_norm_eps,
+            max_positions=min(limit, max_positions or limit), model_type=config.model_type)
+        self.embed = base.embed_tokens.weight.detach()
+        self.lm_head = model.get_output_embeddings().weight.detach()
+        self.final_norm = base.norm.weight.detach()
+        self.layers = []
+        for i, layer in enumerate(base.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            where = f"model.layers.{i}"
+            self.layers.append(LayerWeights(
+                input_norm=layer.input_layernorm.weight.detach(),
+                qkv=_projection([(attn.q_proj, f"{where}.self_attn.q_proj"), (attn.k_proj, f"{where}.self_attn.k_proj"),
+                                 (attn.v_proj, f"{where}.self_attn.v_proj")], fuse),
+                o=_projection([(attn.o_proj, f"{where}.self_attn.o_proj")], fuse),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                gate_up=_projection([(mlp.gate_proj, f"{where}.mlp.gate_proj"), (mlp.up_proj, f"{where}.mlp.up_proj")], fuse),
+                down=_projection([(mlp.down_proj, f"{where}.mlp.down_proj")], fuse)))
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+        # The same computation as the model's rotary module (incl. llama3/yarn scaling), done once for all positions.
+        positions = torch.arange(self.dims.max_positions, device=self.device)[None]
+        with torch.no_grad():
+            cos, sin = base.rotary_emb(self.embed[:1], positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]

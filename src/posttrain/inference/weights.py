@@ -123,7 +123,10 @@ class DecoderWeights:
     def __init__(self, model, fuse: bool = False, max_positions: int | None = None):
         config = model.config
         check_supported(config)
-        base = model.model
+        base = getattr(model, "model", None)
+        if not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            raise ConfigError(f"{type(model).__name__} is not a plain transformers decoder (model.model.layers ...); "
+                              "the engine runs unwrapped models only")
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         limit = config.max_position_embeddings

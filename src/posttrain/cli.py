@@ -52,6 +52,29 @@ def cmd_chat(a) -> None:
              temperature=a.temperature, trust_remote_code=a.trust_remote_code)
 
 
+def cmd_serve(a) -> None:
+    from posttrain.errors import ConfigError
+    from posttrain.serve.server import run_server
+    from posttrain.serve.settings import ServeSettings
+
+    adapters = {}
+    for item in a.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {item!r}: expected NAME=PATH")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name!r} is given twice")
+        adapters[name] = path
+    run_server(ServeSettings(
+        model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port, adapters=adapters,
+        adapter_dirs=a.adapter_dir, allow_runtime_adapters=a.allow_runtime_adapters, max_loras=a.max_loras,
+        api_keys=a.api_key + ([os.environ["POSTTRAIN_API_KEY"]] if os.environ.get("POSTTRAIN_API_KEY") else []),
+        max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, max_prompt_tokens=a.max_prompt_tokens,
+        max_tokens_limit=a.max_tokens_limit, max_body_bytes=a.max_body_bytes,
+        max_concurrent_requests=a.max_concurrent_requests, device=a.device, dtype=a.dtype,
+        trust_remote_code=a.trust_remote_code, seed=a.seed))
+
+
 def cmd_data_preview(a) -> None:
     from posttrain.config import load_config
     from posttrain.data.chat import preview
@@ -102,6 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters")
+    s.add_argument("model", help="the base model folder")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the PEFT adapter at PATH as model NAME (repeatable)")
+    s.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="serve every adapter folder inside DIR; runtime loads may only come from these (repeatable)")
+    s.add_argument("--allow-runtime-adapters", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    s.add_argument("--max-loras", type=int, default=8, help="LoRA adapters resident at once (LRU)")
+    s.add_argument("--api-key", action="append", default=[],
+                   help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
+                        "also read from $POSTTRAIN_API_KEY)")
+    s.add_argument("--served-model-name", help="the base model's name in the API (default: its folder's name)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
+    s.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    s.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: max-model-len - 1)")
+    s.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-concurrent-requests", type=int, default=256, help="more get HTTP 429")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--seed", type=int, help="seed for requests that do not give one")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("data", help="inspect data")
     dsub = s.add_subparsers(dest="data_command", required=True)

@@ -112,6 +112,13 @@ class Engine:
 
     def add(self, request: Request) -> str:
         """Queue a request after checking it fits; raises RequestError / RequestTooLarge otherwise."""
+        self.check(request)
+        self.waiting.append(request)
+        return request.request_id
+
+    def check(self, request: Request) -> None:
+        """Raise RequestError / RequestTooLarge unless the request can run. Reads no engine state, so any
+        thread may call it (the server checks requests before handing them to the engine thread)."""
         request.params.validate(self.dims.vocab)
         prompt = request.prompt_ids
         if not prompt:
@@ -125,8 +132,6 @@ class Engine:
                 f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested {total} "
                 f"tokens ({virtual + len(prompt)} in the prompt, {request.params.max_new_tokens} for the completion). "
                 "Please reduce the prompt or max_tokens.", param="max_tokens")
-        self.waiting.append(request)
-        return request.request_id
 
     @staticmethod
     def _virtual_tokens(request: Request) -> int:
@@ -138,6 +143,15 @@ class Engine:
         for seq in self.running:
             if seq.request.request_id == request_id and seq.finish_reason is None:
                 seq.finish_reason = "abort"
+
+    def abort_all(self) -> list[str]:
+        """Drop every request (after an internal error); returns their ids."""
+        ids = [r.request_id for r in self.waiting] + [s.request.request_id for s in self.running]
+        for seq in self.running:
+            if seq.request.adapter is not None and self.registry is not None:
+                self.registry.release(seq.request.adapter)
+        self.waiting, self.running = [], []
+        return ids
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving of one base model and many adapters (`posttrain serve`)."""

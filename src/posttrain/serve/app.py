@@ -1,0 +1,409 @@
+"""The OpenAI-compatible HTTP API over the engine worker.
+
+A generation request goes: limits (429) -> `model` to base or adapter (404) -> prompt tokens with
+that model's tokenizer and chat template -> limits on prompt and max_tokens (400) -> `engine.check`
+(400) -> the worker, `n` engine requests sharing one output queue -> a JSON body, or SSE chunks as
+the tokens come. Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from posttrain.errors import ConfigError
+from posttrain.inference.engine import Engine, Output, Request
+from posttrain.inference.errors import AdapterError, RequestError, RequestTooLarge, UnknownModel
+from posttrain.inference.registry import Adapter, AdapterRegistry, validate_name
+from posttrain.inference.sampling import SamplingParams
+from posttrain.serve.guards import Guard
+from posttrain.serve.metrics import Metrics
+from posttrain.serve.protocol import (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
+                                      UnloadAdapterRequest, error_body)
+from posttrain.serve.settings import ServeSettings
+from posttrain.serve.worker import EngineFailed, EngineWorker
+
+
+class TooManyRequests(Exception):
+    pass
+
+
+@dataclass
+class ServerState:
+    settings: ServeSettings
+    engine: Engine
+    worker: EngineWorker
+    registry: AdapterRegistry
+    tokenizer: object
+    base_name: str
+    metrics: Metrics
+    created: int
+    in_flight: int = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.settings.max_prompt_tokens or self.max_model_len - 1
+
+    @property
+    def max_tokens_limit(self) -> int:
+        return self.settings.max_tokens_limit or self.max_model_len
+
+
+@dataclass
+class _Prepared:
+    name: str
+    adapter: Adapter | None
+    tokenizer: object
+    prompts: list[list[int]]
+    params: list[SamplingParams]  # one per engine request (prompt x n)
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+def create_app(state: ServerState):
+    app = FastAPI(title="posttrain", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where)
+
+    @app.exception_handler(RequestTooLarge)
+    async def _too_long(_, err: RequestTooLarge):
+        return _error(400, str(err), param=err.param, code="context_length_exceeded")
+
+    @app.exception_handler(RequestError)
+    async def _bad(_, err: RequestError):
+        return _error(400, str(err), param=err.param)
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown(_, err: UnknownModel):
+        return _error(404, f"The model `{err.name}` does not exist.", param="model", code="model_not_found")
+
+    @app.exception_handler(ConfigError)
+    async def _config(_, err: ConfigError):
+        return _error(400, str(err))
+
+    @app.exception_handler(TooManyRequests)
+    async def _busy(_, err: TooManyRequests):
+        return _error(429, str(err), type_="rate_limit_error", code="too_many_requests")
+
+    @app.exception_handler(EngineFailed)
+    async def _failed(_, err: EngineFailed):
+        return _error(500, str(err), type_="server_error")
+
+    # ---- model resolution and request preparation ----
+
+    def resolve(name: str) -> tuple[Adapter | None, object, str | None]:
+        if name == state.base_name:
+            return None, state.tokenizer, None
+        adapter = state.registry.get(name)  # UnknownModel -> 404; never a silent fall back to the base
+        return adapter, adapter.tokenizer, adapter.chat_template
+
+    def sampling(body, prompt_len: int, adapter: Adapter | None, logprobs: int | None) -> SamplingParams:
+        virtual = adapter.prompt.num_virtual_tokens if adapter is not None and adapter.kind == "prompt" else 0
+        if prompt_len > state.max_prompt_tokens:
+            raise RequestError(f"the prompt has {prompt_len} tokens; this server accepts at most "
+                               f"{state.max_prompt_tokens}", param="messages" if hasattr(body, "messages") else "prompt")
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if asked is not None and asked > state.max_tokens_limit:
+            raise RequestError(f"max_tokens is {asked}; this server allows at most {state.max_tokens_limit}",
+                               param="max_tokens")
+        max_new = asked if asked is not None else min(state.max_tokens_limit,
+                                                      state.max_model_len - prompt_len - virtual)
+        return SamplingParams(
+            max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, stop=body.stop_list(),
+            stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, seed=body.seed,
+            logprobs=logprobs)
+
+    def check_n(body) -> None:
+        if not 1 <= body.n <= state.settings.max_n:
+            raise RequestError(f"n must be between 1 and {state.settings.max_n}", param="n")
+
+    def prepare_chat(body: ChatCompletionRequest) -> _Prepared:
+        body.refuse_unsupported()
+        check_n(body)
+        adapter, tokenizer, template = resolve(body.model)
+        from posttrain.data.chat import resolve_template
+
+        try:
+            template = template or resolve_template(None, tokenizer)
+        except ConfigError:
+            raise RequestError(f"model {body.model!r} has no chat template; use /v1/completions with a raw prompt",
+                               param="model") from None
+        try:
+            text = tokenizer.apply_chat_template(body.chat_messages(), chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as err:  # a template that rejects these messages (e.g. roles out of order)
+            raise RequestError(f"the chat template cannot render these messages: {err}", param="messages") from None
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        params = sampling(body, len(ids), adapter, body.wanted_logprobs())
+        return _Prepared(body.model, adapter, tokenizer, [ids] * body.n, _seeded(params, body.n))
+
+    def prepare_completion(body: CompletionRequest) -> _Prepared:
+        body.refuse_unsupported()
+        check_n(body)
+        adapter, tokenizer, _ = resolve(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            texts_or_ids = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            texts_or_ids = [prompt]
+        else:
+            texts_or_ids = list(prompt)
+        if not texts_or_ids or len(texts_or_ids) * body.n > state.settings.max_n * 4:
+            raise RequestError(f"give between 1 and {state.settings.max_n * 4} prompts x n", param="prompt")
+        prompts, params = [], []
+        for item in texts_or_ids:
+            ids = tokenizer(item, add_special_tokens=True)["input_ids"] if isinstance(item, str) else list(item)
+            p = sampling(body, len(ids), adapter, body.logprobs)
+            prompts += [ids] * body.n
+            params += _seeded(p, body.n)
+        return _Prepared(body.model, adapter, tokenizer, prompts, params)
+
+    def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+        if n == 1 or params.seed is None:
+            return [params] * n
+        return [SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)]
+
+    async def launch(prep: _Prepared) -> tuple[asyncio.Queue, list[Request]]:
+        requests = [Request(ids, p, prep.adapter, stream=True) for ids, p in zip(prep.prompts, prep.params)]
+        for r in requests:
+            state.engine.check(r)
+        sink: asyncio.Queue = asyncio.Queue()
+        for i, r in enumerate(requests):
+            state.worker.submit(r, sink, tag=i)
+        return sink, requests
+
+    def admit() -> None:
+        if state.in_flight >= state.settings.max_concurrent_requests:
+            raise TooManyRequests(f"the server is at its limit of {state.settings.max_concurrent_requests} "
+                                  "concurrent requests; retry later")
+        state.in_flight += 1
+
+    # ---- routes ----
+
+    @app.get("/health")
+    async def health():
+        if not state.worker.alive:
+            return _error(503, "the engine thread is not running", type_="server_error")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "posttrain",
+                 "root": state.base_name, "parent": None, "max_model_len": state.max_model_len}]
+        for a in state.registry.list():
+            data.append({"id": a.name, "object": "model", "created": a.created, "owned_by": "posttrain",
+                         "root": a.name, "parent": state.base_name, "adapter_type": a.kind})
+        return {"object": "list", "data": data}
+
+    @app.get("/metrics")
+    async def metrics():
+        gauges = {**state.worker.load(), "in_flight_requests": state.in_flight,
+                  "resident_lora_adapters": len(state.registry.resident()),
+                  "registered_adapters": len(state.registry.list())}
+        return PlainTextResponse(state.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        return await generate(body, prepare_chat, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await generate(body, prepare_completion, "completions")
+
+    async def generate(body, prepare, endpoint: str):
+        admit()
+        started = time.perf_counter()
+        handed_off = False
+        try:
+            try:
+                prep = prepare(body)
+                sink, requests = await launch(prep)
+            except (RequestError, UnknownModel, ConfigError) as err:
+                status = 404 if isinstance(err, UnknownModel) else 400
+                # unknown names share one label: client-chosen strings must not grow the metric set without bound
+                known = body.model == state.base_name or body.model in {a.name for a in state.registry.list()}
+                state.metrics.record(body.model if known else "<unknown>", endpoint, status)
+                raise
+            if body.stream:
+                handed_off = True
+                return StreamingResponse(stream(body, prep, sink, requests, endpoint, started),
+                                         media_type="text/event-stream")
+            outputs = await collect(sink, len(requests))
+            state.metrics.record(body.model, endpoint, 200, sum(len(p) for p in prep.prompts),
+                                 sum(o.completion_tokens for o in outputs), time.perf_counter() - started)
+            return (chat_response if endpoint == "chat" else completion_response)(prep, outputs)
+        finally:
+            if not handed_off:
+                state.in_flight -= 1
+
+    async def collect(sink: asyncio.Queue, count: int) -> list[Output]:
+        texts: dict[int, list[str]] = {i: [] for i in range(count)}
+        tokens: dict[int, list] = {i: [] for i in range(count)}
+        logprobs: dict[int, list] = {i: [] for i in range(count)}
+        done: dict[int, Output] = {}
+        while len(done) < count:
+            tag, item = await sink.get()
+            if isinstance(item, Exception):
+                raise item
+            texts[tag].append(item.text)
+            tokens[tag] += item.token_ids
+            logprobs[tag] += item.logprobs
+            if item.finished:
+                done[tag] = item
+        return [Output(done[i].request_id, "".join(texts[i]), tokens[i], logprobs[i], True, done[i].finish_reason,
+                       done[i].prompt_tokens, done[i].completion_tokens) for i in range(count)]
+
+    def usage(outputs: list[Output], prep: _Prepared) -> dict:
+        prompt = sum(len(p) for p in dedupe(prep.prompts))
+        completion = sum(o.completion_tokens for o in outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def chat_logprobs(prep: _Prepared, choices) -> dict | None:
+        if prep.params[0].logprobs is None:
+            return None
+        tok = prep.tokenizer
+
+        def entry(token: int, logprob: float) -> dict:
+            text = tok.decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(c.token, c.logprob),
+                             "top_logprobs": [entry(t, lp) for t, lp in (c.top or [])]} for c in choices]}
+
+    def completion_logprobs(prep: _Prepared, choices) -> dict | None:
+        if prep.params[0].logprobs is None:
+            return None
+        tok = prep.tokenizer
+        tokens = [tok.decode([c.token]) for c in choices]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [c.logprob for c in choices],
+                "top_logprobs": [{tok.decode([t]): lp for t, lp in (c.top or [])} for c in choices],
+                "text_offset": offsets}
+
+    def chat_response(prep: _Prepared, outputs: list[Output]) -> dict:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": prep.name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
+                             "finish_reason": o.finish_reason, "logprobs": chat_logprobs(prep, o.logprobs)}
+                            for i, o in enumerate(outputs)],
+                "usage": usage(outputs, prep)}
+
+    def completion_response(prep: _Prepared, outputs: list[Output]) -> dict:
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": prep.name,
+                "choices": [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
+                             "logprobs": completion_logprobs(prep, o.logprobs)} for i, o in enumerate(outputs)],
+                "usage": usage(outputs, prep)}
+
+    async def stream(body, prep: _Prepared, sink: asyncio.Queue, requests: list[Request], endpoint: str,
+                     started: float):
+        chat_mode = endpoint == "chat"
+        rid = f"{'chatcmpl' if chat_mode else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat_mode else "text_completion"
+
+        def chunk(choices: list[dict], **extra) -> str:
+            return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": prep.name,
+                                          "choices": choices, **extra}) + "\n\n"
+
+        finished: dict[int, Output] = {}
+        status = 200
+        try:
+            if chat_mode:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None} for i in range(len(requests))])
+            while len(finished) < len(requests):
+                tag, item = await sink.get()
+                if isinstance(item, Exception):
+                    status = 500
+                    yield "data: " + json.dumps(error_body(str(item), "server_error")) + "\n\n"
+                    return
+                if not (item.text or item.finished or item.logprobs):
+                    continue
+                if chat_mode:
+                    choice = {"index": tag, "delta": {"content": item.text} if item.text else {},
+                              "logprobs": chat_logprobs(prep, item.logprobs) if item.logprobs else None,
+                              "finish_reason": item.finish_reason}
+                else:
+                    choice = {"index": tag, "text": item.text, "finish_reason": item.finish_reason,
+                              "logprobs": completion_logprobs(prep, item.logprobs) if item.logprobs else None}
+                yield chunk([choice])
+                if item.finished:
+                    finished[tag] = item
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield chunk([], usage=usage([finished[i] for i in range(len(requests))], prep))
+            yield "data: [DONE]\n\n"
+        finally:
+            for i, r in enumerate(requests):
+                if i not in finished:  # the client left (or an error): free the rows now
+                    state.worker.abort(r.request_id)
+            done = list(finished.values())
+            state.metrics.record(prep.name, endpoint, status if len(done) == len(requests) else 499,
+                                 sum(len(p) for p in dedupe(prep.prompts)), sum(o.completion_tokens for o in done),
+                                 time.perf_counter() - started if status == 200 else None)
+            state.in_flight -= 1
+
+    # ---- runtime adapters ----
+
+    def runtime_allowed() -> None:
+        if not state.settings.allow_runtime_adapters:
+            raise PermissionError
+
+    @app.exception_handler(PermissionError)
+    async def _forbidden(_, __):
+        return _error(403, "runtime adapter loading is disabled on this server; start it with "
+                           "--allow-runtime-adapters (and --adapter-dir for the folders it may load from)",
+                      code="forbidden")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: LoadAdapterRequest):
+        runtime_allowed()
+        validate_name(body.lora_name)
+        try:
+            adapter = await run_in_threadpool(state.registry.add, body.lora_name, body.lora_path)
+        except AdapterError as err:
+            return _error(400, str(err), param="lora_path")
+        return {"object": "adapter", "id": adapter.name, "parent": state.base_name, "adapter_type": adapter.kind,
+                "status": "loaded"}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: UnloadAdapterRequest):
+        runtime_allowed()
+        adapter = state.registry.remove(body.lora_name)
+        return {"object": "adapter", "id": adapter.name, "status": "unloaded"}
+
+    return Guard(app, state.settings.api_keys, state.settings.max_body_bytes)
+
+
+def dedupe(prompts: list[list[int]]) -> list[list[int]]:
+    """The distinct prompts of a request (n copies of one prompt count once in usage, as in OpenAI)."""
+    out, last = [], None
+    for p in prompts:
+        if p is not last:
+            out.append(p)
+        last = p
+    return out

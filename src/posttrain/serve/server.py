@@ -1,0 +1,72 @@
+"""`posttrain serve`: load the base model once, register adapters, start the engine thread, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def _dtype(settings: ServeSettings, device: torch.device) -> torch.dtype:
+    if settings.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, settings.dtype)
+
+
+def build_state(settings: ServeSettings):
+    """Everything a server needs, loaded and checked; raises ConfigError on any bad flag or adapter."""
+    from posttrain.inference.engine import Engine
+    from posttrain.inference.registry import AdapterRegistry
+    from posttrain.model.loading import load_model, load_tokenizer, pick_device, resolve_model_path
+    from posttrain.serve.app import ServerState
+    from posttrain.serve.metrics import Metrics
+    from posttrain.serve.worker import EngineWorker
+
+    settings.check()
+    model_dir = resolve_model_path(settings.model, "model")
+    for d in settings.adapter_dirs:
+        if not Path(d).expanduser().is_dir():
+            raise ConfigError(f"--adapter-dir {d}: not a folder")
+    device = pick_device(settings.device)
+    tokenizer = load_tokenizer(str(model_dir), settings.trust_remote_code)
+    model = load_model(str(model_dir), device=device, trust_remote_code=settings.trust_remote_code,
+                       dtype=_dtype(settings, device)).eval()
+    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_seq_len=settings.max_model_len,
+                    fuse_weights=True, seed=settings.seed)
+    base_name = settings.served_model_name or model_dir.resolve().name
+    registry = AdapterRegistry(engine.dims, model.config, tokenizer, engine.weights.dtype, device,
+                               max_loras=settings.max_loras, allowed_roots=settings.adapter_dirs, base_name=base_name)
+    engine.registry = registry
+    for name, path in settings.adapters.items():
+        registry.add(name, path, trusted=True)  # the operator named it: a bad one stops the start-up
+    for d in settings.adapter_dirs:
+        registry.scan(d)
+    # The engine keeps only the tensors it reads (q/k/v and gate/up as fused copies): dropping the module
+    # frees the unfused originals.
+    del model
+    worker = EngineWorker(engine)
+    return ServerState(settings, engine, worker, registry, tokenizer, base_name, Metrics(), int(time.time()))
+
+
+def run_server(settings: ServeSettings) -> None:
+    import uvicorn
+
+    from posttrain.serve.app import create_app
+
+    state = build_state(settings)
+    state.worker.start()
+    names = [a.name for a in state.registry.list()]
+    print(f"serving {state.base_name} with {len(names)} adapter(s){': ' + ', '.join(names) if names else ''} "
+          f"on http://{settings.host}:{settings.port}/v1" + ("  (API key required)" if settings.api_keys else ""),
+          flush=True)
+    try:
+        uvicorn.run(create_app(state), host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        state.worker.stop()

@@ -1,0 +1,115 @@
+"""The one thread that owns the engine: HTTP handlers hand it requests, it hands back outputs.
+
+The engine (and the model, the KV cache, the adapter bank) is touched only by this thread, so no
+lock guards any tensor. Handlers talk to it through a thread-safe inbox; each request's outputs go
+to that request's asyncio queue via `loop.call_soon_threadsafe`. Torch ops release the GIL, so
+the event loop keeps serving HTTP while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from posttrain.inference.engine import Engine, Output, Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submission:
+    request: Request
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    tag: object  # handed back with every output (e.g. the choice index)
+
+
+class EngineFailed(Exception):
+    """The engine raised while this request was in flight (a bug, not bad input): HTTP 500."""
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sinks: dict[str, _Submission] = {}
+        self._thread = threading.Thread(target=self._run, name="posttrain-engine", daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, request: Request, sink: asyncio.Queue, tag: object = None) -> None:
+        """Queue a request already checked with `engine.check`; its outputs arrive on `sink` as (tag, Output)."""
+        self._inbox.put(("add", _Submission(request, sink, asyncio.get_running_loop(), tag)))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def load(self) -> dict[str, int]:
+        """Counts for /metrics (read without a lock: a slightly stale number is fine)."""
+        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting)}
+
+    def _deliver(self, sub: _Submission, item) -> None:
+        try:
+            sub.loop.call_soon_threadsafe(sub.sink.put_nowait, (sub.tag, item))
+        except RuntimeError:  # the handler's loop is gone (server shutting down)
+            pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add(item.request)
+                except Exception as err:  # checked by the handler already; a late failure still reaches it
+                    self._deliver(item, err)
+                    continue
+                self._sinks[item.request.request_id] = item
+            else:
+                self.engine.abort(item)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self._wake.wait(self.idle_wait_s)
+                    self._wake.clear()
+                    continue
+                outputs: list[Output] = self.engine.step()
+                self.steps += 1
+            except Exception as err:  # keep serving; every in-flight request learns it failed
+                log.exception("engine step failed")
+                for request_id in self.engine.abort_all():
+                    sub = self._sinks.pop(request_id, None)
+                    if sub is not None:
+                        self._deliver(sub, EngineFailed(f"the engine failed: {type(err).__name__}: {err}"))
+                continue
+            for out in outputs:
+                sub = self._sinks.get(out.request_id)
+                if sub is None:
+                    continue
+                if out.finished:
+                    del self._sinks[out.request_id]
+                self._deliver(sub, out)

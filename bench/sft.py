@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/sft.py            # a few minutes on 2 CPU cores
     .venv/bin/python bench/sft.py --quick    # ~1 minute smoke run
+    .venv/bin/python bench/sft.py --lora     # LoRA: posttrain vs TRL SFTTrainer + PEFT LoraConfig
 
 Each side trains in its own child process, one after the other, so peak RSS (ru_maxrss) is that
 side's alone and both see the same machine load as closely as a shared machine allows; the ratio
@@ -112,6 +113,10 @@ def child_posttrain(spec: dict, extra: dict) -> dict:
         f"logging_steps={spec['logging_steps']}", "save_steps=0", "disable_tqdm=true", "report_to=none",
         "plot_loss=false", "bf16=false", "fp16=false", "gradient_checkpointing=false",
     ]
+    if spec.get("lora"):
+        lora = spec["lora"]
+        overrides += ["finetuning_type=lora", f"lora_rank={lora['r']}", f"lora_alpha={lora['alpha']}",
+                      "lora_dropout=0.0", "lora_target=all"]
     if "group_by_length" in extra:
         overrides.append(f"group_by_length={str(extra['group_by_length']).lower()}")
     if extra.get("packing"):
@@ -178,8 +183,15 @@ def child_trl(spec: dict, extra: dict) -> dict:
         disable_tqdm=True, dataloader_num_workers=0,
     )
     timer = Timer()
+    peft_config = None
+    if spec.get("lora"):
+        from peft import LoraConfig
+
+        # "all-linear" is PEFT's name for what posttrain's lora_target: all means (every linear but the head).
+        peft_config = LoraConfig(r=spec["lora"]["r"], lora_alpha=spec["lora"]["alpha"], lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = CountingSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                 callbacks=[timer])
+                                 callbacks=[timer], peft_config=peft_config)
     trainer.train()
     trainer.save_model(spec["out"])
     logs = [r for r in trainer.state.log_history if "loss" in r]
@@ -261,7 +273,15 @@ def heldout_loss(model_dir: str, samples, batch: int = 8) -> float:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    folder = Path(model_dir)
+    if (folder / "adapter_config.json").is_file():  # a LoRA run: its adapter over the base it was trained on
+        from peft import PeftModel
+
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(folder))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
     order = sorted(samples, key=lambda s: len(s.input_ids))
     total, count = 0.0, 0
     with torch.no_grad():
@@ -298,7 +318,9 @@ def main() -> None:
     p.add_argument("--eval-conversations", type=int, help="held-out conversations (default 64; quick 16)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, help="default 1e-4; with --lora 1e-3")
+    p.add_argument("--lora", action="store_true", help="LoRA (rank 8, alpha 16, every linear layer) on both sides")
+    p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--logging-steps", type=int, help="default 10; quick 4 (TRL logs no loss for a last partial window)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--sides", default=None,
@@ -311,6 +333,7 @@ def main() -> None:
     if args.child:
         return run_child(args.child, Path(args.spec))
 
+    args.lr = args.lr or (1e-3 if args.lora else 1e-4)
     args.conversations = args.conversations or (64 if args.quick else 400)
     args.eval_conversations = args.eval_conversations or (16 if args.quick else 64)
     per_epoch = math.ceil(args.conversations / args.batch)
@@ -351,7 +374,8 @@ def main() -> None:
         print("WARNING: the two sides do not train the same tokens; the comparison is off", file=sys.stderr)
 
     spec = {**paths, "steps": args.steps, "epochs": args.steps / per_epoch, "batch": args.batch,
-            "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "logging_steps": args.logging_steps}
+            "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "logging_steps": args.logging_steps,
+            "lora": {"r": args.lora_rank, "alpha": 2 * args.lora_rank} if args.lora else None}
     runs: dict[str, dict] = {}
     for side in sides:
         side_spec = {**spec, "out": str(work / f"out-{side}"), "result": str(work / f"result-{side}.json")}
@@ -409,15 +433,16 @@ def main() -> None:
         print(f"{k}: {v:+.4f}" if k.endswith("loss") else f"{k}: {v:.2f}x")
 
     result = {
-        "bench": "sft", "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "bench": "sft-lora" if args.lora else "sft", "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "settings": {k: spec[k] for k in ("steps", "batch", "max_length", "lr", "seed", "logging_steps")},
         "throughput": "trained (assistant, loss-bearing) tokens / training-loop wall time",
         "data": data, "heldout_loss_untrained": base_eval, "runs": runs, "ratios": ratios,
     }
     print(json.dumps(result))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(HERE.parent)}")
+    path = RESULTS.with_name("sft-lora.json") if args.lora else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path.relative_to(HERE.parent)}")
     if tmp is not None:
         tmp.cleanup()
 

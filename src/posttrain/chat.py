@@ -5,14 +5,14 @@ from __future__ import annotations
 from posttrain.data.chat import ChatRenderer
 from posttrain.data.schema import Conversation, Message
 from posttrain.inference.generate import generate
-from posttrain.model.loading import load_model, load_tokenizer, pick_device
+from posttrain.model.loading import load_for_inference
 
 
 def run_chat(model_path: str, prompt: str | None = None, system: str | None = None, template: str | None = None,
-             max_new_tokens: int = 256, temperature: float = 0.0, trust_remote_code: bool = False) -> None:
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
+             max_new_tokens: int = 256, temperature: float = 0.0, trust_remote_code: bool = False,
+             adapter: str | None = None) -> None:
+    model, tokenizer = load_for_inference(model_path, adapter, trust_remote_code=trust_remote_code)
     renderer = ChatRenderer(tokenizer, template)
-    model = load_model(model_path, device=pick_device("auto"), trust_remote_code=trust_remote_code)
     history = [Message("system", system)] if system else []
 
     def reply(text: str) -> str:

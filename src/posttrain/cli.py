@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import warnings
 
 from posttrain.errors import PosttrainError
 
@@ -16,6 +18,9 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
+    # Library deprecation chatter (transformers 5 renames, PEFT's notes) is not the user's business.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -32,10 +37,52 @@ def cmd_sft(a) -> None:
               + (f"\nplot: {result.plot}" if result.plot else ""))
 
 
+def _train_stage(stage: str, a) -> None:
+    """rm / dpo / kto: load the stage's config, run it, print where everything went."""
+    from posttrain.config import load_config
+
+    if stage == "rm":
+        from posttrain.train.rm import run_rm as run
+    elif stage == "dpo":
+        from posttrain.train.preference import run_dpo as run
+    else:
+        from posttrain.train.kto import run_kto as run
+    result = run(load_config(stage, a.config, a.overrides))
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = {k: v for r in result.metrics for k, v in r.items()}  # the latest value of each metric
+        shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("eval_accuracy", "eval_rewards/accuracy", "eval_margin",
+                                                          "eval_rewards/margin") if k in last)
+        print(f"done: {result.global_step} steps, final loss {result.train_loss:.4f}"
+              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+              + (f", {shown}" if shown else ""))
+        print(f"model: {result.output_dir}\nmetrics: {result.output_dir / 'metrics.jsonl'}"
+              + (f"\nplot: {result.plot}" if result.plot else ""))
+
+
+def cmd_score(a) -> None:
+    from posttrain.score import run_score
+
+    summary = run_score(a.model, a.data, a.output, template=a.template, batch_size=a.batch_size,
+                        cutoff_len=a.cutoff_len, trust_remote_code=a.trust_remote_code)
+    if not a.output:
+        for row in summary["scores"]:
+            print(json.dumps(row))
+    line = f"scored {summary['rows']} rows: mean reward {summary['reward_mean']:.4f}"
+    if "pair_accuracy" in summary:
+        line += f", pair accuracy {summary['pair_accuracy']:.1%} (chosen scored above rejected)"
+    print(line + (f"; scores in {a.output}" if a.output else ""), file=sys.stderr)
+
+
 def cmd_quickstart(a) -> None:
     from posttrain.quickstart import run_quickstart
 
     run_quickstart(a.output_dir, fast=a.fast)
+
+
+def cmd_compare(a) -> None:
+    from posttrain.compare import run_compare
+
+    run_compare(a.output_dir, methods=a.methods.split(","), steps=a.steps, base=a.base, batch_size=a.batch_size)
 
 
 def cmd_init_model(a) -> None:
@@ -49,7 +96,15 @@ def cmd_chat(a) -> None:
     from posttrain.chat import run_chat
 
     run_chat(a.model, prompt=a.prompt, system=a.system, template=a.template, max_new_tokens=a.max_new_tokens,
-             temperature=a.temperature, trust_remote_code=a.trust_remote_code)
+             temperature=a.temperature, trust_remote_code=a.trust_remote_code, adapter=a.adapter)
+
+
+def cmd_export(a) -> None:
+    from posttrain.config import load_config
+    from posttrain.export import run_export
+
+    out = run_export(load_config("export", a.config, a.overrides))
+    print(f"merged model written to {out}")
 
 
 def cmd_serve(a) -> None:
@@ -105,10 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4")
     s.set_defaults(func=cmd_sft)
 
+    for stage, text in (("rm", "reward model on preference pairs (Bradley-Terry)"),
+                        ("dpo", "preference optimization: DPO, IPO, hinge, robust, BCO, SimPO, ORPO (pref_loss)"),
+                        ("kto", "KTO on unpaired rows (response + true/false label)")):
+        s = sub.add_parser(stage, help=text)
+        s.add_argument("config", nargs="?", help="YAML config (optional: every key can be given as key=value)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pref_beta=0.1")
+        s.set_defaults(func=lambda a, stage=stage: _train_stage(stage, a))
+
+    s = sub.add_parser("score", help="score prompt/response rows (or chosen/rejected pairs) with a reward model")
+    s.add_argument("model", help="a reward-model folder written by `posttrain rm`")
+    s.add_argument("data", help="rows in any SFT format (the last assistant message is scored) or preference pairs")
+    s.add_argument("--output", help="write one JSON line per row here (default: print them)")
+    s.add_argument("--template", help="chat template, as in training (default: the tokenizer's)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--cutoff-len", type=int, default=4096, help="longer rows keep their last tokens")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_score)
+
     s = sub.add_parser("quickstart", help="teach a tiny local model a task end to end (no downloads)")
     s.add_argument("--output-dir", default="runs/quickstart")
     s.add_argument("--fast", action="store_true", help="a much shorter run (for smoke tests)")
     s.set_defaults(func=cmd_quickstart)
+
+    s = sub.add_parser("compare", help="full vs LoRA vs P-tuning on the embedded task: one measured table")
+    s.add_argument("--output-dir", default="runs/compare")
+    s.add_argument("--methods", default="full,lora,ptuning",
+                   help="comma-separated: full, lora, ptuning, prompt_tuning, prefix_tuning, freeze")
+    s.add_argument("--steps", type=int, default=400, help="optimizer steps, the same for every method")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--base", help="a local model folder to start from (default: a fresh tiny model)")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("init-model", help="write the tiny default model + tokenizer as an HF folder")
     s.add_argument("output_dir")
@@ -116,8 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_init_model)
 
+    s = sub.add_parser("export", help="merge a LoRA adapter into its base: a standalone HF model folder")
+    s.add_argument("config", nargs="?", help="YAML config (optional: every key can be given as key=value)")
+    s.add_argument("overrides", nargs="*", help="adapter_name_or_path=... export_dir=... [model_name_or_path=...]")
+    s.set_defaults(func=cmd_export)
+
     s = sub.add_parser("chat", help="chat with a model folder (interactive, or one-shot with --prompt)")
-    s.add_argument("model")
+    s.add_argument("model", help="a model folder, or an adapter folder (its base is loaded under it)")
+    s.add_argument("--adapter", help="a PEFT adapter folder to apply on top of MODEL")
     s.add_argument("--prompt", help="answer this one message and exit")
     s.add_argument("--system")
     s.add_argument("--template", help="built-in chat template name or .jinja path (default: the tokenizer's)")

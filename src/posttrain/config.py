@@ -22,7 +22,8 @@ PREF_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "bco_pair")
 
 # Other names users bring from TRL / LLaMA-Factory for the same key.
 ALIASES = {"max_length": "cutoff_len", "max_seq_length": "cutoff_len", "lr": "learning_rate",
-           "dataset_path": "dataset"}
+           "dataset_path": "dataset", "additional_target": "modules_to_save", "lora_r": "lora_rank"}
+FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "ptuning", "prompt_tuning", "prefix_tuning")
 # The preference stages take LLaMA-Factory's names; TRL's names for the same settings are aliases.
 ALIASES.update({"beta": "pref_beta", "rpo_alpha": "pref_ftx", "loss_type": "pref_loss",
                 "label_smoothing": "dpo_label_smoothing", "desirable_weight": "kto_chosen_weight",
@@ -42,14 +43,59 @@ class DatasetEntry(_Strict):
     columns: dict[str, str] | None = None
 
 
-class TrainArgs(_Strict):
+class FinetuningArgs(_Strict):
+    """Which parameters train: all, some layers, a LoRA-family adapter, or virtual tokens.
+
+    Names follow LLaMA-Factory (finetuning_type, lora_rank, lora_target, freeze_trainable_layers,
+    ...) and PEFT (num_virtual_tokens, encoder_hidden_size, modules_to_save, ...).
+    """
+
+    finetuning_type: Literal[FINETUNING_TYPES] = "full"
+    adapter_name_or_path: str | None = None  # start from (or, for chat/export, apply) this PEFT adapter
+
+    # freeze: train the last N decoder layers (negative: the first N), optionally only some modules in them
+    freeze_trainable_layers: int = 2
+    freeze_trainable_modules: Union[str, list[str]] = "all"  # "all" or module names, e.g. [mlp] / "mlp,self_attn"
+    freeze_extra_modules: Union[str, list[str], None] = None  # also train these (e.g. embed_tokens, norm)
+
+    # lora / qlora
+    lora_rank: int = Field(8, gt=0)
+    lora_alpha: float | None = Field(None, gt=0)  # default: 2 * lora_rank
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target: Union[str, list[str]] = "all"  # "all" = every linear layer but the output head
+    modules_to_save: Union[str, list[str], None] = None  # trained in full and saved too (alias additional_target)
+    use_dora: bool = False
+    use_rslora: bool = False
+    pissa_init: bool = False  # initialise A/B from the principal singular vectors (PiSSA)
+    pissa_iter: int = 16  # fast-SVD iterations for PiSSA; -1 = exact SVD
+    loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B matrices learn this many times faster
+    quantization_bit: Literal[4, 8, None] = None  # qlora: 4-bit (or 8-bit) base via bitsandbytes (CUDA only)
+
+    # ptuning / prompt_tuning / prefix_tuning
+    num_virtual_tokens: int = Field(20, gt=0)
+    encoder_hidden_size: int | None = Field(None, gt=0)  # ptuning's prompt encoder; default: the model's hidden size
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
+    prompt_tuning_init_text: str | None = None  # prompt_tuning: initialise the soft prompt from this text
+    prefix_projection: bool = False  # prefix_tuning: reparameterise prefixes through an MLP
+
+    @model_validator(mode="after")
+    def _check_finetuning(self):
+        if self.finetuning_type == "qlora" and self.quantization_bit is None:
+            self.__dict__["quantization_bit"] = 4
+        if self.quantization_bit is not None and self.finetuning_type not in ("lora", "qlora"):
+            raise ValueError(f"quantization_bit is for lora/qlora, not finetuning_type {self.finetuning_type!r}")
+        if self.use_dora and self.pissa_init:
+            raise ValueError("use_dora and pissa_init cannot be combined; choose one")
+        return self
+
+
+class TrainArgs(FinetuningArgs):
     """Keys every training stage shares (the loop's settings)."""
 
     model_name_or_path: str
     output_dir: str
     trust_remote_code: bool = False
     overwrite_output_dir: bool = False
-    finetuning_type: Literal["full"] = "full"
 
     learning_rate: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -166,7 +212,18 @@ class KTOConfig(TrainArgs, DataArgs, ReferenceArgs):
     kto_rejected_weight: float = Field(1.0, gt=0)  # alias undesirable_weight
 
 
-STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig}
+class ExportConfig(_Strict):
+    """`posttrain export`: merge a LoRA adapter into its base and write a standalone model folder."""
+
+    model_name_or_path: str | None = None  # default: the base named in the adapter's adapter_config.json
+    adapter_name_or_path: str
+    export_dir: str
+    export_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"  # auto: the base's own dtype
+    overwrite_output_dir: bool = False
+    trust_remote_code: bool = False
+
+
+STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "export": ExportConfig}
 
 STAGES.update({"rm": RMConfig, "dpo": DPOConfig, "kto": KTOConfig})
 

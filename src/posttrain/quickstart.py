@@ -14,15 +14,14 @@ from posttrain.data.chat import ChatRenderer
 from posttrain.data.schema import Conversation, Message
 from posttrain.data.synthetic import split_task, write_jsonl
 from posttrain.inference.generate import generate
-from posttrain.model.loading import load_model, load_tokenizer, pick_device
+from posttrain.model.loading import load_for_inference
 from posttrain.model.tiny import write_tiny_model
 from posttrain.train.sft import run_sft
 
 
-def exact_match(model_path: str | Path, rows: list[dict], max_new_tokens: int = 16) -> float:
-    """Fraction of rows whose greedy answer equals `row["answer"]` exactly."""
-    tokenizer = load_tokenizer(str(model_path))
-    model = load_model(str(model_path), device=pick_device("auto"))
+def exact_match(model_path: str | Path, rows: list[dict], max_new_tokens: int = 16, adapter: str | Path | None = None) -> float:
+    """Fraction of rows whose greedy answer equals `row["answer"]` exactly (a model folder, or an adapter's)."""
+    model, tokenizer = load_for_inference(str(model_path), str(adapter) if adapter else None)
     renderer = ChatRenderer(tokenizer)
     prompts = [renderer.prompt_ids(Conversation([Message(**m) for m in r["messages"]])) for r in rows]
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)

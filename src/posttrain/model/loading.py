@@ -22,6 +22,9 @@ def resolve_model_path(name_or_path: str, what: str = "model_name_or_path") -> P
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                raise ConfigError(f"{what}: {name_or_path!r} is a PEFT adapter, not a full model; pass its base "
+                                  "model as model_name_or_path and this folder as adapter_name_or_path")
             raise ConfigError(f"{what}: {name_or_path!r} is a folder but has no config.json; "
                               "expected a Hugging Face model folder (config.json + weights + tokenizer)")
         return path
@@ -48,7 +51,9 @@ def pick_device(device: str = "auto") -> torch.device:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not (path / "tokenizer_config.json").is_file():  # adapter folders ship a tokenizer but no config.json
+        path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # many base models ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -57,21 +62,55 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load_model(name_or_path: str, *, device: torch.device, trust_remote_code: bool = False,
                attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
-               dtype: torch.dtype = torch.float32):
-    """The model in `dtype` on `device`. Mixed precision is autocast in the loop, so weights stay fp32."""
+               dtype: torch.dtype = torch.float32, quantization_bit: int | None = None):
+    """The model in `dtype` on `device`. Mixed precision is autocast in the loop, so weights stay fp32.
+
+    `quantization_bit` (4 or 8) loads the base through bitsandbytes for QLoRA (CUDA only; the
+    finetuning checks refuse it elsewhere before this runs)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    extra = {}
+    if quantization_bit is not None:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization_bit == 4, load_in_8bit=quantization_bit == 8, bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        extra["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, dtype=dtype)
+            path, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, dtype=dtype, **extra)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise ConfigError(f"{name_or_path}: this model needs its own code; set trust_remote_code: true "
                               "if you trust the folder") from None
         raise
-    model.to(device)
+    if quantization_bit is None:
+        model.to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def load_for_inference(model_path: str, adapter: str | None = None, *, device: torch.device | None = None,
+                       trust_remote_code: bool = False):
+    """(model, tokenizer) for generation: a full model folder, a base + adapter, or an adapter folder alone
+    (its base is the one its adapter_config.json records). The adapter's own tokenizer wins when it ships one."""
+    from posttrain.model.adapters import load_adapter, read_adapter_config
+
+    device = device or pick_device("auto")
+    folder = Path(model_path).expanduser()
+    if adapter is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        adapter = model_path
+        model_path = read_adapter_config(adapter).get("base_model_name_or_path") or ""
+        if not model_path:
+            raise ConfigError(f"{adapter}: the adapter does not record its base model; pass the base and --adapter")
+    has_own_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(adapter if has_own_tokenizer else model_path, trust_remote_code)
+    model = load_model(model_path, device=device, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer

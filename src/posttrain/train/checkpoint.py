@@ -93,7 +93,10 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.de
     state = json.loads((path / STATE_FILE).read_text())
     weights = load_file(path / "model.safetensors", device=str(device))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if k not in _tied_keys(model)]:
+    # Checkpoints hold the trainable parameters only; every one of those must come back.
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in missing if k in trainable and k not in _tied_keys(model)]
+    if unexpected or missing:
         raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))

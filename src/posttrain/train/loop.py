@@ -30,6 +30,7 @@ from posttrain.config import TrainArgs
 from posttrain.data.batching import example_length, plan_epoch
 from posttrain.train import checkpoint, distributed as dist
 from posttrain.errors import ConfigError
+from posttrain.model.adapters import model_bytes, optimizer_groups
 from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
 
 
@@ -41,6 +42,7 @@ class TrainResult:
     output_dir: Path
     plot: Path | None
     metrics: list[dict] = field(default_factory=list)
+    objective: nn.Module | None = None  # the trained objective (its model in memory), for evaluation after training
 
 
 def seed_everything(seed: int) -> None:
@@ -49,15 +51,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # Norm weights and biases are not decayed (the usual practice; decaying them hurts).
-        (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon)
+    return torch.optim.AdamW(optimizer_groups(model, args), lr=args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: the parameters that train (frozen ones come back from the base)."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
 def build_scheduler(optimizer, args: TrainArgs, total_steps: int):
@@ -109,7 +109,8 @@ class Trainer:
 
     def __init__(self, args: TrainArgs, objective: nn.Module, *, train_examples: list, eval_examples: list,
                  collate: Callable[[list], dict], count: Callable[[dict], int],
-                 save_final: Callable[[Path], None], device: torch.device, run_config: dict | None = None):
+                 save_final: Callable[[Path], None], device: torch.device, run_config: dict | None = None,
+                 summary: dict | None = None):
         self.args = args
         self.objective = objective
         self.train_examples = train_examples
@@ -119,6 +120,7 @@ class Trainer:
         self.save_final = save_final
         self.device = device
         self.run_config = run_config or {}
+        self.summary = summary or {}  # logged once at step 0 (e.g. trainable parameter counts)
         self.output_dir = Path(args.output_dir)
         self.lengths = [example_length(e) for e in train_examples]
         self.world, self.rank = dist.world_size(), dist.rank()
@@ -209,6 +211,8 @@ class Trainer:
             module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         logger = MetricsLogger(self.output_dir, args.report_to, self.run_config, resume_step=step) \
             if dist.is_main() else None
+        if logger and step == 0 and self.summary:
+            logger.log({"step": 0, **self.summary})
         per_epoch = len(self.epoch_plan(0))
         eval_every = args.eval_steps or args.logging_steps * 10
         bar = tqdm(total=total_steps, initial=step, disable=args.disable_tqdm or not dist.is_main(),
@@ -259,7 +263,7 @@ class Trainer:
                 if args.save_steps and step % args.save_steps == 0 and step < total_steps:
                     if dist.is_main():
                         checkpoint.save_checkpoint(
-                            self.output_dir, step, model_state=model.state_dict(), optimizer=optimizer,
+                            self.output_dir, step, model_state=trainable_state(model), optimizer=optimizer,
                             scheduler=scheduler, trainer_state={"epoch": epoch, "steps_per_epoch": per_epoch},
                             keep=args.save_total_limit)
                     dist.barrier()
@@ -270,22 +274,23 @@ class Trainer:
         plot = None
         if dist.is_main():
             self._write_final()
+            logger.log({"step": step, "output_weights_bytes": model_bytes(self.output_dir)})
             logger.close()
             if args.plot_loss:
                 plot = plot_metrics(logger.path, self.output_dir / "training_loss.png")
         dist.barrier()
         metrics = read_metrics(self.output_dir / "metrics.jsonl") if dist.is_main() else []
-        return TrainResult(step, last_loss, last_eval, self.output_dir, plot, metrics)
+        return TrainResult(step, last_loss, last_eval, self.output_dir, plot, metrics, self.objective)
 
     def _write_final(self) -> None:
-        """Write the finished model next to a temp name, then move each file in; config.json goes last
-        so a folder without it was never finished."""
+        """Write the finished model next to a temp name, then move each file in; config.json (or
+        adapter_config.json) goes last so a folder without it was never finished."""
         tmp = self.output_dir / f".tmp-final-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         self.save_final(tmp)
-        files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+        files = sorted(tmp.iterdir(), key=lambda p: p.name in ("config.json", "adapter_config.json"))
         for f in files:
             os.replace(f, self.output_dir / f.name)
         tmp.rmdir()

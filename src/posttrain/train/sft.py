@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import PeftType
 from torch import nn
 
 from posttrain.config import SFTConfig, save_config
@@ -20,6 +21,8 @@ from posttrain.data.chat import IGNORE_INDEX, ChatRenderer
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.prepare import split_eval, tokenize_all
 from posttrain.errors import ConfigError
+from posttrain.model.adapters import (apply_finetuning, check_finetuning, save_pissa_initial, save_trained,
+                                      trainable_summary)
 from posttrain.model.loading import load_model, load_tokenizer, pick_device
 from posttrain.train import distributed as dist
 from posttrain.train.loop import Trainer, TrainResult
@@ -33,25 +36,38 @@ class CausalLMLoss(nn.Module):
 
     The output head runs only on the positions that are trained, not on every prompt and padding
     position: with short answers after long prompts that skips most of the head's work and memory.
+    A LoRA model takes the same path (its layers are injected in place); prompt-learning adapters
+    run through PEFT's forward, which prepends their virtual tokens.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-        special_logits = any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-        self.split = head is not None and body is not None and body is not model and not special_logits
+        peft_config = getattr(model, "active_peft_config", None)
+        self.virtual_tokens = 0
+        self.split = True
+        if peft_config is not None and peft_config.is_prompt_learning:
+            self.split = False
+            # prompt/p-tuning prepend positions to the logits; prefix tuning hides its prefix in the KV cache.
+            if peft_config.peft_type != PeftType.PREFIX_TUNING:
+                self.virtual_tokens = peft_config.num_virtual_tokens
+        hf = model.get_base_model() if peft_config is not None else model
+        self._hf = [hf]  # in a list: not registered twice as a submodule
+        head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+        body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+        special_logits = any(getattr(hf.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+        self.split = self.split and head is not None and body is not None and body is not hf and not special_logits
 
     def forward(self, batch: dict) -> dict:
         targets = batch["targets"]
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         selected = targets != IGNORE_INDEX
         if self.split:
-            hidden = getattr(self.model, self.model.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
-            logits = self.model.get_output_embeddings()(hidden[selected])
+            hf = self._hf[0]
+            hidden = getattr(hf, hf.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
+            logits = hf.get_output_embeddings()(hidden[selected])
         else:
-            logits = self.model(**inputs, use_cache=False).logits[selected]
+            logits = self.model(**inputs, use_cache=False).logits[:, self.virtual_tokens:][selected]
         loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
         return {"loss_sum": loss_sum}
 
@@ -99,6 +115,7 @@ def run_sft(config: SFTConfig) -> TrainResult:
     check_output_dir(config)
     if config.fp16 and device.type == "cpu":
         raise ConfigError("fp16 autocast is for CUDA; on CPU use bf16: true or neither")
+    check_finetuning(config, device, packing=config.packing)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train, evals, report, _ = load_samples(config, tokenizer)
     if dist.is_main():
@@ -109,19 +126,28 @@ def run_sft(config: SFTConfig) -> TrainResult:
             log.info("packing: %d rows of up to %d tokens", len(train), config.cutoff_len)
     model = load_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                        attn_implementation=config.attn_implementation,
-                       gradient_checkpointing=config.gradient_checkpointing)
+                       gradient_checkpointing=config.gradient_checkpointing,
+                       quantization_bit=config.quantization_bit)
+    model = apply_finetuning(model, config)
+    summary = trainable_summary(model)
+    if dist.is_main():
+        log.info("finetuning_type %s: %s trainable parameters of %s (%.4f%%)", config.finetuning_type,
+                 f"{summary['trainable_params']:,}", f"{summary['total_params']:,}", summary["trainable_percent"])
     out = Path(config.output_dir)
     if dist.is_main():
         if config.overwrite_output_dir and not config.resume_from_checkpoint and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "posttrain_config.yaml")
+    pissa_initial = save_pissa_initial(model, out / ".pissa-init") if dist.is_main() else None
     dist.barrier()
 
     def save_final(folder: Path) -> None:
-        model.save_pretrained(folder)
+        save_trained(model, folder, config, pissa_initial)
         tokenizer.save_pretrained(folder)
         save_config(config, folder / "posttrain_config.yaml")
+        if pissa_initial is not None:
+            shutil.rmtree(pissa_initial, ignore_errors=True)
 
     pad_id = tokenizer.pad_token_id
 
@@ -132,5 +158,5 @@ def run_sft(config: SFTConfig) -> TrainResult:
 
     trainer = Trainer(config, CausalLMLoss(model), train_examples=train, eval_examples=evals,
                       collate=collate_fn, count=count_trained, save_final=save_final, device=device,
-                      run_config=config.model_dump(mode="json"))
+                      run_config=config.model_dump(mode="json"), summary=summary)
     return trainer.train()

@@ -1,0 +1,115 @@
+"""`posttrain compare`: full fine-tuning vs LoRA vs P-tuning on the embedded task, measured here.
+
+Each method trains in its own child process on the same base, data, batch size and number of
+steps, so its wall time and peak memory (the child's max RSS) are its own. One table comes out:
+parameters updated (count and %), wall time, peak memory, held-out exact match, output size.
+Learning rates differ by method, as each needs (a soft prompt or a low-rank update moves less per
+step than a full update); everything else is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from posttrain.errors import ConfigError
+
+# method -> settings layered over the shared budget
+METHODS: dict[str, dict] = {
+    "full": dict(finetuning_type="full", learning_rate=3e-3),
+    "lora": dict(finetuning_type="lora", lora_rank=16, lora_target="all", learning_rate=5e-3),
+    "ptuning": dict(finetuning_type="ptuning", num_virtual_tokens=16, encoder_hidden_size=128, learning_rate=1e-2),
+    "prompt_tuning": dict(finetuning_type="prompt_tuning", num_virtual_tokens=16, learning_rate=3e-2),
+    "prefix_tuning": dict(finetuning_type="prefix_tuning", num_virtual_tokens=16, learning_rate=1e-2),
+    "freeze": dict(finetuning_type="freeze", freeze_trainable_layers=2, learning_rate=3e-3),
+}
+DEFAULT_METHODS = ("full", "lora", "ptuning")
+
+
+def run_child(spec_path: Path) -> None:
+    """One method's training run plus its evaluation; writes a JSON result beside the spec."""
+    from posttrain.config import SFTConfig, build_config
+    from posttrain.model.adapters import model_bytes
+    from posttrain.quickstart import exact_match
+    from posttrain.train.sft import run_sft
+
+    spec = json.loads(spec_path.read_text())
+    start = time.perf_counter()
+    result = run_sft(build_config(SFTConfig, spec["config"]))
+    train_s = time.perf_counter() - start
+    held_out = [json.loads(l) for l in Path(spec["held_out"]).read_text().splitlines() if l.strip()]
+    summary = next(r for r in result.metrics if "trainable_params" in r)
+    out = Path(spec["config"]["output_dir"])
+    accuracy = exact_match(out, held_out)
+    Path(spec["result"]).write_text(json.dumps({
+        **{k: summary[k] for k in ("trainable_params", "total_params", "trainable_percent")},
+        "train_s": train_s, "final_loss": result.train_loss, "accuracy": accuracy,
+        "output_bytes": model_bytes(out),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+def run_compare(output_dir: str = "runs/compare", methods: list[str] | None = None, steps: int = 400,
+                base: str | None = None, batch_size: int = 32, quiet: bool = False) -> dict[str, dict]:
+    from posttrain.data.synthetic import split_task, write_jsonl
+    from posttrain.model.tiny import write_tiny_model
+
+    methods = list(methods or DEFAULT_METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"compare: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    root = Path(output_dir)
+    base = base or str(write_tiny_model(root / "base-model"))
+    train_rows, held_out = split_task(6000, 200, seed=0)
+    data = write_jsonl([{"messages": r["messages"]} for r in train_rows], root / "data" / "train.jsonl")
+    held = write_jsonl(held_out, root / "data" / "held_out.jsonl")
+    results: dict[str, dict] = {}
+    for method in methods:
+        config = dict(model_name_or_path=base, dataset=str(data), output_dir=str(root / method),
+                      overwrite_output_dir=True, per_device_train_batch_size=batch_size, max_steps=steps,
+                      cutoff_len=64, lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=25, save_steps=0,
+                      disable_tqdm=True, seed=0, **METHODS[method])
+        spec = root / f".{method}-spec.json"
+        spec.write_text(json.dumps({"config": config, "held_out": str(held), "result": str(root / f".{method}.json")}))
+        if not quiet:
+            print(f"[compare] training {method} ({steps} steps, batch {batch_size}) ...", flush=True)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "posttrain.compare", str(spec)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compare: the {method} run failed:\n{proc.stderr[-3000:]}")
+        results[method] = json.loads((root / f".{method}.json").read_text())
+        results[method]["wall_s"] = time.perf_counter() - started
+    table = format_table(results)
+    (root / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    (root / "compare.md").write_text(table + "\n")
+    if not quiet:
+        print(table)
+        print(f"[compare] table: {root / 'compare.md'}")
+    return results
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    rows = [("method", "params updated", "% of model", "train s", "peak RSS", "held-out exact match", "output size")]
+    for method, r in results.items():
+        rows.append((method, f"{r['trainable_params']:,}", f"{r['trainable_percent']:.2f}%", f"{r['train_s']:.0f}",
+                     _size(r["peak_rss_mib"] * 2**20), f"{r['accuracy']:.1%}", _size(r["output_bytes"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_child(Path(sys.argv[1]))

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from inference_fixtures import (CPU, adapter_root, lively_model_dir, make_lively, make_lora,  # noqa: F401
+                                one_torch_thread,
                                 reference_greedy)
 
 from posttrain.inference.engine import Engine, Request

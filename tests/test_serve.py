@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-from inference_fixtures import CPU, adapter_root, lively_model_dir, make_lora, reference_greedy  # noqa: F401
+from inference_fixtures import (CPU, adapter_root, lively_model_dir, make_lora, one_torch_thread,  # noqa: F401
+                                reference_greedy)
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")

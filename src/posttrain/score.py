@@ -1,0 +1,68 @@
+"""`posttrain score MODEL DATA`: score responses with a trained reward model.
+
+DATA holds prompt/response rows in any SFT format (prompt + completion, messages, sharegpt,
+alpaca, ...): the last assistant message is the response that is scored. A preference file
+(chosen + rejected) is scored pair by pair and the pair accuracy reported. Responses are rendered
+and tokenized exactly as `posttrain rm` trained on them. With `--output`, one JSON line per row:
+{"source": "file:line", "reward": r, "normalized": (r - mean) / std}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from posttrain.data.formats import DatasetSpec, load_conversations
+from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_response
+from posttrain.data.preference import load_preferences
+from posttrain.data.sources import RawRow, read_rows
+from posttrain.errors import DataError
+from posttrain.model.loading import load_tokenizer, pick_device
+from posttrain.model.reward import load_reward_model, reward_stats
+from posttrain.train.rm import score_sequences
+
+
+def _is_preference_file(path: str) -> bool:
+    first = next((r for r in read_rows(path) if isinstance(r, RawRow)), None)
+    return first is not None and {"chosen", "rejected"} <= set(first.data)
+
+
+def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,
+              batch_size: int = 16, cutoff_len: int = 4096, trust_remote_code: bool = False) -> dict:
+    device = pick_device("auto")
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    renderer = response_renderer(tokenizer, template)
+    model = load_reward_model(model_path, device=device, trust_remote_code=trust_remote_code)
+    stats = reward_stats(model_path)
+    if _is_preference_file(data):
+        pairs, _ = load_preferences([DatasetSpec(path=data)])
+        samples = tokenize_pairs(pairs, renderer, cutoff_len)[0]
+        sources = [s.source for s in samples]
+        sequences = [s.chosen for s in samples] + [s.rejected for s in samples]
+    else:
+        convs, _ = load_conversations([DatasetSpec(path=data)])
+        if any(c.is_text for c in convs):
+            raise DataError("text rows have no response to score; give prompt/response rows", data)
+        sources = [c.source for c in convs]
+        sequences = [tokenize_response(renderer, c.messages[:-1], c.messages[-1], c.tools, c.source) for c in convs]
+        sequences = [type(s)(s.input_ids[-cutoff_len:], s.labels[-cutoff_len:], s.source) for s in sequences]
+    rewards = score_sequences(model, sequences, pad_id=tokenizer.pad_token_id, device=device,
+                              batch_size=batch_size).tolist()
+    summary = {"rows": len(sources), "reward_mean": sum(rewards) / len(rewards)}
+    rows = []
+    if len(sequences) == 2 * len(sources):  # pairs: chosen then rejected
+        n = len(sources)
+        chosen, rejected = rewards[:n], rewards[n:]
+        summary["pair_accuracy"] = sum(c > r for c, r in zip(chosen, rejected)) / n
+        rows = [{"source": s, "chosen": c, "rejected": r} for s, c, r in zip(sources, chosen, rejected)]
+    else:
+        for s, r in zip(sources, rewards):
+            row = {"source": s, "reward": r}
+            if stats and stats[1] > 0:
+                row["normalized"] = (r - stats[0]) / stats[1]
+            rows.append(row)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary["scores"] = rows
+    return summary

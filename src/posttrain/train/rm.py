@@ -1,0 +1,110 @@
+"""`posttrain rm`: train a reward model on preference pairs; read top to bottom.
+
+setup (config -> tokenizer -> pairs -> model with a scalar head) -> Trainer -> reward statistics
+-> save. The model is a causal LM with a scalar head read at each sequence's last real token
+(model/reward.py); the loss is Bradley-Terry:
+
+    L = -log σ(r(x, y_w) - r(x, y_l) - m)
+
+(Ouyang et al. 2022, "Training language models to follow instructions with human feedback",
+eq. 1), where m is the pair's `margin` column (0 when absent; the margin form is Llama 2's,
+Touvron et al. 2023). `center_rewards_coefficient` c adds c (r_w + r_l)² (Eisenstein et al.
+2023), which keeps rewards centred on zero. Eval reports pair accuracy and mean margin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from posttrain.config import RMConfig, save_config
+from posttrain.data.batching import collate
+from posttrain.data.pairs import collate_pairs
+from posttrain.model.loading import load_tokenizer
+from posttrain.model.reward import load_reward_model, sequence_rewards, set_reward_stats
+from posttrain.train import stage
+from posttrain.train.loop import Trainer, TrainResult, autocast
+from posttrain.train.preference import count_pairs
+
+log = logging.getLogger(__name__)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+                       ) -> torch.Tensor:
+    """-log σ(r_w - r_l - m), per pair."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+class PairwiseRewardObjective(nn.Module):
+    """Both responses of every pair scored in ONE forward pass (2B rows), then Bradley-Terry."""
+
+    def __init__(self, model: nn.Module, center_rewards_coefficient: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.center = center_rewards_coefficient
+
+    def forward(self, batch: dict) -> dict:
+        rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+        b = batch["margin"].size(0)
+        chosen, rejected = rewards[:b], rewards[b:]
+        loss = bradley_terry_loss(chosen, rejected, batch["margin"])
+        if self.center:
+            loss = loss + self.center * (chosen + rejected) ** 2
+        d = lambda t: t.detach().sum()  # noqa: E731
+        return {"loss_sum": loss.sum(), "metrics": {
+            "accuracy": (d((chosen > rejected).float()), b), "margin": (d(chosen - rejected), b),
+            "rewards/chosen": (d(chosen), b), "rewards/rejected": (d(rejected), b)}}
+
+
+@torch.no_grad()
+def score_sequences(model: nn.Module, sequences: list, *, pad_id: int, device: torch.device, batch_size: int,
+                    precision=contextlib.nullcontext) -> torch.Tensor:
+    """The reward of each tokenized sequence (eval mode, batched by length)."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(sequences))
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([sequences[i] for i in idx], pad_id)
+        with precision():
+            out[idx] = sequence_rewards(model, batch["input_ids"].to(device),
+                                        batch["attention_mask"].to(device)).float().cpu()
+    model.train(was_training)
+    return out
+
+
+def run_rm(config: RMConfig) -> TrainResult:
+    device = stage.begin(config)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    train, evals = stage.load_pairs(config, tokenizer)
+    model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
+                              attn_implementation=config.attn_implementation,
+                              gradient_checkpointing=config.gradient_checkpointing,
+                              pad_token_id=tokenizer.pad_token_id)
+    stage.open_output_dir(config)
+    pad_id = tokenizer.pad_token_id
+
+    def save_final(folder: Path) -> None:
+        # The reward mean / std over the training responses, for normalizing rewards later (RLHF).
+        rewards = score_sequences(model, [q for s in train for q in s.sequences], pad_id=pad_id, device=device,
+                                  batch_size=config.per_device_eval_batch_size,
+                                  precision=lambda: autocast(device, config))
+        mean, std = rewards.mean().item(), rewards.std().item() if rewards.numel() > 1 else 0.0
+        set_reward_stats(model, mean, std if math.isfinite(std) else 0.0)
+        log.info("reward over the training responses: mean %.4f, std %.4f (saved in config.json)", mean, std)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_config(config, folder / "posttrain_config.yaml")
+
+    trainer = Trainer(config, PairwiseRewardObjective(model, config.center_rewards_coefficient),
+                      train_examples=train, eval_examples=evals, collate=lambda s: collate_pairs(s, pad_id),
+                      count=count_pairs, save_final=save_final, device=device,
+                      run_config=config.model_dump(mode="json"))
+    return trainer.train()

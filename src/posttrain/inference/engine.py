@@ -166,8 +166,13 @@ class Engine:
         new = self._admit()
         if old:
             self._decode(old)
-        if new:
-            self._prefill(new, first_slot=len(old))
+        # Longest prompts first, cut into groups whose right-padding stays small: prefill computes padded
+        # positions too, and prompt lengths of a burst of requests vary a lot.
+        new.sort(key=lambda s: -self._width(s))
+        start = 0
+        for group in self._padding_groups([self._width(s) for s in new]):
+            self._prefill(new[start:start + group], first_slot=len(old) + start)
+            start += group
         self.running = old + new
         outputs = [out for seq in self.running if (out := self._report(seq)) is not None]
         self._compact()
@@ -209,6 +214,20 @@ class Engine:
         if request.stream or params.stop:
             seq.tracker = TextTracker(tokenizer, seq.prompt, params.stop)
         return seq
+
+    def _width(self, seq: _Sequence) -> int:
+        return self._virtual_tokens(seq.request) + len(seq.prompt)
+
+    @staticmethod
+    def _padding_groups(widths: list[int], max_waste: float = 0.25) -> list[int]:
+        """Sizes of consecutive groups of `widths` (sorted longest first) whose padded area exceeds
+        their real tokens by at most `max_waste`."""
+        groups, start = [], 0
+        for i in range(1, len(widths) + 1):
+            if i == len(widths) or widths[start] * (i + 1 - start) > (1 + max_waste) * sum(widths[start:i + 1]):
+                groups.append(i - start)
+                start = i
+        return groups
 
     def _prefill(self, seqs: list[_Sequence], first_slot: int) -> None:
         rows = []

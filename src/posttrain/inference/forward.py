@@ -25,9 +25,10 @@ from posttrain.inference.weights import DecoderWeights
 
 
 class RowDeltas(Protocol):
-    """Per-row additive deltas for a layer's projection group ("qkv", "o", "gate_up", "down")."""
+    """Per-row additive deltas for a layer's projection group ("qkv", "o", "gate_up", "down"): one entry
+    per output of the group (None where no adapter touches it), or None for the whole group."""
 
-    def delta(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor | None: ...
+    def delta(self, layer: int, group: str, x: torch.Tensor) -> list[torch.Tensor | None] | None: ...
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

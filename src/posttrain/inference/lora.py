@@ -7,12 +7,12 @@ modules_to_save) are refused too, by name. Scaling (alpha / r, or alpha / sqrt(r
 alpha_pattern per module) is folded into B once at load.
 
 Serving (`LoraBank`, `RowLora`): the weights of all resident adapters are stacked, per layer and
-per projection group, into A [slots, in, R] and B [slots, R, out], slot 0 all zeros (rows without
-an adapter). A batch's delta is two batched matmuls over the rows' gathered slots — the BGMV idea —
-so the cost does not depend on how many different adapters the batch mixes. Different ranks share
-a stack: each adapter is zero-padded to the largest resident rank (zero columns add nothing).
-The projections of one group (q, k, v; gate, up) are concatenated along the rank, with B block-
-diagonal, so a group costs two matmuls however many of its modules an adapter targets.
+module, into A [slots, in, r] and B [slots, r, out], slot 0 all zeros (rows without an adapter).
+A batch's delta is batched matmuls over the rows' gathered slots — the BGMV idea — so the cost
+does not depend on how many different adapters the batch mixes. Different ranks share a stack:
+each adapter is zero-padded to the largest resident rank (zero columns add nothing). The A of the
+modules reading the same input (q, k, v; gate, up) sit side by side, so one matmul shrinks the
+input for all of them; only modules some resident adapter targets are stacked at all.
 """
 
 from __future__ import annotations
@@ -149,6 +149,15 @@ def read_lora(name: str, folder: Path, config: dict, dims: ModelDims, dtype: tor
     return LoraWeights(name, max(a.shape[0] for a, _ in modules.values()), modules)
 
 
+@dataclass
+class _GroupStack:
+    """One layer's projection group: the targeted modules' A side by side along the rank, a B per module."""
+
+    modules: list[str]  # the group's modules some resident adapter targets, in group order
+    a: torch.Tensor  # [slots, in, len(modules) * rank]
+    b: list[torch.Tensor]  # per module: [slots, rank, out]
+
+
 class LoraBank:
     """Stacked weights of the resident LoRA adapters: slot 0 is zeros, adapters use slots 1..capacity."""
 
@@ -159,68 +168,65 @@ class LoraBank:
         self.device = device
         self.rank = 0  # every adapter is padded to this rank
         self.slots = 1  # rows in every stack (slot 0 + allocated adapter slots)
-        self.a: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, in, n_sub * rank]
-        self.b: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, n_sub * rank, out]
+        self.stacks: dict[tuple[int, str], _GroupStack] = {}  # (layer, group) -> stack
         self.resident: dict[int, LoraWeights] = {}  # slot -> adapter
 
-    def _group_dims(self, group: str) -> tuple[int, list[int]]:
+    def _relayout(self, rank: int, slots: int, needed: dict[tuple[int, str], set[str]]) -> None:
+        """Reallocate for a larger rank / more slots / newly targeted modules, keeping resident weights."""
         shapes = self.dims.module_shapes()
-        mods = GROUPS[group]
-        return shapes[mods[0]][0], [shapes[m][1] for m in mods]
-
-    def _relayout(self, rank: int, slots: int, groups: set[tuple[int, str]]) -> None:
-        """Reallocate the stacks for a larger rank / more slots / new groups, keeping resident weights."""
         old_rank = self.rank
-        for key in sorted(groups | set(self.a)):
-            fan_in, outs = self._group_dims(key[1])
-            n = len(outs)
-            a = torch.zeros(slots, fan_in, n * rank, dtype=self.dtype, device=self.device)
-            b = torch.zeros(slots, n * rank, sum(outs), dtype=self.dtype, device=self.device)
-            if key in self.a:
-                old_a, old_b = self.a[key], self.b[key]
-                keep = old_a.shape[0]
-                offset = 0
-                for j, out in enumerate(outs):
-                    a[:keep, :, j * rank:j * rank + old_rank] = old_a[:, :, j * old_rank:(j + 1) * old_rank]
-                    b[:keep, j * rank:j * rank + old_rank, offset:offset + out] = \
-                        old_b[:, j * old_rank:(j + 1) * old_rank, offset:offset + out]
-                    offset += out
-            self.a[key], self.b[key] = a, b
+        for key in set(needed) | set(self.stacks):
+            old = self.stacks.get(key)
+            wanted = needed.get(key, set()) | set(old.modules if old else [])
+            modules = [m for m in GROUPS[key[1]] if m in wanted]
+            fan_in = shapes[modules[0]][0]
+            a = torch.zeros(slots, fan_in, len(modules) * rank, dtype=self.dtype, device=self.device)
+            b = [torch.zeros(slots, rank, shapes[m][1], dtype=self.dtype, device=self.device) for m in modules]
+            if old is not None:
+                keep = old.a.shape[0]
+                for j_old, m in enumerate(old.modules):
+                    j = modules.index(m)
+                    a[:keep, :, j * rank:j * rank + old_rank] = old.a[:, :, j_old * old_rank:(j_old + 1) * old_rank]
+                    b[j][:keep, :old_rank] = old.b[j_old]
+            self.stacks[key] = _GroupStack(modules, a, b)
         self.rank, self.slots = rank, slots
 
     def load(self, slot: int, adapter: LoraWeights) -> None:
         if not 1 <= slot <= self.max_loras:
             raise ValueError(f"LoRA slot {slot} outside 1..{self.max_loras}")
-        groups = {(layer, MODULE_GROUP[module][0]) for layer, module in adapter.modules}
-        if adapter.rank > self.rank or slot >= self.slots or not groups <= set(self.a):
+        needed: dict[tuple[int, str], set[str]] = {}
+        for layer, module in adapter.modules:
+            needed.setdefault((layer, MODULE_GROUP[module][0]), set()).add(module)
+        missing = any(key not in self.stacks or not mods <= set(self.stacks[key].modules) for key, mods in needed.items())
+        if adapter.rank > self.rank or slot >= self.slots or missing:
             slots = self.slots
             while slots <= slot:
                 slots = min(max(2 * slots, 2), self.max_loras + 1)
-            self._relayout(max(self.rank, adapter.rank), slots, groups)
+            self._relayout(max(self.rank, adapter.rank), slots, needed)
         self.clear(slot)
         rank = self.rank
         for (layer, module), (a, b) in adapter.modules.items():
-            group, j = MODULE_GROUP[module]
-            _, outs = self._group_dims(group)
-            offset = sum(outs[:j])
+            stack = self.stacks[(layer, MODULE_GROUP[module][0])]
+            j = stack.modules.index(module)
             r = a.shape[0]
-            self.a[(layer, group)][slot, :, j * rank:j * rank + r] = a.t().to(self.device)
-            self.b[(layer, group)][slot, j * rank:j * rank + r, offset:offset + outs[j]] = b.t().to(self.device)
+            stack.a[slot, :, j * rank:j * rank + r] = a.t().to(self.device)
+            stack.b[j][slot, :r] = b.t().to(self.device)
         self.resident[slot] = adapter
 
     def clear(self, slot: int) -> None:
         if slot < self.slots:
-            for key in self.a:
-                self.a[key][slot].zero_()
-                self.b[key][slot].zero_()
+            for stack in self.stacks.values():
+                stack.a[slot].zero_()
+                for b in stack.b:
+                    b[slot].zero_()
         self.resident.pop(slot, None)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        return sum(t.numel() * t.element_size() for s in self.stacks.values() for t in (s.a, *s.b))
 
     def rows(self, slots: torch.Tensor) -> "RowLora | None":
         """The delta provider for a batch whose row i uses adapter slot slots[i] (0 = none)."""
-        if not self.a or not bool((slots > 0).any()):
+        if not self.stacks or not bool((slots > 0).any()):
             return None
         return RowLora(self, slots)
 
@@ -232,9 +238,12 @@ class RowLora:
         self.bank = bank
         self.slots = slots
 
-    def delta(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor | None:
-        a = self.bank.a.get((layer, group))
-        if a is None:
+    def delta(self, layer: int, group: str, x: torch.Tensor) -> list[torch.Tensor | None] | None:
+        stack = self.bank.stacks.get((layer, group))
+        if stack is None:
             return None
-        shrunk = torch.bmm(x, a.index_select(0, self.slots))  # [B,T,in] @ [B,in,R]
-        return torch.bmm(shrunk, self.bank.b[(layer, group)].index_select(0, self.slots))  # @ [B,R,out]
+        rank = self.bank.rank
+        shrunk = torch.bmm(x, stack.a.index_select(0, self.slots))  # [B,T,in] @ [B,in,n*r]: all modules at once
+        mine = {m: torch.bmm(shrunk[..., j * rank:(j + 1) * rank], stack.b[j].index_select(0, self.slots))
+                for j, m in enumerate(stack.modules)}  # [B,T,r] @ [B,r,out]
+        return [mine.get(m) for m in GROUPS[group]]

@@ -32,15 +32,15 @@ class Projection:
     biases: list[torch.Tensor | None]
     sizes: list[int]
 
-    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, deltas: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """The outputs, each plus its delta when one is given (deltas align with the outputs)."""
         if len(self.weights) == 1:
             out = torch.nn.functional.linear(x, self.weights[0], self.biases[0])
-            if delta is not None:
-                out = out + delta
-            return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
-        outs = [torch.nn.functional.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
-        if delta is not None:
-            outs = [o + d for o, d in zip(outs, delta.split(self.sizes, dim=-1))]
+            outs = list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
+        else:
+            outs = [torch.nn.functional.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
+        if deltas is not None:
+            outs = [o if d is None else o + d for o, d in zip(outs, deltas)]
         return outs
 
 

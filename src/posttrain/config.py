@@ -212,6 +212,134 @@ class KTOConfig(TrainArgs, DataArgs, ReferenceArgs):
     kto_rejected_weight: float = Field(1.0, gt=0)  # alias undesirable_weight
 
 
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+class RLConfig(TrainArgs, DataArgs):
+    """`posttrain ppo` / `posttrain grpo`: RL on prompts, one loop, the advantage estimator picks the algorithm.
+
+    Each step: `rollout_batch_size` prompts x `num_generations` completions are sampled from the
+    actor, scored by the rewards, and trained on for `ppo_epochs` passes in mini-batches of
+    `per_device_train_batch_size` x `gradient_accumulation_steps` completions (one optimizer step
+    each). `max_steps` counts these rollout steps.
+
+    Defaults that depend on the estimator (None below) follow the setups each method was published
+    with, and are resolved here, in one place:
+
+      estimator              critic  KL goes           advantages whitened  loss aggregation
+      gae (PPO)              yes     into the reward   yes                  token_mean
+      grpo                   no      into the loss     no (group z-score)   token_mean
+      dr_grpo                no      into the loss     no (group - mean)    seq_mean_token_sum_norm
+      rloo                   no      into the reward   no (leave-one-out)   token_mean
+      reinforce_pp           no      into the reward   yes (global batch)   token_mean
+      reinforce_pp_baseline  no      into the reward   yes (global batch)   token_mean
+
+    The KL estimator defaults to k1 in the reward and k3 in the loss (its gradient is unbiased
+    there). `num_generations` defaults to 1 for gae and 4 for the group estimators.
+    """
+
+    stage: Literal["ppo", "grpo"] = "ppo"
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler_type: Literal[SCHEDULERS] = "constant"
+    per_device_train_batch_size: int = Field(8, ge=1)  # completions per micro-batch in the update
+    num_train_epochs: float = Field(1.0, gt=0)  # passes over the prompts when max_steps is not set
+    cutoff_len: int = Field(512, ge=2)  # longest prompt (tokens); longer prompts keep their last tokens
+
+    # rewards: any mix, summed with reward_weights (in this order: reward_model first, then reward_funcs)
+    reward_model: str | None = None  # a folder written by `posttrain rm` (its saved mean/std normalize it)
+    reward_funcs: list[str] = Field(default_factory=list)  # exact_match, numeric_match, format:REGEX,
+    #   path/to/file.py:function, or an http(s):// endpoint
+    reward_weights: list[float] | None = None  # default: 1 each
+    reward_timeout: float = Field(30.0, gt=0)  # seconds per call to a remote reward endpoint
+    reward_clip: float | None = Field(None, gt=0)  # clip the summed reward to [-c, c]
+    normalize_reward: bool = False  # scale rewards by a running mean/std over training
+
+    # rollouts
+    advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] | None = None  # default: gae for ppo, grpo for grpo
+    rollout_batch_size: int = Field(8, ge=1)  # prompts per step (per process)
+    num_generations: int | None = Field(None, ge=1)  # completions per prompt (the group size)
+    max_completion_length: int = Field(64, ge=1)  # alias max_new_tokens
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+
+    # the update
+    ppo_epochs: int = Field(1, ge=1)  # passes over each rollout (alias num_ppo_epochs)
+    cliprange: float = Field(0.2, gt=0)  # epsilon of the clipped ratio (alias epsilon)
+    cliprange_high: float | None = Field(None, gt=0)  # asymmetric upper clip (DAPO); default: cliprange
+    dual_clip: float | None = Field(None, gt=1)  # dual-clip constant c for negative advantages (e.g. 3.0)
+    entropy_coef: float = Field(0.0, ge=0)
+    loss_agg_mode: Literal[LOSS_AGG_MODES] | None = None
+    whiten_advantages: bool | None = None
+
+    # KL to the reference (the starting model; with LoRA the base with the adapter disabled)
+    kl_coef: float = Field(0.05, ge=0)  # alias beta (TRL's GRPO name); 0: no reference model at all
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    use_kl_loss: bool | None = None  # KL as a loss term (True) or a per-token reward penalty (False)
+    kl_target: float | None = Field(None, gt=0)  # adaptive KL coefficient (Ziegler et al. 2019) toward this KL
+    kl_horizon: int = Field(10000, ge=1)
+    ref_model: str | None = None  # default: model_name_or_path
+
+    # GAE and the critic (advantage_estimator: gae)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)  # alias lambd
+    critic_model: str | None = None  # default: reward_model if given, else model_name_or_path
+    critic_learning_rate: float = Field(9e-6, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    critic_warmup_steps: int = Field(0, ge=0)  # rollout steps that train the critic only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rl_aliases(cls, data):
+        # TRL's `beta` reaches us as pref_beta (the global alias for the preference stages).
+        if isinstance(data, dict):
+            data = dict(data)
+            for alias, key in (("pref_beta", "kl_coef"), ("max_new_tokens", "max_completion_length"),
+                               ("num_ppo_epochs", "ppo_epochs"), ("epsilon", "cliprange"), ("lambd", "lam"),
+                               ("epsilon_high", "cliprange_high")):
+                if alias in data:
+                    if key in data and data[key] != data[alias]:
+                        raise ValueError(f"config sets both {alias!r} and {key!r} (same setting); keep one")
+                    data[key] = data.pop(alias)
+        return data
+
+    @model_validator(mode="after")
+    def _estimator_defaults(self):
+        est = self.advantage_estimator or ("gae" if self.stage == "ppo" else "grpo")
+        group = est != "gae"
+        defaults = {"advantage_estimator": est,
+                    "num_generations": 4 if group else 1,
+                    "use_kl_loss": est in ("grpo", "dr_grpo"),
+                    "whiten_advantages": est in ("gae", "reinforce_pp", "reinforce_pp_baseline"),
+                    "loss_agg_mode": "seq_mean_token_sum_norm" if est == "dr_grpo" else "token_mean"}
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                self.__dict__[key] = value
+        if self.kl_estimator is None:
+            self.__dict__["kl_estimator"] = "k3" if self.use_kl_loss else "k1"
+        if est in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") and self.num_generations < 2:
+            raise ValueError(f"advantage_estimator {est!r} compares completions of the same prompt: "
+                             f"num_generations must be >= 2 (got {self.num_generations})")
+        if self.reward_weights is not None:
+            n = len(self.reward_funcs) + (self.reward_model is not None)
+            if len(self.reward_weights) != n:
+                raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {n} rewards "
+                                 "(reward_model first, then each of reward_funcs)")
+        if not self.reward_model and not self.reward_funcs:
+            raise ValueError("no reward: set reward_model (a `posttrain rm` folder) and/or reward_funcs "
+                             "(exact_match, numeric_match, format:REGEX, file.py:function, http://...)")
+        return self
+
+
+class PPOConfig(RLConfig):
+    stage: Literal["ppo"] = "ppo"
+
+
+class GRPOConfig(RLConfig):
+    stage: Literal["grpo"] = "grpo"
+
+
 class ExportConfig(_Strict):
     """`posttrain export`: merge a LoRA adapter into its base and write a standalone model folder."""
 
@@ -226,6 +354,7 @@ class ExportConfig(_Strict):
 STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "export": ExportConfig}
 
 STAGES.update({"rm": RMConfig, "dpo": DPOConfig, "kto": KTOConfig})
+STAGES.update({"ppo": PPOConfig, "grpo": GRPOConfig})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

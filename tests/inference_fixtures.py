@@ -47,12 +47,13 @@ def make_lora(base_dir: Path, out: Path, r: int, targets: list[str], seed: int, 
 
 
 def make_prompt_adapter(base_dir: Path, out: Path, kind: str, seed: int) -> Path:
-    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
     from posttrain.model.loading import load_model
 
-    config = (PromptTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM") if kind == "prompt"
-              else PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=32, task_type="CAUSAL_LM"))
+    config = {"prompt": PromptTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"),
+              "ptune": PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=32, task_type="CAUSAL_LM"),
+              "prefix": PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")}[kind]
     model = get_peft_model(load_model(str(base_dir), device=CPU), config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -73,13 +74,14 @@ def lively_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def adapter_root(lively_model_dir, tmp_path_factory) -> Path:
-    """An allowed adapter folder: three LoRAs of different ranks and targets, a prompt-tuning and a P-tuning adapter."""
+    """An allowed adapter folder: three LoRAs of different ranks and targets, prompt-, P- and prefix-tuning adapters."""
     root = tmp_path_factory.mktemp("adapters")
     make_lora(lively_model_dir, root / "qv8", 8, ["q_proj", "v_proj"], seed=1)
     make_lora(lively_model_dir, root / "all4", 4, ALL_LINEAR, seed=2)
     make_lora(lively_model_dir, root / "mlp16", 16, ["up_proj", "down_proj"], seed=3, use_rslora=True)
     make_prompt_adapter(lively_model_dir, root / "prompt5", "prompt", seed=4)
     make_prompt_adapter(lively_model_dir, root / "ptune4", "ptune", seed=5)
+    make_prompt_adapter(lively_model_dir, root / "prefix3", "prefix", seed=6)
     return root
 
 

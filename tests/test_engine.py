@@ -230,17 +230,23 @@ def peft_full_forward_greedy(lively_model_dir, adapter_dir, prompt, n):
     return ids[len(prompt):]
 
 
-def test_prompt_and_p_tuning_rows_share_a_batch_with_lora_and_base_rows(base, prompts, adapter_root, lively_model_dir):
+def test_prompt_p_and_prefix_tuning_rows_share_a_batch_with_lora_and_base_rows(base, prompts, adapter_root,
+                                                                                lively_model_dir):
     model, _ = base
     engine = make_engine(base, adapter_root)
-    names = ["prompt5", "ptune4", "qv8", None]
-    adapters = {n: engine.registry.add(n, n) for n in names if n}
-    outs = engine.generate(prompts[:4], SamplingParams(max_new_tokens=8, ignore_eos=True),
+    names = ["prompt5", "ptune4", "qv8", None, "prefix3", "prefix3"]
+    adapters = {n: engine.registry.add(n, n) for n in set(names) - {None}}
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True),
                            [adapters[n] if n else None for n in names])
-    assert outs[0].token_ids == peft_full_forward_greedy(lively_model_dir, adapter_root / "prompt5", prompts[0], 8)
-    assert outs[1].token_ids == peft_full_forward_greedy(lively_model_dir, adapter_root / "ptune4", prompts[1], 8)
-    assert outs[2].token_ids == merged_reference(lively_model_dir, adapter_root / "qv8", prompts[2], 8)
-    assert outs[3].token_ids == reference_greedy(model, prompts[3], 8)
+    for name, prompt, out in zip(names, prompts, outs):
+        if name is None:
+            expected = reference_greedy(model, prompt, 8)
+        elif name == "qv8":
+            expected = merged_reference(lively_model_dir, adapter_root / name, prompt, 8)
+        else:
+            expected = peft_full_forward_greedy(lively_model_dir, adapter_root / name, prompt, 8)
+        assert out.token_ids == expected, name
+    assert outs[4].token_ids != reference_greedy(model, prompts[4], 8)
 
 
 def test_lru_eviction_waits_when_every_slot_is_pinned(base, prompts, adapter_root):

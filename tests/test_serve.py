@@ -87,7 +87,7 @@ def raw(server, method: str, path: str, key: str | None = KEYS[1], json_body=Non
 
 def test_models_lists_base_and_adapters_with_parent(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"base", "qv8", "all4", "mlp16", "prompt5", "ptune4"}
+    assert set(models) == {"base", "qv8", "all4", "mlp16", "prompt5", "ptune4", "prefix3"}
     assert models["base"].parent is None
     assert all(models[n].parent == "base" for n in models if n != "base")
 
@@ -139,7 +139,7 @@ def test_completion_stream_with_stop_string(client):
 
 
 def test_concurrent_requests_for_different_adapters(client):
-    jobs = [(name, prompt) for name in ("base", "qv8", "all4", "mlp16", "ptune4") for prompt in ("abc", "x y z")]
+    jobs = [(name, prompt) for name in ("base", "qv8", "all4", "mlp16", "ptune4", "prefix3") for prompt in ("abc", "x y z")]
 
     def ask(job):
         name, prompt = job
@@ -150,7 +150,7 @@ def test_concurrent_requests_for_different_adapters(client):
     with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: shared batches, adapters evicted (max_loras=2)
         together = list(pool.map(ask, jobs))
     assert together == alone
-    assert len(set(alone[::2])) == 5  # every model answers differently
+    assert len(set(alone[::2])) == 6  # every model answers differently
 
 
 def test_n_choices_with_a_seed(client):

@@ -136,7 +136,9 @@ class Engine:
     @staticmethod
     def _virtual_tokens(request: Request) -> int:
         adapter = request.adapter
-        return adapter.prompt.num_virtual_tokens if adapter is not None and adapter.kind == "prompt" else 0
+        if adapter is None or adapter.kind == "lora":
+            return 0
+        return (adapter.prompt or adapter.prefix).num_virtual_tokens
 
     def abort(self, request_id: str) -> None:
         self.waiting = [r for r in self.waiting if r.request_id != request_id]
@@ -166,13 +168,19 @@ class Engine:
         new = self._admit()
         if old:
             self._decode(old)
-        # Longest prompts first, cut into groups whose right-padding stays small: prefill computes padded
-        # positions too, and prompt lengths of a burst of requests vary a lot.
-        new.sort(key=lambda s: -self._width(s))
+        # Rows sharing a prefix-tuning adapter (or none) prefill together; within that, longest prompts first,
+        # cut into groups whose right-padding stays small: prefill computes padded positions too, and the
+        # prompt lengths of a burst of requests vary a lot.
+        new.sort(key=lambda s: (self._prefix_key(s), -self._width(s)))
         start = 0
-        for group in self._padding_groups([self._width(s) for s in new]):
-            self._prefill(new[start:start + group], first_slot=len(old) + start)
-            start += group
+        while start < len(new):
+            key = self._prefix_key(new[start])
+            end = start
+            while end < len(new) and self._prefix_key(new[end]) == key:
+                end += 1
+            for group in self._padding_groups([self._width(s) for s in new[start:end]]):
+                self._prefill(new[start:start + group], first_slot=len(old) + start)
+                start += group
         self.running = old + new
         outputs = [out for seq in self.running if (out := self._report(seq)) is not None]
         self._compact()
@@ -216,7 +224,14 @@ class Engine:
         return seq
 
     def _width(self, seq: _Sequence) -> int:
-        return self._virtual_tokens(seq.request) + len(seq.prompt)
+        """Positions the row's prefill computes (prefix-tuning prefixes are not computed, only attended)."""
+        adapter = seq.request.adapter
+        return len(seq.prompt) + (adapter.prompt.num_virtual_tokens if adapter is not None and adapter.kind == "prompt" else 0)
+
+    @staticmethod
+    def _prefix_key(seq: _Sequence) -> str:
+        adapter = seq.request.adapter
+        return adapter.name if adapter is not None and adapter.kind == "prefix" else ""
 
     @staticmethod
     def _padding_groups(widths: list[int], max_waste: float = 0.25) -> list[int]:
@@ -240,9 +255,12 @@ class Engine:
         lengths = torch.tensor([r.shape[0] for r in rows], device=self.device)
         embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
         lora = self._lora(seqs)
-        logits = forward.prefill(self.weights, self.cache, embeds, lengths, first_slot, lora)
+        adapter = seqs[0].request.adapter  # a prefix-tuning adapter is shared by the whole group (see step)
+        prefix = adapter.prefix if adapter is not None and adapter.kind == "prefix" else None
+        logits = forward.prefill(self.weights, self.cache, embeds, lengths, first_slot, lora, prefix)
+        offset = prefix.num_virtual_tokens if prefix is not None else 0
         for seq, n in zip(seqs, lengths.tolist()):
-            seq.length = n
+            seq.length = offset + n
         self._advance(seqs, logits)
 
     def _decode(self, seqs: list[_Sequence]) -> None:

@@ -79,19 +79,35 @@ def _logits(w: DecoderWeights, x: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(w: DecoderWeights, cache: KVCache, embeds: torch.Tensor, lengths: torch.Tensor, first_slot: int,
-            lora: RowDeltas | None = None) -> torch.Tensor:
+            lora: RowDeltas | None = None, prefix=None) -> torch.Tensor:
     """Run right-padded prompts embeds [B,T,hidden] (row b real for its first lengths[b] positions)
-    into cache slots first_slot..first_slot+B-1; returns logits [B,vocab] at each row's last position."""
+    into cache slots first_slot..first_slot+B-1; returns logits [B,vocab] at each row's last position.
+
+    `prefix` (prefix tuning, shared by all rows): per-layer keys/values [layers, KVH, P, D] that sit in
+    front of the prompt as cache positions 0..P-1; the prompt then starts at position P."""
     b, t, _ = embeds.shape
-    cache.ensure_length(t)
-    positions = torch.arange(t, device=embeds.device).expand(b, t)
+    p = prefix.num_virtual_tokens if prefix is not None else 0
+    cache.ensure_length(p + t)
+    positions = torch.arange(p, p + t, device=embeds.device).expand(b, t)
     slots = slice(first_slot, first_slot + b)
+    mask = None
+    if p:  # every prompt position sees the whole prefix, then the prompt causally
+        q_pos = torch.arange(t, device=embeds.device)[:, None]
+        k_pos = torch.arange(p + t, device=embeds.device)[None, :]
+        mask = (k_pos < p) | (k_pos - p <= q_pos)
     x = embeds
     for i in range(w.dims.num_layers):
         q, k, v = _qkv(w, i, x, positions, lora)
-        cache.keys(i)[slots, :, :t] = k
-        cache.values(i)[slots, :, :t] = v
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if p:
+            cache.keys(i)[slots, :, :p] = prefix.keys[i]
+            cache.values(i)[slots, :, :p] = prefix.values[i]
+        cache.keys(i)[slots, :, p:p + t] = k
+        cache.values(i)[slots, :, p:p + t] = v
+        if p:
+            attn = F.scaled_dot_product_attention(q, cache.keys(i)[slots, :, :p + t], cache.values(i)[slots, :, :p + t],
+                                                  attn_mask=mask, enable_gqa=True)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = _attn_out(w, i, x, attn, lora)
         x = _mlp(w, i, x, lora)
     last = x[torch.arange(b, device=x.device), lengths - 1]

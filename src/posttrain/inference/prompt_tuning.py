@@ -1,10 +1,16 @@
-"""Prompt-tuning and P-tuning adapters: learned virtual tokens prepended to a row's prompt.
+"""Prompt-based adapters: learned virtual tokens in front of a row's prompt.
 
-PEFT saves both as `prompt_embeddings` [num_virtual_tokens, hidden] — for P-tuning that is already
-the prompt encoder's output, which does not depend on the input, so serving either is the same:
-the row's prefill input is these embeddings followed by its prompt's token embeddings, and its
-positions count the virtual tokens (as in PEFT's own generation). After prefill they are ordinary
-KV-cache entries, so such rows decode in the same batch as LoRA and base rows.
+Prompt tuning and P-tuning: PEFT saves both as `prompt_embeddings` [num_virtual_tokens, hidden] —
+for P-tuning that is already the prompt encoder's output, which does not depend on the input, so
+serving either is the same: the row's prefill input is these embeddings followed by its prompt's
+token embeddings, and positions count the virtual tokens (as in PEFT's forward).
+
+Prefix tuning: PEFT saves per-layer keys and values [num_virtual_tokens, layers * 2 * kv_size]; they
+are written into the row's KV cache before its prompt, which starts at position num_virtual_tokens
+(again as in PEFT's forward, where they arrive as past key values).
+
+Either way, after prefill they are ordinary KV-cache entries, so such rows decode in the same batch
+as LoRA and base rows.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from posttrain.inference.lora import read_adapter_tensors
 from posttrain.inference.weights import ModelDims
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+PREFIX_TYPES = ("PREFIX_TUNING",)
 
 
 @dataclass
@@ -50,3 +57,39 @@ def read_prompt_adapter(name: str, folder: Path, config: dict, dims: ModelDims, 
                            f"[{n if n is not None else 'num_virtual_tokens'}, {dims.hidden}]; the adapter was "
                            "trained on a different base model")
     return PromptEmbeddings(name, emb.to(dtype=dtype, device=device))
+
+
+@dataclass
+class PrefixKV:
+    name: str
+    keys: torch.Tensor  # [layers, kv_heads, num_virtual_tokens, head_dim]
+    values: torch.Tensor
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+def read_prefix_adapter(name: str, folder: Path, config: dict, dims: ModelDims, dtype: torch.dtype,
+                        device: torch.device) -> PrefixKV:
+    if config.get("prefix_projection"):
+        raise AdapterError(f"{folder}: a prefix-tuning adapter saved with prefix_projection=true holds the "
+                           "projection's inputs, not the prefixes; save it in inference mode")
+    tensors = read_adapter_tensors(folder)
+    if set(tensors) != {"prompt_embeddings"}:
+        raise AdapterError(f"{folder}: a PREFIX_TUNING adapter should hold exactly `prompt_embeddings`; "
+                           f"found {sorted(tensors)}")
+    emb = tensors["prompt_embeddings"]
+    width = dims.num_layers * 2 * dims.kv_size
+    if emb.dim() != 2 or emb.shape[1] != width:
+        raise AdapterError(f"{folder}: prompt_embeddings has shape {tuple(emb.shape)}, but the served model needs "
+                           f"[num_virtual_tokens, {width}] ({dims.num_layers} layers x keys and values x "
+                           f"{dims.kv_size}); the adapter was trained on a different base model")
+    n = emb.shape[0]
+    # PEFT's layout: [virtual, layer * 2 + (0 keys | 1 values), kv_head, head_dim]
+    kv = emb.view(n, dims.num_layers * 2, dims.num_kv_heads, dims.head_dim).permute(1, 2, 0, 3)
+    kv = kv.to(dtype=dtype, device=device)
+    return PrefixKV(name, kv[0::2].contiguous(), kv[1::2].contiguous())

@@ -8,7 +8,8 @@ An adapter folder may ship its own tokenizer and chat template; otherwise it use
 Residency (`acquire` / `release`, engine thread only): at most `max_loras` LoRA adapters sit in
 the stacked bank. A request pins its adapter while it runs; when a new adapter needs a slot, the
 least recently used unpinned one is evicted, and if every slot is pinned the request waits.
-Prompt-tuning adapters are a few vectors each and stay resident from registration.
+Prompt-based adapters (prompt, P- and prefix tuning) are a few vectors each and stay resident from
+registration.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 
 from posttrain.inference.errors import AdapterError, UnknownModel
 from posttrain.inference.lora import LoraBank, check_base_model, read_adapter_config, read_lora
-from posttrain.inference.prompt_tuning import PROMPT_TYPES, PromptEmbeddings, read_prompt_adapter
+from posttrain.inference.prompt_tuning import (PREFIX_TYPES, PROMPT_TYPES, PrefixKV, PromptEmbeddings,
+                                               read_prefix_adapter, read_prompt_adapter)
 from posttrain.inference.weights import ModelDims
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 class Adapter:
     name: str
     path: Path
-    kind: str  # "lora" or "prompt"
+    kind: str  # "lora", "prompt" (prompt / P-tuning) or "prefix" (prefix tuning)
     tokenizer: object  # the adapter's own, or the base's
     chat_template: str | None  # the adapter's own, or None for the base's
-    prompt: PromptEmbeddings | None = None  # prompt-tuning adapters only
+    prompt: PromptEmbeddings | None = None  # prompt / P-tuning adapters only
+    prefix: PrefixKV | None = None  # prefix-tuning adapters only
     rank: int = 0  # LoRA only
     created: int = field(default_factory=lambda: int(time.time()))
     removed: bool = False
@@ -134,8 +137,11 @@ class AdapterRegistry:
         if peft_type in PROMPT_TYPES:
             prompt = read_prompt_adapter(name, folder, config, self.dims, self.dtype, self.device)
             return Adapter(name, folder, "prompt", tokenizer, template, prompt=prompt)
+        if peft_type in PREFIX_TYPES:
+            prefix = read_prefix_adapter(name, folder, config, self.dims, self.dtype, self.device)
+            return Adapter(name, folder, "prefix", tokenizer, template, prefix=prefix)
         raise AdapterError(f"{folder}: peft_type {peft_type!r} is not served; the engine serves LORA, "
-                           f"{', '.join(PROMPT_TYPES)} (merge other adapter types into the base model)")
+                           f"{', '.join(PROMPT_TYPES + PREFIX_TYPES)} (merge other adapter types into the base model)")
 
     def _tokenizer_for(self, folder: Path):
         template_file = folder / "chat_template.jinja"

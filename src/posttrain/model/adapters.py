@@ -144,7 +144,7 @@ def apply_freeze(model: nn.Module, args) -> nn.Module:
     return model
 
 
-def _lora_config(model: nn.Module, args):
+def _lora_config(model: nn.Module, args, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, TaskType
 
     targets = resolve_lora_targets(model, args.lora_target)
@@ -154,7 +154,7 @@ def _lora_config(model: nn.Module, args):
     init = True
     if args.pissa_init:
         init = "pissa" if args.pissa_iter == -1 else f"pissa_niter_{args.pissa_iter}"
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+    return LoraConfig(task_type=TaskType[task_type], r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
                       lora_dropout=args.lora_dropout, target_modules=targets, modules_to_save=to_save,
                       use_dora=args.use_dora, use_rslora=args.use_rslora, init_lora_weights=init)
 
@@ -182,8 +182,10 @@ def _prompt_config(model: nn.Module, args):
                               encoder_hidden_size=args.encoder_hidden_size or hidden)
 
 
-def apply_finetuning(model: nn.Module, args) -> nn.Module:
-    """The model ready to train under `args.finetuning_type` (a PeftModel for the PEFT types)."""
+def apply_finetuning(model: nn.Module, args, *, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """The model ready to train under `args.finetuning_type` (a PeftModel for the PEFT types).
+
+    task_type "SEQ_CLS" is for reward models: PEFT then also trains (and saves) the new `score` head."""
     kind = args.finetuning_type
     if kind == "full":
         return model
@@ -197,7 +199,7 @@ def apply_finetuning(model: nn.Module, args) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    config = _lora_config(model, args) if kind in ("lora", "qlora") else _prompt_config(model, args)
+    config = _lora_config(model, args, task_type) if kind in ("lora", "qlora") else _prompt_config(model, args)
     if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     try:

@@ -76,6 +76,10 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
+def reward_head(model: nn.Module) -> nn.Module:
+    return _parts(model)[1]
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of each row's last real token, for right- or left-padded rows."""
     positions = torch.arange(attention_mask.size(1), device=attention_mask.device)

@@ -20,13 +20,13 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from posttrain.config import KTOConfig, save_config
+from posttrain.config import KTOConfig
 from posttrain.data.pairs import collate_unpaired
+from posttrain.model.adapters import save_pissa_initial
 from posttrain.model.loading import load_model, load_tokenizer
-from posttrain.train import stage
+from posttrain.train import distributed as dist, stage
 from posttrain.train.logps import sequence_logps
 from posttrain.train.loop import Trainer, TrainResult
 from posttrain.train.preference import fill_reference
@@ -86,16 +86,17 @@ def run_kto(config: KTOConfig) -> TrainResult:
     train, evals = stage.load_unpaired_samples(config, tokenizer)
     model = load_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                        attn_implementation=config.attn_implementation,
-                       gradient_checkpointing=config.gradient_checkpointing)
+                       gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit)
+    model, summary = stage.adapt(config, model)
     fill_reference(config, model, train, evals, tokenizer.pad_token_id, device)
-    stage.open_output_dir(config)
+    out = stage.open_output_dir(config)
+    pissa_initial = save_pissa_initial(model, out / ".pissa-init") if dist.is_main() else None
 
     def save_final(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        save_config(config, folder / "posttrain_config.yaml")
+        stage.save_model(model, tokenizer, config, folder, pissa_initial)
 
     trainer = Trainer(config, KTOObjective(model, config), train_examples=train, eval_examples=evals,
                       collate=lambda s: collate_unpaired(s, tokenizer.pad_token_id), count=count_rows,
-                      save_final=save_final, device=device, run_config=config.model_dump(mode="json"))
+                      save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
+                      summary=summary)
     return trainer.train()

@@ -69,13 +69,15 @@ def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def compute_logps(model: nn.Module, sequences: list[TokenizedSample], *, pad_id: int, device: torch.device,
-                  batch_size: int, precision=contextlib.nullcontext) -> torch.Tensor:
-    """Summed response log-probs of each sequence under `model`, in eval mode, sorted into batches by length."""
+                  batch_size: int, precision=contextlib.nullcontext, disable_adapter: bool = True) -> torch.Tensor:
+    """Summed response log-probs of each sequence under `model`, in eval mode, sorted into batches by length
+    (a PEFT model with its adapter disabled unless `disable_adapter` is False)."""
     was_training = model.training
     model.eval()
     out = torch.zeros(len(sequences), dtype=torch.float32)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
-    disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    peft = disable_adapter and hasattr(model, "disable_adapter")
+    disable = model.disable_adapter() if peft else contextlib.nullcontext()
     with disable:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]

@@ -27,7 +27,8 @@ from posttrain.config import RMConfig, save_config
 from posttrain.data.batching import collate
 from posttrain.data.pairs import collate_pairs
 from posttrain.model.loading import load_tokenizer
-from posttrain.model.reward import load_reward_model, sequence_rewards, set_reward_stats
+from posttrain.errors import ConfigError
+from posttrain.model.reward import load_reward_model, reward_head, sequence_rewards, set_reward_stats
 from posttrain.train import stage
 from posttrain.train.loop import Trainer, TrainResult, autocast
 from posttrain.train.preference import count_pairs
@@ -80,7 +81,13 @@ def score_sequences(model: nn.Module, sequences: list, *, pad_id: int, device: t
     return out
 
 
+RM_FINETUNING = ("full", "freeze", "lora")
+
+
 def run_rm(config: RMConfig) -> TrainResult:
+    if config.finetuning_type not in RM_FINETUNING:
+        raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for rm; use one of "
+                          f"{', '.join(RM_FINETUNING)} (a LoRA adapter is merged into the saved reward model)")
     device = stage.begin(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train, evals = stage.load_pairs(config, tokenizer)
@@ -88,6 +95,10 @@ def run_rm(config: RMConfig) -> TrainResult:
                               attn_implementation=config.attn_implementation,
                               gradient_checkpointing=config.gradient_checkpointing,
                               pad_token_id=tokenizer.pad_token_id)
+    # SEQ_CLS: PEFT trains and saves the new `score` head beside the adapter.
+    model, summary = stage.adapt(config, model, task_type="SEQ_CLS")
+    if config.finetuning_type == "freeze":
+        reward_head(model).requires_grad_(True)  # the head is new: it always trains
     stage.open_output_dir(config)
     pad_id = tokenizer.pad_token_id
 
@@ -97,14 +108,16 @@ def run_rm(config: RMConfig) -> TrainResult:
                                   batch_size=config.per_device_eval_batch_size,
                                   precision=lambda: autocast(device, config))
         mean, std = rewards.mean().item(), rewards.std().item() if rewards.numel() > 1 else 0.0
-        set_reward_stats(model, mean, std if math.isfinite(std) else 0.0)
+        # A LoRA reward model is saved merged: one ordinary folder that loads as a reward model.
+        final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        set_reward_stats(final, mean, std if math.isfinite(std) else 0.0)
         log.info("reward over the training responses: mean %.4f, std %.4f (saved in config.json)", mean, std)
-        model.save_pretrained(folder)
+        final.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         save_config(config, folder / "posttrain_config.yaml")
 
     trainer = Trainer(config, PairwiseRewardObjective(model, config.center_rewards_coefficient),
                       train_examples=train, eval_examples=evals, collate=lambda s: collate_pairs(s, pad_id),
                       count=count_pairs, save_final=save_final, device=device,
-                      run_config=config.model_dump(mode="json"))
+                      run_config=config.model_dump(mode="json"), summary=summary)
     return trainer.train()

@@ -18,6 +18,7 @@ from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_unp
 from posttrain.data.prepare import split_eval
 from posttrain.data.preference import load_preferences, load_unpaired
 from posttrain.errors import ConfigError
+from posttrain.model.adapters import apply_finetuning, check_finetuning, save_trained, trainable_summary
 from posttrain.model.loading import pick_device
 from posttrain.train import distributed as dist
 from posttrain.train.metrics import check_tracker
@@ -38,7 +39,27 @@ def begin(config) -> torch.device:
         if getattr(config, key):
             raise ConfigError(f"{key}: true is for SFT; the {config.stage} stage trains on the response only "
                               "(the last assistant turn), one unpacked sequence per response")
+    check_finetuning(config, device)
     return device
+
+
+def adapt(config, model, task_type: str = "CAUSAL_LM"):
+    """`finetuning_type` applied to the loaded model (model/adapters.py), with its parameter counts."""
+    model = apply_finetuning(model, config, task_type=task_type)
+    summary = trainable_summary(model)
+    if dist.is_main():
+        log.info("finetuning_type %s: %s trainable parameters of %s (%.4f%%)", config.finetuning_type,
+                 f"{summary['trainable_params']:,}", f"{summary['total_params']:,}", summary["trainable_percent"])
+    return model, summary
+
+
+def save_model(model, tokenizer, config, folder: Path, pissa_initial: Path | None = None) -> None:
+    """The trained model (or PEFT adapter), tokenizer and resolved config into `folder`."""
+    save_trained(model, folder, config, pissa_initial)
+    tokenizer.save_pretrained(folder)
+    save_config(config, folder / "posttrain_config.yaml")
+    if pissa_initial is not None:
+        shutil.rmtree(pissa_initial, ignore_errors=True)
 
 
 def _specs(config, which: str) -> list[DatasetSpec]:

@@ -331,3 +331,22 @@ def test_lively_copy_differs_from_source(tiny_model_dir, tmp_path):
     tok = load_tokenizer(str(path))
     out = reference_greedy(load_model(str(path), device=CPU).eval(), tok("hello")["input_ids"], 12)
     assert len(set(out)) > 4
+
+
+def test_an_adapter_that_breaks_after_registration_fails_only_its_request(base, prompts, adapter_root, tmp_path):
+    import shutil
+
+    engine = make_engine(base, adapter_root)
+    engine.registry.roots.append(tmp_path.resolve())
+    shutil.copytree(adapter_root / "qv8", tmp_path / "fragile")
+    fragile = engine.registry.add("fragile", "fragile")
+    (tmp_path / "fragile" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    bad = Request(prompts[0], SamplingParams(max_new_tokens=3, ignore_eos=True), fragile)
+    good = Request(prompts[1], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    engine.add(bad)
+    engine.add(good)
+    outs = {}
+    while engine.has_work():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs[bad.request_id].finish_reason == "error" and "cannot read safetensors" in outs[bad.request_id].error
+    assert outs[good.request_id].finish_reason == "length" and len(outs[good.request_id].token_ids) == 3

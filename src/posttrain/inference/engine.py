@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from posttrain.errors import PosttrainError
 from posttrain.inference import forward
 from posttrain.inference.detokenize import TextTracker
 from posttrain.inference.errors import RequestError, RequestTooLarge
@@ -50,9 +51,10 @@ class Output:
     token_ids: list[int]  # new tokens since the last output
     logprobs: list[TokenChoice]  # for the new tokens, when the request asked for log-probs
     finished: bool = False
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None  # why a request could not run (finish_reason "error")
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Engine:
         self.model_stop_ids = self._model_stop_ids(model, tokenizer)
         self.waiting: list[Request] = []
         self.running: list[_Sequence] = []  # running[i] lives in cache slot i
+        self._failed: list[Output] = []  # requests that could not start, reported by the next step
         self._seeds = random.Random(seed)
 
     @staticmethod
@@ -182,7 +185,8 @@ class Engine:
                 self._prefill(new[start:start + group], first_slot=len(old) + start)
                 start += group
         self.running = old + new
-        outputs = [out for seq in self.running if (out := self._report(seq)) is not None]
+        outputs = self._failed + [out for seq in self.running if (out := self._report(seq)) is not None]
+        self._failed = []
         self._compact()
         return outputs
 
@@ -197,7 +201,12 @@ class Engine:
                 break
             lora_slot = 0
             if request.adapter is not None and self.registry is not None:
-                lora_slot = self.registry.acquire(request.adapter)
+                try:
+                    lora_slot = self.registry.acquire(request.adapter)
+                except PosttrainError as err:  # e.g. its files changed on disk since registration
+                    self.waiting.remove(request)
+                    self._failed.append(Output(request.request_id, "", [], [], True, "error", error=str(err)))
+                    continue
                 if lora_slot is None:  # every bank slot is pinned by running requests: wait for one
                     continue
             self.waiting.remove(request)
@@ -349,6 +358,8 @@ class Engine:
         results: dict[str, Completion] = {}
         while self.has_work():
             for out in self.step():
+                if out.error is not None:
+                    raise PosttrainError(f"request {out.request_id} failed: {out.error}")
                 if out.finished:
                     results[out.request_id] = Completion(out.text, out.token_ids, out.finish_reason, out.logprobs)
         return [results[r.request_id] for r in requests]

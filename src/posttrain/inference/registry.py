@@ -95,7 +95,7 @@ class AdapterRegistry:
             if not root.is_dir():
                 raise AdapterError(f"adapter folder {root} does not exist")
         self.bank = LoraBank(dims, max_loras, dtype, device)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # guards the name table and the residency table (read by /metrics)
         self._by_name: dict[str, Adapter] = {}
         # engine-thread state: slot of each resident LoRA adapter (LRU order), and pins per adapter
         self._slot: OrderedDict[Adapter, int] = OrderedDict()
@@ -203,6 +203,10 @@ class AdapterRegistry:
         0 for a prompt adapter; None when every slot is pinned (the request waits)."""
         if adapter.kind != "lora":
             return 0
+        with self._lock:
+            return self._acquire(adapter)
+
+    def _acquire(self, adapter: Adapter) -> int | None:
         slot = self._slot.get(adapter)
         if slot is None:
             slot = self._free_slot()
@@ -218,6 +222,10 @@ class AdapterRegistry:
     def release(self, adapter: Adapter) -> None:
         if adapter.kind != "lora":
             return
+        with self._lock:
+            self._release(adapter)
+
+    def _release(self, adapter: Adapter) -> None:
         self._pins[adapter] -= 1
         if self._pins[adapter] == 0:
             del self._pins[adapter]
@@ -238,8 +246,10 @@ class AdapterRegistry:
 
     def collect(self) -> None:
         """Free the slots of unloaded adapters that no running request still uses."""
-        for adapter in [a for a in self._slot if a.removed and a not in self._pins]:
-            self.bank.clear(self._slot.pop(adapter))
+        with self._lock:
+            for adapter in [a for a in self._slot if a.removed and a not in self._pins]:
+                self.bank.clear(self._slot.pop(adapter))
 
     def resident(self) -> list[str]:
-        return [a.name for a in self._slot]
+        with self._lock:
+            return [a.name for a in self._slot]

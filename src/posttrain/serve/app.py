@@ -266,6 +266,8 @@ def create_app(state: ServerState):
             tag, item = await sink.get()
             if isinstance(item, Exception):
                 raise item
+            if item.error is not None:
+                raise EngineFailed(item.error)
             texts[tag].append(item.text)
             tokens[tag] += item.token_ids
             logprobs[tag] += item.logprobs
@@ -338,6 +340,8 @@ def create_app(state: ServerState):
                               "logprobs": None} for i in range(len(requests))])
             while len(finished) < len(requests):
                 tag, item = await sink.get()
+                if not isinstance(item, Exception) and item.error is not None:
+                    item = EngineFailed(item.error)
                 if isinstance(item, Exception):
                     status = 500
                     yield "data: " + json.dumps(error_body(str(item), "server_error")) + "\n\n"

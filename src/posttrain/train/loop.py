@@ -283,14 +283,18 @@ class Trainer:
         return TrainResult(step, last_loss, last_eval, self.output_dir, plot, metrics, self.objective)
 
     def _write_final(self) -> None:
-        """Write the finished model next to a temp name, then move each file in; config.json (or
-        adapter_config.json) goes last so a folder without it was never finished."""
-        tmp = self.output_dir / f".tmp-final-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.save_final(tmp)
-        files = sorted(tmp.iterdir(), key=lambda p: p.name in ("config.json", "adapter_config.json"))
-        for f in files:
-            os.replace(f, self.output_dir / f.name)
-        tmp.rmdir()
+        write_final(self.output_dir, self.save_final)
+
+
+def write_final(output_dir: Path, save_final: Callable[[Path], None]) -> None:
+    """Write the finished model next to a temp name, then move each file in; config.json (or
+    adapter_config.json) goes last so a folder without it was never finished."""
+    tmp = output_dir / f".tmp-final-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_final(tmp)
+    files = sorted(tmp.iterdir(), key=lambda p: p.name in ("config.json", "adapter_config.json"))
+    for f in files:
+        os.replace(f, output_dir / f.name)
+    tmp.rmdir()

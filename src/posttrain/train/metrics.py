@@ -60,8 +60,9 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 
-def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys: tuple[str, ...] = ("loss", "eval_loss")) -> Path | None:
-    """One panel per curve that has data (loss and eval loss share one), against the step."""
+def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys: tuple[str, ...] = ("loss", "eval_loss"),
+                 title: str = "loss", extra_keys: tuple[str, ...] = ("lr", "grad_norm")) -> Path | None:
+    """`keys` share the first panel (titled `title`); each of `extra_keys` with data gets its own, against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +71,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys: tuple[str
     records = read_metrics(metrics_path)
     series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
     series = {k: v for k, v in series.items() if v}
-    extra = {k: [(r["step"], r[k]) for r in records if k in r] for k in ("lr", "grad_norm")}
+    extra = {k: [(r["step"], r[k]) for r in records if k in r] for k in extra_keys}
     extra = {k: v for k, v in extra.items() if v}
     if not series:
         return None
@@ -78,7 +79,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys: tuple[str
     ax = axes[0][0]
     for k, pts in series.items():
         ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=k)
-    ax.set_xlabel("step"), ax.set_title("loss"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_xlabel("step"), ax.set_title(title), ax.legend(), ax.grid(alpha=0.3)
     for ax, (k, pts) in zip(axes[0][1:], extra.items()):
         ax.plot(*zip(*pts)), ax.set_xlabel("step"), ax.set_title(k), ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -350,3 +350,18 @@ def test_an_adapter_that_breaks_after_registration_fails_only_its_request(base, 
         outs.update({o.request_id: o for o in engine.step()})
     assert outs[bad.request_id].finish_reason == "error" and "cannot read safetensors" in outs[bad.request_id].error
     assert outs[good.request_id].finish_reason == "length" and len(outs[good.request_id].token_ids) == 3
+
+
+def test_generate_on_a_peft_wrapped_model_keeps_the_adapter(base, prompts, adapter_root, lively_model_dir):
+    """A model still wrapped by PEFT (adapter training, `chat --adapter`) is not run by the engine's forward,
+    which would skip the adapter: generate() hands it to transformers instead."""
+    from peft import PeftModel
+
+    from posttrain.inference.generate import generate
+    from posttrain.model.loading import load_model
+
+    _, tok = base
+    wrapped = PeftModel.from_pretrained(load_model(str(lively_model_dir), device=CPU), str(adapter_root / "qv8")).eval()
+    text = generate(wrapped, tok, [prompts[2]], max_new_tokens=6, stop_ids=[-1])[0]
+    expected = merged_reference(lively_model_dir, adapter_root / "qv8", prompts[2], 6)
+    assert text == tok.decode(expected, skip_special_tokens=True)

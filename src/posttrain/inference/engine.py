@@ -238,9 +238,9 @@ class Engine:
         return len(seq.prompt) + (adapter.prompt.num_virtual_tokens if adapter is not None and adapter.kind == "prompt" else 0)
 
     @staticmethod
-    def _prefix_key(seq: _Sequence) -> str:
+    def _prefix_key(seq: _Sequence) -> int:
         adapter = seq.request.adapter
-        return adapter.name if adapter is not None and adapter.kind == "prefix" else ""
+        return id(adapter) if adapter is not None and adapter.kind == "prefix" else 0
 
     @staticmethod
     def _padding_groups(widths: list[int], max_waste: float = 0.25) -> list[int]:

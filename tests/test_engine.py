@@ -365,3 +365,22 @@ def test_generate_on_a_peft_wrapped_model_keeps_the_adapter(base, prompts, adapt
     text = generate(wrapped, tok, [prompts[2]], max_new_tokens=6, stop_ids=[-1])[0]
     expected = merged_reference(lively_model_dir, adapter_root / "qv8", prompts[2], 6)
     assert text == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_adapter_tokenizers(base, adapter_root, tmp_path):
+    import shutil
+
+    _, tok = base
+    engine = make_engine(base, adapter_root)
+    engine.registry.roots.append(tmp_path.resolve())
+    shutil.copytree(adapter_root / "qv8", tmp_path / "own-tok")
+    tok.save_pretrained(tmp_path / "own-tok")
+    adapter = engine.registry.add("own-tok", "own-tok")
+    assert adapter.tokenizer is not tok and adapter.tokenizer.get_vocab() == tok.get_vocab()
+    assert adapter.chat_template == tok.chat_template
+    shutil.copytree(adapter_root / "qv8", tmp_path / "big-tok")
+    bigger = type(tok).from_pretrained(tmp_path / "own-tok")
+    bigger.add_tokens([f"<new{i}>" for i in range(engine.dims.vocab - len(bigger) + 1)])
+    bigger.save_pretrained(tmp_path / "big-tok")
+    with pytest.raises(AdapterError, match="resized embeddings"):
+        engine.registry.add("big-tok", "big-tok")

@@ -292,3 +292,24 @@ def test_cli_refuses_bad_flags_before_loading(tmp_path, capsys):
     assert "NAME=PATH" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--allow-runtime-adapters"]) == 2
     assert "--adapter-dir" in capsys.readouterr().err
+
+
+def test_an_adapter_with_its_own_chat_template_uses_it(server, client, adapter_root):
+    import shutil
+
+    template = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>{% endif %}")
+    shutil.copytree(adapter_root / "qv8", adapter_root / "templated")
+    (adapter_root / "templated" / "chat_template.jinja").write_text(template)
+    assert raw(server, "POST", "/v1/load_lora_adapter",
+               json_body={"lora_name": "templated", "lora_path": "templated"}).status_code == 200
+    tok = server[0].tokenizer
+    messages = [{"role": "user", "content": "reverse 12345"}]
+    own = tok(tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
+    base = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    assert len(own) != len(base)
+    for model, expected in (("templated", own), ("qv8", base)):
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0)
+        assert reply.usage.prompt_tokens == len(expected), model

@@ -384,3 +384,22 @@ def test_adapter_tokenizers(base, adapter_root, tmp_path):
     bigger.save_pretrained(tmp_path / "big-tok")
     with pytest.raises(AdapterError, match="resized embeddings"):
         engine.registry.add("big-tok", "big-tok")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_supported_architectures_match_transformers(arch, tiny_tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * (1.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.1) + (p.dim() == 1))
+    engine = Engine(model, tiny_tokenizer)
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in TEXTS[:3]]
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference_greedy(model, prompt, 10)

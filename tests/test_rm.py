@@ -1,0 +1,120 @@
+"""Reward models end to end: pair accuracy rises, the folder loads back as a reward model with its
+reward statistics, `posttrain score` scores rows and pairs, and LoRA reward models save merged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.cli import main
+from posttrain.data.synthetic import preference_pairs, split_task, write_jsonl
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a shared CPU they cost (see test_preference_training)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rm_data(tmp_path_factory):
+    """Answers against refusals: a signal a random tiny model can pick up in a few dozen steps, so the
+    test checks the pipeline (head, read-out position, loss sign), not model capacity. The quickstart
+    shows the harder task: exact answers against near misses, from the SFT model."""
+    root = tmp_path_factory.mktemp("rm")
+    train, held_out = split_task(96, 48, seed=5)
+    refusals = lambda rows: [{**p, "rejected": "I do not know."} for p in preference_pairs(rows, seed=0)]  # noqa: E731
+    return {"train": write_jsonl(refusals(train), root / "train.jsonl"),
+            "eval": write_jsonl(refusals(held_out), root / "eval.jsonl"),
+            "rows": write_jsonl([{"prompt": "reverse 123", "completion": "321"},
+                                 {"prompt": "reverse 123", "completion": "I do not know."}], root / "rows.jsonl")}
+
+
+def rm_overrides(model, data, out, **extra):
+    base = dict(model_name_or_path=model, dataset=data["train"], eval_dataset=data["eval"], output_dir=out,
+                learning_rate=1e-3, lr_scheduler_type="constant", per_device_train_batch_size=16, max_steps=24,
+                logging_steps=8, eval_steps=24, save_steps=0, cutoff_len=64, disable_tqdm=True, plot_loss=False,
+                seed=0)
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tiny_model_dir, rm_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm-out") / "rm"
+    assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, out)]) == 0
+    return out
+
+
+def test_rm_pair_accuracy_rises(trained_rm):
+    logs = [json.loads(line) for line in (trained_rm / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logs if "loss" in r]
+    assert {"accuracy", "margin", "rewards/chosen", "rewards/rejected"} <= train[0].keys()
+    assert train[-1]["loss"] < train[0]["loss"]
+    [final] = [r for r in logs if "eval_loss" in r]
+    assert final["eval_accuracy"] >= 0.95 and final["eval_margin"] > 1.0 and final["eval_loss"] < 0.3
+
+
+def test_rm_folder_loads_as_a_reward_model_with_its_statistics(trained_rm, tiny_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.data.pairs import response_renderer, tokenize_response
+    from posttrain.data.schema import Message
+    from posttrain.model.reward import load_reward_model, reward_stats, sequence_rewards
+
+    from transformers import AutoConfig
+
+    config = json.loads((trained_rm / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert AutoConfig.from_pretrained(trained_rm).num_labels == 1
+    mean, std = reward_stats(trained_rm)
+    assert std > 0 and mean == config["reward_mean"]
+
+    plain = AutoModelForSequenceClassification.from_pretrained(trained_rm).eval()
+    ours = load_reward_model(str(trained_rm), device=torch.device("cpu")).eval()
+    seq = tokenize_response(response_renderer(tiny_tokenizer, None), [Message("user", "reverse 12")],
+                            Message("assistant", "21"), None, "")
+    ids = torch.tensor([seq.input_ids])
+    with torch.no_grad():
+        assert plain(input_ids=ids).logits[0, 0].item() == pytest.approx(
+            sequence_rewards(ours, ids, torch.ones_like(ids)).item(), abs=1e-5)
+        # Right padding does not move the read-out: it is at the last real token, whatever pads.
+        padded = torch.cat([ids, torch.full((1, 3), tiny_tokenizer.eos_token_id)], dim=1)
+        mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 3, dtype=torch.long)], dim=1)
+        assert sequence_rewards(ours, padded, mask).item() == pytest.approx(
+            sequence_rewards(ours, ids, torch.ones_like(ids)).item(), abs=1e-5)
+
+
+def test_score_command_scores_rows_and_pairs(trained_rm, rm_data, tmp_path, capsys):
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(trained_rm), str(rm_data["rows"]), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and {"source", "reward", "normalized"} <= rows[0].keys()
+    assert rows[0]["reward"] > rows[1]["reward"]  # the answer outscores the refusal
+    assert main(["score", str(trained_rm), str(rm_data["eval"])]) == 0
+    err = capsys.readouterr().err
+    accuracy = float(err.split("pair accuracy ")[1].split("%")[0])
+    assert accuracy >= 90  # held-out prompts
+
+
+def test_lora_rm_trains_the_head_and_saves_one_merged_folder(tiny_model_dir, rm_data, tmp_path):
+    out = tmp_path / "rm-lora"
+    assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, out, finetuning_type="lora", lora_rank=8,
+                                     learning_rate=3e-3, max_steps=16, eval_steps=16)]) == 0
+    assert not (out / "adapter_config.json").exists()
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    [final] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]
+    assert final["eval_accuracy"] >= 0.9 and final["eval_loss"] < 0.6
+
+
+def test_rm_refuses_prompt_learning(tiny_model_dir, rm_data, tmp_path, capsys):
+    assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, tmp_path / "x", finetuning_type="ptuning")]) == 2
+    assert "not available for rm" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from inference_fixtures import (CPU, adapter_root, lively_model_dir, make_lora, one_torch_thread,  # noqa: F401
@@ -313,3 +314,33 @@ def test_an_adapter_with_its_own_chat_template_uses_it(server, client, adapter_r
     for model, expected in (("templated", own), ("qv8", base)):
         reply = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0)
         assert reply.usage.prompt_tokens == len(expected), model
+
+
+def test_posttrain_serve_command_end_to_end(lively_model_dir, adapter_root):
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "serve", str(lively_model_dir), "--port", str(port),
+                             "--adapter", f"math={adapter_root / 'all4'}", "--api-key", "cli-key"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if raw((None, f"http://127.0.0.1:{port}"), "GET", "/health", key=None).status_code == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "posttrain serve did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [lively_model_dir.name, "math"]
+        reply = client.chat.completions.create(model="math", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3, temperature=0)
+        assert reply.choices[0].message.role == "assistant"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

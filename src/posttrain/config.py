@@ -243,6 +243,7 @@ class RLConfig(TrainArgs, DataArgs):
     learning_rate: float = Field(1e-6, gt=0)
     lr_scheduler_type: Literal[SCHEDULERS] = "constant"
     per_device_train_batch_size: int = Field(8, ge=1)  # completions per micro-batch in the update
+    logging_steps: int = Field(1, ge=1)  # rollout steps are long: log every one
     num_train_epochs: float = Field(1.0, gt=0)  # passes over the prompts when max_steps is not set
     cutoff_len: int = Field(512, ge=2)  # longest prompt (tokens); longer prompts keep their last tokens
 

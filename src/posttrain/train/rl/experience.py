@@ -1,0 +1,126 @@
+"""A rollout as training tensors, and the forward passes that read response tokens from a batch.
+
+Sequences are prompt + response, right-padded (so positions are the plain 0..n-1 every model
+expects). Everything per token is response-aligned, [B, L]: column j of row b is the j-th response
+token, predicted from the hidden state one position earlier. The output head and the value head
+run on those positions only, never on the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from posttrain.model.reward import token_values
+from posttrain.train.logps import _causal_parts
+from posttrain.train.rl.losses import entropy_from_logits
+from posttrain.train.rl.rollout import Rollout
+
+
+def collate_rollouts(rollouts: list[Rollout], pad_id: int, device: torch.device) -> dict:
+    """input_ids / attention_mask [B, T]; `where` [B, L]: the position predicting each response token;
+    `targets` and `mask` [B, L]."""
+    width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    length = max(len(r.response_ids) for r in rollouts)
+    b = len(rollouts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    where = torch.zeros((b, length), dtype=torch.long)
+    targets = torch.full((b, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, length))
+    for i, r in enumerate(rollouts):
+        p, n = len(r.prompt_ids), len(r.response_ids)
+        ids[i, :p + n] = torch.tensor(r.prompt_ids + r.response_ids)
+        attention[i, :p + n] = 1
+        where[i] = (torch.arange(length) + p - 1).clamp(max=width - 1)
+        targets[i, :n] = torch.tensor(r.response_ids)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": attention, "where": where, "targets": targets, "mask": mask}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _gather(hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    return hidden.gather(1, where.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+
+
+def response_logps(model: nn.Module, batch: dict, temperature: float, entropy: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log π(token) [B, L], entropy [B, L] or None) of the response tokens, at the sampling temperature."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    parts = _causal_parts(model)
+    if parts is not None:
+        body, head = parts
+        logits = head(_gather(body(**inputs, use_cache=False).last_hidden_state, batch["where"]))
+    else:
+        logits = _gather(model(**inputs, use_cache=False).logits, batch["where"])
+    logits = logits.float() / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+    ent = entropy_from_logits(logits) if entropy else None
+    return logp * batch["mask"], ent
+
+
+def response_values(critic: nn.Module, batch: dict) -> torch.Tensor:
+    """The critic's V(s) [B, L] before each response token."""
+    values = token_values(critic, batch["input_ids"], batch["attention_mask"])
+    return values.gather(1, batch["where"]) * batch["mask"]
+
+
+@dataclass
+class Experience:
+    """One step's rollouts and what training needs of them, response-aligned [N, L] on the device."""
+
+    rollouts: list[Rollout]
+    mask: torch.Tensor
+    old_logp: torch.Tensor | None  # None: on-policy single update, the current log-probs are the old ones
+    ref_logp: torch.Tensor | None  # None: kl_coef 0
+    old_values: torch.Tensor | None  # None: no critic
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def rows(self, idx: list[int]) -> dict:
+        """Per-token tensors of these rows, cut to their longest response."""
+        length = int(self.mask[idx].sum(dim=1).max())
+        out = {}
+        for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value[idx, :length]
+        return out
+
+
+@torch.no_grad()
+def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id: int, device: torch.device,
+                   batch_size: int, temperature: float, need_old: bool, precision) -> Experience:
+    """The old policy's, the reference's and the critic's view of every rollout, batched without gradients.
+    `reference` is a model, or "adapter-disabled" for a LoRA actor (its base), or None (no KL)."""
+    n = len(rollouts)
+    length = max(len(r.response_ids) for r in rollouts)
+    mask = torch.zeros(n, length, device=device)
+    old = torch.zeros(n, length, device=device) if need_old else None
+    ref = torch.zeros(n, length, device=device) if reference is not None else None
+    values = torch.zeros(n, length, device=device) if critic is not None else None
+    models = [m for m in (actor, critic) if m is not None] + ([reference] if isinstance(reference, nn.Module) else [])
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    order = sorted(range(n), key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids))
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate_rollouts([rollouts[i] for i in idx], pad_id, device)
+        cols = batch["mask"].size(1)
+        mask[idx, :cols] = batch["mask"]
+        with precision():
+            if old is not None:
+                old[idx, :cols] = response_logps(actor, batch, temperature)[0].float()
+            if reference == "adapter-disabled":
+                with actor.disable_adapter():
+                    ref[idx, :cols] = response_logps(actor, batch, temperature)[0].float()
+            elif reference is not None:
+                ref[idx, :cols] = response_logps(reference, batch, temperature)[0].float()
+            if values is not None:
+                values[idx, :cols] = response_values(critic, batch).float()
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    return Experience(rollouts, mask, old, ref, values)

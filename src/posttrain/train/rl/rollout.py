@@ -1,0 +1,80 @@
+"""Completions from the actor as it is right now: the inference engine over the live weights.
+
+The engine (inference/engine.py) is built once with `fuse_weights=False`: it keeps references to
+the actor's parameters, not copies, so every optimizer step is seen by the next rollout with no
+weight sync. Its continuous batching lets short completions leave the batch early and its KV cache
+makes each new token one small forward, which is where RL spends most of its time. A model the
+engine's forward does not cover (a PEFT-wrapped LoRA actor, another architecture) is sampled with
+transformers' `generate` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.inference.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    response_ids: list[int]  # the generated tokens, with the stop token when the model stopped
+    text: str  # the response decoded without special tokens: what the rewards read
+    stopped: bool  # False: cut at max_completion_length
+
+
+class RolloutSampler:
+    def __init__(self, model, tokenizer, *, max_batch_size: int, seed: int):
+        from posttrain.inference.engine import Engine
+
+        self.model, self.tokenizer = model, tokenizer
+        self.stop_ids = {tokenizer.eos_token_id}
+        try:
+            self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, fuse_weights=False, seed=seed)
+            self.stop_ids |= set(self.engine.model_stop_ids)
+        except ConfigError as why:
+            log.info("rollouts use transformers generate (the engine does not cover this model: %s)", why)
+            self.engine = None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+               top_k: int = 0) -> list[Rollout]:
+        """One completion per prompt (repeat a prompt in the list for a group); temperature 0 is greedy."""
+        if self.engine is not None:
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k)
+            done = self.engine.generate(prompts, params)
+            return [Rollout(p, c.token_ids, c.text, c.finish_reason == "stop") for p, c in zip(prompts, done)]
+        return self._hf_sample(prompts, max_new_tokens, temperature, top_p, top_k)
+
+    @torch.no_grad()
+    def _hf_sample(self, prompts, max_new_tokens, temperature, top_p, top_k) -> list[Rollout]:
+        model, tok = self.model, self.tokenizer
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):  # left-padded: every row generates from the same column
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=sorted(self.stop_ids),
+                      do_sample=temperature > 0)
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, width:].tolist()
+        model.train(was_training)
+        rollouts = []
+        for p, row in zip(prompts, out):
+            stop = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+            response = row[:stop + 1] if stop is not None else row
+            body = response[:-1] if stop is not None else response
+            rollouts.append(Rollout(p, response, tok.decode(body, skip_special_tokens=True), stop is not None))
+        return rollouts

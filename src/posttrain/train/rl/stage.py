@@ -1,0 +1,105 @@
+"""`posttrain ppo` / `posttrain grpo`: read top to bottom.
+
+checks -> rewards (function files, built-ins, endpoint, reward model) -> prompts -> actor (full,
+freeze or LoRA) -> reference (frozen; a LoRA actor's own base with the adapter disabled, no copy)
+-> critic (gae only: a value head on the reward model or the actor's checkpoint) -> RLTrainer ->
+the actor saved like any other stage's model (HF folder or PEFT adapter).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from posttrain.config import RLConfig
+from posttrain.data.chat import ChatRenderer
+from posttrain.data.prompts import Prompt, load_prompts
+from posttrain.data.schema import Conversation
+from posttrain.errors import ConfigError, DataError
+from posttrain.model.loading import load_model, load_tokenizer
+from posttrain.model.reward import load_reward_model
+from posttrain.train import distributed as dist, stage
+from posttrain.train.loop import TrainResult
+from posttrain.train.rl.rewards import build_rewards
+from posttrain.train.rl.trainer import RLTrainer
+
+log = logging.getLogger(__name__)
+
+RL_FINETUNING = ("full", "freeze", "lora")
+
+
+def check_rl(config: RLConfig) -> None:
+    if config.finetuning_type not in RL_FINETUNING:
+        raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for RL; use one of "
+                          f"{', '.join(RL_FINETUNING)}")
+    if config.resume_from_checkpoint:
+        raise ConfigError("resume_from_checkpoint is not supported by the RL stages yet; start a new run")
+
+
+def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cutoff_len: int
+                     ) -> list[tuple[list[int], Prompt]]:
+    """Each prompt rendered with the chat template and its generation prompt; longer than cutoff_len
+    keeps its last tokens (the question and the assistant header are at the end)."""
+    renderer = ChatRenderer(tokenizer, template)
+    out = []
+    for p in prompts:
+        try:
+            text = renderer.render(Conversation(messages=p.messages, tools=p.tools), generation_prompt=True)
+        except Exception as err:
+            raise DataError(f"chat template failed to render this prompt: {err}", p.source) from None
+        out.append((tokenizer(text, add_special_tokens=False)["input_ids"][-cutoff_len:], p))
+    return out
+
+
+def run_rl(config: RLConfig) -> TrainResult:
+    check_rl(config)
+    device = stage.begin(config)
+    rewards = build_rewards(config, device)  # function files and endpoints fail here, before anything big
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    rows, eval_rows = stage._load(config, load_prompts)
+    rewards.check(rows + eval_rows)
+    prompts = tokenize_prompts(rows, tokenizer, config.template, config.cutoff_len)
+    evals = tokenize_prompts(eval_rows, tokenizer, config.template, config.cutoff_len)
+    if dist.is_main():
+        log.info("%s (%s): %d prompts x %d completions per step, %d held-out prompts; rewards: %s",
+                 config.stage, config.advantage_estimator, config.rollout_batch_size, config.num_generations,
+                 len(evals), ", ".join(rewards.names))
+
+    actor = load_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
+                       attn_implementation=config.attn_implementation,
+                       gradient_checkpointing=config.gradient_checkpointing)
+    limit = getattr(actor.config, "max_position_embeddings", None)
+    longest = max(len(p) for p, _ in prompts + evals) + config.max_completion_length
+    if limit and longest > limit:
+        raise ConfigError(f"the longest prompt ({longest - config.max_completion_length} tokens) plus "
+                          f"max_completion_length ({config.max_completion_length}) exceeds the model's "
+                          f"{limit} positions; lower cutoff_len or max_completion_length")
+    actor, summary = stage.adapt(config, actor)
+    reference = None
+    if config.kl_coef > 0 or config.kl_target:
+        if config.finetuning_type == "lora" and not config.ref_model:
+            reference = "adapter-disabled"  # the base under the adapter IS the starting model: no copy
+        else:
+            reference = load_model(config.ref_model or config.model_name_or_path, device=device,
+                                   trust_remote_code=config.trust_remote_code,
+                                   attn_implementation=config.attn_implementation)
+            reference.requires_grad_(False).eval()
+    critic = None
+    if config.advantage_estimator == "gae":
+        critic_path = config.critic_model or config.reward_model or config.model_name_or_path
+        critic = load_reward_model(critic_path, device=device, trust_remote_code=config.trust_remote_code,
+                                   attn_implementation=config.attn_implementation,
+                                   gradient_checkpointing=config.gradient_checkpointing,
+                                   pad_token_id=tokenizer.pad_token_id)
+        if dist.is_main():
+            log.info("critic: a value head on %s", critic_path)
+    stage.open_output_dir(config)
+
+    def save_final(folder: Path) -> None:
+        stage.save_model(actor, tokenizer, config, folder)
+
+    trainer = RLTrainer(config, actor=actor, critic=critic, reference=reference, rewards=rewards,
+                        tokenizer=tokenizer, prompts=prompts, eval_prompts=evals, device=device,
+                        save_final=save_final, summary=summary)
+    out = trainer.train()
+    return TrainResult(out["steps"], None, None, out["output_dir"], out["plot"], out["metrics"], actor)

@@ -59,6 +59,25 @@ def _train_stage(stage: str, a) -> None:
               + (f"\nplot: {result.plot}" if result.plot else ""))
 
 
+def cmd_rl(stage: str, a) -> None:
+    """ppo / grpo: the RL stage; prints the reward before and after and where everything went."""
+    from posttrain.config import load_config
+    from posttrain.train.rl.stage import run_rl
+
+    result = run_rl(load_config(stage, a.config, a.overrides))
+    if int(os.environ.get("RANK", "0")) == 0:
+        evals = [r["eval_reward"] for r in result.metrics if "eval_reward" in r]
+        train = [r["reward_mean"] for r in result.metrics if "reward_mean" in r]
+        line = f"done: {result.global_step} steps"
+        if train:
+            line += f", reward (last step) {train[-1]:.4f}"
+        if len(evals) >= 2:
+            line += f", held-out reward {evals[0]:.4f} -> {evals[-1]:.4f}"
+        print(line)
+        print(f"model: {result.output_dir}\nmetrics: {result.output_dir / 'metrics.jsonl'}"
+              + (f"\nplot: {result.plot}" if result.plot else ""))
+
+
 def cmd_score(a) -> None:
     from posttrain.score import run_score
 
@@ -167,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("config", nargs="?", help="YAML config (optional: every key can be given as key=value)")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pref_beta=0.1")
         s.set_defaults(func=lambda a, stage=stage: _train_stage(stage, a))
+
+    for stage, text in (("ppo", "RLHF: PPO with a critic (advantage_estimator: gae), or any estimator below"),
+                        ("grpo", "RL without a critic: GRPO, Dr.GRPO, RLOO, REINFORCE++ (advantage_estimator)")):
+        s = sub.add_parser(stage, help=text)
+        s.add_argument("config", nargs="?", help="YAML config (optional: every key can be given as key=value)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reward_funcs=[exact_match]")
+        s.set_defaults(func=lambda a, stage=stage: cmd_rl(stage, a))
 
     s = sub.add_parser("score", help="score prompt/response rows (or chosen/rejected pairs) with a reward model")
     s.add_argument("model", help="a reward-model folder written by `posttrain rm`")

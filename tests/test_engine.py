@@ -80,7 +80,11 @@ def test_generate_wrapper_matches_transformers_generate(base, prompts):
     from posttrain.inference.generate import _hf_generate, generate
 
     model, tok = base
-    stops = [tok.eos_token_id, prompts[0][-1]]  # a common token too, so rows stop at different lengths
+    free = make_engine(base).generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    # an ordinary token that some rows generate midway: rows stop at different lengths, with it in their text
+    common = free[1].token_ids[5]
+    assert not tok.convert_ids_to_tokens(common).startswith("<|")
+    stops = [tok.eos_token_id, common]
     ours = generate(model, tok, prompts, max_new_tokens=16, stop_ids=stops, batch_size=4)
     theirs = _hf_generate(model, tok, prompts, 16, 0.0, 1.0, 4, stops)
     assert ours == theirs

@@ -32,7 +32,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 6
         return _hf_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, stops)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             stop_token_ids=stops, ignore_eos=True)
-    return [c.text for c in engine.generate(prompts, params)]
+    # As transformers' generate + decode: a stop token that is not a special token stays in the text.
+    return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in engine.generate(prompts, params)]
 
 
 def _hf_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, stops) -> list[str]:

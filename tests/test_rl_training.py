@@ -1,0 +1,81 @@
+"""RL end to end on the embedded digit task, from a briefly fine-tuned tiny model: reward rises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.cli import main
+from posttrain.data.synthetic import split_task, write_jsonl
+
+from conftest import sft_overrides
+
+# A rule a briefly fine-tuned model meets only by chance (~1 in 10): answers that start with the digit 1.
+# (Conditional rules such as "the first digit of the reversal" need far more steps than a test can spend.)
+STARTS_WITH_ONE = "format:1.*"
+FIRST_DIGIT = "def first_digit(prompts, completions, answer, **kw):\n" \
+              "    return [float(c.strip()[:1] == a[:1]) for c, a in zip(completions, answer)]\n"
+
+
+@pytest.fixture(scope="module")
+def rl_setup(tiny_model_dir, task_data, tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("rl")
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, root / "sft", max_steps=30)]) == 0
+    train, held = split_task(400, 32, seed=7)
+    rows = lambda rs: [{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in rs]  # noqa: E731
+    (root / "reward.py").write_text(FIRST_DIGIT)
+    return {"sft": root / "sft", "prompts": write_jsonl(rows(train), root / "prompts.jsonl"),
+            "held": write_jsonl(rows(held), root / "held.jsonl"), "reward": root / "reward.py", "root": root}
+
+
+def _run(stage, setup, out, **extra):
+    args = dict(model_name_or_path=setup["sft"], dataset=setup["prompts"], eval_dataset=setup["held"],
+                output_dir=out, reward_funcs=f"[{setup['reward']}:first_digit]", max_completion_length=10,
+                rollout_batch_size=8, per_device_train_batch_size=32, learning_rate=1e-3, disable_tqdm=True, seed=0)
+    args.update(extra)
+    assert main([stage, *[f"{k}={v}" for k, v in args.items()]]) == 0
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_raises_the_reward(rl_setup, tmp_path):
+    out = tmp_path / "grpo"
+    records = _run("grpo", rl_setup, out, max_steps=12, num_generations=4, eval_steps=100,
+                   per_device_train_batch_size=16, reward_funcs=f"[{STARTS_WITH_ONE}]")
+    steps = [r for r in records if "reward_mean" in r]
+    evals = [r["eval_reward"] for r in records if "eval_reward" in r]
+    assert len(steps) == 12 and len(evals) == 2
+    first, last = sum(r["reward_mean"] for r in steps[:3]) / 3, sum(r["reward_mean"] for r in steps[-3:]) / 3
+    assert last > first + 0.15, (first, last)
+    assert evals[-1] > evals[0] + 0.2, evals
+    for key in ("reward_std", "kl", "entropy", "clip_fraction", "response_length", "generation_s", "train_s",
+                "rewards/format", "actor_lr"):
+        assert key in steps[-1], key
+    assert steps[-1]["kl"] > 0
+    assert (out / "model.safetensors").is_file() and (out / "training_reward.png").stat().st_size > 1000
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # an ordinary HF folder
+
+
+def test_ppo_trains_actor_and_critic(rl_setup, tmp_path):
+    out = tmp_path / "ppo"
+    records = _run("ppo", rl_setup, out, max_steps=6, num_generations=2, ppo_epochs=2, per_device_train_batch_size=8,
+                   critic_learning_rate=1e-3, critic_warmup_steps=1, eval_steps=100)
+    steps = [r for r in records if "reward_mean" in r]
+    assert "actor_lr" not in steps[0] and "critic_lr" in steps[0]  # warm-up: the critic alone
+    for key in ("value_loss", "explained_variance", "value_clip_fraction", "kl", "clip_fraction", "approx_kl"):
+        assert key in steps[-1], key
+    assert steps[-1]["clip_fraction"] > 0  # several mini-batches and epochs: the ratio moves off 1
+    assert steps[-1]["value_loss"] < steps[0]["value_loss"]
+
+
+def test_lora_actor_uses_its_base_as_reference(rl_setup, tmp_path):
+    out = tmp_path / "lora"
+    records = _run("grpo", rl_setup, out, max_steps=3, num_generations=2, finetuning_type="lora", lora_rank=4,
+                   advantage_estimator="rloo", eval_steps=100)
+    steps = [r for r in records if "reward_mean" in r]
+    assert steps[-1]["kl"] > 0  # the adapter moved the policy away from its base
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()

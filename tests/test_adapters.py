@@ -169,3 +169,20 @@ def test_adapter_for_another_base_is_refused(tiny_model_dir, task_data, tmp_path
         load_for_inference(str(other), str(lora))
     with pytest.raises(ConfigError, match="is a PEFT adapter, not a full model"):
         run_sft(_config(lora, task_data, tmp_path / "x", max_steps=1))
+
+
+def test_compare_prints_one_measured_table(tmp_path, capsys):
+    from posttrain.compare import run_compare
+
+    results = run_compare(str(tmp_path / "cmp"), methods=["full", "lora", "ptuning"], steps=3, batch_size=8,
+                          train_rows=64, held_out_rows=16)
+    table = capsys.readouterr().out
+    assert set(results) == {"full", "lora", "ptuning"}
+    full, lora, pt = results["full"], results["lora"], results["ptuning"]
+    assert full["trainable_percent"] == 100 and 0 < lora["trainable_params"] < full["trainable_params"]
+    assert 0 < pt["trainable_params"] < full["trainable_params"]
+    assert lora["output_bytes"] < full["output_bytes"] and pt["output_bytes"] < full["output_bytes"]
+    assert all(r["peak_rss_mib"] > 0 and 0 <= r["accuracy"] <= 1 for r in results.values())
+    for header in ("params updated", "peak RSS", "held-out exact match", "output size"):
+        assert header in table
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("\n") == 5

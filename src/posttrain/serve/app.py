@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -28,6 +28,8 @@ from posttrain.serve.guards import Guard
 from posttrain.serve.metrics import Metrics
 from posttrain.serve.protocol import (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
                                       UnloadAdapterRequest, error_body)
+from posttrain.serve.responses import (Prepared, chat_logprobs, chat_response, completion_logprobs,
+                                       completion_response, dedupe, usage)
 from posttrain.serve.settings import ServeSettings
 from posttrain.serve.worker import EngineFailed, EngineWorker
 
@@ -59,15 +61,6 @@ class ServerState:
     @property
     def max_tokens_limit(self) -> int:
         return self.settings.max_tokens_limit or self.max_model_len
-
-
-@dataclass
-class _Prepared:
-    name: str
-    adapter: Adapter | None
-    tokenizer: object
-    prompts: list[list[int]]
-    params: list[SamplingParams]  # one per engine request (prompt x n)
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -138,7 +131,7 @@ def create_app(state: ServerState):
         if not 1 <= body.n <= state.settings.max_n:
             raise RequestError(f"n must be between 1 and {state.settings.max_n}", param="n")
 
-    def prepare_chat(body: ChatCompletionRequest) -> _Prepared:
+    def prepare_chat(body: ChatCompletionRequest) -> Prepared:
         body.refuse_unsupported()
         check_n(body)
         adapter, tokenizer, template = resolve(body.model)
@@ -156,9 +149,9 @@ def create_app(state: ServerState):
             raise RequestError(f"the chat template cannot render these messages: {err}", param="messages") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         params = sampling(body, len(ids), adapter, body.wanted_logprobs())
-        return _Prepared(body.model, adapter, tokenizer, [ids] * body.n, _seeded(params, body.n))
+        return Prepared(body.model, adapter, tokenizer, [ids] * body.n, _seeded(params, body.n))
 
-    def prepare_completion(body: CompletionRequest) -> _Prepared:
+    def prepare_completion(body: CompletionRequest) -> Prepared:
         body.refuse_unsupported()
         check_n(body)
         adapter, tokenizer, _ = resolve(body.model)
@@ -177,14 +170,14 @@ def create_app(state: ServerState):
             p = sampling(body, len(ids), adapter, body.logprobs)
             prompts += [ids] * body.n
             params += _seeded(p, body.n)
-        return _Prepared(body.model, adapter, tokenizer, prompts, params)
+        return Prepared(body.model, adapter, tokenizer, prompts, params)
 
     def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
         if n == 1 or params.seed is None:
             return [params] * n
         return [SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)]
 
-    async def launch(prep: _Prepared) -> tuple[asyncio.Queue, list[Request]]:
+    async def launch(prep: Prepared) -> tuple[asyncio.Queue, list[Request]]:
         requests = [Request(ids, p, prep.adapter, stream=True) for ids, p in zip(prep.prompts, prep.params)]
         for r in requests:
             state.engine.check(r)
@@ -276,52 +269,7 @@ def create_app(state: ServerState):
         return [Output(done[i].request_id, "".join(texts[i]), tokens[i], logprobs[i], True, done[i].finish_reason,
                        done[i].prompt_tokens, done[i].completion_tokens) for i in range(count)]
 
-    def usage(outputs: list[Output], prep: _Prepared) -> dict:
-        prompt = sum(len(p) for p in dedupe(prep.prompts))
-        completion = sum(o.completion_tokens for o in outputs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def chat_logprobs(prep: _Prepared, choices) -> dict | None:
-        if prep.params[0].logprobs is None:
-            return None
-        tok = prep.tokenizer
-
-        def entry(token: int, logprob: float) -> dict:
-            text = tok.decode([token])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        return {"content": [{**entry(c.token, c.logprob),
-                             "top_logprobs": [entry(t, lp) for t, lp in (c.top or [])]} for c in choices]}
-
-    def completion_logprobs(prep: _Prepared, choices) -> dict | None:
-        if prep.params[0].logprobs is None:
-            return None
-        tok = prep.tokenizer
-        tokens = [tok.decode([c.token]) for c in choices]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [c.logprob for c in choices],
-                "top_logprobs": [{tok.decode([t]): lp for t, lp in (c.top or [])} for c in choices],
-                "text_offset": offsets}
-
-    def chat_response(prep: _Prepared, outputs: list[Output]) -> dict:
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": prep.name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
-                             "finish_reason": o.finish_reason, "logprobs": chat_logprobs(prep, o.logprobs)}
-                            for i, o in enumerate(outputs)],
-                "usage": usage(outputs, prep)}
-
-    def completion_response(prep: _Prepared, outputs: list[Output]) -> dict:
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": prep.name,
-                "choices": [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
-                             "logprobs": completion_logprobs(prep, o.logprobs)} for i, o in enumerate(outputs)],
-                "usage": usage(outputs, prep)}
-
-    async def stream(body, prep: _Prepared, sink: asyncio.Queue, requests: list[Request], endpoint: str,
+    async def stream(body, prep: Prepared, sink: asyncio.Queue, requests: list[Request], endpoint: str,
                      started: float):
         chat_mode = endpoint == "chat"
         rid = f"{'chatcmpl' if chat_mode else 'cmpl'}-{uuid.uuid4().hex}"
@@ -402,12 +350,3 @@ def create_app(state: ServerState):
 
     return Guard(app, state.settings.api_keys, state.settings.max_body_bytes)
 
-
-def dedupe(prompts: list[list[int]]) -> list[list[int]]:
-    """The distinct prompts of a request (n copies of one prompt count once in usage, as in OpenAI)."""
-    out, last = [], None
-    for p in prompts:
-        if p is not last:
-            out.append(p)
-        last = p
-    return out

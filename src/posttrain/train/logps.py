@@ -120,14 +120,17 @@ def reference_logps(samples: list, compute, *, model: dict, precision: str, cach
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     path = path / f"{key}.safetensors"
     sequences = [seq for s in samples for seq in s.sequences]
-    values = None
-    if path.is_file():
-        values = load_file(path)["logps"]
-        if values.numel() != len(sequences):
-            values = None
-        elif dist.is_main():
+
+    def read():
+        values = load_file(path)["logps"] if path.is_file() else None
+        return values if values is not None and values.numel() == len(sequences) else None
+
+    # The first process decides and computes; the others wait for its file (one answer for all ranks).
+    cached = dist.broadcast_object(read() is not None if dist.is_main() else None)
+    if cached:
+        if dist.is_main():
             log.info("reference log-probs for %s: cached (%s)", what, path)
-    if values is None:
+    else:
         if dist.is_main():
             log.info("reference log-probs for %s: computing %d sequences once, before training", what, len(sequences))
             values = compute(sequences)
@@ -136,8 +139,7 @@ def reference_logps(samples: list, compute, *, model: dict, precision: str, cach
             save_file({"logps": values.contiguous()}, str(tmp))
             os.replace(tmp, path)  # a killed run leaves no half-written cache entry
         dist.barrier()
-        if values is None:  # other ranks read what the first one wrote
-            values = load_file(path)["logps"]
+    values = read()
     values = values.view(len(samples), -1).tolist()
     for s, (a, b) in zip(samples, values):
         s.set_reference(a, b)

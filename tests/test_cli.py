@@ -56,8 +56,10 @@ def test_continued_pretraining_on_text(tiny_model_dir, tmp_path):
                             for i in range(64)))
     out = tmp_path / "pt"
     assert main(["sft", *sft_overrides(tiny_model_dir, data, out, max_steps=20, packing=True)]) == 0
-    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
+    assert records[0]["trainable_percent"] == 100  # the parameter summary opens the log
 
 
 def test_data_preview_marks_trained_spans(tiny_model_dir, task_data, capsys):

@@ -148,6 +148,10 @@ def child_trl(stage: str, spec: dict, extra: dict) -> dict:
 def run_child(side: str, spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     stage, kind, extra = SIDES[side]
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     result = (child_posttrain if kind == "posttrain" else child_trl)(stage, spec, extra)
     result["peak_rss_mib"] = peak_rss_mib()
     import torch
@@ -223,6 +227,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--logging-steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, help="torch threads per side (default: torch's own; on a shared, loaded "
+                   "CPU 1 avoids OpenMP barrier stalls that swamp tiny-model timings)")
     p.add_argument("--sides", help=f"comma-separated, from {','.join(SIDES)} (default: all)")
     p.add_argument("--workdir", help="keep model, data and outputs here (default: a temp folder, removed)")
     p.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -256,7 +262,8 @@ def main() -> None:
     print(f"data: {args.pairs} training pairs, {len(pairs) - args.pairs} held-out, small tiny-Llama, "
           f"max_length {args.max_length}, batch {args.batch}, {args.steps} steps")
     spec = {"model": model, "train": str(train), "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
-            "lr": args.lr, "beta": args.beta, "seed": args.seed, "logging_steps": args.logging_steps}
+            "lr": args.lr, "beta": args.beta, "seed": args.seed, "logging_steps": args.logging_steps,
+            "threads": args.threads}
 
     runs: dict[str, dict] = {}
     for side in sides:
@@ -298,7 +305,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k}: {v:+.4f}" if k.endswith("loss") else f"{k}: {v:.2f}x")
     result = {"bench": "dpo", "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "settings": {k: spec[k] for k in ("steps", "batch", "max_length", "lr", "beta", "seed")},
+              "settings": {k: spec[k] for k in ("steps", "batch", "max_length", "lr", "beta", "seed", "threads")},
               "throughput": "training pairs / training-loop wall time", "runs": runs, "ratios": ratios}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -103,7 +103,6 @@ def test_pissa_adapter_is_converted_for_the_original_base(tiny_model_dir, task_d
                              pissa_init=True, pissa_iter=-1))
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == 8 and saved["init_lora_weights"] is True  # rank doubled by the conversion
-    assert not (out / ".pissa-init").exists()
     ids = _probe()
     reloaded = PeftModel.from_pretrained(_plain(tiny_model_dir), str(out)).eval()
     torch.testing.assert_close(_logits(result.objective.model.eval(), ids), _logits(reloaded, ids), rtol=0, atol=1e-4)

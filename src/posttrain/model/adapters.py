@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -325,10 +326,12 @@ def _set_base_path(folder: Path, base: str) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def save_pissa_initial(model: nn.Module, folder: Path) -> Path | None:
-    """Before training, keep a PiSSA adapter's initial A/B so the final save can convert it."""
+def save_pissa_initial(model: nn.Module) -> Path | None:
+    """Before training, keep a PiSSA adapter's initial A/B (in a temp folder: PEFT loads it back under
+    its folder's name, which must be a plain identifier) so the final save can convert it."""
     init = getattr(getattr(model, "active_peft_config", None), "init_lora_weights", None)
     if not (isinstance(init, str) and init.startswith("pissa")):
         return None
+    folder = Path(tempfile.mkdtemp(prefix="pissa_init_"))
     model.save_pretrained(folder)
     return folder

@@ -195,7 +195,7 @@ def run_dpo(config: DPOConfig) -> TrainResult:
     if config.pref_loss not in REFERENCE_FREE:
         fill_reference(config, model, train, evals, tokenizer.pad_token_id, device)
     out = stage.open_output_dir(config)
-    pissa_initial = save_pissa_initial(model, out / ".pissa-init") if dist.is_main() else None
+    pissa_initial = save_pissa_initial(model) if dist.is_main() else None
 
     def save_final(folder: Path) -> None:
         stage.save_model(model, tokenizer, config, folder, pissa_initial)

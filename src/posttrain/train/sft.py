@@ -7,26 +7,21 @@ setup, before the model loads and long before the first step.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from peft import PeftType
 from torch import nn
 
-from posttrain.config import SFTConfig, save_config
+from posttrain.config import SFTConfig
 from posttrain.data.batching import collate, example_length, pack
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer
-from posttrain.data.formats import DatasetSpec, load_conversations
-from posttrain.data.prepare import split_eval, tokenize_all
-from posttrain.errors import ConfigError
-from posttrain.model.adapters import (apply_finetuning, check_finetuning, save_pissa_initial, save_trained,
-                                      trainable_summary)
-from posttrain.model.loading import load_model, load_tokenizer, pick_device
-from posttrain.train import distributed as dist
+from posttrain.data.formats import load_conversations
+from posttrain.data.prepare import tokenize_all
+from posttrain.model.adapters import save_pissa_initial
+from posttrain.model.loading import load_model, load_tokenizer
+from posttrain.train import distributed as dist, stage
 from posttrain.train.loop import Trainer, TrainResult
-from posttrain.train.metrics import check_tracker
 
 log = logging.getLogger(__name__)
 
@@ -76,46 +71,17 @@ def count_trained(batch: dict) -> int:
     return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
-def check_output_dir(config: SFTConfig) -> None:
-    out = Path(config.output_dir)
-    if out.exists() and out.is_file():
-        raise ConfigError(f"output_dir: {config.output_dir!r} is a file")
-    if (out / "config.json").exists() or (out / "adapter_config.json").exists():
-        if not (config.overwrite_output_dir or config.resume_from_checkpoint):
-            raise ConfigError(f"output_dir: {config.output_dir!r} already holds a trained model; "
-                              "set overwrite_output_dir: true or choose another folder")
-
-
 def load_samples(config: SFTConfig, tokenizer):
     """Read, normalize, render and tokenize the training (and eval) data, with a report."""
     renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history)
-
-    def specs(which):
-        return [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
-                for e in config.dataset_entries(which)]
-
-    convs, load_report = load_conversations(specs("dataset"), config.on_bad_rows, config.seed, config.max_samples)
-    if load_report.bad_rows:
-        log.warning("skipped %d bad rows; first reasons:\n  %s", load_report.bad_rows,
-                    "\n  ".join(load_report.bad_reasons))
-    eval_convs = []
-    if config.eval_dataset:
-        eval_convs, _ = load_conversations(specs("eval_dataset"), config.on_bad_rows, config.seed)
-    elif config.val_size:
-        convs, eval_convs = split_eval(convs, config.val_size, config.seed)
+    convs, eval_convs = stage.load_rows(config, load_conversations)
     train, report = tokenize_all(convs, renderer, config.cutoff_len, config.overlong)
     evals = tokenize_all(eval_convs, renderer, config.cutoff_len, config.overlong)[0] if eval_convs else []
     return train, evals, report, renderer
 
 
 def run_sft(config: SFTConfig) -> TrainResult:
-    device = pick_device(config.device)
-    dist.init(device)
-    check_tracker(config.report_to)
-    check_output_dir(config)
-    if config.fp16 and device.type == "cpu":
-        raise ConfigError("fp16 autocast is for CUDA; on CPU use bf16: true or neither")
-    check_finetuning(config, device, packing=config.packing)
+    device = stage.begin(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train, evals, report, _ = load_samples(config, tokenizer)
     if dist.is_main():
@@ -128,26 +94,13 @@ def run_sft(config: SFTConfig) -> TrainResult:
                        attn_implementation=config.attn_implementation,
                        gradient_checkpointing=config.gradient_checkpointing,
                        quantization_bit=config.quantization_bit)
-    model = apply_finetuning(model, config)
-    summary = trainable_summary(model)
-    if dist.is_main():
-        log.info("finetuning_type %s: %s trainable parameters of %s (%.4f%%)", config.finetuning_type,
-                 f"{summary['trainable_params']:,}", f"{summary['total_params']:,}", summary["trainable_percent"])
-    out = Path(config.output_dir)
-    if dist.is_main():
-        if config.overwrite_output_dir and not config.resume_from_checkpoint and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "posttrain_config.yaml")
-    pissa_initial = save_pissa_initial(model, out / ".pissa-init") if dist.is_main() else None
+    model, summary = stage.adapt(config, model)
+    out = stage.open_output_dir(config)
+    pissa_initial = save_pissa_initial(model) if dist.is_main() else None
     dist.barrier()
 
     def save_final(folder: Path) -> None:
-        save_trained(model, folder, config, pissa_initial)
-        tokenizer.save_pretrained(folder)
-        save_config(config, folder / "posttrain_config.yaml")
-        if pissa_initial is not None:
-            shutil.rmtree(pissa_initial, ignore_errors=True)
+        stage.save_model(model, tokenizer, config, folder, pissa_initial)
 
     pad_id = tokenizer.pad_token_id
 

@@ -1,4 +1,4 @@
-"""Set-up steps the pair-based stages (rm, dpo, kto) share: checks, data, the output folder.
+"""Set-up steps the training stages (sft, rm, dpo, kto) share: checks, data, the output folder.
 
 Every check runs here, before a model loads; the output folder is only cleared once the data has
 been read and tokenized without error.
@@ -22,9 +22,18 @@ from posttrain.model.adapters import apply_finetuning, check_finetuning, save_tr
 from posttrain.model.loading import pick_device
 from posttrain.train import distributed as dist
 from posttrain.train.metrics import check_tracker
-from posttrain.train.sft import check_output_dir
 
 log = logging.getLogger(__name__)
+
+
+def check_output_dir(config) -> None:
+    out = Path(config.output_dir)
+    if out.exists() and out.is_file():
+        raise ConfigError(f"output_dir: {config.output_dir!r} is a file")
+    if (out / "config.json").exists() or (out / "adapter_config.json").exists():
+        if not (config.overwrite_output_dir or config.resume_from_checkpoint):
+            raise ConfigError(f"output_dir: {config.output_dir!r} already holds a trained model; "
+                              "set overwrite_output_dir: true or choose another folder")
 
 
 def begin(config) -> torch.device:
@@ -35,11 +44,12 @@ def begin(config) -> torch.device:
     check_output_dir(config)
     if config.fp16 and device.type == "cpu":
         raise ConfigError("fp16 autocast is for CUDA; on CPU use bf16: true or neither")
-    for key in ("packing", "train_on_prompt", "mask_history"):
-        if getattr(config, key):
-            raise ConfigError(f"{key}: true is for SFT; the {config.stage} stage trains on the response only "
-                              "(the last assistant turn), one unpacked sequence per response")
-    check_finetuning(config, device)
+    if config.stage != "sft":
+        for key in ("packing", "train_on_prompt", "mask_history"):
+            if getattr(config, key):
+                raise ConfigError(f"{key}: true is for SFT; the {config.stage} stage trains on the response only "
+                                  "(the last assistant turn), one unpacked sequence per response")
+    check_finetuning(config, device, packing=bool(getattr(config, "packing", False)))
     return device
 
 
@@ -67,7 +77,8 @@ def _specs(config, which: str) -> list[DatasetSpec]:
             for e in config.dataset_entries(which)]
 
 
-def _load(config, loader):
+def load_rows(config, loader):
+    """Training and eval rows through `loader` (conversations, pairs, prompts...), bad rows reported."""
     rows, report = loader(_specs(config, "dataset"), config.on_bad_rows, config.seed, config.max_samples)
     if report.bad_rows:
         log.warning("skipped %d bad rows; first reasons:\n  %s", report.bad_rows, "\n  ".join(report.bad_reasons))
@@ -82,7 +93,7 @@ def _load(config, loader):
 def load_pairs(config, tokenizer):
     """Training and eval `PairSample`s (preference data), tokenized and cut to cutoff_len."""
     renderer = response_renderer(tokenizer, config.template)
-    pairs, eval_pairs = _load(config, load_preferences)
+    pairs, eval_pairs = load_rows(config, load_preferences)
     train, report = tokenize_pairs(pairs, renderer, config.cutoff_len, config.overlong)
     evals = tokenize_pairs(eval_pairs, renderer, config.cutoff_len, config.overlong)[0] if eval_pairs else []
     if dist.is_main():
@@ -93,7 +104,7 @@ def load_pairs(config, tokenizer):
 def load_unpaired_samples(config, tokenizer):
     """Training and eval `UnpairedSample`s (KTO data)."""
     renderer = response_renderer(tokenizer, config.template)
-    rows, eval_rows = _load(config, load_unpaired)
+    rows, eval_rows = load_rows(config, load_unpaired)
     train, report = tokenize_unpaired(rows, renderer, config.cutoff_len, config.overlong)
     evals = tokenize_unpaired(eval_rows, renderer, config.cutoff_len, config.overlong)[0] if eval_rows else []
     labels = [s.label for s in train]

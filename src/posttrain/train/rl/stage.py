@@ -56,7 +56,7 @@ def run_rl(config: RLConfig) -> TrainResult:
     device = stage.begin(config)
     rewards = build_rewards(config, device)  # function files and endpoints fail here, before anything big
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    rows, eval_rows = stage._load(config, load_prompts)
+    rows, eval_rows = stage.load_rows(config, load_prompts)
     rewards.check(rows + eval_rows)
     prompts = tokenize_prompts(rows, tokenizer, config.template, config.cutoff_len)
     evals = tokenize_prompts(eval_rows, tokenizer, config.template, config.cutoff_len)

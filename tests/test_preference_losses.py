@@ -148,13 +148,13 @@ def test_kto_objective_estimates_kl_from_mismatched_rows(tiny_model_dir, tiny_to
     from posttrain.model.loading import load_model
 
     model = load_model(str(tiny_model_dir), device=torch.device("cpu"))
-    rows = [UnpairedSample(pair_batch[0].chosen, True, pair_batch[1].rejected, ref=-20.0, ref_mismatched=-25.0),
-            UnpairedSample(pair_batch[1].rejected, False, pair_batch[0].chosen, ref=-22.0, ref_mismatched=-30.0)]
+    rows = [UnpairedSample(pair_batch[0].chosen, True, pair_batch[1].rejected, ref=-20.0, ref_mismatched=-80.0),
+            UnpairedSample(pair_batch[1].rejected, False, pair_batch[0].chosen, ref=-22.0, ref_mismatched=-90.0)]
     config = build_config(KTOConfig, dict(model_name_or_path="m", output_dir="o", dataset="d", pref_beta=BETA,
                                           kto_rejected_weight=1.5))
     out = KTOObjective(model, config)(collate_unpaired(rows, tiny_tokenizer.pad_token_id))
     r = [_alone(model, rows[0].sample) + 20.0, _alone(model, rows[1].sample) + 22.0]
-    z0 = max(0.0, ((_alone(model, rows[0].mismatched) + 25.0) + (_alone(model, rows[1].mismatched) + 30.0)) / 2)
+    z0 = max(0.0, ((_alone(model, rows[0].mismatched) + 80.0) + (_alone(model, rows[1].mismatched) + 90.0)) / 2)
     assert z0 > 0  # the KL path is exercised, not clamped away
     want = (1 - sig(BETA * (r[0] - z0))) + 1.5 * (1 - sig(BETA * (z0 - r[1])))
     assert out["loss_sum"].item() == pytest.approx(want, rel=1e-4)

@@ -1,0 +1,360 @@
+"""GRPO: posttrain vs TRL's GRPOTrainer, same model, prompts, group size, lengths, reward and settings.
+
+    .venv/bin/python bench/grpo.py            # several minutes on 2 CPU cores
+    .venv/bin/python bench/grpo.py --quick    # ~2 minute smoke run
+
+Two workloads on the "small" tiny Llama and the embedded reverse-digits task (WORKLOADS below):
+"answers" starts from a brief SFT (not timed), so completions are short, stop on their own and the
+exact-match reward is sometimes 1; "to-the-limit" starts from the untrained model, so every
+completion runs to max_completion_length: the generation-heavy shape of long reasoning rollouts.
+
+One step on either side = `--prompts` prompts x `--group` completions, one optimizer step over all
+of them (TRL: per_device_train_batch_size = generation_batch_size = prompts x group, one
+iteration; posttrain: rollout_batch_size = prompts, one mini-batch, ppo_epochs 1). Both keep a
+reference model for the KL term (beta, k3 in the loss), normalize rewards per group, average the
+loss over the tokens of the step (TRL loss_type "dapo" = posttrain token_mean), fp32, no gradient
+checkpointing, AdamW, constant learning rate.
+
+Each side runs in its own child process, one after the other, so peak RSS (ru_maxrss) is that
+side's alone. Seconds per step are the training loop's wall time over its steps (loading, the
+engine's setup and the final save excluded, shown as "setup s"), split into generation (prompts to
+completion tokens and text), scoring (rewards, reference log-probs, advantages) and training
+(forward, backward, optimizer). The ratio posttrain / TRL is the number to read, not the absolute.
+
+TRL 1.16 ships no PPOTrainer (neither in trl nor in trl.experimental), so there is no PPO pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_k, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "grpo.json"
+SIDES = ("posttrain", "trl")
+NO_PPO = "TRL 1.16 has no PPOTrainer (removed from trl, not in trl.experimental): PPO is not compared"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def completion_text(completion) -> str:
+    """TRL hands conversational completions as [{"role": "assistant", "content": ...}]."""
+    if isinstance(completion, list):
+        return completion[-1]["content"] if completion else ""
+    return str(completion)
+
+
+def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """TRL's side of the reward: what posttrain's built-in `exact_match` computes."""
+    return [float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Children: one training run each. They write a JSON result and exit.
+# ---------------------------------------------------------------------------------------------------
+
+def child_posttrain(spec: dict) -> dict:
+    t_setup = time.perf_counter()
+    import posttrain.train.rl.trainer as rl_trainer
+    from posttrain.config import load_config
+    from posttrain.train.rl.stage import run_rl
+
+    marks: dict = {}
+    orig_train, orig_write = rl_trainer.RLTrainer.train, rl_trainer.write_final
+
+    def train(self):
+        marks["start"] = time.perf_counter()
+        return orig_train(self)
+
+    def write_final(*a, **kw):
+        marks.setdefault("end", time.perf_counter())
+        return orig_write(*a, **kw)
+
+    rl_trainer.RLTrainer.train, rl_trainer.write_final = train, write_final
+    per_step = spec["prompts"] * spec["group"]
+    overrides = [
+        f"model_name_or_path={spec['model']}", f"dataset={spec['train']}", f"output_dir={spec['out']}",
+        "overwrite_output_dir=true", "reward_funcs=[exact_match]", f"rollout_batch_size={spec['prompts']}",
+        f"num_generations={spec['group']}", f"per_device_train_batch_size={per_step}",
+        "gradient_accumulation_steps=1", "ppo_epochs=1", f"max_completion_length={spec['max_completion_length']}",
+        f"temperature={spec['temperature']}", f"kl_coef={spec['beta']}", f"learning_rate={spec['lr']}",
+        "lr_scheduler_type=constant", "warmup_steps=0", "weight_decay=0", "max_grad_norm=1.0",
+        f"max_steps={spec['steps']}", f"seed={spec['seed']}", "logging_steps=1", "save_steps=0",
+        "disable_tqdm=true", "report_to=none", "plot_loss=false", "bf16=false", "fp16=false",
+        "gradient_checkpointing=false",
+    ]
+    result = run_rl(load_config("grpo", None, overrides))
+    steps = [r for r in result.metrics if "generation_s" in r]
+    train_s = marks["end"] - marks["start"]
+    return {
+        "steps": len(steps), "train_s": train_s, "setup_s": time.perf_counter() - t_setup - train_s,
+        "generation_s": sum(r["generation_s"] for r in steps),
+        "scoring_s": sum(r["reward_s"] + r["experience_s"] for r in steps),
+        "training_s": sum(r["train_s"] for r in steps),
+        "reward_curve": [r["reward_mean"] for r in steps],
+        "completion_length": sum(r["response_length"] for r in steps) / len(steps),
+    }
+
+
+def child_trl(spec: dict) -> dict:
+    t_setup = time.perf_counter()
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.end = time.perf_counter()
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """Splits each step: `_generate` (prompts to completion ids and text) inside
+        `_generate_and_score_completions` (plus rewards, reference log-probs, advantages)."""
+
+        generation_s = 0.0
+        rollout_s = 0.0
+
+        def _generate(self, prompts):
+            t = time.perf_counter()
+            try:
+                return super()._generate(prompts)
+            finally:
+                self.generation_s += time.perf_counter() - t
+
+        def _generate_and_score_completions(self, inputs):
+            t = time.perf_counter()
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                self.rollout_s += time.perf_counter() - t
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    # The same load posttrain does (fp32, SDPA), rather than letting TRL pick.
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    rows = [json.loads(line) for line in Path(spec["train"]).read_text().splitlines() if line.strip()]
+    dataset = Dataset.from_list(rows)  # in memory: no Arrow cache to make a second run look faster
+    per_step = spec["prompts"] * spec["group"]
+    config = GRPOConfig(
+        output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=per_step,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, num_generations=spec["group"],
+        max_completion_length=spec["max_completion_length"], temperature=spec["temperature"], top_p=1.0, top_k=0,
+        beta=spec["beta"], loss_type="dapo", scale_rewards="group", learning_rate=spec["lr"],
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
+        optim="adamw_torch",  # posttrain uses torch.optim.AdamW (not fused)
+        bf16=False, fp16=False, gradient_checkpointing=False,  # TRL defaults both on; posttrain runs fp32, no GC
+        logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    timer = Timer()
+    trainer = TimedGRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=config, train_dataset=dataset,
+                               processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    trainer.save_model(spec["out"])
+    logs = [r for r in trainer.state.log_history if "reward" in r]
+    train_s = timer.end - timer.start
+    return {
+        "steps": trainer.state.global_step, "train_s": train_s, "setup_s": time.perf_counter() - t_setup - train_s,
+        "generation_s": trainer.generation_s, "scoring_s": trainer.rollout_s - trainer.generation_s,
+        "training_s": train_s - trainer.rollout_s,
+        "reward_curve": [r["reward"] for r in logs],
+        "completion_length": sum(r["completions/mean_length"] for r in logs) / max(len(logs), 1),
+    }
+
+
+def run_child(side: str, spec_path: Path) -> None:
+    spec = json.loads(spec_path.read_text())
+    result = (child_posttrain if side == "posttrain" else child_trl)(spec)
+    result["peak_rss_mib"] = peak_rss_mib()
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parent: the model and prompts, the runs, held-out scoring, the report
+# ---------------------------------------------------------------------------------------------------
+
+def prepare(work: Path, args) -> tuple[str, Path, list[dict]]:
+    """The small tiny Llama after `--sft-steps` of SFT (a child process), the prompt rows, held-out rows."""
+    from posttrain.data.synthetic import split_task, write_jsonl
+    from posttrain.model.tiny import write_tiny_model
+
+    base = write_tiny_model(work / "base", size="small")
+    train, held = split_task(args.prompts * args.steps, args.eval_prompts, seed=args.seed)
+    rows = [{"prompt": [{"role": "user", "content": r["messages"][0]["content"]}], "answer": r["answer"]}
+            for r in train]
+    prompts = write_jsonl(rows, work / "prompts.jsonl")
+    if args.sft_steps == 0:  # the untrained model: completions run to max_completion_length
+        check_same_prompts(str(base), rows[:16])
+        return str(base), prompts, held
+    sft_rows, _ = split_task(args.sft_steps * 32, 0, seed=args.seed + 1)
+    sft_data = write_jsonl([{"messages": r["messages"]} for r in sft_rows], work / "sft.jsonl")
+    sft_dir = work / "sft"
+    overrides = dict(model_name_or_path=base, dataset=sft_data, output_dir=sft_dir, overwrite_output_dir=True,
+                     learning_rate=3e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, per_device_train_batch_size=32,
+                     max_steps=args.sft_steps, cutoff_len=64, logging_steps=10, save_steps=0, seed=0,
+                     disable_tqdm=True, plot_loss=False, report_to="none")
+    subprocess.run([sys.executable, "-m", "posttrain", "sft", *[f"{k}={v}" for k, v in overrides.items()]],
+                   check=True, capture_output=True)
+    check_same_prompts(str(sft_dir), rows[:16])
+    return str(sft_dir), prompts, held
+
+
+def check_same_prompts(model_dir: str, rows: list[dict]) -> None:
+    """Both sides must generate from the same tokens: posttrain's renderer against the tokenizer's own
+    apply_chat_template, which TRL uses."""
+    from posttrain.data.prompts import to_prompt
+    from posttrain.model.loading import load_tokenizer
+    from posttrain.train.rl.stage import tokenize_prompts
+
+    tokenizer = load_tokenizer(model_dir)
+    for i, r in enumerate(rows):
+        ((ours, _),) = tokenize_prompts([to_prompt(r, "auto", "bench", i)], tokenizer, None, 512)
+        theirs = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        if list(ours) != list(theirs):
+            raise SystemExit(f"prompt tokens differ for {r['prompt']}: {ours} vs {theirs}")
+
+
+# name -> (what it measures, SFT steps that make the starting model (0: the untrained model), max completion length)
+WORKLOADS = {
+    "answers": ("the model after a brief SFT: short answers (~6 tokens) that stop on their own and sometimes score",
+                {False: 150, True: 40}, {False: 16, True: 16}),
+    "to-the-limit": ("the untrained model: every completion runs to max_completion_length (generation-heavy, "
+                     "as long reasoning rollouts are)", {False: 0, True: 0}, {False: 64, True: 32}),
+}
+
+
+def table(runs: dict, start_em: float) -> None:
+    head = ["side", "steps", "s/step", "gen s/step", "score s/step", "train s/step", "setup s", "peak RSS MiB",
+            "compl len", "reward first->last", "held-out EM", "load avg"]
+    rows = []
+    for side, r in runs.items():
+        n, curve = r["steps"], r["reward_curve"]
+        rows.append([side, str(n), f"{r['s_per_step']:.2f}", f"{r['generation_s'] / n:.2f}", f"{r['scoring_s'] / n:.2f}",
+                     f"{r['training_s'] / n:.2f}", f"{r['setup_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
+                     f"{r['completion_length']:.1f}", f"{curve[0]:.2f}->{curve[-1]:.2f}",
+                     f"{r['heldout_exact_match']:.1%}", "->".join(str(x) for x in r["load_avg_1m"])])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    for row in [head, ["-" * w for w in widths], *rows]:
+        print("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    print(f"(held-out exact match before GRPO: {start_em:.1%}; gen = prompts to completions, score = rewards + "
+          "reference log-probs + advantages, train = forward/backward/optimizer; compl len counts the stop token)")
+
+
+def run_workload(name: str, work: Path, args, sides: list[str]) -> dict:
+    from posttrain.quickstart import exact_match
+
+    about, sft_steps, max_len = WORKLOADS[name]
+    args.sft_steps, args.max_completion_length = sft_steps[args.quick], max_len[args.quick]
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, prompts, held = prepare(work, args)
+    start_em = exact_match(model, held, max_new_tokens=args.max_completion_length)
+    print(f"\n== {name}: {about}")
+    print(f"model: small tiny-Llama, {args.sft_steps} SFT steps on reverse-digits ({time.perf_counter() - t0:.0f} s); "
+          f"GRPO: {args.steps} steps x {args.prompts} prompts x {args.group} completions, max_completion_length "
+          f"{args.max_completion_length}, lr {args.lr}, beta {args.beta}, reward exact match")
+    spec = {"model": model, "train": str(prompts), "steps": args.steps, "prompts": args.prompts, "group": args.group,
+            "max_completion_length": args.max_completion_length, "temperature": args.temperature, "lr": args.lr,
+            "beta": args.beta, "seed": args.seed}
+    runs: dict[str, dict] = {}
+    for side in sides:
+        side_spec = {**spec, "out": str(work / f"out-{side}"), "result": str(work / f"result-{side}.json")}
+        spec_path = work / f"spec-{side}.json"
+        spec_path.write_text(json.dumps(side_spec))
+        log = work / f"log-{side}.txt"
+        print(f"running {side} ...", end=" ", flush=True)
+        load_before = os.getloadavg()[0]
+        with open(log, "w") as f:
+            rc = subprocess.call([sys.executable, __file__, "--child", side, "--spec", str(spec_path)],
+                                 stdout=f, stderr=subprocess.STDOUT)
+        if rc != 0:
+            print(f"FAILED (exit {rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+            sys.exit(1)
+        r = json.loads(Path(side_spec["result"]).read_text())
+        # Other work on the machine slows a side down; the 1-minute load average before and after
+        # its run says how much to trust its number (2 cores: ~1 is this run alone).
+        r["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        r["s_per_step"] = r["train_s"] / r["steps"]
+        r["heldout_exact_match"] = exact_match(side_spec["out"], held, max_new_tokens=args.max_completion_length)
+        runs[side] = r
+        print(f"{r['s_per_step']:.2f} s/step (load avg {r['load_avg_1m'][0]} -> {r['load_avg_1m'][1]})", flush=True)
+    print()
+    table(runs, start_em)
+    ratios = {}
+    if "posttrain" in runs and "trl" in runs:
+        a, b = runs["posttrain"], runs["trl"]
+        ratios["speed per step (trl s/step / posttrain s/step)"] = b["s_per_step"] / a["s_per_step"]
+        ratios["generation (trl / posttrain)"] = b["generation_s"] / b["steps"] / (a["generation_s"] / a["steps"])
+        ratios["training (trl / posttrain)"] = b["training_s"] / b["steps"] / (a["training_s"] / a["steps"])
+        ratios["peak RSS (posttrain / trl)"] = a["peak_rss_mib"] / b["peak_rss_mib"]
+    for k, v in ratios.items():
+        print(f"{name}: {k}: {v:.2f}x")
+    return {"about": about, "settings": {k: spec[k] for k in ("steps", "prompts", "group", "max_completion_length",
+                                                               "temperature", "lr", "beta", "seed")}
+            | {"sft_steps": args.sft_steps}, "heldout_exact_match_start": start_em, "runs": runs, "ratios": ratios}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="~2 minute smoke run (fewer steps, a shorter SFT)")
+    p.add_argument("--workloads", help=f"comma-separated, from {','.join(WORKLOADS)} (default: both)")
+    p.add_argument("--steps", type=int, help="GRPO steps (default 16; quick 3)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--group", type=int, default=8, help="completions per prompt (num_generations)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (both sides keep a reference model)")
+    p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--sides", help=f"comma-separated, from {','.join(SIDES)} (default: both)")
+    p.add_argument("--workdir", help="keep models, data and outputs here (default: a temp folder, removed)")
+    p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return run_child(args.child, Path(args.spec))
+
+    args.steps = args.steps or (3 if args.quick else 16)
+    sides = (args.sides or ",".join(SIDES)).split(",")
+    workloads = (args.workloads or ",".join(WORKLOADS)).split(",")
+    for s in sides:
+        if s not in SIDES:
+            p.error(f"unknown side {s!r}; choose from {', '.join(SIDES)}")
+    for w in workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    print(NO_PPO)
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-grpo-")
+        work = Path(tmp.name)
+    results = {w: run_workload(w, work / w, args, sides) for w in workloads}
+    result = {"bench": "grpo", "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ppo": NO_PPO,
+              "workloads": results}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(HERE.parent)}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

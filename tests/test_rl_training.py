@@ -68,7 +68,10 @@ def test_ppo_trains_actor_and_critic(rl_setup, tmp_path):
     assert "actor_lr" not in steps[0] and "critic_lr" in steps[0]  # warm-up: the critic alone
     for key in ("value_loss", "explained_variance", "value_clip_fraction", "kl", "clip_fraction", "approx_kl"):
         assert key in steps[-1], key
-    assert steps[-1]["clip_fraction"] > 0  # several mini-batches and epochs: the ratio moves off 1
+    # Several mini-batches and epochs: the ratio moves off 1 on every actor step, far enough to clip on
+    # some (which steps clip depends on the samples: a step whose advantages are all small clips nothing).
+    assert all(r["approx_kl"] > 0 for r in steps[1:])
+    assert max(r["clip_fraction"] for r in steps[1:]) > 0
     assert steps[-1]["value_loss"] < steps[0]["value_loss"]
 
 

@@ -11,7 +11,7 @@ transformers' `generate` instead.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,13 +44,19 @@ class RolloutSampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-               top_k: int = 0) -> list[Rollout]:
-        """One completion per prompt (repeat a prompt in the list for a group); temperature 0 is greedy."""
+               top_k: int = 0, seeds: list[int] | None = None) -> list[Rollout]:
+        """One completion per prompt (repeat a prompt in the list for a group); temperature 0 is greedy.
+        `seeds`: one per row, so a row's sample does not depend on which other rows share the batch
+        (or the process); without them the engine draws seeds in row order."""
         if self.engine is not None:
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     top_k=top_k)
+            if seeds is not None:
+                params = [replace(params, seed=s) for s in seeds]
             done = self.engine.generate(prompts, params)
             return [Rollout(p, c.token_ids, c.text, c.finish_reason == "stop") for p, c in zip(prompts, done)]
+        if seeds:  # transformers' sampling draws from the global generator: at least decorrelate the processes
+            torch.manual_seed(seeds[0])
         return self._hf_sample(prompts, max_new_tokens, temperature, top_p, top_k)
 
     @torch.no_grad()

@@ -87,22 +87,35 @@ class RLTrainer:
             return self.c.max_steps
         return max(1, math.ceil(self.c.num_train_epochs * self.steps_per_epoch()))
 
-    def step_prompts(self, step: int) -> list[tuple[list[int], Prompt]]:
-        """This rank's prompts for `step`: a seeded shuffle per epoch, split across ranks."""
+    def step_prompts(self, step: int) -> list[int]:
+        """This rank's prompts for `step` (indices into self.prompts): a seeded shuffle per epoch, split
+        across ranks. The step's prompts over all ranks are the same for any number of processes."""
         epoch, k = divmod(step, self.steps_per_epoch())
         order = list(range(len(self.prompts)))
         random.Random(f"{self.c.seed}/{epoch}").shuffle(order)
         mine = order[self.rank::self.world]
         size = self.c.rollout_batch_size
-        picked = [mine[(k * size + j) % len(mine)] for j in range(size)]
-        return [self.prompts[i] for i in picked]
+        return [mine[(k * size + j) % len(mine)] for j in range(size)]
+
+    def sample_seed(self, step: int, prompt: int, j: int) -> int:
+        """The seed of completion j of prompt `prompt` at `step`: set by the sample itself, not by its row
+        or its process, so ranks never share random streams and a run's samples do not depend on how
+        many processes share the batch."""
+        return random.Random(f"{self.c.seed}/{step}/{prompt}/{j}").getrandbits(63)
 
     # -- one step ---------------------------------------------------------------------------------
-    def rollout(self, prompts: list[tuple[list[int], Prompt]]) -> tuple[list[Rollout], list[Prompt]]:
-        ids = [p for p, _ in prompts for _ in range(self.group)]  # each prompt's group, consecutive
-        rows = [row for _, row in prompts for _ in range(self.group)]
+    def rollout(self, step: int, picked: list[int]) -> tuple[list[Rollout], list[Prompt]]:
+        ids = [self.prompts[i][0] for i in picked for _ in range(self.group)]  # each prompt's group, consecutive
+        rows = [self.prompts[i][1] for i in picked for _ in range(self.group)]
+        # A prompt picked twice in one step (fewer prompts than a step asks for) gets fresh seeds each time.
+        seeds, seen = [], {}
+        for i in picked:
+            first = seen.get(i, 0) * self.group
+            seen[i] = seen.get(i, 0) + 1
+            seeds += [self.sample_seed(step, i, first + j) for j in range(self.group)]
         rollouts = self.sampler.sample(ids, max_new_tokens=self.c.max_completion_length,
-                                       temperature=self.c.temperature, top_p=self.c.top_p, top_k=self.c.top_k)
+                                       temperature=self.c.temperature, top_p=self.c.top_p, top_k=self.c.top_k,
+                                       seeds=seeds)
         return rollouts, rows
 
     def shape_rewards(self, raw: torch.Tensor) -> torch.Tensor:
@@ -245,7 +258,7 @@ class RLTrainer:
         for self.step in range(1, total + 1):
             timings = {}
             t = time.perf_counter()
-            rollouts, rows = self.rollout(self.step_prompts(self.step - 1))
+            rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
             timings["generation_s"] = time.perf_counter() - t
             t = time.perf_counter()
             raw, parts = self.rewards(Scored(rows, [r.text for r in rollouts]))

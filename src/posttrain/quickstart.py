@@ -30,12 +30,34 @@ def exact_match(model_path: str | Path, rows: list[dict], max_new_tokens: int = 
     return sum(a.strip() == r["answer"] for a, r in zip(answers, rows)) / len(rows)
 
 
-def sft_config(base: Path, data: Path, out: Path, fast: bool) -> SFTConfig:
-    return build_config(SFTConfig, dict(
+def sft_config(base: Path, data: Path, out: Path, fast: bool, **extra) -> SFTConfig:
+    return build_config(SFTConfig, dict(dict(
         model_name_or_path=str(base), dataset=str(data), output_dir=str(out), overwrite_output_dir=True,
         learning_rate=3e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01,
         per_device_train_batch_size=32, num_train_epochs=1 if fast else 4, max_steps=20 if fast else -1,
-        cutoff_len=64, val_size=200, logging_steps=10, eval_steps=100, save_steps=0, seed=0))
+        cutoff_len=64, val_size=200, logging_steps=10, eval_steps=100, save_steps=0, seed=0), **extra))
+
+
+# The LoRA stage: rank 16 on every linear layer, plus the final norm trained in full. A randomly
+# initialised base cannot raise its logit scale through low-rank updates alone (its frozen norm and
+# small tied embeddings cap it), so the 128-weight norm rides along as a module to save.
+LORA_STAGE = dict(finetuning_type="lora", lora_rank=16, lora_target="all", modules_to_save="norm", learning_rate=5e-3)
+
+
+def lora_stage(base: Path, data: Path, root: Path, held_out: list[dict], fast: bool, full: dict) -> dict:
+    """LoRA with the same data and budget as the full run: accuracy, parameters and size side by side."""
+    from posttrain.model.adapters import model_bytes
+
+    result = run_sft(sft_config(base, data, root / "sft-lora", fast, **LORA_STAGE))
+    summary = next(r for r in result.metrics if "trainable_params" in r)
+    accuracy = exact_match(result.output_dir, held_out)
+    size = model_bytes(result.output_dir)
+    print(f"[quickstart] LoRA adapter: {summary['trainable_params']:,} trained parameters "
+          f"({summary['trainable_percent']:.1f}%), {size / 2**10:.0f} KiB, held-out exact match {accuracy:.1%} "
+          f"(full SFT: {full['params']:,} parameters, {full['bytes'] / 2**10:.0f} KiB, {full['accuracy']:.1%})")
+    print(f"[quickstart] adapter: {result.output_dir}  (PEFT format; `posttrain chat {result.output_dir}`, "
+          f"`posttrain export adapter_name_or_path={result.output_dir} export_dir=...`)")
+    return {"accuracy": accuracy, "output_dir": result.output_dir, "bytes": size, **summary}
 
 
 def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> dict:
@@ -56,9 +78,14 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> d
     if result.plot:
         print(f"[quickstart] loss curve: {result.plot}")
     print(f"[quickstart] try it: posttrain chat {result.output_dir} --prompt 'reverse 12345'")
+    from posttrain.model.adapters import model_bytes
+
+    full = {"params": next(r for r in result.metrics if "trainable_params" in r)["trainable_params"],
+            "bytes": model_bytes(result.output_dir), "accuracy": after}
+    lora = lora_stage(base, data, root, held_out, fast, full)
     preference = preference_stage(result.output_dir, train_rows, held_out, root, fast, after)
     print(f"[quickstart] finished in {time.perf_counter() - start:.0f}s")
-    return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot, "preference": preference}
+    return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot, "preference": preference, "lora": lora}
 
 
 # ---- the preference stage: a reward model and DPO on exact answers against near misses ---------

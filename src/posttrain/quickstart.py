@@ -84,6 +84,7 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> d
             "bytes": model_bytes(result.output_dir), "accuracy": after}
     lora = lora_stage(base, data, root, held_out, fast, full)
     preference = preference_stage(result.output_dir, train_rows, held_out, root, fast, after)
+    rl_stage(result.output_dir, held_out, root, fast)
     print(f"[quickstart] finished in {time.perf_counter() - start:.0f}s")
     return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot, "preference": preference, "lora": lora}
 
@@ -148,3 +149,59 @@ def preference_stage(sft_dir: Path, train_rows: list[dict], held_out: list[dict]
 PREFERENCE_PAIRS = {False: 2000, True: 256}  # by `fast`
 RM_STAGE = dict(learning_rate=1e-3, num_train_epochs=2)
 DPO_STAGE = dict(learning_rate=1e-4, pref_beta=0.1, pref_ftx=1.0)
+
+
+# ---- the RL stage: GRPO with an exact-match rule reward where SFT leaves headroom ----------------
+
+# The SFT data only ever says "reverse 12345". Asked in other words, the SFT model is right about a third
+# of the time (and 0% on 8+ digits, where no reward has anything to follow). GRPO on these phrasings
+# with the built-in exact-match reward teaches the task under words SFT never showed.
+RL_PHRASINGS = ("Reverse {}", "reverse: {}", "invert {}", "please reverse {}")
+# The SFT model is confident even when wrong: at temperature 1 most groups of samples agree, and a
+# group that agrees has no advantage to learn from. Temperature 1.3 and groups of 16 give every step
+# groups with both right and wrong answers. The KL term (k3 in the loss) holds the policy near the SFT
+# model: without it the new phrasings gained more in our runs but the original one fell from 98% to 75%.
+RL_STAGE = dict(temperature=1.3, num_generations=16, rollout_batch_size=8, per_device_train_batch_size=128,
+                learning_rate=6e-4, kl_coef=0.3, max_completion_length=12, lr_scheduler_type="constant")
+RL_STEPS = {False: 40, True: 12}  # by `fast`
+
+
+def rephrased_rows(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """{prompt, answer} rows of the reverse task (3-7 digits) in RL_PHRASINGS; no prompt in both splits."""
+    import random
+
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n_train + n_eval:
+        word = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7)))
+        prompt = rng.choice(RL_PHRASINGS).format(word)
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "answer": word[::-1]})
+    return rows[:n_train], rows[n_train:]
+
+
+def rl_stage(sft_dir: Path, held_out: list[dict], root: Path, fast: bool) -> dict:
+    """GRPO from the SFT model on rephrased prompts (`posttrain grpo` code path): held-out exact match on
+    the new phrasings before and after, and on the original phrasing after (it should not drop)."""
+    from posttrain.config import GRPOConfig
+    from posttrain.train.rl.stage import run_rl
+
+    train, held = rephrased_rows(2000, 200, seed=0)
+    prompts = write_jsonl(train, root / "data" / "rl_prompts.jsonl")
+    held_path = write_jsonl(held, root / "data" / "rl_held_out.jsonl")
+    steps = RL_STEPS[fast]
+    print(f"[quickstart] RL: GRPO from the SFT model, exact-match reward, on the task asked in words SFT never saw "
+          f"({', '.join(repr(p.format('123')) for p in RL_PHRASINGS)}); {steps} steps x {RL_STAGE['rollout_batch_size']} "
+          f"prompts x {RL_STAGE['num_generations']} samples")
+    t = time.perf_counter()
+    result = run_rl(build_config(GRPOConfig, dict(
+        model_name_or_path=str(sft_dir), dataset=str(prompts), eval_dataset=str(held_path), output_dir=str(root / "grpo"),
+        overwrite_output_dir=True, reward_funcs=["exact_match"], max_steps=steps, eval_steps=steps, logging_steps=1,
+        disable_tqdm=True, seed=0, **RL_STAGE)))
+    evals = [r["eval_reward"] for r in result.metrics if "eval_reward" in r]
+    original = exact_match(result.output_dir, held_out)
+    print(f"[quickstart] GRPO ({time.perf_counter() - t:.0f}s): held-out exact match on the new phrasings "
+          f"{evals[0]:.1%} -> {evals[-1]:.1%}; on the original phrasing {original:.1%} after")
+    print(f"[quickstart] GRPO model: {result.output_dir}")
+    return {"before": evals[0], "after": evals[-1], "original_after": original, "output_dir": result.output_dir}

@@ -84,9 +84,9 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> d
             "bytes": model_bytes(result.output_dir), "accuracy": after}
     lora = lora_stage(base, data, root, held_out, fast, full)
     preference = preference_stage(result.output_dir, train_rows, held_out, root, fast, after)
-    rl_stage(result.output_dir, held_out, root, fast)
+    rl = rl_stage(result.output_dir, held_out, root, fast)
     print(f"[quickstart] finished in {time.perf_counter() - start:.0f}s")
-    return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot, "preference": preference, "lora": lora}
+    return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot, "preference": preference, "lora": lora, "rl": rl}
 
 
 # ---- the preference stage: a reward model and DPO on exact answers against near misses ---------

@@ -4,8 +4,9 @@
     .venv/bin/python bench/grpo.py --quick    # ~2 minute smoke run
 
 Two workloads on the "small" tiny Llama and the embedded reverse-digits task (WORKLOADS below):
-"answers" starts from a brief SFT (not timed), so completions are short, stop on their own and the
-exact-match reward is sometimes 1; "to-the-limit" starts from the untrained model, so every
+"answers" starts from a brief SFT (not timed), so completions are short answers that stop on their
+own (after --quick's 40 SFT steps they are all still wrong: speed, not learning, is measured);
+"to-the-limit" starts from the untrained model, so every
 completion runs to max_completion_length: the generation-heavy shape of long reasoning rollouts.
 
 One step on either side = `--prompts` prompts x `--group` completions, one optimizer step over all
@@ -232,7 +233,7 @@ def check_same_prompts(model_dir: str, rows: list[dict]) -> None:
 
 # name -> (what it measures, SFT steps that make the starting model (0: the untrained model), max completion length)
 WORKLOADS = {
-    "answers": ("the model after a brief SFT: short answers (~6 tokens) that stop on their own and sometimes score",
+    "answers": ("the model after a brief SFT: short answers (~6 tokens) that stop on their own",
                 {False: 150, True: 40}, {False: 16, True: 16}),
     "to-the-limit": ("the untrained model: every completion runs to max_completion_length (generation-heavy, "
                      "as long reasoning rollouts are)", {False: 0, True: 0}, {False: 64, True: 32}),

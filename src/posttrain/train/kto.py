@@ -25,7 +25,7 @@ from torch import nn
 from posttrain.config import KTOConfig
 from posttrain.data.pairs import collate_unpaired
 from posttrain.model.adapters import save_pissa_initial
-from posttrain.model.loading import load_model, load_tokenizer
+from posttrain.model.loading import load_tokenizer
 from posttrain.train import distributed as dist, stage
 from posttrain.train.logps import sequence_logps
 from posttrain.train.loop import Trainer, TrainResult
@@ -84,12 +84,10 @@ def run_kto(config: KTOConfig) -> TrainResult:
     device = stage.begin(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train, evals = stage.load_unpaired_samples(config, tokenizer)
-    model = load_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
-                       attn_implementation=config.attn_implementation,
-                       gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit)
+    model = stage.load_trainable_model(config, device)
     model, summary = stage.adapt(config, model)
     fill_reference(config, model, train, evals, tokenizer.pad_token_id, device)
-    out = stage.open_output_dir(config)
+    stage.open_output_dir(config)
     pissa_initial = save_pissa_initial(model) if dist.is_main() else None
 
     def save_final(folder: Path) -> None:

@@ -188,9 +188,7 @@ def run_dpo(config: DPOConfig) -> TrainResult:
     device = stage.begin(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train, evals = stage.load_pairs(config, tokenizer)
-    model = load_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
-                       attn_implementation=config.attn_implementation,
-                       gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit)
+    model = stage.load_trainable_model(config, device)
     model, summary = stage.adapt(config, model)
     if config.pref_loss not in REFERENCE_FREE:
         fill_reference(config, model, train, evals, tokenizer.pad_token_id, device)

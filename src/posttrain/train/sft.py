@@ -19,7 +19,7 @@ from posttrain.data.chat import IGNORE_INDEX, ChatRenderer
 from posttrain.data.formats import load_conversations
 from posttrain.data.prepare import tokenize_all
 from posttrain.model.adapters import save_pissa_initial
-from posttrain.model.loading import load_model, load_tokenizer
+from posttrain.model.loading import load_tokenizer
 from posttrain.train import distributed as dist, stage
 from posttrain.train.loop import Trainer, TrainResult
 
@@ -90,12 +90,9 @@ def run_sft(config: SFTConfig) -> TrainResult:
         train, evals = pack(train, config.cutoff_len), (pack(evals, config.cutoff_len) if evals else [])
         if dist.is_main():
             log.info("packing: %d rows of up to %d tokens", len(train), config.cutoff_len)
-    model = load_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
-                       attn_implementation=config.attn_implementation,
-                       gradient_checkpointing=config.gradient_checkpointing,
-                       quantization_bit=config.quantization_bit)
+    model = stage.load_trainable_model(config, device)
     model, summary = stage.adapt(config, model)
-    out = stage.open_output_dir(config)
+    stage.open_output_dir(config)
     pissa_initial = save_pissa_initial(model) if dist.is_main() else None
     dist.barrier()
 

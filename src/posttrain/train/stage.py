@@ -19,7 +19,7 @@ from posttrain.data.prepare import split_eval
 from posttrain.data.preference import load_preferences, load_unpaired
 from posttrain.errors import ConfigError
 from posttrain.model.adapters import apply_finetuning, check_finetuning, save_trained, trainable_summary
-from posttrain.model.loading import pick_device
+from posttrain.model.loading import load_model, pick_device
 from posttrain.train import distributed as dist
 from posttrain.train.metrics import check_tracker
 
@@ -51,6 +51,14 @@ def begin(config) -> torch.device:
                                   "(the last assistant turn), one unpacked sequence per response")
     check_finetuning(config, device, packing=bool(getattr(config, "packing", False)))
     return device
+
+
+def load_trainable_model(config, device: torch.device, name_or_path: str | None = None):
+    """The causal LM a stage trains, loaded with the config's model settings (attention, checkpointing,
+    quantization for QLoRA), before `adapt` applies its finetuning type."""
+    return load_model(name_or_path or config.model_name_or_path, device=device,
+                      trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
+                      gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit)
 
 
 def adapt(config, model, task_type: str = "CAUSAL_LM"):

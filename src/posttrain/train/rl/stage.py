@@ -65,9 +65,7 @@ def run_rl(config: RLConfig) -> TrainResult:
                  config.stage, config.advantage_estimator, config.rollout_batch_size, config.num_generations,
                  len(evals), ", ".join(rewards.names))
 
-    actor = load_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
-                       attn_implementation=config.attn_implementation,
-                       gradient_checkpointing=config.gradient_checkpointing)
+    actor = stage.load_trainable_model(config, device)
     limit = getattr(actor.config, "max_position_embeddings", None)
     longest = max(len(p) for p, _ in prompts + evals) + config.max_completion_length
     if limit and longest > limit:

@@ -21,12 +21,11 @@ import argparse
 import json
 import os
 import random
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import peak_rss_mib, run_side, train_timer
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
@@ -45,9 +44,6 @@ SIDES = {
 }
 PAIRS = [("posttrain-dpo", "trl-dpo"), ("posttrain-dpo", "trl-dpo-precompute"), ("posttrain-rm", "trl-rm")]
 
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,14 +95,7 @@ def child_trl(stage: str, spec: dict, extra: dict) -> dict:
     t_setup = time.perf_counter()
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     rows = [json.loads(line) for line in Path(spec["train"]).read_text().splitlines() if line.strip()]
@@ -119,7 +108,7 @@ def child_trl(stage: str, spec: dict, extra: dict) -> dict:
         max_length=spec["max_length"], logging_steps=spec["logging_steps"], eval_strategy="no", save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
-    timer = Timer()
+    timer = train_timer()
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -267,22 +256,10 @@ def main() -> None:
 
     runs: dict[str, dict] = {}
     for side in sides:
-        side_spec = {**spec, "out": str(work / f"out-{side}"), "result": str(work / f"result-{side}.json")}
-        spec_path = work / f"spec-{side}.json"
-        spec_path.write_text(json.dumps(side_spec))
-        log = work / f"log-{side}.txt"
-        print(f"running {side} ...", end=" ", flush=True)
-        load_before = os.getloadavg()[0]
-        with open(log, "w") as f:
-            rc = subprocess.call([sys.executable, __file__, "--child", side, "--spec", str(spec_path)],
-                                 stdout=f, stderr=subprocess.STDOUT)
-        if rc != 0:
-            print(f"FAILED (exit {rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
-            sys.exit(1)
-        r = json.loads(Path(side_spec["result"]).read_text())
-        r["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        out = str(work / f"out-{side}")
+        r = run_side(__file__, side, spec, work)
         r["pairs_per_s"] = r["pairs"] / r["train_s"]
-        r.update(heldout_scores(SIDES[side][0], side_spec["out"], model, str(heldout), args.max_length, args.beta))
+        r.update(heldout_scores(SIDES[side][0], out, model, str(heldout), args.max_length, args.beta))
         runs[side] = r
         print(f"{r['train_s']:.1f} s training, {r['pairs_per_s']:.2f} pairs/s, held-out loss {r['heldout_loss']:.4f} "
               f"(load avg {r['load_avg_1m'][0]} -> {r['load_avg_1m'][1]})", flush=True)

@@ -30,12 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import peak_rss_mib, run_side, train_timer
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
@@ -46,9 +47,6 @@ RESULTS = HERE / "results" / "grpo.json"
 SIDES = ("posttrain", "trl")
 NO_PPO = "TRL 1.16 has no PPOTrainer (removed from trl, not in trl.experimental): PPO is not compared"
 
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def completion_text(completion) -> str:
@@ -114,15 +112,8 @@ def child_trl(spec: dict) -> dict:
     t_setup = time.perf_counter()
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
 
     class TimedGRPOTrainer(GRPOTrainer):
         """Splits each step: `_generate` (prompts to completion ids and text) inside
@@ -162,7 +153,7 @@ def child_trl(spec: dict) -> dict:
         logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    timer = Timer()
+    timer = train_timer()
     trainer = TimedGRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=config, train_dataset=dataset,
                                processing_class=tokenizer, callbacks=[timer])
     trainer.train()
@@ -275,24 +266,10 @@ def run_workload(name: str, work: Path, args, sides: list[str]) -> dict:
             "beta": args.beta, "seed": args.seed}
     runs: dict[str, dict] = {}
     for side in sides:
-        side_spec = {**spec, "out": str(work / f"out-{side}"), "result": str(work / f"result-{side}.json")}
-        spec_path = work / f"spec-{side}.json"
-        spec_path.write_text(json.dumps(side_spec))
-        log = work / f"log-{side}.txt"
-        print(f"running {side} ...", end=" ", flush=True)
-        load_before = os.getloadavg()[0]
-        with open(log, "w") as f:
-            rc = subprocess.call([sys.executable, __file__, "--child", side, "--spec", str(spec_path)],
-                                 stdout=f, stderr=subprocess.STDOUT)
-        if rc != 0:
-            print(f"FAILED (exit {rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
-            sys.exit(1)
-        r = json.loads(Path(side_spec["result"]).read_text())
-        # Other work on the machine slows a side down; the 1-minute load average before and after
-        # its run says how much to trust its number (2 cores: ~1 is this run alone).
-        r["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        out = str(work / f"out-{side}")
+        r = run_side(__file__, side, spec, work)
         r["s_per_step"] = r["train_s"] / r["steps"]
-        r["heldout_exact_match"] = exact_match(side_spec["out"], held, max_new_tokens=args.max_completion_length)
+        r["heldout_exact_match"] = exact_match(out, held, max_new_tokens=args.max_completion_length)
         runs[side] = r
         print(f"{r['s_per_step']:.2f} s/step (load avg {r['load_avg_1m'][0]} -> {r['load_avg_1m'][1]})", flush=True)
     print()

@@ -20,12 +20,12 @@ import argparse
 import json
 import math
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import peak_rss_mib, run_side, train_timer
 
 # Nothing in this benchmark may reach a hub; set before transformers / datasets are imported.
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -69,9 +69,6 @@ SIDES = {
 PAIRS = [("posttrain", "trl"), ("posttrain-packing", "trl"), ("posttrain-ungrouped", "trl"),
          ("posttrain", "trl-grouped"), ("posttrain-ungrouped", "trl-grouped")]
 
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,15 +140,8 @@ def child_trl(spec: dict, extra: dict) -> dict:
     t_setup = time.perf_counter()
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
 
     class CountingSFTTrainer(SFTTrainer):
         """Counts trained tokens the same way posttrain does: positions whose next token has a label."""
@@ -182,7 +172,7 @@ def child_trl(spec: dict, extra: dict) -> dict:
         logging_steps=spec["logging_steps"], eval_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0,
     )
-    timer = Timer()
+    timer = train_timer()
     peft_config = None
     if spec.get("lora"):
         from peft import LoraConfig
@@ -378,24 +368,7 @@ def main() -> None:
             "lora": {"r": args.lora_rank, "alpha": 2 * args.lora_rank} if args.lora else None}
     runs: dict[str, dict] = {}
     for side in sides:
-        side_spec = {**spec, "out": str(work / f"out-{side}"), "result": str(work / f"result-{side}.json")}
-        spec_path = work / f"spec-{side}.json"
-        spec_path.write_text(json.dumps(side_spec))
-        log = work / f"log-{side}.txt"
-        print(f"running {side} ...", end=" ", flush=True)
-        load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        with open(log, "w") as f:
-            rc = subprocess.call([sys.executable, __file__, "--child", side, "--spec", str(spec_path)],
-                                 stdout=f, stderr=subprocess.STDOUT)
-        if rc != 0:
-            print(f"FAILED (exit {rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
-            sys.exit(1)
-        r = json.loads(Path(side_spec["result"]).read_text())
-        r["process_s"] = time.perf_counter() - t0  # includes interpreter start and imports
-        # Other work on the machine slows a side down; the 1-minute load average before and after
-        # its run says how much to trust its number (2 cores: ~1 is this run alone).
-        r["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        r = run_side(__file__, side, spec, work)
         r["trained_tokens_per_s"] = r["trained_tokens"] / r["train_s"]
         runs[side] = r
         print(f"{r['train_s']:.1f} s training, {r['trained_tokens_per_s']:.0f} trained tok/s "

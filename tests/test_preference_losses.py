@@ -143,19 +143,30 @@ def test_one_padded_pass_equals_separate_passes_and_adds_rpo(tiny_model_dir, tin
     assert n == 2 and total.item() == pytest.approx(sum(_alone(model, s.chosen) for s in pair_batch), rel=1e-4)
 
 
-def test_kto_objective_estimates_kl_from_mismatched_rows(tiny_model_dir, tiny_tokenizer, pair_batch):
+def test_kto_kl_reference_point_is_one_estimate_over_the_whole_step(tiny_model_dir, tiny_tokenizer, pair_batch):
     from posttrain.data.pairs import UnpairedSample
     from posttrain.model.loading import load_model
 
     model = load_model(str(tiny_model_dir), device=torch.device("cpu"))
     rows = [UnpairedSample(pair_batch[0].chosen, True, pair_batch[1].rejected, ref=-20.0, ref_mismatched=-80.0),
-            UnpairedSample(pair_batch[1].rejected, False, pair_batch[0].chosen, ref=-22.0, ref_mismatched=-90.0)]
+            UnpairedSample(pair_batch[1].rejected, False, pair_batch[0].chosen, ref=-22.0, ref_mismatched=-90.0),
+            UnpairedSample(pair_batch[1].chosen, True, pair_batch[0].rejected, ref=-21.0, ref_mismatched=-30.0)]
     config = build_config(KTOConfig, dict(model_name_or_path="m", output_dir="o", dataset="d", pref_beta=BETA,
                                           kto_rejected_weight=1.5))
-    out = KTOObjective(model, config)(collate_unpaired(rows, tiny_tokenizer.pad_token_id))
+    objective = KTOObjective(model, config)
+    # One optimizer step of two micro-batches: z0 is the mean over all three rows' mismatched
+    # log-ratios (Ethayarajh et al. 2024, eq. 8), not a mean per micro-batch.
+    micro = [collate_unpaired(rows[:2], tiny_tokenizer.pad_token_id), collate_unpaired(rows[2:], tiny_tokenizer.pad_token_id)]
+    objective.begin_step(micro)
+    mismatched = [_alone(model, r.mismatched) - r.ref_mismatched for r in rows]
+    z0 = max(0.0, sum(mismatched) / 3)
+    assert z0 > 0 and max(0.0, sum(mismatched[:2]) / 2) != pytest.approx(z0, rel=1e-3)  # per micro-batch would differ
+    assert objective.kl.item() == pytest.approx(z0, rel=1e-4)
+    assert not objective.kl.requires_grad  # a reference point, detached as the paper says
+
+    out = objective(micro[0])
     r = [_alone(model, rows[0].sample) + 20.0, _alone(model, rows[1].sample) + 22.0]
-    z0 = max(0.0, ((_alone(model, rows[0].mismatched) + 80.0) + (_alone(model, rows[1].mismatched) + 90.0)) / 2)
-    assert z0 > 0  # the KL path is exercised, not clamped away
     want = (1 - sig(BETA * (r[0] - z0))) + 1.5 * (1 - sig(BETA * (z0 - r[1])))
     assert out["loss_sum"].item() == pytest.approx(want, rel=1e-4)
     assert out["metrics"]["kl"][0].item() / 2 == pytest.approx(z0, rel=1e-4)
+    assert out["loss_sum"].requires_grad

@@ -10,8 +10,14 @@ With r(x, y) = log π(y|x) - log π_ref(y|x) and z0 a batch estimate of KL(π ||
 
 β = `pref_beta`, λ_D = `kto_chosen_weight`, λ_U = `kto_rejected_weight`. Each row's mismatched
 y' is fixed when the data is read (data/pairs.py), so its reference log-prob is computed once with
-the others; the model sees each row and its mismatched twin in one forward pass. z0 is estimated
-per micro-batch (under DDP: per rank), a slightly noisier estimate than an all-gathered one.
+the others.
+
+z0 is one number per optimizer step: the mean over EVERY row of the step — all its micro-batches, on
+all ranks (summed with an all-reduce, as TRL gathers it) — so accumulating 4x2 or running 2
+processes gives the same z0, and the same update, as one batch of 8. The loop calls `begin_step`
+with the step's micro-batches before any gradient pass; it runs the mismatched rows once without
+gradient (the paper detaches z0), and `forward` then runs only the rows being trained. Evaluation
+does the same over the whole eval set.
 """
 
 from __future__ import annotations
@@ -42,37 +48,59 @@ def kto_loss(logratios: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor | f
     return torch.where(labels, desirable, undesirable)
 
 
-def kl_estimate(mismatched_logratios: torch.Tensor) -> torch.Tensor:
-    """z0 = max(0, mean r(x, y')), detached: KTO uses it as a reference point, not a training signal."""
-    return mismatched_logratios.detach().mean().clamp(min=0)
+def kl_estimate(logratio_sum: float, rows: int) -> torch.Tensor:
+    """z0 = max(0, mean r(x, y')) from the sum of r(x, y') over `rows` rows (0 when there are none)."""
+    return torch.tensor(logratio_sum / rows if rows else 0.0).clamp(min=0)
+
+
+def _rows(batch: dict, start: int, stop: int | None = None) -> dict:
+    """Rows start:stop of a collated batch, cut to their own longest sequence (less padding)."""
+    part = {k: batch[k][start:stop] for k in ("input_ids", "attention_mask", "targets")}
+    width = int(part["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :width] for k, v in part.items()}
 
 
 class KTOObjective(nn.Module):
-    """Each row and its mismatched twin in one forward pass (2B rows), then the KTO loss."""
+    """`begin_step`: z0 from the mismatched rows of the whole step; `forward`: the KTO loss of one
+    micro-batch's rows (collated as B rows, then their B mismatched twins)."""
 
     def __init__(self, model: nn.Module, config: KTOConfig):
         super().__init__()
         self.model = model
         self.beta, self.ftx = config.pref_beta, config.pref_ftx
         self.weights = (config.kto_chosen_weight, config.kto_rejected_weight)
+        self.kl: torch.Tensor | None = None  # z0 of the current step (or eval pass), set by begin_step
+
+    @torch.no_grad()
+    def begin_step(self, batches) -> None:
+        """z0 over every row of `batches` (this rank's micro-batches of one step) and of every rank.
+        Every rank must call it, even with no batch (a rank with no rows left adds nothing)."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in batches:
+            b = batch["label"].size(0)
+            logps, _ = sequence_logps(self.model, _rows(batch, b))
+            total += torch.tensor([(logps.float() - batch["ref_mismatched"]).sum().item(), b], dtype=torch.float64)
+        total = dist.all_reduce_sum(total)
+        self.kl = kl_estimate(total[0].item(), int(total[1].item()))
 
     def forward(self, batch: dict) -> dict:
-        logps, counts = sequence_logps(self.model, batch)
+        if self.kl is None:
+            raise RuntimeError("KTOObjective.begin_step must run before forward: it sets the KL reference point z0")
         b = batch["label"].size(0)
+        logps, counts = sequence_logps(self.model, _rows(batch, 0, b))
         labels = batch["label"]
-        logratios = logps[:b] - batch["ref"]
-        kl = kl_estimate(logps[b:] - batch["ref_mismatched"])
+        logratios = logps - batch["ref"]
+        kl = self.kl.to(logratios.device)
         loss = kto_loss(logratios, labels, kl, self.beta, *self.weights)
         if self.ftx:  # an NLL term on the desirable responses, as RPO does for DPO
-            loss = loss + self.ftx * torch.where(labels, -logps[:b] / counts[:b].clamp(min=1), 0.0)
+            loss = loss + self.ftx * torch.where(labels, -logps / counts.clamp(min=1), 0.0)
         rewards = self.beta * logratios.detach()
         good, bad = labels.sum().item(), (~labels).sum().item()
-        metrics = {"kl": (kl * b, b)}
-        if good:
-            metrics.update({"rewards/chosen": (rewards[labels].sum(), good), "logps/chosen": (logps[:b][labels].detach().sum(), good)})
-        if bad:
-            metrics.update({"rewards/rejected": (rewards[~labels].sum(), bad),
-                            "logps/rejected": (logps[:b][~labels].detach().sum(), bad)})
+        # Every name on every batch, even with a count of 0: under DDP each rank must reduce the same names.
+        metrics = {"kl": (kl * b, b),
+                   "rewards/chosen": (rewards[labels].sum(), good), "logps/chosen": (logps[labels].detach().sum(), good),
+                   "rewards/rejected": (rewards[~labels].sum(), bad),
+                   "logps/rejected": (logps[~labels].detach().sum(), bad)}
         return {"loss_sum": loss.sum(), "metrics": metrics}
 
 

@@ -8,6 +8,10 @@ gives the same update as one batch of 8, and N processes the same as one.
 An objective may also return `metrics`: {name: (sum, count)} (e.g. the DPO reward accuracy summed
 over the batch's pairs); the loop adds sums and counts up over each logging window (and over the
 eval set) and logs sum / count under the name (`eval_<name>` for eval).
+
+An objective may define `begin_step(batches)`: called on every rank with that rank's micro-batches
+of an optimizer step (or its share of the eval set) before any of them goes through `forward`, for
+a statistic taken over the whole step rather than one micro-batch (KTO's KL reference point).
 """
 
 from __future__ import annotations
@@ -145,6 +149,7 @@ class Trainer:
         batches = [self.collate([self.train_examples[i] for i in idx]) if idx else None for idx in micro]
         local = sum(self.count(b) for b in batches if b is not None)
         total = int(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
+        self._begin([b for b in batches if b is not None])
         loss_sum, tokens = 0.0, 0
         for k, batch in enumerate(batches):
             weight = 1.0
@@ -165,6 +170,13 @@ class Trainer:
                 _add_metrics(metrics, out.get("metrics", {}))
         return loss_sum, total, tokens
 
+    def _begin(self, batches: list[dict]) -> None:
+        """The objective's whole-step statistics, if it keeps any (see the module docstring)."""
+        begin = getattr(self.objective, "begin_step", None)
+        if begin is not None:
+            with autocast(self.device, self.args):
+                begin(_to(b, self.device) for b in batches)
+
     @torch.no_grad()
     def evaluate(self, module: nn.Module) -> float | None:
         if not self.eval_examples:
@@ -175,8 +187,10 @@ class Trainer:
         mine = sorted(mine, key=example_length)  # similar lengths together: less padding
         sums = torch.zeros(2, dtype=torch.float64)
         metrics: dict[str, list[float]] = {}
-        for i in range(0, len(mine), bs):
-            batch = _to(self.collate(mine[i:i + bs]), self.device)
+        batches = [self.collate(mine[i:i + bs]) for i in range(0, len(mine), bs)]
+        self._begin(batches)
+        for batch in batches:
+            batch = _to(batch, self.device)
             with autocast(self.device, self.args):
                 out = module(batch)
             sums += torch.tensor([out["loss_sum"].item(), self.count(batch)], dtype=torch.float64)

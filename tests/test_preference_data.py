@@ -84,8 +84,34 @@ def test_unpaired_rows_take_any_sft_shape_plus_a_label(tmp_path):
     with pytest.raises(DataError, match=r"u9.jsonl:1: field 'label' must be true or false"):
         load_unpaired([DatasetSpec(path=write(tmp_path, [{"prompt": "p", "completion": "c", "label": "yes"}],
                                              "u9.jsonl"))])
-    with pytest.raises(DataError, match="missing field 'label'.*chosen/rejected pairs are for rm/dpo"):
-        load_unpaired([DatasetSpec(path=write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"}], "u8.jsonl"))])
+    with pytest.raises(DataError, match="u8.jsonl:1: missing field 'label'.*or chosen \\+ rejected for a pair"):
+        load_unpaired([DatasetSpec(path=write(tmp_path, [{"prompt": "p", "completion": "c"}], "u8.jsonl"))])
+
+
+def test_kto_takes_preference_pairs_unpaired(tmp_path, tiny_tokenizer):
+    # TRL's unpair_preference_dataset: a pair's chosen is a desirable row, its rejected an undesirable one.
+    pairs = write(tmp_path, [{"prompt": "reverse 123", "chosen": "321", "rejected": "123"},
+                             {"prompt": "reverse 45", "chosen": "54", "rejected": "45"}], "pairs.jsonl")
+    sharegpt = write(tmp_path, [{"conversations": [{"from": "human", "value": "reverse 78"}],
+                                 "chosen": {"from": "gpt", "value": "87"}, "rejected": {"from": "gpt", "value": "78"}}],
+                     "sharegpt.jsonl")
+    labelled = write(tmp_path, [{"prompt": "reverse 6", "completion": "6", "label": True}], "kto.jsonl")
+    rows, report = load_unpaired([DatasetSpec(path=labelled), DatasetSpec(path=pairs), DatasetSpec(path=sharegpt)])
+    got = [(u.prompt[-1].content, u.completion.content, u.label, u.source.rsplit("/", 1)[-1]) for u in rows]
+    assert got == [("reverse 6", "6", True, "kto.jsonl:1"),
+                   ("reverse 123", "321", True, "pairs.jsonl:1"), ("reverse 45", "54", True, "pairs.jsonl:2"),
+                   ("reverse 78", "87", True, "sharegpt.jsonl:1"),
+                   ("reverse 123", "123", False, "pairs.jsonl:1"), ("reverse 45", "45", False, "pairs.jsonl:2"),
+                   ("reverse 78", "78", False, "sharegpt.jsonl:1")]
+    assert report.per_source == {labelled: 1, pairs: 2, sharegpt: 1}  # rows read: a pair is one row
+    # Chosen rows first, then rejected: each row's mismatched twin (the next row's completion) answers another prompt.
+    samples, _ = tokenize_unpaired(rows, response_renderer(tiny_tokenizer, None), cutoff_len=128)
+    for s in samples:
+        assert tiny_tokenizer.decode(s.mismatched.input_ids) != tiny_tokenizer.decode(s.sample.input_ids)
+    # A bad pair is reported like any bad pair, with file:line.
+    bad = write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "a"}], "bad.jsonl")
+    with pytest.raises(DataError, match="bad.jsonl:1: chosen and rejected are identical"):
+        load_unpaired([DatasetSpec(path=bad)])
 
 
 def test_pairs_share_prompt_tokens_train_only_the_response_and_batch_as_one_tensor(tmp_path, tiny_tokenizer):

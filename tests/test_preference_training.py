@@ -113,6 +113,16 @@ def test_kto_learns_desirable_from_undesirable(tiny_model_dir, pair_files, tmp_p
     assert final["eval_rewards/chosen"] - final["eval_rewards/rejected"] > 0.2 and final["eval_loss"] < 0.49
 
 
+def test_kto_unpairs_preference_pairs_and_says_so(tiny_model_dir, pair_files, tmp_path, caplog):
+    caplog.set_level("INFO")
+    out = tmp_path / "kto-pairs"
+    assert main(["kto", *overrides(tiny_model_dir, pair_files["pairs"], out, tmp_path / "cache", max_steps=2,
+                                   eval_steps=2)]) == 0
+    assert "64 training and 64 eval preference pairs (chosen/rejected, no label) unpaired for KTO" in caplog.text
+    assert "64 desirable, 64 undesirable" in caplog.text
+    assert (out / "model.safetensors").is_file()
+
+
 def test_bad_preference_input_fails_before_training(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a", "rejected": "a"}\n')

@@ -13,7 +13,9 @@ Preference formats (reward models, the DPO family), named by the fields a row ho
 
 Unpaired formats (KTO): any SFT row format (prompt_completion, openai, sharegpt, alpaca, ...) plus a
 boolean `label` (TRL) or `kto_tag` (LLaMA-Factory) column; the last assistant message is the
-completion, everything before it the prompt.
+completion, everything before it the prompt. KTO also takes preference pairs (a row with chosen +
+rejected and no label): each becomes a desirable and an undesirable row, as TRL's
+`unpair_preference_dataset` does.
 
 A pair whose chosen and rejected responses are identical, an empty response, or an implicit-prompt
 pair whose conversations differ before their last message is refused with file:line: problem.
@@ -32,7 +34,7 @@ from posttrain.data.sources import type_name
 from posttrain.errors import DataError
 
 PREFERENCE_FORMATS = ("auto", "preference", "sharegpt", "alpaca")
-UNPAIRED_FORMATS = ("auto", "prompt_completion", "alpaca", "role", "openai", "sharegpt")
+UNPAIRED_FORMATS = ("auto", "prompt_completion", "alpaca", "role", "openai", "sharegpt", "preference")
 _LABEL_KEYS = ("label", "kto_tag")
 
 
@@ -173,9 +175,8 @@ def to_unpaired(row: dict, fmt: str, source: str, rownum: int) -> Unpaired:
     """An SFT row plus a boolean label: the last assistant message is the judged completion."""
     keys = [k for k in _LABEL_KEYS if row.get(k) is not None]
     if not keys:
-        hint = "; chosen/rejected pairs are for rm/dpo" if {"chosen", "rejected"} <= set(row) else ""
         raise DataError(f"missing field 'label' (or 'kto_tag'): each KTO row needs a true/false label for its "
-                        f"completion (row has keys {sorted(row)}){hint}", source, rownum)
+                        f"completion, or chosen + rejected for a pair (row has keys {sorted(row)})", source, rownum)
     if len(keys) == 2:
         raise DataError("row has both 'label' and 'kto_tag'; keep one", source, rownum)
     label = row[keys[0]]
@@ -194,7 +195,42 @@ def to_unpaired(row: dict, fmt: str, source: str, rownum: int) -> Unpaired:
     return Unpaired(prompt, completion, label, conv.tools, conv.source)
 
 
+def _is_pair(keys: set[str]) -> bool:
+    return {"chosen", "rejected"} <= keys and not keys & set(_LABEL_KEYS)
+
+
+def detect_kto_format(keys: set[str]) -> str | None:
+    return detect_preference_format(keys) if _is_pair(keys) else detect_unpaired_format(keys)
+
+
+def to_kto_record(row: dict, fmt: str, source: str, rownum: int) -> Unpaired | Preference:
+    """A labelled row as `Unpaired`; a chosen/rejected row (no label) as the `Preference` it is."""
+    if _is_pair(set(row)):
+        return to_preference(row, fmt if fmt in PREFERENCE_FORMATS else "auto", source, rownum)
+    return to_unpaired(row, "auto" if fmt == "preference" else fmt, source, rownum)
+
+
+def unpair_preferences(records: list[Unpaired | Preference]) -> list[Unpaired]:
+    """TRL's `unpair_preference_dataset`: every pair's chosen response becomes a desirable row and
+    its rejected one an undesirable row. Labelled rows stay first and in order, then every pair's
+    chosen row, then every pair's rejected row: in that order a row's neighbour (whose completion
+    is its mismatched twin for the KL estimate, data/pairs.py) answers another prompt, not its own."""
+    pairs = [r for r in records if isinstance(r, Preference)]
+    rows = [r for r in records if not isinstance(r, Preference)]
+    for label in (True, False):
+        rows += [Unpaired(p.prompt, p.chosen if label else p.rejected, label, p.tools, p.source) for p in pairs]
+    return rows
+
+
+def load_kto_records(specs: list[DatasetSpec], on_bad_rows: str = "error", seed: int = 0,
+                     max_samples: int | None = None) -> tuple[list[Unpaired | Preference], LoadReport]:
+    """KTO data as read: labelled rows and preference pairs (max_samples counts a pair as one row)."""
+    return load_records(specs, to_kto_record, detect_kto_format, on_bad_rows, seed, max_samples,
+                        formats=UNPAIRED_FORMATS)
+
+
 def load_unpaired(specs: list[DatasetSpec], on_bad_rows: str = "error", seed: int = 0,
                   max_samples: int | None = None) -> tuple[list[Unpaired], LoadReport]:
-    return load_records(specs, to_unpaired, detect_unpaired_format, on_bad_rows, seed, max_samples,
-                        formats=UNPAIRED_FORMATS)
+    """KTO rows, preference pairs among them unpaired."""
+    records, report = load_kto_records(specs, on_bad_rows, seed, max_samples)
+    return unpair_preferences(records), report

@@ -16,7 +16,8 @@ from posttrain.config import save_config
 from posttrain.data.formats import DatasetSpec
 from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_unpaired
 from posttrain.data.prepare import split_eval
-from posttrain.data.preference import load_preferences, load_unpaired
+from posttrain.data.preference import load_kto_records, load_preferences, unpair_preferences
+from posttrain.data.schema import Preference
 from posttrain.errors import ConfigError
 from posttrain.model.adapters import apply_finetuning, check_finetuning, save_trained, trainable_summary
 from posttrain.model.loading import load_model, pick_device
@@ -110,9 +111,15 @@ def load_pairs(config, tokenizer):
 
 
 def load_unpaired_samples(config, tokenizer):
-    """Training and eval `UnpairedSample`s (KTO data)."""
+    """Training and eval `UnpairedSample`s (KTO data); preference pairs among them are unpaired."""
     renderer = response_renderer(tokenizer, config.template)
-    rows, eval_rows = load_rows(config, load_unpaired)
+    records, eval_records = load_rows(config, load_kto_records)
+    pairs, eval_pairs = (sum(isinstance(r, Preference) for r in rs) for rs in (records, eval_records))
+    if (pairs or eval_pairs) and dist.is_main():
+        log.info("data: %d training and %d eval preference pairs (chosen/rejected, no label) unpaired for KTO: each "
+                 "chosen response is a desirable row and each rejected one an undesirable row (TRL's "
+                 "unpair_preference_dataset)", pairs, eval_pairs)
+    rows, eval_rows = unpair_preferences(records), unpair_preferences(eval_records)
     train, report = tokenize_unpaired(rows, renderer, config.cutoff_len, config.overlong)
     evals = tokenize_unpaired(eval_rows, renderer, config.cutoff_len, config.overlong)[0] if eval_rows else []
     labels = [s.label for s in train]

@@ -4,6 +4,10 @@ Sequences are prompt + response, right-padded (so positions are the plain 0..n-1
 expects). Everything per token is response-aligned, [B, L]: column j of row b is the j-th response
 token, predicted from the hidden state one position earlier. The output head and the value head
 run on those positions only, never on the prompt.
+
+Where a batch holds several completions of one prompt (GRPO's groups), `collate_rollouts` can
+instead give the shared-prompt layout of shared_prompt.py (each prompt run once); the forward
+passes here read either layout and return the same [B, L] tensors.
 """
 
 from __future__ import annotations
@@ -13,15 +17,44 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from posttrain.errors import ConfigError
+from posttrain.model.reward import _parts as value_parts
 from posttrain.model.reward import token_values
 from posttrain.train.logps import _causal_parts
 from posttrain.train.rl.losses import entropy_from_logits
 from posttrain.train.rl.rollout import Rollout
+from posttrain.train.rl.shared_prompt import collate_shared, shared_hidden, worth_sharing
 
 
-def collate_rollouts(rollouts: list[Rollout], pad_id: int, device: torch.device) -> dict:
+def shares_prompts(model: nn.Module, *, with_grad: bool, critic: bool = False) -> bool:
+    """Whether `model` can run the shared-prompt layout: its bare decoder must be reachable (not a
+    prompt-learning PEFT model, whose virtual tokens live in the cache; no post-processed logits), and
+    with gradients, no gradient checkpointing (transformers drops the cache in checkpointed layers)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return False
+    hf = model.get_base_model() if peft_config is not None else model
+    checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers < 5.x: the older name
+    if checkpointing is None:
+        checkpointing = getattr(hf, "is_gradient_checkpointing", False)
+    if with_grad and checkpointing:
+        return False
+    if critic:
+        try:
+            value_parts(model)
+        except ConfigError:
+            return False
+        return True
+    return _causal_parts(model) is not None
+
+
+def collate_rollouts(rollouts: list[Rollout], pad_id: int, device: torch.device, share_prompts: bool = False
+                     ) -> dict:
     """input_ids / attention_mask [B, T]; `where` [B, L]: the position predicting each response token;
-    `targets` and `mask` [B, L]."""
+    `targets` and `mask` [B, L]. With `share_prompts`, the shared-prompt layout instead wherever it runs
+    fewer tokens (rows repeat a prompt)."""
+    if share_prompts and worth_sharing(rollouts):
+        return collate_shared(rollouts, pad_id, device)
     width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
     length = max(len(r.response_ids) for r in rollouts)
     b = len(rollouts)
@@ -48,13 +81,20 @@ def _gather(hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 def response_logps(model: nn.Module, batch: dict, temperature: float, entropy: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log π(token) [B, L], entropy [B, L] or None) of the response tokens, at the sampling temperature."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     parts = _causal_parts(model)
-    if parts is not None:
+    if "tail_ids" in batch:  # the shared-prompt layout: hidden states come response-aligned
+        if parts is None:
+            raise ValueError("the shared-prompt layout needs a model whose decoder and head can be run apart "
+                             "(check shares_prompts before collating)")
         body, head = parts
-        logits = head(_gather(body(**inputs, use_cache=False).last_hidden_state, batch["where"]))
+        logits = head(shared_hidden(body, batch))
     else:
-        logits = _gather(model(**inputs, use_cache=False).logits, batch["where"])
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if parts is not None:
+            body, head = parts
+            logits = head(_gather(body(**inputs, use_cache=False).last_hidden_state, batch["where"]))
+        else:
+            logits = _gather(model(**inputs, use_cache=False).logits, batch["where"])
     logits = logits.float() / temperature
     logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
     ent = entropy_from_logits(logits) if entropy else None
@@ -63,6 +103,9 @@ def response_logps(model: nn.Module, batch: dict, temperature: float, entropy: b
 
 def response_values(critic: nn.Module, batch: dict) -> torch.Tensor:
     """The critic's V(s) [B, L] before each response token."""
+    if "tail_ids" in batch:
+        body, head = value_parts(critic)
+        return head(shared_hidden(body, batch)).squeeze(-1).float() * batch["mask"]
     values = token_values(critic, batch["input_ids"], batch["attention_mask"])
     return values.gather(1, batch["where"]) * batch["mask"]
 
@@ -94,7 +137,9 @@ class Experience:
 def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id: int, device: torch.device,
                    batch_size: int, temperature: float, need_old: bool, precision) -> Experience:
     """The old policy's, the reference's and the critic's view of every rollout, batched without gradients.
-    `reference` is a model, or "adapter-disabled" for a LoRA actor (its base), or None (no KL)."""
+    `reference` is a model, or "adapter-disabled" for a LoRA actor (its base), or None (no KL).
+    Rows of one prompt are batched together, so each batch runs each prompt once where every model
+    can (shares_prompts)."""
     n = len(rollouts)
     length = max(len(r.response_ids) for r in rollouts)
     mask = torch.zeros(n, length, device=device)
@@ -105,10 +150,16 @@ def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id:
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    order = sorted(range(n), key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids))
+    share = shares_prompts(actor, with_grad=False) and (critic is None or shares_prompts(critic, with_grad=False,
+                                                                                          critic=True))
+    if isinstance(reference, nn.Module):
+        share = share and shares_prompts(reference, with_grad=False)
+    # Sorted by prompt (length first), then response length: a group stays together, padding stays small.
+    order = sorted(range(n), key=lambda i: (len(rollouts[i].prompt_ids), rollouts[i].prompt_ids,
+                                            len(rollouts[i].response_ids)))
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        batch = collate_rollouts([rollouts[i] for i in idx], pad_id, device)
+        batch = collate_rollouts([rollouts[i] for i in idx], pad_id, device, share_prompts=share)
         cols = batch["mask"].size(1)
         mask[idx, :cols] = batch["mask"]
         with precision():

@@ -32,7 +32,8 @@ from posttrain.train.loop import (_add_metrics, _reduce_metrics, autocast, build
                                   seed_everything, write_final)
 from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from posttrain.train.rl import advantages as adv
-from posttrain.train.rl.experience import Experience, collate_rollouts, response_logps, response_values, score_rollouts
+from posttrain.train.rl.experience import (Experience, collate_rollouts, response_logps, response_values, score_rollouts,
+                                           shares_prompts)
 from posttrain.train.rl.losses import policy_loss, token_weights, value_loss
 from posttrain.train.rl.rewards import Rewards, Scored
 from posttrain.train.rl.rollout import Rollout, RolloutSampler
@@ -72,6 +73,9 @@ class RLTrainer:
         # Fully on-policy (one optimizer step per rollout): the log-probs of the update's own forward ARE the
         # old ones, so the separate no-grad pass is skipped (ratio 1, the clip is inactive).
         self.need_old = not (config.ppo_epochs == 1 and self.minibatches == 1)
+        # The update's forward runs each prompt of a micro-batch once where the models allow it (shared_prompt.py).
+        self.share_prompts = shares_prompts(actor, with_grad=True) and (
+            critic is None or shares_prompts(critic, with_grad=True, critic=True))
         self.kl = adv.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.moments = RunningMoments()
         self.precision = lambda: autocast(device, config)
@@ -164,7 +168,8 @@ class RLTrainer:
 
     def _minibatch(self, exp: Experience, chunks: list[list[int]], optimizers, schedulers, train_actor, metrics):
         c = self.c
-        batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], self.tokenizer.pad_token_id, self.device),
+        pad = self.tokenizer.pad_token_id
+        batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], pad, self.device, self.share_prompts),
                     exp.rows(idx)) for idx in chunks]
         max_len = c.max_completion_length
         units = sum(token_weights(b["mask"], c.loss_agg_mode, max_len)[1] for _, b, _ in batches)

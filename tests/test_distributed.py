@@ -68,3 +68,28 @@ def test_kto_kl_reference_point_spans_the_whole_step_and_every_rank(tiny_model_d
     # Measured: 3e-5 apart (float sums in another order, through Adam); a z0 per micro-batch: 1.6e-2.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-4)
+
+
+def test_bco_running_mean_is_shared_by_every_rank(tiny_model_dir, tmp_path):
+    """BCO's δ is the mean reward of the earlier steps over every rank, and the filler pass of a rank
+    with no pair left in the partial last batch (9 pairs, global batch 4) adds nothing: 2 processes
+    match one process accumulating 2 micro-batches (a δ updated per micro-batch would not)."""
+    from posttrain.data.synthetic import preference_pairs, split_task, write_jsonl
+
+    data = write_jsonl(preference_pairs(split_task(9, 0, seed=3)[0], seed=0), tmp_path / "pairs.jsonl")
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+
+    def args(out, **extra):
+        return ["dpo", *sft_overrides(tiny_model_dir, data, out, max_steps=3, logging_steps=1, learning_rate=5e-3,
+                                      pref_loss="bco_pair", ref_cache_dir=tmp_path / "cache", save_steps=0,
+                                      per_device_train_batch_size=2, **extra)]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "posttrain", *args(one, gradient_accumulation_steps=2)],
+                   env=env, check=True, capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "posttrain", *args(two)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-4)

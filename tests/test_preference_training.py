@@ -86,6 +86,35 @@ def test_every_pref_loss_trains(tiny_model_dir, pair_files, tmp_path, loss):
     assert (tmp_path / "cache").exists() == (loss not in ("simpo", "orpo"))
 
 
+def test_bco_running_mean_is_checkpointed_and_restored_on_resume(tiny_model_dir, pair_files, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from posttrain.config import load_config
+    from posttrain.train.preference import run_dpo
+
+    def run(out, **extra):  # in process: the result holds the trained objective and its statistics
+        return run_dpo(load_config("dpo", None, overrides(
+            tiny_model_dir, pair_files["pairs"], out, tmp_path / "cache", pref_loss="bco_pair", max_steps=4,
+            save_steps=2, logging_steps=2, eval_dataset="null", **extra)))
+
+    whole = run(tmp_path / "whole")
+    state = load_file(tmp_path / "whole" / "checkpoint-2" / "model.safetensors")
+    # Two steps of 16 pairs, two rewards each: the running mean's count and sum are in the checkpoint.
+    assert state["bco_reward_count"].item() == 64 and state["bco_reward_sum"].item() != 0
+
+    # A run stopped after checkpoint-2 and resumed from it ends where the uninterrupted run ended.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", resumed / "checkpoint-2")
+    again = run(resumed, resume_from_checkpoint=resumed / "checkpoint-2")
+    for name in ("bco_reward_sum", "bco_reward_count"):
+        assert getattr(again.objective, name).item() == pytest.approx(getattr(whole.objective, name).item(), rel=1e-9)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
 def test_lora_dpo_writes_an_adapter_and_uses_the_base_as_reference(tiny_model_dir, pair_files, tmp_path):
     out = tmp_path / "lora"
     assert main(["dpo", *overrides(tiny_model_dir, pair_files["pairs"], out, tmp_path / "cache", pref_beta=0.5,

@@ -2,8 +2,8 @@
 
 A checkpoint folder is written under a temporary name and renamed into place, so a run killed at
 any moment leaves either a whole checkpoint or none. It holds the model weights (safetensors), the
-optimizer and scheduler state, the RNG states and the data position, so a resumed run continues
-exactly where the killed one stopped.
+objective's own running statistics (e.g. BCO's reward mean), the optimizer and scheduler state, the
+RNG states and the data position, so a resumed run continues exactly where the killed one stopped.
 """
 
 from __future__ import annotations
@@ -89,13 +89,19 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+def own_buffers(module) -> dict[str, torch.Tensor]:
+    """The persistent buffers a module holds itself, not through a submodule: for an objective, its
+    running statistics (BCO's reward sum and count), which no model file saves."""
+    return {k: b for k, b in module.named_buffers(recurse=False) if k not in module._non_persistent_buffers_set}
+
+
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.device) -> dict:
     state = json.loads((path / STATE_FILE).read_text())
     weights = load_file(path / "model.safetensors", device=str(device))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    # Checkpoints hold the trainable parameters only; every one of those must come back.
-    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-    missing = [k for k in missing if k in trainable and k not in _tied_keys(model)]
+    # Checkpoints hold the trainable parameters and the objective's statistics; every one must come back.
+    required = {k for k, p in model.named_parameters() if p.requires_grad} | set(own_buffers(model))
+    missing = [k for k in missing if k in required and k not in _tied_keys(model)]
     if unexpected or missing:
         raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")

@@ -11,7 +11,11 @@ eval set) and logs sum / count under the name (`eval_<name>` for eval).
 
 An objective may define `begin_step(batches)`: called on every rank with that rank's micro-batches
 of an optimizer step (or its share of the eval set) before any of them goes through `forward`, for
-a statistic taken over the whole step rather than one micro-batch (KTO's KL reference point).
+a statistic taken over the whole step rather than one micro-batch (KTO's KL reference point), and
+`end_step()`: called on every rank after them (BCO folds the step's rewards into its running mean).
+Under DDP a rank with no rows left in a partial last step runs a zero-weight pass on a batch marked
+`filler`, so that collective calls stay in step; running statistics skip it. An objective's own
+persistent buffers (not its model's) are such statistics: checkpoints save and restore them.
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint must hold: the parameters that train (frozen ones come back from the base)."""
-    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+    """What a checkpoint must hold: the parameters that train (frozen ones come back from the base)
+    and the objective's own running statistics."""
+    return {**{k: p for k, p in model.named_parameters() if p.requires_grad}, **checkpoint.own_buffers(model)}
 
 
 def build_scheduler(optimizer, args: TrainArgs, total_steps: int):
@@ -155,6 +160,7 @@ class Trainer:
             weight = 1.0
             if batch is None:  # this rank has no samples left in a partial last batch: a zero-weight pass
                 batch, weight = self.collate([self.train_examples[0]]), 0.0
+                batch["filler"] = True  # an objective's running statistics must not count it
             batch = _to(batch, self.device)
             sync = k == len(batches) - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else module.no_sync()
@@ -168,6 +174,11 @@ class Trainer:
                 loss_sum += out["loss_sum"].item()
                 tokens += int(batch["num_tokens"])
                 _add_metrics(metrics, out.get("metrics", {}))
+            else:  # the names with nothing counted: a window of filler passes only still reduces them with the others
+                _add_metrics(metrics, {name: (0.0, 0.0) for name in out.get("metrics", {})})
+        end = getattr(self.objective, "end_step", None)
+        if end is not None:
+            end()
         return loss_sum, total, tokens
 
     def _begin(self, batches: list[dict]) -> None:

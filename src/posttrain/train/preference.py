@@ -148,9 +148,23 @@ class PreferenceObjective(nn.Module):
         self.model = model
         self.kind, self.beta, self.ftx = config.pref_loss, config.pref_beta, config.pref_ftx
         self.label_smoothing, self.gamma = config.dpo_label_smoothing, config.simpo_gamma
-        # BCO's δ: the running mean of every reward seen in training (not a parameter; not trained).
-        self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64), persistent=False)
+        # BCO's δ: the mean reward over every EARLIER optimizer step, on every rank (TRL also counts
+        # the current batch; leaving the current step out makes δ, and so the update, the same however
+        # the step is split into micro-batches and processes). Not a parameter, not trained; persistent,
+        # so checkpoints keep it and a resumed run goes on with the same δ.
+        self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
+        self._bco_step = torch.zeros(2, dtype=torch.float64)  # this rank's reward sum and count in this step
+
+    def end_step(self) -> None:
+        """After every micro-batch of a step, on every rank: the step's rewards, summed over the ranks
+        (TRL gathers them too), join the running mean."""
+        if self.kind != "bco_pair":
+            return
+        total = dist.all_reduce_sum(self._bco_step.clone())
+        self.bco_reward_sum += total[0].to(self.bco_reward_sum.device)
+        self.bco_reward_count += total[1].to(self.bco_reward_count.device)
+        self._bco_step.zero_()
 
     def forward(self, batch: dict) -> dict:
         logps, counts = sequence_logps(self.model, batch)
@@ -160,11 +174,9 @@ class PreferenceObjective(nn.Module):
         ref = None if self.kind in REFERENCE_FREE else (batch["ref_chosen"], batch["ref_rejected"])
         delta = 0.0
         if self.kind == "bco_pair":
-            if self.training:
-                with torch.no_grad():
-                    rewards = self.beta * torch.cat([chosen - ref[0], rejected - ref[1]])
-                    self.bco_reward_sum += rewards.sum().double()
-                    self.bco_reward_count += rewards.numel()
+            if self.training and not batch.get("filler"):
+                rewards = self.beta * torch.cat([chosen - ref[0], rejected - ref[1]]).detach()
+                self._bco_step += torch.tensor([rewards.sum().item(), rewards.numel()], dtype=torch.float64)
             delta = (self.bco_reward_sum / self.bco_reward_count.clamp(min=1)).float()
         loss, rewards_w, rewards_l = preference_loss(
             self.kind, (chosen, rejected), (n_w, n_l), ref, beta=self.beta, label_smoothing=self.label_smoothing,

@@ -102,6 +102,40 @@ def test_score_command_scores_rows_and_pairs(trained_rm, rm_data, tmp_path, caps
     assert accuracy >= 90  # held-out prompts
 
 
+def test_score_cuts_overlong_rows_as_rm_training_does(trained_rm, tiny_tokenizer, tmp_path, caplog):
+    from posttrain.data.pairs import response_renderer, tokenize_response
+    from posttrain.data.prepare import truncate
+    from posttrain.data.schema import Message
+    from posttrain.model.reward import load_reward_model
+    from posttrain.train.rm import score_sequences
+
+    long_answer = " ".join(["321"] * 40)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "reverse 123", "completion": long_answer}) + "\n"
+                    + json.dumps({"prompt": "reverse " + "9" * 200, "completion": "9"}) + "\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "reverse 123", "chosen": long_answer, "rejected": "I do not know."}) + "\n")
+    caplog.set_level("WARNING")
+    assert main(["score", str(trained_rm), str(rows), "--cutoff-len", "24", "--output", str(tmp_path / "r.jsonl")
+                 ]) == 0
+    [row] = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert "2 rows were longer than --cutoff-len 24 and cut to their first 24 tokens" in caplog.text
+    assert "1 rows left out of the scores" in caplog.text and "rows.jsonl:2" in caplog.text
+    # The reward is the one the RM was trained to give such a row: its FIRST 24 tokens, read at the cut.
+    seq = tokenize_response(response_renderer(tiny_tokenizer, None), [Message("user", "reverse 123")],
+                            Message("assistant", long_answer), None, "")
+    assert len(seq.input_ids) > 24
+    model = load_reward_model(str(trained_rm), device=torch.device("cpu"))
+    [want] = score_sequences(model, [truncate(seq, 24)], pad_id=tiny_tokenizer.pad_token_id,
+                             device=torch.device("cpu"), batch_size=1).tolist()
+    assert row["source"].endswith("rows.jsonl:1") and row["reward"] == pytest.approx(want, abs=1e-5)
+    # A pair file goes through the same rule: the same response gets the same reward.
+    assert main(["score", str(trained_rm), str(pairs), "--cutoff-len", "24", "--output", str(tmp_path / "p.jsonl")
+                 ]) == 0
+    [pair] = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert pair["chosen"] == pytest.approx(want, abs=1e-5)
+
+
 def test_lora_rm_trains_the_head_and_saves_one_merged_folder(tiny_model_dir, rm_data, tmp_path):
     out = tmp_path / "rm-lora"
     assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, out, finetuning_type="lora", lora_rank=8,

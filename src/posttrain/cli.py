@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="write one JSON line per row here (default: print them)")
     s.add_argument("--template", help="chat template, as in training (default: the tokenizer's)")
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--cutoff-len", type=int, default=4096, help="longer rows keep their last tokens")
+    s.add_argument("--cutoff-len", type=int, default=4096,
+                   help="longer rows keep their first tokens, as `posttrain rm` trains (a warning counts them)")
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_score)
 

@@ -3,17 +3,21 @@
 DATA holds prompt/response rows in any SFT format (prompt + completion, messages, sharegpt,
 alpaca, ...): the last assistant message is the response that is scored. A preference file
 (chosen + rejected) is scored pair by pair and the pair accuracy reported. Responses are rendered
-and tokenized exactly as `posttrain rm` trained on them. With `--output`, one JSON line per row:
-{"source": "file:line", "reward": r, "normalized": (r - mean) / std}.
+and tokenized exactly as `posttrain rm` trained on them, and cut to `--cutoff-len` by the same rule
+(the first tokens are kept: data/prepare.py `truncate`); a warning says how many rows were cut, and
+names any row left out because its response lies wholly past the cut. With `--output`, one JSON
+line per row: {"source": "file:line", "reward": r, "normalized": (r - mean) / std}.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from posttrain.data.formats import DatasetSpec, load_conversations
-from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_response
+from posttrain.data.pairs import Cutter, response_renderer, tokenize_pairs, tokenize_response
+from posttrain.data.prepare import PrepareReport
 from posttrain.data.preference import load_preferences
 from posttrain.data.sources import RawRow, read_rows
 from posttrain.errors import DataError
@@ -21,10 +25,23 @@ from posttrain.model.loading import load_tokenizer, pick_device
 from posttrain.model.reward import load_reward_model, reward_stats
 from posttrain.train.rm import score_sequences
 
+log = logging.getLogger(__name__)
+
 
 def _is_preference_file(path: str) -> bool:
     first = next((r for r in read_rows(path) if isinstance(r, RawRow)), None)
     return first is not None and {"chosen", "rejected"} <= set(first.data)
+
+
+def _warn_cut(report: PrepareReport, cutoff_len: int, left_out: list[str]) -> None:
+    if report.truncated:
+        log.warning("%d rows were longer than --cutoff-len %d and cut to their first %d tokens, as `posttrain rm` "
+                    "cuts its training rows: their reward is read at the cut, not at the end of the response; raise "
+                    "--cutoff-len to score them whole", report.truncated, cutoff_len, cutoff_len)
+    if left_out:
+        log.warning("%d rows left out of the scores: their prompt fills --cutoff-len %d, so no response token is "
+                    "left to score (as `posttrain rm` drops them from training): %s%s", len(left_out), cutoff_len,
+                    ", ".join(left_out[:5]), " ..." if len(left_out) > 5 else "")
 
 
 def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,
@@ -36,16 +53,22 @@ def run_score(model_path: str, data: str, output: str | None = None, *, template
     stats = reward_stats(model_path)
     if _is_preference_file(data):
         pairs, _ = load_preferences([DatasetSpec(path=data)])
-        samples = tokenize_pairs(pairs, renderer, cutoff_len)[0]
+        samples, report = tokenize_pairs(pairs, renderer, cutoff_len)
+        read = [p.source for p in pairs]
         sources = [s.source for s in samples]
         sequences = [s.chosen for s in samples] + [s.rejected for s in samples]
     else:
         convs, _ = load_conversations([DatasetSpec(path=data)])
         if any(c.is_text for c in convs):
             raise DataError("text rows have no response to score; give prompt/response rows", data)
-        sources = [c.source for c in convs]
-        sequences = [tokenize_response(renderer, c.messages[:-1], c.messages[-1], c.tools, c.source) for c in convs]
-        sequences = [type(s)(s.input_ids[-cutoff_len:], s.labels[-cutoff_len:], s.source) for s in sequences]
+        cut = Cutter(cutoff_len, "truncate")
+        kept = [(c.source, cut([tokenize_response(renderer, c.messages[:-1], c.messages[-1], c.tools, c.source)]))
+                for c in convs]
+        kept = [(source, seqs[0]) for source, seqs in kept if seqs is not None]
+        report = cut.finish(kept, "rows")
+        read = [c.source for c in convs]
+        sources, sequences = [k[0] for k in kept], [k[1] for k in kept]
+    _warn_cut(report, cutoff_len, sorted(set(read) - set(sources)))
     rewards = score_sequences(model, sequences, pad_id=tokenizer.pad_token_id, device=device,
                               batch_size=batch_size).tolist()
     summary = {"rows": len(sources), "reward_mean": sum(rewards) / len(rewards)}

@@ -17,7 +17,7 @@ import torch
 
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedSample
-from posttrain.data.prepare import PrepareReport
+from posttrain.data.prepare import PrepareReport, truncate
 from posttrain.data.schema import Conversation, Message, Preference, Unpaired
 from posttrain.errors import DataError
 
@@ -86,8 +86,11 @@ def _trained(sample: TokenizedSample) -> int:
     return sum(1 for x in sample.labels[1:] if x != IGNORE_INDEX)  # the first token is never predicted
 
 
-class _Cutter:
-    """Applies cutoff_len to each sequence and keeps the report (see data/prepare.py)."""
+class Cutter:
+    """Applies cutoff_len to the sequences of one item (a pair, a KTO row and its twin, a scored
+    row) with the shared rule (data/prepare.py `truncate`), and keeps the report: an item is
+    dropped whole when any of its sequences is overlong under overlong="drop", or has no trained
+    (response) token left."""
 
     def __init__(self, cutoff_len: int, overlong: str):
         self.cutoff_len, self.overlong = cutoff_len, overlong
@@ -98,8 +101,7 @@ class _Cutter:
             if self.overlong == "drop":
                 self.report.dropped_overlong += 1
                 return None
-            seqs = [TokenizedSample(s.input_ids[:self.cutoff_len], s.labels[:self.cutoff_len], s.source)
-                    for s in seqs]
+            seqs = [truncate(s, self.cutoff_len) for s in seqs]
             self.report.truncated += 1
         if any(_trained(s) == 0 for s in seqs):
             self.report.dropped_untrained += 1
@@ -118,7 +120,7 @@ class _Cutter:
 def tokenize_pairs(pairs: list[Preference], renderer: ChatRenderer, cutoff_len: int, overlong: str = "truncate"
                    ) -> tuple[list[PairSample], PrepareReport]:
     """Both responses of every pair, cut to cutoff_len (a pair counts as one sample in the report)."""
-    cut = _Cutter(cutoff_len, overlong)
+    cut = Cutter(cutoff_len, overlong)
     out = []
     for p in pairs:
         seqs = cut([tokenize_response(renderer, p.prompt, p.chosen, p.tools, p.source),
@@ -132,7 +134,7 @@ def tokenize_unpaired(rows: list[Unpaired], renderer: ChatRenderer, cutoff_len: 
                       ) -> tuple[list[UnpairedSample], PrepareReport]:
     """Each row, plus its prompt followed by the NEXT row's completion (a fixed pairing, so the
     reference log-probs of these mismatched sequences can be computed once, like the others)."""
-    cut = _Cutter(cutoff_len, overlong)
+    cut = Cutter(cutoff_len, overlong)
     out = []
     for i, row in enumerate(rows):
         other = rows[(i + 1) % len(rows)]

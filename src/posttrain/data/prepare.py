@@ -35,6 +35,17 @@ class PrepareReport:
         return "; ".join(parts)
 
 
+def truncate(sample: TokenizedSample, cutoff_len: int) -> TokenizedSample:
+    """The one cutoff rule, for every stage and for `posttrain score`: keep the FIRST cutoff_len
+    tokens. The prompt and the start of the response survive, as the model reads them left to right;
+    what is lost is the response's end. A reward model reads its score at the last token, so a cut
+    row is scored at the cut, in `posttrain rm` training and in `posttrain score` alike (scoring with
+    another rule would read the head at positions it was never trained on)."""
+    if len(sample.input_ids) <= cutoff_len:
+        return sample
+    return TokenizedSample(sample.input_ids[:cutoff_len], sample.labels[:cutoff_len], sample.source)
+
+
 def tokenize_all(conversations: list[Conversation], renderer: ChatRenderer, cutoff_len: int,
                  overlong: str = "truncate") -> tuple[list[TokenizedSample], PrepareReport]:
     report = PrepareReport()
@@ -50,7 +61,7 @@ def tokenize_all(conversations: list[Conversation], renderer: ChatRenderer, cuto
             if overlong == "drop":
                 report.dropped_overlong += 1
                 continue
-            sample = TokenizedSample(sample.input_ids[:cutoff_len], sample.labels[:cutoff_len], sample.source)
+            sample = truncate(sample, cutoff_len)
             report.truncated += 1
         n_trained = sum(1 for x in sample.labels[1:] if x != IGNORE_INDEX)  # the first token is never predicted
         if n_trained == 0:

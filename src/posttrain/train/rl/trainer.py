@@ -76,6 +76,9 @@ class RLTrainer:
         # The update's forward runs each prompt of a micro-batch once where the models allow it (shared_prompt.py).
         self.share_prompts = shares_prompts(actor, with_grad=True) and (
             critic is None or shares_prompts(critic, with_grad=True, critic=True))
+        # Scoring keeps no activations for a backward, so it fits in batches as large as the update's micro-batches
+        # (as TRL scores); fewer, larger forwards are much faster for small models (per-call overhead dominates).
+        self.score_batch = max(config.per_device_eval_batch_size, config.per_device_train_batch_size)
         self.kl = adv.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.moments = RunningMoments()
         self.precision = lambda: autocast(device, config)
@@ -274,7 +277,7 @@ class RLTrainer:
             need_old = self.need_old or (self.reference is not None and not c.use_kl_loss)
             exp = score_rollouts(rollouts, actor=self.actor, reference=self.reference, critic=self.critic,
                                  pad_id=self.tokenizer.pad_token_id, device=self.device,
-                                 batch_size=c.per_device_eval_batch_size, temperature=c.temperature,
+                                 batch_size=self.score_batch, temperature=c.temperature,
                                  need_old=need_old, precision=self.precision)
             metrics: dict = {}
             self.advantages(exp, rewards, metrics)

@@ -52,8 +52,8 @@ def test_kto_kl_reference_point_spans_the_whole_step_and_every_rank(tiny_model_d
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
 
     def args(out, **extra):
-        return ["kto", *sft_overrides(tiny_model_dir, data, out, max_steps=4, logging_steps=1, learning_rate=5e-3, pref_beta=0.5,
-                                      ref_cache_dir=tmp_path / "cache", save_steps=0, **extra)]
+        return ["kto", *sft_overrides(tiny_model_dir, data, out, max_steps=4, logging_steps=1, learning_rate=5e-3,
+                                      pref_beta=0.5, ref_cache_dir=tmp_path / "cache", save_steps=0, **extra)]
 
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "posttrain", *args(one, per_device_train_batch_size=8)],

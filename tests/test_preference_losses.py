@@ -156,7 +156,8 @@ def test_kto_kl_reference_point_is_one_estimate_over_the_whole_step(tiny_model_d
     objective = KTOObjective(model, config)
     # One optimizer step of two micro-batches: z0 is the mean over all three rows' mismatched
     # log-ratios (Ethayarajh et al. 2024, eq. 8), not a mean per micro-batch.
-    micro = [collate_unpaired(rows[:2], tiny_tokenizer.pad_token_id), collate_unpaired(rows[2:], tiny_tokenizer.pad_token_id)]
+    pad = tiny_tokenizer.pad_token_id
+    micro = [collate_unpaired(rows[:2], pad), collate_unpaired(rows[2:], pad)]
     objective.begin_step(micro)
     mismatched = [_alone(model, r.mismatched) - r.ref_mismatched for r in rows]
     z0 = max(0.0, sum(mismatched) / 3)

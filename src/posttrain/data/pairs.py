@@ -11,7 +11,7 @@ so the model runs once per batch, not once per side.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -156,31 +156,29 @@ def fingerprint(samples: list) -> str:
     return h.hexdigest()
 
 
-def _optional(values: list, dtype=torch.float32) -> torch.Tensor | None:
-    return None if any(v is None for v in values) else torch.tensor(values, dtype=dtype)
+def _collate_two_sides(samples: list, first: str, second: str, ref_keys: tuple[str, str], pad_id: int) -> dict:
+    """2B right-padded rows: every sample's `first` sequence, then every sample's `second` one, plus
+    the reference log-probs under `ref_keys` once all are filled in (absent before the reference pass)."""
+    batch = collate([getattr(s, first) for s in samples] + [getattr(s, second) for s in samples], pad_id)
+    for key in ref_keys:
+        values = [getattr(s, key) for s in samples]
+        if all(v is not None for v in values):
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+    batch["num_tokens"] = sum(len(q.input_ids) for s in samples for q in s.sequences)
+    return batch
 
 
 def collate_pairs(samples: list[PairSample], pad_id: int) -> dict:
-    """2B right-padded rows (chosen 0..B-1, rejected B..2B-1) + per-pair margin and reference log-probs."""
-    batch = collate([s.chosen for s in samples] + [s.rejected for s in samples], pad_id)
+    """2B rows (chosen 0..B-1, rejected B..2B-1) + per-pair margin and reference log-probs."""
+    batch = _collate_two_sides(samples, "chosen", "rejected", ("ref_chosen", "ref_rejected"), pad_id)
     batch["margin"] = torch.tensor([s.margin for s in samples], dtype=torch.float32)
-    for key in ("ref_chosen", "ref_rejected"):
-        value = _optional([getattr(s, key) for s in samples])
-        if value is not None:
-            batch[key] = value
     batch["num_pairs"] = len(samples)
-    batch["num_tokens"] = sum(len(q.input_ids) for s in samples for q in s.sequences)
     return batch
 
 
 def collate_unpaired(samples: list[UnpairedSample], pad_id: int) -> dict:
     """2B rows (the B completions, then the B mismatched ones) + labels and reference log-probs."""
-    batch = collate([s.sample for s in samples] + [s.mismatched for s in samples], pad_id)
+    batch = _collate_two_sides(samples, "sample", "mismatched", ("ref", "ref_mismatched"), pad_id)
     batch["label"] = torch.tensor([s.label for s in samples], dtype=torch.bool)
-    for key in ("ref", "ref_mismatched"):
-        value = _optional([getattr(s, key) for s in samples])
-        if value is not None:
-            batch[key] = value
     batch["num_rows"] = len(samples)
-    batch["num_tokens"] = sum(len(q.input_ids) for s in samples for q in s.sequences)
     return batch

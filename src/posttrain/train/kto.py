@@ -23,19 +23,15 @@ does the same over the whole eval set.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from posttrain.config import KTOConfig
 from posttrain.data.pairs import collate_unpaired
-from posttrain.model.adapters import save_pissa_initial
-from posttrain.model.loading import load_tokenizer
 from posttrain.train import distributed as dist, stage
 from posttrain.train.logps import sequence_logps
-from posttrain.train.loop import Trainer, TrainResult
-from posttrain.train.preference import fill_reference
+from posttrain.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +94,8 @@ class KTOObjective(nn.Module):
         good, bad = labels.sum().item(), (~labels).sum().item()
         # Every name on every batch, even with a count of 0: under DDP each rank must reduce the same names.
         metrics = {"kl": (kl * b, b),
-                   "rewards/chosen": (rewards[labels].sum(), good), "logps/chosen": (logps[labels].detach().sum(), good),
+                   "rewards/chosen": (rewards[labels].sum(), good),
+                   "logps/chosen": (logps[labels].detach().sum(), good),
                    "rewards/rejected": (rewards[~labels].sum(), bad),
                    "logps/rejected": (logps[~labels].detach().sum(), bad)}
         return {"loss_sum": loss.sum(), "metrics": metrics}
@@ -109,20 +106,5 @@ def count_rows(batch: dict) -> int:
 
 
 def run_kto(config: KTOConfig) -> TrainResult:
-    device = stage.begin(config)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    train, evals = stage.load_unpaired_samples(config, tokenizer)
-    model = stage.load_trainable_model(config, device)
-    model, summary = stage.adapt(config, model)
-    fill_reference(config, model, train, evals, tokenizer.pad_token_id, device)
-    stage.open_output_dir(config)
-    pissa_initial = save_pissa_initial(model) if dist.is_main() else None
-
-    def save_final(folder: Path) -> None:
-        stage.save_model(model, tokenizer, config, folder, pissa_initial)
-
-    trainer = Trainer(config, KTOObjective(model, config), train_examples=train, eval_examples=evals,
-                      collate=lambda s: collate_unpaired(s, tokenizer.pad_token_id), count=count_rows,
-                      save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
-                      summary=summary)
-    return trainer.train()
+    """Unpaired rows in, the policy trained against its reference (train/stage.py `run_preference_stage`)."""
+    return stage.run_preference_stage(config, stage.load_unpaired_samples, KTOObjective, collate_unpaired, count_rows)

@@ -29,7 +29,9 @@ from torch import nn
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX, TokenizedSample
 from posttrain.data.pairs import fingerprint
+from posttrain.model.loading import load_model
 from posttrain.train import distributed as dist
+from posttrain.train.loop import autocast
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +145,30 @@ def reference_logps(samples: list, compute, *, model: dict, precision: str, cach
     values = values.view(len(samples), -1).tolist()
     for s, (a, b) in zip(samples, values):
         s.set_reference(a, b)
+
+
+def fill_reference(config, model: nn.Module, train: list, evals: list, pad_id: int, device: torch.device) -> None:
+    """Reference log-probs for every sample: from `ref_model` if set (loaded, used, freed), else from
+    `model` as it is now, before any training step. For a PEFT model that is the base with the
+    adapter disabled — except under PiSSA, whose base is a residual: there the untrained adapter
+    model itself (equal to the original base) is the reference."""
+    ref_path = config.ref_model or config.model_name_or_path
+    init = getattr(getattr(model, "active_peft_config", None), "init_lora_weights", None)
+    pissa = isinstance(init, str) and init.startswith("pissa")
+    holder: dict = {}
+
+    def compute(sequences):
+        if config.ref_model and "model" not in holder:
+            holder["model"] = load_model(config.ref_model, device=device, trust_remote_code=config.trust_remote_code,
+                                         attn_implementation=config.attn_implementation)
+        ref = holder.get("model", model)
+        return compute_logps(ref, sequences, pad_id=pad_id, device=device,
+                             batch_size=config.per_device_eval_batch_size,
+                             precision=lambda: autocast(device, config), disable_adapter=not pissa)
+
+    precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "fp32"
+    for samples, what in ((train, "training data"), (evals, "eval data")):
+        key = {**model_key(ref_path), "pissa": pissa, "quantization_bit": config.quantization_bit}
+        reference_logps(samples, compute, model=key, precision=precision,
+                        cache_dir=config.ref_cache_dir, what=what)
+    holder.clear()  # the reference model, if one was loaded, is not kept for training

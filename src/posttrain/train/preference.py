@@ -15,7 +15,6 @@ in the optimizer step).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +22,9 @@ from torch import nn
 
 from posttrain.config import DPOConfig
 from posttrain.data.pairs import collate_pairs
-from posttrain.model.adapters import save_pissa_initial
-from posttrain.model.loading import load_model, load_tokenizer
 from posttrain.train import distributed as dist, stage
-from posttrain.train.logps import compute_logps, model_key, reference_logps, sequence_logps
-from posttrain.train.loop import Trainer, TrainResult, autocast
+from posttrain.train.logps import sequence_logps
+from posttrain.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -197,49 +194,7 @@ def count_pairs(batch: dict) -> int:
 # ---- the stage ----------------------------------------------------------------------------------
 
 def run_dpo(config: DPOConfig) -> TrainResult:
-    device = stage.begin(config)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    train, evals = stage.load_pairs(config, tokenizer)
-    model = stage.load_trainable_model(config, device)
-    model, summary = stage.adapt(config, model)
-    if config.pref_loss not in REFERENCE_FREE:
-        fill_reference(config, model, train, evals, tokenizer.pad_token_id, device)
-    out = stage.open_output_dir(config)
-    pissa_initial = save_pissa_initial(model) if dist.is_main() else None
-
-    def save_final(folder: Path) -> None:
-        stage.save_model(model, tokenizer, config, folder, pissa_initial)
-
-    trainer = Trainer(config, PreferenceObjective(model, config), train_examples=train, eval_examples=evals,
-                      collate=lambda s: collate_pairs(s, tokenizer.pad_token_id), count=count_pairs,
-                      save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
-                      summary=summary)
-    log.info("%s: %d training pairs, %d eval pairs -> %s", config.pref_loss, len(train), len(evals), out)
-    return trainer.train()
-
-
-def fill_reference(config, model: nn.Module, train: list, evals: list, pad_id: int, device: torch.device) -> None:
-    """Reference log-probs for every sample: from `ref_model` if set (loaded, used, freed), else from
-    `model` as it is now, before any training step. For a PEFT model that is the base with the
-    adapter disabled — except under PiSSA, whose base is a residual: there the untrained adapter
-    model itself (equal to the original base) is the reference."""
-    ref_path = config.ref_model or config.model_name_or_path
-    init = getattr(getattr(model, "active_peft_config", None), "init_lora_weights", None)
-    pissa = isinstance(init, str) and init.startswith("pissa")
-    holder: dict = {}
-
-    def compute(sequences):
-        if config.ref_model and "model" not in holder:
-            holder["model"] = load_model(config.ref_model, device=device, trust_remote_code=config.trust_remote_code,
-                                         attn_implementation=config.attn_implementation)
-        ref = holder.get("model", model)
-        return compute_logps(ref, sequences, pad_id=pad_id, device=device,
-                             batch_size=config.per_device_eval_batch_size,
-                             precision=lambda: autocast(device, config), disable_adapter=not pissa)
-
-    precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "fp32"
-    for samples, what in ((train, "training data"), (evals, "eval data")):
-        key = {**model_key(ref_path), "pissa": pissa, "quantization_bit": config.quantization_bit}
-        reference_logps(samples, compute, model=key, precision=precision,
-                        cache_dir=config.ref_cache_dir, what=what)
-    holder.clear()  # the reference model, if one was loaded, is not kept for training
+    """Pairs in, the policy trained against its reference (train/stage.py `run_preference_stage`):
+    SimPO and ORPO need no reference, so they skip the reference pass."""
+    return stage.run_preference_stage(config, stage.load_pairs, PreferenceObjective, collate_pairs, count_pairs,
+                                      reference=config.pref_loss not in REFERENCE_FREE)

@@ -7,7 +7,6 @@ setup, before the model loads and long before the first step.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch.nn.functional as F
 from peft import PeftType
@@ -18,10 +17,9 @@ from posttrain.data.batching import collate, example_length, pack
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer
 from posttrain.data.formats import load_conversations
 from posttrain.data.prepare import tokenize_all
-from posttrain.model.adapters import save_pissa_initial
 from posttrain.model.loading import load_tokenizer
 from posttrain.train import distributed as dist, stage
-from posttrain.train.loop import Trainer, TrainResult
+from posttrain.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +90,6 @@ def run_sft(config: SFTConfig) -> TrainResult:
             log.info("packing: %d rows of up to %d tokens", len(train), config.cutoff_len)
     model = stage.load_trainable_model(config, device)
     model, summary = stage.adapt(config, model)
-    stage.open_output_dir(config)
-    pissa_initial = save_pissa_initial(model) if dist.is_main() else None
-    dist.barrier()
-
-    def save_final(folder: Path) -> None:
-        stage.save_model(model, tokenizer, config, folder, pissa_initial)
-
     pad_id = tokenizer.pad_token_id
 
     def collate_fn(examples):
@@ -106,7 +97,5 @@ def run_sft(config: SFTConfig) -> TrainResult:
         batch["num_tokens"] = sum(example_length(e) for e in examples)
         return batch
 
-    trainer = Trainer(config, CausalLMLoss(model), train_examples=train, eval_examples=evals,
-                      collate=collate_fn, count=count_trained, save_final=save_final, device=device,
-                      run_config=config.model_dump(mode="json"), summary=summary)
-    return trainer.train()
+    return stage.run_trainer(config, model, tokenizer, CausalLMLoss(model), train, evals, collate=collate_fn,
+                             count=count_trained, device=device, summary=summary)

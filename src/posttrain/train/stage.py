@@ -1,4 +1,5 @@
-"""Set-up steps the training stages (sft, rm, dpo, kto) share: checks, data, the output folder.
+"""Steps the training stages (sft, rm, dpo, kto) share: checks, data, the output folder, the
+Trainer and the save; and the whole body of the stages that train against a reference (dpo, kto).
 
 Every check runs here, before a model loads; the output folder is only cleared once the data has
 been read and tokenized without error.
@@ -9,8 +10,10 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 from posttrain.config import save_config
 from posttrain.data.formats import DatasetSpec
@@ -19,9 +22,12 @@ from posttrain.data.prepare import split_eval
 from posttrain.data.preference import load_kto_records, load_preferences, unpair_preferences
 from posttrain.data.schema import Preference
 from posttrain.errors import ConfigError
-from posttrain.model.adapters import apply_finetuning, check_finetuning, save_trained, trainable_summary
-from posttrain.model.loading import load_model, pick_device
+from posttrain.model.adapters import (
+    apply_finetuning, check_finetuning, save_pissa_initial, save_trained, trainable_summary)
+from posttrain.model.loading import load_model, load_tokenizer, pick_device
 from posttrain.train import distributed as dist
+from posttrain.train.logps import fill_reference
+from posttrain.train.loop import Trainer, TrainResult
 from posttrain.train.metrics import check_tracker
 
 log = logging.getLogger(__name__)
@@ -99,12 +105,17 @@ def load_rows(config, loader):
     return rows, evals
 
 
+def _tokenize_split(config, tokenizer, tokenize, rows: list, eval_rows: list):
+    """Training and eval rows through `tokenize` (pairs or KTO rows; the response trained), cut to cutoff_len."""
+    renderer = response_renderer(tokenizer, config.template)
+    train, report = tokenize(rows, renderer, config.cutoff_len, config.overlong)
+    evals = tokenize(eval_rows, renderer, config.cutoff_len, config.overlong)[0] if eval_rows else []
+    return train, evals, report
+
+
 def load_pairs(config, tokenizer):
     """Training and eval `PairSample`s (preference data), tokenized and cut to cutoff_len."""
-    renderer = response_renderer(tokenizer, config.template)
-    pairs, eval_pairs = load_rows(config, load_preferences)
-    train, report = tokenize_pairs(pairs, renderer, config.cutoff_len, config.overlong)
-    evals = tokenize_pairs(eval_pairs, renderer, config.cutoff_len, config.overlong)[0] if eval_pairs else []
+    train, evals, report = _tokenize_split(config, tokenizer, tokenize_pairs, *load_rows(config, load_preferences))
     if dist.is_main():
         log.info("data: %s", report.summary().replace("samples", "pairs", 1))
     return train, evals
@@ -112,16 +123,14 @@ def load_pairs(config, tokenizer):
 
 def load_unpaired_samples(config, tokenizer):
     """Training and eval `UnpairedSample`s (KTO data); preference pairs among them are unpaired."""
-    renderer = response_renderer(tokenizer, config.template)
     records, eval_records = load_rows(config, load_kto_records)
     pairs, eval_pairs = (sum(isinstance(r, Preference) for r in rs) for rs in (records, eval_records))
     if (pairs or eval_pairs) and dist.is_main():
         log.info("data: %d training and %d eval preference pairs (chosen/rejected, no label) unpaired for KTO: each "
                  "chosen response is a desirable row and each rejected one an undesirable row (TRL's "
                  "unpair_preference_dataset)", pairs, eval_pairs)
-    rows, eval_rows = unpair_preferences(records), unpair_preferences(eval_records)
-    train, report = tokenize_unpaired(rows, renderer, config.cutoff_len, config.overlong)
-    evals = tokenize_unpaired(eval_rows, renderer, config.cutoff_len, config.overlong)[0] if eval_rows else []
+    train, evals, report = _tokenize_split(config, tokenizer, tokenize_unpaired, unpair_preferences(records),
+                                           unpair_preferences(eval_records))
     labels = [s.label for s in train]
     if dist.is_main():
         log.info("data: %s; %d desirable, %d undesirable", report.summary().replace("samples", "rows", 1),
@@ -139,3 +148,42 @@ def open_output_dir(config) -> Path:
         save_config(config, out / "posttrain_config.yaml")
     dist.barrier()
     return out
+
+
+def run_trainer(config, model, tokenizer, objective: nn.Module, train: list, evals: list, *,
+                collate: Callable[[list], dict], count: Callable[[dict], int], device: torch.device,
+                summary: dict) -> TrainResult:
+    """The tail every causal-LM stage shares (sft, dpo, kto): the output folder (cleared only now,
+    after every check), PiSSA's initial adapter kept for the save, the Trainer, and the model,
+    tokenizer and config saved into the folder when training ends."""
+    open_output_dir(config)
+    pissa_initial = save_pissa_initial(model) if dist.is_main() else None
+    dist.barrier()
+
+    def save_final(folder: Path) -> None:
+        save_model(model, tokenizer, config, folder, pissa_initial)
+
+    trainer = Trainer(config, objective, train_examples=train, eval_examples=evals, collate=collate, count=count,
+                      save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
+                      summary=summary)
+    return trainer.train()
+
+
+def run_preference_stage(config, load_samples, objective_class, collate, count, reference: bool = True
+                         ) -> TrainResult:
+    """The body of `posttrain dpo` and `posttrain kto`, top to bottom: checks, tokenizer, samples
+    (`load_samples`), the model with its finetuning type, the reference log-probs filled in once
+    (when `reference`; train/logps.py), then `objective_class(model, config)` trained on batches
+    made by `collate(samples, pad_id)`, `count(batch)` units each."""
+    device = begin(config)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    train, evals = load_samples(config, tokenizer)
+    model, summary = adapt(config, load_trainable_model(config, device))
+    pad_id = tokenizer.pad_token_id
+    if reference:
+        fill_reference(config, model, train, evals, pad_id, device)
+    what = "pairs" if config.stage == "dpo" else "rows"
+    log.info("%s: %d training %s, %d eval %s -> %s", getattr(config, "pref_loss", config.stage), len(train), what,
+             len(evals), what, config.output_dir)
+    return run_trainer(config, model, tokenizer, objective_class(model, config), train, evals,
+                       collate=lambda samples: collate(samples, pad_id), count=count, device=device, summary=summary)

@@ -171,6 +171,10 @@ def child_trl(spec: dict) -> dict:
 
 def run_child(side: str, spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     result = (child_posttrain if side == "posttrain" else child_trl)(spec)
     result["peak_rss_mib"] = peak_rss_mib()
     Path(spec["result"]).write_text(json.dumps(result))
@@ -200,8 +204,9 @@ def prepare(work: Path, args) -> tuple[str, Path, list[dict]]:
                      learning_rate=3e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, per_device_train_batch_size=32,
                      max_steps=args.sft_steps, cutoff_len=64, logging_steps=10, save_steps=0, seed=0,
                      disable_tqdm=True, plot_loss=False, report_to="none")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
     subprocess.run([sys.executable, "-m", "posttrain", "sft", *[f"{k}={v}" for k, v in overrides.items()]],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=env)
     check_same_prompts(str(sft_dir), rows[:16])
     return str(sft_dir), prompts, held
 
@@ -260,10 +265,11 @@ def run_workload(name: str, work: Path, args, sides: list[str]) -> dict:
     print(f"\n== {name}: {about}")
     print(f"model: small tiny-Llama, {args.sft_steps} SFT steps on reverse-digits ({time.perf_counter() - t0:.0f} s); "
           f"GRPO: {args.steps} steps x {args.prompts} prompts x {args.group} completions, max_completion_length "
-          f"{args.max_completion_length}, lr {args.lr}, beta {args.beta}, reward exact match")
+          f"{args.max_completion_length}, lr {args.lr}, beta {args.beta}, reward exact match, torch threads "
+          f"{args.threads or 'default'}")
     spec = {"model": model, "train": str(prompts), "steps": args.steps, "prompts": args.prompts, "group": args.group,
             "max_completion_length": args.max_completion_length, "temperature": args.temperature, "lr": args.lr,
-            "beta": args.beta, "seed": args.seed}
+            "beta": args.beta, "seed": args.seed, "threads": args.threads}
     runs: dict[str, dict] = {}
     for side in sides:
         out = str(work / f"out-{side}")
@@ -284,7 +290,7 @@ def run_workload(name: str, work: Path, args, sides: list[str]) -> dict:
     for k, v in ratios.items():
         print(f"{name}: {k}: {v:.2f}x")
     return {"about": about, "settings": {k: spec[k] for k in ("steps", "prompts", "group", "max_completion_length",
-                                                               "temperature", "lr", "beta", "seed")}
+                                                               "temperature", "lr", "beta", "seed", "threads")}
             | {"sft_steps": args.sft_steps}, "heldout_exact_match_start": start_em, "runs": runs, "ratios": ratios}
 
 
@@ -300,6 +306,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (both sides keep a reference model)")
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, help="torch threads per side (default: torch's own; on a shared, loaded "
+                   "CPU 1 avoids OpenMP barrier stalls that swamp tiny-model timings)")
     p.add_argument("--sides", help=f"comma-separated, from {','.join(SIDES)} (default: both)")
     p.add_argument("--workdir", help="keep models, data and outputs here (default: a temp folder, removed)")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -309,6 +317,10 @@ def main() -> None:
         return run_child(args.child, Path(args.spec))
 
     args.steps = args.steps or (3 if args.quick else 16)
+    if args.threads:  # the held-out scoring in this process too
+        import torch
+
+        torch.set_num_threads(args.threads)
     sides = (args.sides or ",".join(SIDES)).split(",")
     workloads = (args.workloads or ",".join(WORKLOADS)).split(",")
     for s in sides:

@@ -111,6 +111,20 @@ def test_seeded_sampling_does_not_depend_on_batch_companions(base, prompts):
     assert other.token_ids != alone.token_ids
 
 
+def test_repeated_prompts_prefill_once_and_sample_as_if_alone(base, prompts):
+    # A GRPO group: the same prompt several times between others. The shared prompt is computed once and
+    # its KV copied to every row's slot; each row must still decode exactly as it would alone.
+    model, _ = base
+    order = [0, 0, 3, 0, 1, 3, 0]
+    params = [SamplingParams(max_new_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in range(len(order))]
+    batch = make_engine(base).generate([prompts[i] for i in order], params)
+    for i, p, out in zip(order, params, batch):
+        assert out.token_ids == make_engine(base).generate([prompts[i]], p)[0].token_ids
+    greedy = make_engine(base).generate([prompts[1]] * 3, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert all(o.token_ids == reference_greedy(model, prompts[1], 12) for o in greedy)
+    assert len({tuple(o.token_ids) for o in batch[:2] + batch[3:4]}) > 1  # different seeds: different samples
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(base, prompts):
     engine = make_engine(base)
     greedy = engine.generate(prompts[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))

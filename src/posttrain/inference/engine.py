@@ -254,6 +254,27 @@ class Engine:
         return groups
 
     def _prefill(self, seqs: list[_Sequence], first_slot: int) -> None:
+        # Rows with the same prompt and adapter (an RL group, `n` completions of one request) are computed
+        # once: the unique rows prefill into the first slots, then each row's KV is copied to its own slot.
+        keys = [(tuple(s.prompt), id(s.request.adapter), s.lora_slot) for s in seqs]
+        first: dict = {}
+        for key, seq in zip(keys, seqs):
+            first.setdefault(key, seq)
+        if len(first) == len(seqs):
+            self._advance(seqs, self._prefill_rows(seqs, first_slot))
+            return
+        unique, rank = list(first.values()), {k: i for i, k in enumerate(first)}
+        logits = self._prefill_rows(unique, first_slot)
+        width = max(s.length for s in unique)
+        # Backwards is safe: row j's source rank is <= j, and the rows that read slot j come after j.
+        for j in reversed(range(len(seqs))):
+            if rank[keys[j]] != j:
+                self.cache.move(first_slot + rank[keys[j]], first_slot + j, width)
+                seqs[j].length = unique[rank[keys[j]]].length
+        self._advance(seqs, logits[torch.tensor([rank[k] for k in keys], device=logits.device)])
+
+    def _prefill_rows(self, seqs: list[_Sequence], first_slot: int) -> torch.Tensor:
+        """Prefill `seqs` into slots first_slot.. and set their lengths; the logits at each last position."""
         rows = []
         for seq in seqs:
             emb = F.embedding(torch.tensor(seq.prompt, device=self.device), self.weights.embed)
@@ -270,7 +291,7 @@ class Engine:
         offset = prefix.num_virtual_tokens if prefix is not None else 0
         for seq, n in zip(seqs, lengths.tolist()):
             seq.length = offset + n
-        self._advance(seqs, logits)
+        return logits
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         tokens = torch.tensor([s.generated[-1] for s in seqs], device=self.device)

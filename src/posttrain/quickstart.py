@@ -1,9 +1,11 @@
 """`posttrain quickstart`: teach a tiny local model a task, end to end, with no downloads.
 
 Builds the tiny default model, writes the embedded task data, measures held-out exact-match
-accuracy, runs SFT through the same code path as `posttrain sft`, and measures again. Then the
-preference stage: pairs of the exact answer against a near miss train a reward model and run DPO
-from the SFT model (`posttrain rm` / `posttrain dpo` code paths).
+accuracy, runs SFT through the same code path as `posttrain sft`, and measures again; a LoRA run
+on the same budget stands beside it. Then the SFT model is asked in words it never saw, where it is
+right about a third of the time, and every later stage starts from it there: pairs of the exact
+answer against its own wrong answer train a reward model and run DPO (`posttrain rm` / `posttrain
+dpo`), PPO maximizes that reward model, GRPO an exact-match rule (`posttrain ppo` / `posttrain grpo`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,26 @@ from posttrain.model.tiny import write_tiny_model
 from posttrain.train.sft import run_sft
 
 
-def exact_match(model_path: str | Path, rows: list[dict], max_new_tokens: int = 16, adapter: str | Path | None = None) -> float:
-    """Fraction of rows whose greedy answer equals `row["answer"]` exactly (a model folder, or an adapter's)."""
+def greedy_answers(model_path: str | Path, prompts: list[str], max_new_tokens: int = 16,
+                   adapter: str | Path | None = None) -> list[str]:
+    """The model's greedy answer to each one-turn user prompt (a model folder, or an adapter's)."""
     model, tokenizer = load_for_inference(str(model_path), str(adapter) if adapter else None)
     renderer = ChatRenderer(tokenizer)
-    prompts = [renderer.prompt_ids(Conversation([Message(**m) for m in r["messages"]])) for r in rows]
-    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    return sum(a.strip() == r["answer"] for a, r in zip(answers, rows)) / len(rows)
+    # prompt_ids renders everything before the last assistant turn: the answer itself is never read.
+    ids = [renderer.prompt_ids(Conversation([Message(role="user", content=p), Message(role="assistant", content="")]))
+           for p in prompts]
+    return [a.strip() for a in generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)]
+
+
+def prompt_of(row: dict) -> str:
+    """The user prompt of a task row: `{"prompt", "answer"}` or `{"messages", "answer"}`."""
+    return row["prompt"] if "prompt" in row else row["messages"][0]["content"]
+
+
+def exact_match(model_path: str | Path, rows: list[dict], max_new_tokens: int = 16, adapter: str | Path | None = None) -> float:
+    """Fraction of rows whose greedy answer equals `row["answer"]` exactly."""
+    answers = greedy_answers(model_path, [prompt_of(r) for r in rows], max_new_tokens, adapter)
+    return sum(a == r["answer"] for a, r in zip(answers, rows)) / len(rows)
 
 
 def sft_config(base: Path, data: Path, out: Path, fast: bool, **extra) -> SFTConfig:
@@ -83,13 +98,55 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> d
     full = {"params": next(r for r in result.metrics if "trainable_params" in r)["trainable_params"],
             "bytes": model_bytes(result.output_dir), "accuracy": after}
     lora = lora_stage(base, data, root, held_out, fast, full)
-    preference = preference_stage(result.output_dir, train_rows, held_out, root, fast, after)
-    rl = rl_stage(result.output_dir, held_out, root, fast)
+    new_train, new_held = rephrased_rows(2000, 200, seed=0)
+    headroom = exact_match(result.output_dir, new_held)
+    print(f"[quickstart] the SFT model asked in words it never saw ({', '.join(repr(p.format('123')) for p in NEW_PHRASINGS)}): "
+          f"held-out exact match {headroom:.1%}; the preference and RL stages train on these")
+    preference = preference_stage(result.output_dir, new_train, new_held, held_out, root, fast, headroom)
+    rl = rl_stage(result.output_dir, preference["rm_dir"], new_train, new_held, held_out, root, fast)
     print(f"[quickstart] finished in {time.perf_counter() - start:.0f}s")
     return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot, "preference": preference, "lora": lora, "rl": rl}
 
 
-# ---- the preference stage: a reward model and DPO on exact answers against near misses ---------
+# ---- the headroom task: the same reversal asked in words SFT never saw ----------------------------
+
+# The SFT data only ever says "reverse 12345". Asked in other words, the SFT model is right about a third
+# of the time: room for the preference and RL stages to show a gain (on the original wording SFT is
+# already at ~100%). Its mistakes are the ones a half-trained model makes: a digit changed, doubled or
+# dropped, an answer too long, or none at all.
+NEW_PHRASINGS = ("Reverse {}", "reverse: {}", "invert {}", "please reverse {}")
+
+
+def rephrased_rows(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """{prompt, answer} rows of the reverse task (3-7 digits) in NEW_PHRASINGS; no prompt in both splits."""
+    import random
+
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n_train + n_eval:
+        word = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7)))
+        prompt = rng.choice(NEW_PHRASINGS).format(word)
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "answer": word[::-1]})
+    return rows[:n_train], rows[n_train:]
+
+
+# ---- the preference stage: a reward model and DPO on the model's own mistakes --------------------
+
+def on_policy_pairs(model_path: Path, rows: list[dict], seed: int) -> list[dict]:
+    """{prompt, chosen, rejected}: the exact answer against the model's own greedy answer where that is
+    wrong (as in on-policy / iterative DPO), else against a near miss (also for an empty answer, which
+    is not a response a pair may hold)."""
+    import random
+
+    from posttrain.data.synthetic import wrong_answer
+
+    rng = random.Random(seed)
+    answers = greedy_answers(model_path, [r["prompt"] for r in rows])
+    return [{"prompt": r["prompt"], "chosen": r["answer"],
+             "rejected": a if a and a != r["answer"] else wrong_answer(r["answer"], rng)} for a, r in zip(answers, rows)]
+
 
 def preference_accuracy(model_path: str | Path, pairs_path: Path) -> float:
     """Fraction of pairs whose chosen response the model finds likelier than the rejected one."""
@@ -110,98 +167,100 @@ def preference_accuracy(model_path: str | Path, pairs_path: Path) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def preference_stage(sft_dir: Path, train_rows: list[dict], held_out: list[dict], root: Path, fast: bool,
-                     sft_accuracy: float) -> dict:
-    """Pairs of the exact answer (chosen) against a near miss (rejected): train a reward model on the
-    SFT model, then run DPO from the SFT model; held-out pair and task accuracy before and after."""
+def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], original: list[dict], root: Path, fast: bool,
+                     before: float) -> dict:
+    """Pairs on the new wordings, the exact answer (chosen) against the SFT model's own wrong answer:
+    train a reward model on the SFT model, then run DPO from the SFT model; held-out pair accuracy and
+    exact match before and after."""
     from posttrain.config import DPOConfig, RMConfig
-    from posttrain.data.synthetic import preference_pairs
     from posttrain.train.preference import run_dpo
     from posttrain.train.rm import run_rm
 
-    pairs = write_jsonl(preference_pairs(train_rows[:PREFERENCE_PAIRS[fast]], seed=0), root / "data" / "pairs.jsonl")
-    held = write_jsonl(preference_pairs(held_out, seed=1), root / "data" / "held_out_pairs.jsonl")
-    print(f"[quickstart] preference pairs: the exact answer against a near miss (a digit changed, swapped, dropped "
-          f"or added); {PREFERENCE_PAIRS[fast]} train, {len(held_out)} held-out")
-    common = dict(model_name_or_path=str(sft_dir), dataset=str(pairs), eval_dataset=str(held), overwrite_output_dir=True,
-                  cutoff_len=64, per_device_train_batch_size=32, num_train_epochs=1, lr_scheduler_type="cosine",
+    n = PREFERENCE_PAIRS[fast]
+    pairs = write_jsonl(on_policy_pairs(sft_dir, train[:n], seed=0), root / "data" / "pairs.jsonl")
+    held_pairs = write_jsonl(on_policy_pairs(sft_dir, held, seed=1), root / "data" / "held_out_pairs.jsonl")
+    print(f"[quickstart] preference pairs on the new wordings: the exact answer against the SFT model's own answer "
+          f"where wrong (else a near miss); {n} train, {len(held)} held-out")
+    common = dict(model_name_or_path=str(sft_dir), dataset=str(pairs), eval_dataset=str(held_pairs),
+                  overwrite_output_dir=True, cutoff_len=64, per_device_train_batch_size=32, lr_scheduler_type="cosine",
                   warmup_ratio=0.1, logging_steps=10, save_steps=0, seed=0)
     rm = run_rm(build_config(RMConfig, dict(common, output_dir=str(root / "rm"), **RM_STAGE)))
     rm_accuracy = [r for r in rm.metrics if "eval_accuracy" in r][-1]["eval_accuracy"]
     print(f"[quickstart] reward model: held-out pair accuracy {rm_accuracy:.1%} (exact answer scored above the "
-          f"near miss); model: {rm.output_dir}")
+          f"wrong one); model: {rm.output_dir}")
 
-    before = preference_accuracy(sft_dir, held)
+    pref_before = preference_accuracy(sft_dir, held_pairs)
     dpo = run_dpo(build_config(DPOConfig, dict(common, output_dir=str(root / "dpo"),
                                                ref_cache_dir=str(root / "reference-cache"), **DPO_STAGE)))
-    after = preference_accuracy(dpo.output_dir, held)
-    task_after = exact_match(dpo.output_dir, held_out)
-    final = [r for r in dpo.metrics if "eval_rewards/accuracy" in r][-1]
-    print(f"[quickstart] DPO from the SFT model: held-out preference accuracy {before:.1%} -> {after:.1%} (exact "
-          f"answer likelier than the near miss); implicit-reward accuracy {final['eval_rewards/accuracy']:.1%}, "
-          f"margin {final['eval_rewards/margin']:.2f}; held-out exact match {sft_accuracy:.1%} -> {task_after:.1%}")
+    pref_after = preference_accuracy(dpo.output_dir, held_pairs)
+    after, original_after = exact_match(dpo.output_dir, held), exact_match(dpo.output_dir, original)
+    print(f"[quickstart] DPO from the SFT model: held-out exact match on the new wordings {before:.1%} -> {after:.1%} "
+          f"(original wording after: {original_after:.1%}); preference accuracy {pref_before:.1%} -> {pref_after:.1%}")
     print(f"[quickstart] DPO model: {dpo.output_dir}")
-    return {"rm_accuracy": rm_accuracy, "rm_dir": rm.output_dir, "preference_before": before,
-            "preference_after": after, "reward_accuracy": final["eval_rewards/accuracy"],
-            "task_after": task_after, "dpo_dir": dpo.output_dir}
+    return {"rm_accuracy": rm_accuracy, "rm_dir": rm.output_dir, "before": before, "after": after,
+            "original_after": original_after, "preference_before": pref_before, "preference_after": pref_after,
+            "dpo_dir": dpo.output_dir}
 
 
 PREFERENCE_PAIRS = {False: 2000, True: 256}  # by `fast`
-RM_STAGE = dict(learning_rate=1e-3, num_train_epochs=2)
-DPO_STAGE = dict(learning_rate=1e-4, pref_beta=0.1, pref_ftx=1.0)
+RM_STAGE = dict(learning_rate=1e-3, num_train_epochs=3)
+DPO_STAGE = dict(learning_rate=2e-4, pref_beta=0.1, pref_ftx=1.0, num_train_epochs=1)
 
 
-# ---- the RL stage: GRPO with an exact-match rule reward where SFT leaves headroom ----------------
+# ---- the RL stage: PPO with the reward model, GRPO with an exact-match rule --------------------
 
-# The SFT data only ever says "reverse 12345". Asked in other words, the SFT model is right about a third
-# of the time (and 0% on 8+ digits, where no reward has anything to follow). GRPO on these phrasings
-# with the built-in exact-match reward teaches the task under words SFT never showed.
-RL_PHRASINGS = ("Reverse {}", "reverse: {}", "invert {}", "please reverse {}")
 # The SFT model is confident even when wrong: at temperature 1 most groups of samples agree, and a
 # group that agrees has no advantage to learn from. Temperature 1.3 and groups of 16 give every step
 # groups with both right and wrong answers. The KL term (k3 in the loss) holds the policy near the SFT
 # model: without it the new phrasings gained more in our runs but the original one fell from 98% to 75%.
-RL_STAGE = dict(temperature=1.3, num_generations=16, rollout_batch_size=8, per_device_train_batch_size=128,
-                learning_rate=6e-4, kl_coef=0.3, max_completion_length=12, lr_scheduler_type="constant")
-RL_STEPS = {False: 40, True: 12}  # by `fast`
+GRPO_STAGE = dict(temperature=1.3, num_generations=16, rollout_batch_size=8, per_device_train_batch_size=128,
+                  learning_rate=6e-4, kl_coef=0.3, max_completion_length=12, lr_scheduler_type="constant")
+# PPO: one completion per prompt, a critic initialised from the reward model, rewards normalized by the
+# RM's saved statistics, the KL penalty in the reward (k1), GAE and whitened advantages: the defaults.
+# This reward model catches every answer of the wrong length but only ~2/3 of same-length digit errors;
+# PPO raises its score, and with a weak KL (0.05, 40 steps) it drifted to answers the RM likes that are
+# wrong (exact match 35% -> 31.5% in our runs). The KL below holds it near the SFT model instead.
+PPO_STAGE = dict(temperature=1.0, rollout_batch_size=64, per_device_train_batch_size=32, ppo_epochs=4,
+                 learning_rate=2e-4, critic_learning_rate=1e-3, kl_coef=0.1, max_completion_length=12,
+                 lr_scheduler_type="constant")
+RL_STEPS = {"PPO": {False: 24, True: 6}, "GRPO": {False: 40, True: 12}}  # by `fast`
 
 
-def rephrased_rows(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """{prompt, answer} rows of the reverse task (3-7 digits) in RL_PHRASINGS; no prompt in both splits."""
-    import random
-
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n_train + n_eval:
-        word = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7)))
-        prompt = rng.choice(RL_PHRASINGS).format(word)
-        if prompt not in seen:
-            seen.add(prompt)
-            rows.append({"prompt": prompt, "answer": word[::-1]})
-    return rows[:n_train], rows[n_train:]
-
-
-def rl_stage(sft_dir: Path, held_out: list[dict], root: Path, fast: bool) -> dict:
-    """GRPO from the SFT model on rephrased prompts (`posttrain grpo` code path): held-out exact match on
-    the new phrasings before and after, and on the original phrasing after (it should not drop)."""
-    from posttrain.config import GRPOConfig
+def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, out: Path, steps: int, **settings):
+    """One `posttrain ppo|grpo` run; held-out exact match (greedy) before and after, from its eval."""
     from posttrain.train.rl.stage import run_rl
 
-    train, held = rephrased_rows(2000, 200, seed=0)
+    result = run_rl(build_config(config_cls, dict(
+        model_name_or_path=str(sft_dir), dataset=str(prompts), eval_dataset=str(held_path), output_dir=str(out),
+        overwrite_output_dir=True, max_steps=steps, eval_steps=steps, logging_steps=1, disable_tqdm=True, seed=0,
+        **settings)))
+    evals = [r["eval_rewards/exact_match"] for r in result.metrics if "eval_rewards/exact_match" in r]
+    return result, evals[0], evals[-1]
+
+
+def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], original: list[dict], root: Path,
+             fast: bool) -> dict:
+    """PPO with the trained reward model and GRPO with the built-in exact-match reward, each from the SFT
+    model on the new wordings (`posttrain ppo|grpo` code paths); held-out exact match before and after,
+    and on the original wording after (it should not drop)."""
+    from posttrain.config import GRPOConfig, PPOConfig
+
     prompts = write_jsonl(train, root / "data" / "rl_prompts.jsonl")
     held_path = write_jsonl(held, root / "data" / "rl_held_out.jsonl")
-    steps = RL_STEPS[fast]
-    print(f"[quickstart] RL: GRPO from the SFT model, exact-match reward, on the task asked in words SFT never saw "
-          f"({', '.join(repr(p.format('123')) for p in RL_PHRASINGS)}); {steps} steps x {RL_STAGE['rollout_batch_size']} "
-          f"prompts x {RL_STAGE['num_generations']} samples")
-    t = time.perf_counter()
-    result = run_rl(build_config(GRPOConfig, dict(
-        model_name_or_path=str(sft_dir), dataset=str(prompts), eval_dataset=str(held_path), output_dir=str(root / "grpo"),
-        overwrite_output_dir=True, reward_funcs=["exact_match"], max_steps=steps, eval_steps=steps, logging_steps=1,
-        disable_tqdm=True, seed=0, **RL_STAGE)))
-    evals = [r["eval_reward"] for r in result.metrics if "eval_reward" in r]
-    original = exact_match(result.output_dir, held_out)
-    print(f"[quickstart] GRPO ({time.perf_counter() - t:.0f}s): held-out exact match on the new phrasings "
-          f"{evals[0]:.1%} -> {evals[-1]:.1%}; on the original phrasing {original:.1%} after")
-    print(f"[quickstart] GRPO model: {result.output_dir}")
-    return {"before": evals[0], "after": evals[-1], "original_after": original, "output_dir": result.output_dir}
+    out = {}
+    for name, cls, settings, reward in (
+            ("PPO", PPOConfig, PPO_STAGE, dict(reward_model=str(rm_dir), reward_funcs=["exact_match"],
+                                               reward_weights=[1.0, 0.0])),  # exact match only measured
+            ("GRPO", GRPOConfig, GRPO_STAGE, dict(reward_funcs=["exact_match"]))):
+        what = "the reward model" if name == "PPO" else "the exact-match rule"
+        steps = RL_STEPS[name][fast]
+        print(f"[quickstart] RL: {name} from the SFT model with {what} as reward, {steps} steps x "
+              f"{settings['rollout_batch_size']} prompts x {settings.get('num_generations', 1)} samples")
+        t = time.perf_counter()
+        result, before, after = rl_run(cls, sft_dir, prompts, held_path, root / name.lower(), steps, **settings, **reward)
+        original_after = exact_match(result.output_dir, original)
+        print(f"[quickstart] {name} ({time.perf_counter() - t:.0f}s): held-out exact match on the new wordings "
+              f"{before:.1%} -> {after:.1%}; on the original wording {original_after:.1%} after; model: {result.output_dir}")
+        out[name.lower()] = {"before": before, "after": after, "original_after": original_after,
+                             "output_dir": result.output_dir}
+    return out

@@ -7,18 +7,10 @@ import json
 
 import pytest
 import torch
+from inference_fixtures import one_torch_thread  # noqa: F401  (autouse: tiny models run single-threaded)
 
 from posttrain.cli import main
 from posttrain.data.synthetic import preference_pairs, split_task, write_jsonl
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a shared CPU they cost (see test_preference_training)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,13 @@ RSS is its own; the parent records the 1-minute load average around it, since ot
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,3 +56,29 @@ def run_side(script: str, side: str, spec: dict, work: Path) -> dict:
     result["process_s"] = time.perf_counter() - t0  # includes interpreter start and imports
     result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
+
+
+def pick(parser, raw: str | None, choices, default: str, what: str) -> list[str]:
+    """The comma-separated names of a --sides / --workloads option, each checked against `choices`."""
+    names = (raw or default).split(",")
+    for name in names:
+        if name not in choices:
+            parser.error(f"unknown {what} {name!r}; choose from {', '.join(choices)}")
+    return names
+
+
+def work_dir(workdir: str | None, prefix: str) -> Path:
+    """--workdir (kept), or a temporary folder removed when the script exits."""
+    if workdir:
+        path = Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    atexit.register(tmp.cleanup)
+    return Path(tmp.name)
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path.relative_to(Path(__file__).resolve().parent.parent)}")

@@ -21,11 +21,10 @@ import argparse
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mib, run_side, train_timer
+from common import peak_rss_mib, pick, run_side, train_timer, work_dir, write_result
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
@@ -230,18 +229,8 @@ def main() -> None:
     args.eval_pairs = args.eval_pairs or (16 if args.quick else 64)
     args.max_length = args.max_length or (256 if args.quick else 512)
     args.steps = args.steps or -(-args.pairs // args.batch)
-    sides = (args.sides or ",".join(SIDES)).split(",")
-    for s in sides:
-        if s not in SIDES:
-            p.error(f"unknown side {s!r}; choose from {', '.join(SIDES)}")
-
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-dpo-")
-        work = Path(tmp.name)
+    sides = pick(p, args.sides, SIDES, ",".join(SIDES), "side")
+    work = work_dir(args.workdir, "bench-dpo-")
     from posttrain.data.synthetic import write_jsonl
     from posttrain.model.tiny import write_tiny_model
 
@@ -284,11 +273,7 @@ def main() -> None:
     result = {"bench": "dpo", "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "settings": {k: spec[k] for k in ("steps", "batch", "max_length", "lr", "beta", "seed", "threads")},
               "throughput": "training pairs / training-loop wall time", "runs": runs, "ratios": ratios}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(HERE.parent)}")
-    if tmp is not None:
-        tmp.cleanup()
+    write_result(RESULTS, result)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mib, run_side, train_timer
+from common import peak_rss_mib, pick, run_side, train_timer, work_dir, write_result
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
@@ -321,29 +320,14 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    sides = (args.sides or ",".join(SIDES)).split(",")
-    workloads = (args.workloads or ",".join(WORKLOADS)).split(",")
-    for s in sides:
-        if s not in SIDES:
-            p.error(f"unknown side {s!r}; choose from {', '.join(SIDES)}")
-    for w in workloads:
-        if w not in WORKLOADS:
-            p.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    sides = pick(p, args.sides, SIDES, ",".join(SIDES), "side")
+    workloads = pick(p, args.workloads, WORKLOADS, ",".join(WORKLOADS), "workload")
     print(NO_PPO)
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-grpo-")
-        work = Path(tmp.name)
+    work = work_dir(args.workdir, "bench-grpo-")
     results = {w: run_workload(w, work / w, args, sides) for w in workloads}
     result = {"bench": "grpo", "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ppo": NO_PPO,
               "workloads": results}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(HERE.parent)}")
-    if tmp is not None:
-        tmp.cleanup()
+    write_result(RESULTS, result)
 
 
 if __name__ == "__main__":

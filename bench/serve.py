@@ -21,11 +21,11 @@ import argparse
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import work_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -126,7 +126,7 @@ def main() -> None:
     from posttrain.model.tiny import write_tiny_model
 
     hf_logging.set_verbosity_error()
-    work = Path(tempfile.mkdtemp(prefix="posttrain-bench-serve-"))
+    work = work_dir(None, "posttrain-bench-serve-")  # removed at exit (it holds a model and every adapter)
     base_dir = write_tiny_model(work / "base", size=args.size)
     tok = load_tokenizer(str(base_dir))
     names_all = write_adapters(base_dir, work / "adapters", max(counts), args.rank)

@@ -21,11 +21,10 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mib, run_side, train_timer
+from common import peak_rss_mib, pick, run_side, train_timer, work_dir, write_result
 
 # Nothing in this benchmark may reach a hub; set before transformers / datasets are imported.
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -329,18 +328,8 @@ def main() -> None:
     per_epoch = math.ceil(args.conversations / args.batch)
     args.steps = args.steps or per_epoch
     args.logging_steps = args.logging_steps or (4 if args.quick else 10)
-    sides = (args.sides or ("posttrain,trl" if args.quick else "posttrain,posttrain-packing,trl")).split(",")
-    for s in sides:
-        if s not in SIDES:
-            p.error(f"unknown side {s!r}; choose from {', '.join(SIDES)}")
-
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-sft-")
-        work = Path(tmp.name)
+    sides = pick(p, args.sides, SIDES, "posttrain,trl" if args.quick else "posttrain,posttrain-packing,trl", "side")
+    work = work_dir(args.workdir, "bench-sft-")
 
     paths = prepare(work, args)
     convs, train_samples, tokenizer = posttrain_samples(paths["model"], paths["train"], args.max_length)
@@ -412,12 +401,7 @@ def main() -> None:
         "data": data, "heldout_loss_untrained": base_eval, "runs": runs, "ratios": ratios,
     }
     print(json.dumps(result))
-    path = RESULTS.with_name("sft-lora.json") if args.lora else RESULTS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path.relative_to(HERE.parent)}")
-    if tmp is not None:
-        tmp.cleanup()
+    write_result(RESULTS.with_name("sft-lora.json") if args.lora else RESULTS, result)
 
 
 if __name__ == "__main__":

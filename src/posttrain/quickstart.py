@@ -41,7 +41,10 @@ def prompt_of(row: dict) -> str:
 
 def exact_match(model_path: str | Path, rows: list[dict], max_new_tokens: int = 16, adapter: str | Path | None = None) -> float:
     """Fraction of rows whose greedy answer equals `row["answer"]` exactly."""
-    answers = greedy_answers(model_path, [prompt_of(r) for r in rows], max_new_tokens, adapter)
+    return accuracy(greedy_answers(model_path, [prompt_of(r) for r in rows], max_new_tokens, adapter), rows)
+
+
+def accuracy(answers: list[str], rows: list[dict]) -> float:
     return sum(a == r["answer"] for a, r in zip(answers, rows)) / len(rows)
 
 
@@ -99,10 +102,12 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> d
             "bytes": model_bytes(result.output_dir), "accuracy": after}
     lora = lora_stage(base, data, root, held_out, fast, full)
     new_train, new_held = rephrased_rows(2000, 200, seed=0)
-    headroom = exact_match(result.output_dir, new_held)
+    # The SFT model's answers on the held-out new wordings: its accuracy there, and the held-out pairs.
+    sft_answers = greedy_answers(result.output_dir, [r["prompt"] for r in new_held])
+    headroom = accuracy(sft_answers, new_held)
     print(f"[quickstart] the SFT model asked in words it never saw ({', '.join(repr(p.format('123')) for p in NEW_PHRASINGS)}): "
           f"held-out exact match {headroom:.1%}; the preference and RL stages train on these")
-    preference = preference_stage(result.output_dir, new_train, new_held, held_out, root, fast, headroom)
+    preference = preference_stage(result.output_dir, new_train, new_held, sft_answers, held_out, root, fast)
     rl = rl_stage(result.output_dir, preference["rm_dir"], new_train, new_held, held_out, root, fast)
     print(f"[quickstart] finished in {time.perf_counter() - start:.0f}s")
     return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot, "preference": preference, "lora": lora, "rl": rl}
@@ -134,8 +139,8 @@ def rephrased_rows(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], li
 
 # ---- the preference stage: a reward model and DPO on the model's own mistakes --------------------
 
-def on_policy_pairs(model_path: Path, rows: list[dict], seed: int) -> list[dict]:
-    """{prompt, chosen, rejected}: the exact answer against the model's own greedy answer where that is
+def on_policy_pairs(rows: list[dict], answers: list[str], seed: int) -> list[dict]:
+    """{prompt, chosen, rejected}: the exact answer against the model's own greedy `answers` where that is
     wrong (as in on-policy / iterative DPO), else against a near miss (also for an empty answer, which
     is not a response a pair may hold)."""
     import random
@@ -143,7 +148,6 @@ def on_policy_pairs(model_path: Path, rows: list[dict], seed: int) -> list[dict]
     from posttrain.data.synthetic import wrong_answer
 
     rng = random.Random(seed)
-    answers = greedy_answers(model_path, [r["prompt"] for r in rows])
     return [{"prompt": r["prompt"], "chosen": r["answer"],
              "rejected": a if a and a != r["answer"] else wrong_answer(r["answer"], rng)} for a, r in zip(answers, rows)]
 
@@ -167,8 +171,8 @@ def preference_accuracy(model_path: str | Path, pairs_path: Path) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], original: list[dict], root: Path, fast: bool,
-                     before: float) -> dict:
+def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_answers: list[str], original: list[dict],
+                     root: Path, fast: bool) -> dict:
     """Pairs on the new wordings, the exact answer (chosen) against the SFT model's own wrong answer:
     train a reward model on the SFT model, then run DPO from the SFT model; held-out pair accuracy and
     exact match before and after."""
@@ -177,8 +181,10 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], origina
     from posttrain.train.rm import run_rm
 
     n = PREFERENCE_PAIRS[fast]
-    pairs = write_jsonl(on_policy_pairs(sft_dir, train[:n], seed=0), root / "data" / "pairs.jsonl")
-    held_pairs = write_jsonl(on_policy_pairs(sft_dir, held, seed=1), root / "data" / "held_out_pairs.jsonl")
+    train_answers = greedy_answers(sft_dir, [r["prompt"] for r in train[:n]])
+    pairs = write_jsonl(on_policy_pairs(train[:n], train_answers, seed=0), root / "data" / "pairs.jsonl")
+    held_pairs = write_jsonl(on_policy_pairs(held, held_answers, seed=1), root / "data" / "held_out_pairs.jsonl")
+    before = accuracy(held_answers, held)
     print(f"[quickstart] preference pairs on the new wordings: the exact answer against the SFT model's own answer "
           f"where wrong (else a near miss); {n} train, {len(held)} held-out")
     common = dict(model_name_or_path=str(sft_dir), dataset=str(pairs), eval_dataset=str(held_pairs),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,8 +12,7 @@ import yaml
 from posttrain.cli import main
 
 from conftest import sft_overrides
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from child_env import child_env
 
 
 def test_sft_cli_loss_falls_and_writes_a_usable_folder(tiny_model_dir, task_data, tmp_path, capsys):
@@ -46,7 +44,7 @@ def test_sft_cli_loss_falls_and_writes_a_usable_folder(tiny_model_dir, task_data
 
     # One-shot chat from the trained folder answers with something.
     res = subprocess.run([sys.executable, "-m", "posttrain", "chat", str(out), "--prompt", "reverse 123",
-                          "--max-new-tokens", "8"], capture_output=True, text=True, env={"PYTHONPATH": SRC})
+                          "--max-new-tokens", "8"], capture_output=True, text=True, env=child_env())
     assert res.returncode == 0 and res.stdout.strip()
 
 

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from conftest import sft_overrides
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from child_env import child_env
 
 
 def test_two_processes_match_one(tiny_model_dir, task_data, tmp_path):
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    env = child_env()
     common = dict(max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=2)
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "posttrain", "sft",
@@ -49,7 +46,7 @@ def test_kto_kl_reference_point_spans_the_whole_step_and_every_rank(tiny_model_d
     rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in pairs]
     rows += [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs[::4]]
     data = write_jsonl(rows, tmp_path / "kto.jsonl")
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    env = child_env()
 
     def args(out, **extra):
         return ["kto", *sft_overrides(tiny_model_dir, data, out, max_steps=4, logging_steps=1, learning_rate=5e-3,
@@ -77,7 +74,7 @@ def test_bco_running_mean_is_shared_by_every_rank(tiny_model_dir, tmp_path):
     from posttrain.data.synthetic import preference_pairs, split_task, write_jsonl
 
     data = write_jsonl(preference_pairs(split_task(9, 0, seed=3)[0], seed=0), tmp_path / "pairs.jsonl")
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    env = child_env()
 
     def args(out, **extra):
         return ["dpo", *sft_overrides(tiny_model_dir, data, out, max_steps=3, logging_steps=1, learning_rate=5e-3,

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from conftest import sft_overrides
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from child_env import child_env
 
 
 def _cmd(overrides):
@@ -23,7 +20,7 @@ def _cmd(overrides):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    return child_env()
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, task_data, tmp_path):

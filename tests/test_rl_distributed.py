@@ -8,7 +8,6 @@ step over both ranks and the gradients are summed, so the weights after each ste
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +17,14 @@ from safetensors.torch import load_file
 
 from posttrain.data.synthetic import split_task, write_jsonl
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from child_env import child_env
+
 # Varied, deterministic rewards from an untrained model's text, so every group has advantages to follow.
 REWARD = "def length_mod(prompts, completions, **kw):\n    return [float(len(c) % 5) for c in completions]\n"
 
 
 def _grpo(model, prompts, reward, out, procs: int, prompts_per_proc: int) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    env = child_env()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [sys.executable]
     args = dict(model_name_or_path=model, dataset=prompts, output_dir=out, reward_funcs=f"[{reward}:length_mod]",

@@ -10,11 +10,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from inference_fixtures import (CPU, adapter_root, lively_model_dir, make_lora, one_torch_thread,  # noqa: F401
                                 reference_greedy)
+from child_env import child_env
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -321,7 +321,7 @@ def test_posttrain_serve_command_end_to_end(lively_model_dir, adapter_root):
     import sys
 
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = child_env()
     proc = subprocess.Popen([sys.executable, "-m", "posttrain", "serve", str(lively_model_dir), "--port", str(port),
                              "--adapter", f"math={adapter_root / 'all4'}", "--api-key", "cli-key"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

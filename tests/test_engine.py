@@ -14,7 +14,7 @@ from inference_fixtures import (CPU, adapter_root, lively_model_dir, make_lively
 from posttrain.inference.engine import Engine, Request
 from posttrain.inference.errors import AdapterError, RequestError, RequestTooLarge
 from posttrain.inference.registry import AdapterRegistry
-from posttrain.inference.sampling import SamplingParams
+from posttrain.inference.sampling import SamplingParams, choose_tokens, row_uniforms
 
 TEXTS = ["reverse 12345", "hello there, how are you today?", "a", "the quick brown fox jumps over the lazy dog",
          "zz top 99", "x"]
@@ -131,6 +131,25 @@ def test_top_k_one_and_tiny_top_p_are_greedy(base, prompts):
     k1 = engine.generate(prompts[:2], SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, ignore_eos=True))
     p0 = engine.generate(prompts[:2], SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6, ignore_eos=True))
     assert [o.token_ids for o in k1] == [o.token_ids for o in greedy] == [o.token_ids for o in p0]
+
+
+def test_sampled_tokens_follow_the_filtered_distribution():
+    # One row of logits drawn by 20000 rows with seeds 0..19999 at once: the frequencies match softmax(logits / T) cut to
+    # top_k then top_p (tokens outside never appear).
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9)
+    n = 20000
+    tokens = torch.tensor([c.token for c in choose_tokens(logits.expand(n, -1).clone(), [params] * n, list(range(n)),
+                                                          [[]] * n, [[]] * n)])
+    probs = (logits / 0.8).softmax(-1)
+    probs[5] = 0  # top_k 5
+    probs /= probs.sum()
+    keep = (probs.cumsum(-1) - probs) < 0.9
+    probs = torch.where(keep, probs, 0.0)
+    probs /= probs.sum()
+    freq = torch.bincount(tokens, minlength=6).float() / n
+    assert (freq[~keep] == 0).all()
+    torch.testing.assert_close(freq, probs, atol=0.012, rtol=0)
 
 
 def test_logprobs_are_the_models_own(base, prompts):
@@ -421,3 +440,16 @@ def test_other_supported_architectures_match_transformers(arch, tiny_tokenizer):
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == reference_greedy(model, prompt, 10)
+
+
+def test_row_uniforms_are_uniform_and_depend_on_seed_and_counter_alone():
+    n = 200_000
+    u = row_uniforms(list(range(n)), [3] * n)
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, bins=20, min=0, max=1)
+    assert (counts - n / 20).abs().max() < 5 * (n / 20) ** 0.5  # ~5 sigma
+    successive = row_uniforms([7] * n, list(range(n)))  # one row's draws over its tokens
+    assert abs(torch.corrcoef(torch.stack([successive[:-1], successive[1:]]))[0, 1]) < 0.01
+    alone = row_uniforms([123456789012345], [5])
+    batched = row_uniforms([1, 123456789012345, -4, 2 ** 70], [9, 5, 0, 1])  # any Python int is a seed
+    assert alone[0] == batched[1]

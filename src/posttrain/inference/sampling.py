@@ -84,47 +84,91 @@ def _apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def _sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """Temperature, top-k, top-p on rows logits [S,V]; one draw per row from its own generator."""
-    device = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
-    scaled = logits / temps[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-    rank = torch.arange(vocab, device=device)[None, :]
-    sorted_logits = sorted_logits.masked_fill(rank >= ks[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=probs.dtype)
-    mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass before it is below top_p
-    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
-    picks = [int(torch.multinomial(probs[j], 1, generator=generators[j])) for j in range(len(params))]
-    return [int(order[j, k]) for j, k in enumerate(picks)]
+_M32 = 0xFFFFFFFF
 
 
-def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x, c < 2**32, in halves so no product leaves int64's range."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The "lowbias32" integer hash (C. Wellons): a bijection of 32-bit values with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds: list[int], counters: list[int]) -> torch.Tensor:
+    """One uniform in [0, 1) (float64, 53 random bits) per row, a hash of the row's (seed, counter); on the CPU.
+
+    A counter-based generator: a row's n-th draw depends on its seed and n alone, so it does not depend
+    on the rows it is batched with, on the step it ran in, or on the device the model runs on. All rows
+    take one batched computation instead of a generator call each (on a GPU, a kernel launch per row)."""
+    seed = torch.tensor([s & ((1 << 63) - 1) for s in seeds], dtype=torch.long)  # any Python int is a seed
+    counter = torch.tensor(counters, dtype=torch.long) & _M32
+    h = _mix32((seed & _M32) ^ _mix32((seed >> 32) ^ _mix32(counter ^ 0x9E3779B9)))
+    h2 = _mix32(h ^ 0x85EBCA6B)
+    return ((h >> 5) * (1 << 26) + (h2 >> 6)).double() / float(1 << 53)
+
+
+def _sample(logits: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor) -> torch.Tensor:
+    """Temperature, top-k, top-p on rows logits [S,V], then one draw per row by inverse CDF at that row's
+    `uniform` [S] (CPU). Returns the token ids [S] as a tensor on the logits' device; the per-row settings
+    travel to the device in one copy and nothing here waits for it."""
+    device, vocab = logits.device, logits.shape[-1]
+    settings = torch.tensor([[p.temperature, p.top_k if p.top_k > 0 else vocab, p.top_p] for p in params],
+                            dtype=torch.float64)
+    settings = torch.cat([settings, uniform[:, None]], dim=1).to(device)
+    temps, ks, top_p, uniform = settings.unbind(dim=1)
+    probs = (logits / temps[:, None].to(logits.dtype)).softmax(dim=-1)
+    order = None
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):  # filtering needs the tokens by rank
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs.masked_fill(torch.arange(vocab, device=device)[None, :] >= ks[:, None], 0.0)
+        cumulative = probs.cumsum(dim=-1)
+        # Keep a token while the mass before it is below top_p of what top-k kept (top-p reads the top-k
+        # distribution renormalised, as transformers' warpers do).
+        mass_before = cumulative - probs
+        probs = probs.masked_fill(mass_before >= top_p[:, None].to(probs.dtype) * cumulative[:, -1:], 0.0)
+    cdf = probs.double().cumsum(dim=-1)
+    picks = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
+    # Rounding at the top end must not pick past the last token that has mass.
+    last = vocab - 1 - (probs.flip(-1) > 0).long().argmax(dim=-1, keepdim=True)
+    picks = torch.minimum(picks, last)
+    return (order.gather(1, picks) if order is not None else picks).squeeze(1)
+
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None],
                   prompts: list[list[int]], generated: list[list[int]]) -> list[TokenChoice]:
-    """The next token of every row of logits [B,V] (float32), with log-probs where asked."""
+    """The next token of every row of logits [B,V] (float32), with log-probs where asked. A sampled row
+    draws with its seed and the number of tokens it has generated (row_uniforms)."""
     processed = logits
     penalized = [j for j, p in enumerate(params) if p.penalized]
     if penalized:
         processed = logits.clone()
         for j in penalized:
             _apply_penalties(processed[j], params[j], prompts[j], generated[j])
-    tokens = processed.argmax(dim=-1).tolist()
+    tokens = processed.argmax(dim=-1)
     sampled = [j for j, p in enumerate(params) if not p.greedy]
     if sampled:
-        draws = _sample(processed[sampled], [params[j] for j in sampled], [generators[j] for j in sampled])
-        for j, t in zip(sampled, draws):
-            tokens[j] = t
+        rows = torch.tensor(sampled, device=logits.device)
+        uniform = row_uniforms([seeds[j] for j in sampled], [len(generated[j]) for j in sampled])
+        tokens[rows] = _sample(processed[rows], [params[j] for j in sampled], uniform)
+    tokens = tokens.tolist()  # the step's one device-to-host copy
     choices = [TokenChoice(t) for t in tokens]
     wants = [j for j, p in enumerate(params) if p.logprobs is not None]
     if wants:
         logprobs = logits[wants].log_softmax(dim=-1)
+        chosen = logprobs.gather(1, torch.tensor([[tokens[j]] for j in wants], device=logits.device))[:, 0].tolist()
+        most = max(params[j].logprobs for j in wants)
+        top = logprobs.topk(most, dim=-1) if most else None
+        values, ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
         for row, j in enumerate(wants):
-            choices[j].logprob = float(logprobs[row, tokens[j]])
+            choices[j].logprob = chosen[row]
             k = params[j].logprobs
             if k:
-                values, ids = logprobs[row].topk(k)
-                choices[j].top = list(zip(ids.tolist(), values.tolist()))
+                choices[j].top = list(zip(ids[row][:k], values[row][:k]))
     return choices

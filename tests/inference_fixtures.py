@@ -87,7 +87,8 @@ def adapter_root(lively_model_dir, tmp_path_factory) -> Path:
 
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     """transformers' own greedy decoding, ignoring end-of-sequence."""
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    out = model.generate(torch.tensor([prompt], device=model.device),
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from posttrain.errors import PosttrainError
 from posttrain.inference import forward
+from posttrain.inference.cuda_graphs import DecodeGraphs
 from posttrain.inference.detokenize import TextTracker
 from posttrain.inference.errors import RequestError, RequestTooLarge
 from posttrain.inference.kv_cache import KVCache
@@ -71,7 +72,7 @@ class _Sequence:
     prompt: list[int]
     stop_ids: frozenset[int]
     tokenizer: object
-    generator: torch.Generator | None
+    seed: int | None  # sampled rows: the seed of their draws (sampling.row_uniforms); None for greedy
     lora_slot: int = 0
     length: int = 0  # positions written to the KV cache (virtual tokens + prompt + generated - 1)
     generated: list[int] = field(default_factory=list)
@@ -84,7 +85,7 @@ class _Sequence:
 class Engine:
     def __init__(self, model, tokenizer, *, registry: AdapterRegistry | None = None, max_batch_size: int = 32,
                  max_seq_len: int | None = None, max_prefill_tokens: int = 4096, fuse_weights: bool = True,
-                 seed: int | None = None):
+                 seed: int | None = None, cuda_graphs: bool = True):
         self.weights = DecoderWeights(model, fuse=fuse_weights, max_positions=max_seq_len)
         dims = self.weights.dims
         self.dims = dims
@@ -96,6 +97,9 @@ class Engine:
         self.device = self.weights.device
         self.cache = KVCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, max_batch_size, self.max_seq_len,
                              self.weights.dtype, self.device)
+        # On a GPU, decode steps replay captured graphs (launch-bound otherwise; see cuda_graphs.py).
+        self.graphs = DecodeGraphs(self.weights, self.cache, max_batch_size) if (
+            cuda_graphs and self.device.type == "cuda") else None
         self.model_stop_ids = self._model_stop_ids(model, tokenizer)
         self.waiting: list[Request] = []
         self.running: list[_Sequence] = []  # running[i] lives in cache slot i
@@ -223,11 +227,10 @@ class Engine:
             stop_ids |= self.model_stop_ids
             if tokenizer.eos_token_id is not None:
                 stop_ids.add(tokenizer.eos_token_id)
-        generator = None
+        seed = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        seq = _Sequence(request, list(request.prompt_ids), frozenset(stop_ids), tokenizer, generator, lora_slot)
+        seq = _Sequence(request, list(request.prompt_ids), frozenset(stop_ids), tokenizer, seed, lora_slot)
         if request.stream or params.stop:
             seq.tracker = TextTracker(tokenizer, seq.prompt, params.stop)
         return seq
@@ -298,7 +301,11 @@ class Engine:
         positions = torch.tensor([s.length for s in seqs], device=self.device)
         max_len = max(s.length for s in seqs) + 1
         self.cache.ensure_length(max_len)
-        logits = forward.decode(self.weights, self.cache, tokens, positions, max_len, self._lora(seqs))
+        lora = self._lora(seqs)
+        if self.graphs is not None and lora is None:
+            logits = self.graphs.decode(tokens, positions, max_len)
+        else:
+            logits = forward.decode(self.weights, self.cache, tokens, positions, max_len, lora)
         for seq in seqs:
             seq.length += 1
         self._advance(seqs, logits)
@@ -314,7 +321,7 @@ class Engine:
         if not live:
             return
         choices = choose_tokens(logits[live], [seqs[j].request.params for j in live],
-                                [seqs[j].generator for j in live], [seqs[j].prompt for j in live],
+                                [seqs[j].seed for j in live], [seqs[j].prompt for j in live],
                                 [seqs[j].generated for j in live])
         for j, choice in zip(live, choices):
             seq = seqs[j]

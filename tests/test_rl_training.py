@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -75,10 +76,12 @@ def test_ppo_trains_actor_and_critic(rl_setup, tmp_path):
     assert steps[-1]["value_loss"] < steps[0]["value_loss"]
 
 
-def test_lora_actor_uses_its_base_as_reference(rl_setup, tmp_path):
+def test_lora_actor_uses_its_base_as_reference(rl_setup, tmp_path, caplog):
     out = tmp_path / "lora"
-    records = _run("grpo", rl_setup, out, max_steps=3, num_generations=2, finetuning_type="lora", lora_rank=4,
-                   advantage_estimator="rloo", eval_steps=100)
+    with caplog.at_level(logging.INFO, logger="posttrain.train.rl.rollout"):
+        records = _run("grpo", rl_setup, out, max_steps=3, num_generations=2, finetuning_type="lora", lora_rank=4,
+                       advantage_estimator="rloo", eval_steps=100)
+    assert "transformers generate" not in caplog.text  # the LoRA actor rolls out on the engine (merged copies)
     steps = [r for r in records if "reward_mean" in r]
     assert steps[-1]["kl"] > 0  # the adapter moved the policy away from its base
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()

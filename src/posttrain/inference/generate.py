@@ -1,9 +1,10 @@
 """Batched generation for `posttrain chat` and held-out evaluation, on the engine.
 
 The engine reads the model's live parameters (no fused copies), so a model that is still being
-trained is evaluated with its current weights. Models the engine's forward does not cover (other
-architectures, PEFT-wrapped modules during adapter training) go through transformers' `generate`:
-both paths give the same greedy text, the engine's is faster.
+trained is evaluated with its current weights (a LoRA model's adapted matrices are merged when the
+engine is built, one per call). Models the engine's forward does not cover (other architectures,
+prompt learning, DoRA) go through transformers' `generate`: both paths give the same greedy text,
+the engine's is faster.
 """
 
 from __future__ import annotations

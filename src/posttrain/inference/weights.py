@@ -9,6 +9,13 @@ length-dependent RoPE) is refused with the reason, never run approximately.
 `fuse=True` concatenates q/k/v and gate/up into single matmuls (a server's frozen weights: faster,
 a second copy of those matrices); `fuse=False` keeps references to the live parameters, so a model
 that is still training is generated from with its current weights.
+
+A PEFT LoRA model (plain LoRA or rsLoRA on linear layers: an RL actor, an adapter loaded for chat)
+runs too: each adapted matrix is held merged, W + scaling * B @ A, in a copy of its own. The copy
+is a snapshot; `refresh()` recomputes it in place from the current A and B (the rollout sampler
+calls it before every batch of rollouts, since the actor trains in between). Anything the merge
+would not reproduce (DoRA and other variants, LoRA biases, adapted embeddings, modules_to_save
+copies, prompt learning) is refused, never generated from approximately.
 """
 
 from __future__ import annotations
@@ -82,15 +89,61 @@ class ModelDims:
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def _linear(module: nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if type(module) is not nn.Linear:  # e.g. a PEFT LoRA wrapper: its delta would be silently skipped
+class _LoraMerge:
+    """The engine's copy of a PEFT LoRA linear's effective weight, W + sum of scaling * B @ A."""
+
+    def __init__(self, module: nn.Module, where: str):
+        for name in module.active_adapters:
+            variant = getattr(module, "lora_variant", {}).get(name) or getattr(module, "lora_bias", {}).get(name)
+            if module.use_dora.get(name) or variant:
+                raise ConfigError(f"{where}: adapter {name!r} is a LoRA variant (DoRA, LoRA bias, ...) the engine "
+                                  "does not merge; merge it into the model first")
+        self.module = module
+        self.weight = module.get_base_layer().weight.detach().clone()
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        base = self.module.get_base_layer().weight
+        if self.module.merged or self.module.disable_adapters:  # the base already holds it / adapters are off
+            self.weight.copy_(base)
+            return
+        merged = base.detach().clone()
+        for name in self.module.active_adapters:
+            if name in self.module.lora_A:
+                merged += self.module.get_delta_weight(name).to(merged.dtype)
+        self.weight.copy_(merged)
+
+
+def _is_lora_linear(module: nn.Module) -> bool:
+    from peft.tuners.lora.layer import Linear
+
+    return isinstance(module, Linear) and type(module.get_base_layer()) is nn.Linear
+
+
+def _plain(module: nn.Module, where: str) -> nn.Module:
+    """`module` itself, unless PEFT wraps it (an adapted embedding, a modules_to_save copy): reading its
+    `.weight` would give the base's tensor and silently drop what the wrapper adds."""
+    if type(module).__module__.startswith("peft"):
+        raise ConfigError(f"{where} is wrapped by PEFT ({type(module).__name__}); the engine merges LoRA on linear "
+                          "layers only — merge the adapter into the model first")
+    return module
+
+
+def _linear(module: nn.Module, where: str, merges: list[_LoraMerge]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if _is_lora_linear(module):
+        merges.append(_LoraMerge(module, where))
+        bias = module.get_base_layer().bias
+        return merges[-1].weight, bias.detach() if bias is not None else None
+    if type(module) is not nn.Linear:  # e.g. a quantized or otherwise wrapped layer: never run approximately
         raise ConfigError(f"{where} is a {type(module).__name__}, not a plain nn.Linear; the engine runs plain "
-                          "(or merged) models only — merge adapters first or serve them as adapters")
+                          "models and LoRA on linear layers — merge adapters first or serve them as adapters")
     return module.weight, module.bias
 
 
-def _projection(modules: list[tuple[nn.Module, str]], fuse: bool) -> Projection:
-    pairs = [_linear(m, where) for m, where in modules]
+def _projection(modules: list[tuple[nn.Module, str]], fuse: bool, merges: list[_LoraMerge]) -> Projection:
+    fuse = fuse and not any(_is_lora_linear(m) for m, _ in modules)  # merged copies are refreshed one by one
+    pairs = [_linear(m, where, merges) for m, where in modules]
     sizes = [w.shape[0] for w, _ in pairs]
     if fuse and len(pairs) > 1:
         weight = torch.cat([w.detach() for w, _ in pairs], dim=0)
@@ -121,6 +174,7 @@ class DecoderWeights:
     """Every tensor the forward pass reads, plus the RoPE cos/sin tables and the model's dimensions."""
 
     def __init__(self, model, fuse: bool = False, max_positions: int | None = None):
+        model = _unwrap_lora(model)
         config = model.config
         check_supported(config)
         base = getattr(model, "model", None)
@@ -139,21 +193,23 @@ class DecoderWeights:
             head_dim=head_dim, intermediate=config.intermediate_size, num_layers=config.num_hidden_layers,
             vocab=model.get_output_embeddings().weight.shape[0], eps=config.rms_norm_eps,
             max_positions=min(limit, max_positions or limit), model_type=config.model_type)
-        self.embed = base.embed_tokens.weight.detach()
-        self.lm_head = model.get_output_embeddings().weight.detach()
-        self.final_norm = base.norm.weight.detach()
+        self.merges: list[_LoraMerge] = []
+        self.embed = _plain(base.embed_tokens, "model.embed_tokens").weight.detach()
+        self.lm_head = _linear(model.get_output_embeddings(), "lm_head", self.merges)[0].detach()
+        self.final_norm = _plain(base.norm, "model.norm").weight.detach()
         self.layers = []
         for i, layer in enumerate(base.layers):
             attn, mlp = layer.self_attn, layer.mlp
             where = f"model.layers.{i}"
             self.layers.append(LayerWeights(
-                input_norm=layer.input_layernorm.weight.detach(),
+                input_norm=_plain(layer.input_layernorm, f"{where}.input_layernorm").weight.detach(),
                 qkv=_projection([(attn.q_proj, f"{where}.self_attn.q_proj"), (attn.k_proj, f"{where}.self_attn.k_proj"),
-                                 (attn.v_proj, f"{where}.self_attn.v_proj")], fuse),
-                o=_projection([(attn.o_proj, f"{where}.self_attn.o_proj")], fuse),
-                post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=_projection([(mlp.gate_proj, f"{where}.mlp.gate_proj"), (mlp.up_proj, f"{where}.mlp.up_proj")], fuse),
-                down=_projection([(mlp.down_proj, f"{where}.mlp.down_proj")], fuse)))
+                                 (attn.v_proj, f"{where}.self_attn.v_proj")], fuse, self.merges),
+                o=_projection([(attn.o_proj, f"{where}.self_attn.o_proj")], fuse, self.merges),
+                post_norm=_plain(layer.post_attention_layernorm, f"{where}.post_attention_layernorm").weight.detach(),
+                gate_up=_projection([(mlp.gate_proj, f"{where}.mlp.gate_proj"), (mlp.up_proj, f"{where}.mlp.up_proj")],
+                                    fuse, self.merges),
+                down=_projection([(mlp.down_proj, f"{where}.mlp.down_proj")], fuse, self.merges)))
         self.device = self.embed.device
         self.dtype = self.embed.dtype
         # The same computation as the model's rotary module (incl. llama3/yarn scaling), done once for all positions.
@@ -161,3 +217,21 @@ class DecoderWeights:
         with torch.no_grad():
             cos, sin = base.rotary_emb(self.embed[:1], positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]
+
+    def refresh(self) -> None:
+        """Recompute the merged LoRA copies from the adapters' current weights (in place, so captured CUDA
+        graphs stay valid); nothing to do for a plain model, whose live parameters are read directly."""
+        for merge in self.merges:
+            merge.refresh()
+
+
+def _unwrap_lora(model):
+    """The transformers model inside a PEFT model whose adapters are LoRA (the engine merges them, see
+    _LoraMerge); prompt-learning PEFT models stay wrapped and are refused by the structure checks."""
+    if not hasattr(model, "get_base_model") or not hasattr(model, "peft_config"):
+        return model
+    types = {str(getattr(c, "peft_type", "")).split(".")[-1] for c in model.peft_config.values()}
+    if types != {"LORA"}:
+        raise ConfigError(f"the engine runs LoRA PEFT models; this one is {', '.join(sorted(types))} (serve it "
+                          "as an adapter instead)")
+    return model.get_base_model()

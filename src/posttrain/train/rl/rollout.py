@@ -3,9 +3,10 @@
 The engine (inference/engine.py) is built once with `fuse_weights=False`: it keeps references to
 the actor's parameters, not copies, so every optimizer step is seen by the next rollout with no
 weight sync. Its continuous batching lets short completions leave the batch early and its KV cache
-makes each new token one small forward, which is where RL spends most of its time. A model the
-engine's forward does not cover (a PEFT-wrapped LoRA actor, another architecture) is sampled with
-transformers' `generate` instead.
+makes each new token one small forward, which is where RL spends most of its time. A LoRA actor
+runs on the engine too, from merged copies of its adapted matrices that are refreshed before each
+batch of rollouts (inference/weights.py). A model the engine's forward does not cover (another
+architecture, a DoRA actor) is sampled with transformers' `generate` instead.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class RolloutSampler:
                                     top_k=top_k)
             if seeds is not None:
                 params = [replace(params, seed=s) for s in seeds]
+            self.engine.weights.refresh()  # a LoRA actor's merged copies follow its last update
             done = self.engine.generate(prompts, params)
             return [Rollout(p, c.token_ids, c.text, c.finish_reason == "stop") for p, c in zip(prompts, done)]
         if seeds:  # transformers' sampling draws from the global generator: at least decorrelate the processes

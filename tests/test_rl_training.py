@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from posttrain.cli import main
 from posttrain.data.synthetic import split_task, write_jsonl
@@ -74,6 +76,26 @@ def test_ppo_trains_actor_and_critic(rl_setup, tmp_path):
     assert all(r["approx_kl"] > 0 for r in steps[1:])
     assert max(r["clip_fraction"] for r in steps[1:]) > 0
     assert steps[-1]["value_loss"] < steps[0]["value_loss"]
+
+
+def test_ppo_resumed_from_a_checkpoint_matches_the_run_that_was_not_stopped(rl_setup, tmp_path):
+    # A critic, an adaptive KL coefficient and running reward statistics: all state a checkpoint must carry.
+    settings = dict(max_steps=4, save_steps=2, logging_steps=1, num_generations=2, ppo_epochs=2,
+                    per_device_train_batch_size=8, critic_learning_rate=1e-3, kl_target=0.01, kl_horizon=100, normalize_reward=True,
+                    eval_steps=100)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = _run("ppo", rl_setup, straight, **settings)
+    assert [p.name for p in straight.glob("checkpoint-*")] == ["checkpoint-2"]  # none at the last step
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")  # as if killed after step 2
+    second = _run("ppo", rl_setup, resumed, resume_from_checkpoint="auto", **settings)
+
+    def after_checkpoint(records):  # timings differ from run to run; everything else must not
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records if r["step"] > 2]
+
+    assert after_checkpoint(second) == after_checkpoint(first) and len(after_checkpoint(first)) >= 2
+    assert [r["kl_coef"] for r in first if "kl_coef" in r][-1] != 0.05  # the adaptive coefficient moved
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_lora_actor_uses_its_base_as_reference(rl_setup, tmp_path, caplog):

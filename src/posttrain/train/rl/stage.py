@@ -32,8 +32,6 @@ def check_rl(config: RLConfig) -> None:
     if config.finetuning_type not in RL_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for RL; use one of "
                           f"{', '.join(RL_FINETUNING)}")
-    if config.resume_from_checkpoint:
-        raise ConfigError("resume_from_checkpoint is not supported by the RL stages yet; start a new run")
 
 
 def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cutoff_len: int

@@ -27,9 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posttrain.data.prompts import Prompt
+from posttrain.errors import ConfigError
+from posttrain.train import checkpoint
 from posttrain.train import distributed as dist
 from posttrain.train.loop import (_add_metrics, _reduce_metrics, autocast, build_optimizer, build_scheduler,
-                                  seed_everything, write_final)
+                                  seed_everything, trainable_state, write_final)
 from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.experience import (Experience, collate_rollouts, response_logps, response_values, score_rollouts,
@@ -53,6 +55,20 @@ class RunningMoments:
         self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / merged) / merged
         self.mean += delta * n / merged
         self.count = merged
+
+
+class _Together:
+    """The actor's and the critic's optimizers (or schedulers) saved to and restored from one state."""
+
+    def __init__(self, parts: dict):
+        self.parts = parts
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
 
 
 class RLTrainer:
@@ -239,6 +255,25 @@ class RLTrainer:
         return _reduce_metrics(sums, "eval_")
 
     # -- the run ----------------------------------------------------------------------------------
+    def resume(self, trained: nn.Module, optimizers: _Together, schedulers: _Together, total: int) -> int:
+        """Load `resume_from_checkpoint` (if set and found) into the models, optimizers and schedulers;
+        returns the number of steps already done (0 for a fresh run)."""
+        path = dist.broadcast_object(
+            checkpoint.resolve_resume(self.c.resume_from_checkpoint, self.output_dir) if dist.is_main() else None)
+        if path is None:
+            return 0
+        state = checkpoint.load_checkpoint(path, model=trained, optimizer=optimizers, scheduler=schedulers,
+                                           device=self.device)
+        plan = (self.steps_per_epoch(), total)
+        if (state.get("steps_per_epoch"), state.get("total_steps")) != plan:
+            raise ConfigError(f"{path}: the checkpoint was written for {state.get('steps_per_epoch')} steps per epoch "
+                              f"and {state.get('total_steps')} steps in all, this run has {plan[0]} and {plan[1]}; "
+                              "resume with the same prompts, batch sizes, max_steps and process count")
+        self.kl.value = state["kl_coef"]
+        vars(self.moments).update(state["reward_moments"])
+        log.info("resumed from %s (step %d of %d)", path, state["step"], total)
+        return state["step"]
+
     def train(self) -> dict:
         c = self.c
         seed_everything(c.seed)
@@ -251,19 +286,26 @@ class RLTrainer:
             critic_args = c.model_copy(update={"learning_rate": c.critic_learning_rate})
             optimizers["critic"] = build_optimizer(self.critic, critic_args)
             schedulers["critic"] = build_scheduler(optimizers["critic"], critic_args, updates)
-        logger = MetricsLogger(self.output_dir, c.report_to, c.model_dump(mode="json")) if dist.is_main() else None
+        # What a checkpoint holds: the trainable weights of both models (as "actor.*" / "critic.*"), both
+        # optimizers and schedulers, and below the KL coefficient and the reward statistics. The rest of a
+        # step (its prompts, its samples' seeds, the update's shuffles) follows from the seed and the step.
+        trained = nn.ModuleDict({"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})})
+        done = self.resume(trained, _Together(optimizers), _Together(schedulers), total)
+        logger = MetricsLogger(self.output_dir, c.report_to, c.model_dump(mode="json"), resume_step=done) \
+            if dist.is_main() else None
         eval_every = c.eval_steps or c.logging_steps * 10
         evals = {}
-        if self.eval_prompts:
+        if self.eval_prompts and not done:
             evals = self.evaluate()
-        if logger:
+        if logger and not done:
             logger.log({"step": 0, **self.summary, **evals})
-        bar = tqdm(total=total, disable=c.disable_tqdm or not dist.is_main(), dynamic_ncols=True, desc="rl")
+        bar = tqdm(total=total, initial=done, disable=c.disable_tqdm or not dist.is_main(), dynamic_ncols=True,
+                   desc="rl")
         window: dict = {}
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
-        for self.step in range(1, total + 1):
+        for self.step in range(done + 1, total + 1):
             timings = {}
             t = time.perf_counter()
             rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
@@ -320,6 +362,15 @@ class RLTrainer:
                 evals = self.evaluate()
                 if logger:
                     logger.log({"step": self.step, **evals})
+            if c.save_steps and self.step % c.save_steps == 0 and self.step < total:
+                if dist.is_main():
+                    checkpoint.save_checkpoint(
+                        self.output_dir, self.step, model_state=trainable_state(trained),
+                        optimizer=_Together(optimizers), scheduler=_Together(schedulers),
+                        trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
+                                       "kl_coef": self.kl.value, "reward_moments": vars(self.moments)},
+                        keep=c.save_total_limit)
+                dist.barrier()
             bar.update(1)
         bar.close()
         plot = None

@@ -126,6 +126,10 @@ def test_score_cuts_overlong_rows_as_rm_training_does(trained_rm, tiny_tokenizer
                  ]) == 0
     [pair] = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert pair["chosen"] == pytest.approx(want, abs=1e-5)
+    # Without --cutoff-len, rows are cut where the RM was trained to read them (its cutoff_len, 64).
+    caplog.clear()
+    assert main(["score", str(trained_rm), str(rows)]) == 0
+    assert "2 rows were longer than --cutoff-len 64 and cut to their first 64 tokens" in caplog.text
 
 
 def test_lora_rm_trains_the_head_and_saves_one_merged_folder(tiny_model_dir, rm_data, tmp_path):

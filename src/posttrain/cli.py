@@ -198,10 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="a reward-model folder written by `posttrain rm`")
     s.add_argument("data", help="rows in any SFT format (the last assistant message is scored) or preference pairs")
     s.add_argument("--output", help="write one JSON line per row here (default: print them)")
-    s.add_argument("--template", help="chat template, as in training (default: the tokenizer's)")
+    s.add_argument("--template", help="chat template (default: the one the model was trained with, else the "
+                                      "tokenizer's)")
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--cutoff-len", type=int, default=4096,
-                   help="longer rows keep their first tokens, as `posttrain rm` trains (a warning counts them)")
+    s.add_argument("--cutoff-len", type=int,
+                   help="longer rows keep their first tokens, as `posttrain rm` trains; a warning counts them "
+                        "(default: the model's training cutoff_len, else 4096)")
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_score)
 

@@ -3,8 +3,9 @@
 DATA holds prompt/response rows in any SFT format (prompt + completion, messages, sharegpt,
 alpaca, ...): the last assistant message is the response that is scored. A preference file
 (chosen + rejected) is scored pair by pair and the pair accuracy reported. Responses are rendered
-and tokenized exactly as `posttrain rm` trained on them, and cut to `--cutoff-len` by the same rule
-(the first tokens are kept: data/prepare.py `truncate`); a warning says how many rows were cut, and
+and tokenized exactly as `posttrain rm` trained on them (its chat template and cutoff_len, read from
+the folder's posttrain_config.yaml unless `--template` / `--cutoff-len` say otherwise), and cut by the
+same rule (the first tokens are kept: data/prepare.py `truncate`); a warning says how many rows were cut, and
 names any row left out because its response lies wholly past the cut. With `--output`, one JSON
 line per row: {"source": "file:line", "reward": r, "normalized": (r - mean) / std}.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+
+import yaml
 
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import Cutter, response_renderer, tokenize_pairs, tokenize_response
@@ -44,8 +47,20 @@ def _warn_cut(report: PrepareReport, cutoff_len: int, left_out: list[str]) -> No
                     ", ".join(left_out[:5]), " ..." if len(left_out) > 5 else "")
 
 
+def trained_settings(model_path: str) -> dict:
+    """The template and cutoff_len the reward model was trained with (its posttrain_config.yaml), where known."""
+    path = Path(model_path) / "posttrain_config.yaml"
+    if not path.is_file():
+        return {}
+    config = yaml.safe_load(path.read_text()) or {}
+    return {k: config[k] for k in ("template", "cutoff_len") if config.get(k) is not None}
+
+
 def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,
-              batch_size: int = 16, cutoff_len: int = 4096, trust_remote_code: bool = False) -> dict:
+              batch_size: int = 16, cutoff_len: int | None = None, trust_remote_code: bool = False) -> dict:
+    trained = trained_settings(model_path)
+    template = template or trained.get("template")
+    cutoff_len = cutoff_len or trained.get("cutoff_len", 4096)
     device = pick_device("auto")
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     renderer = response_renderer(tokenizer, template)

@@ -1,6 +1,7 @@
 """Process-group helpers: the same code runs as one process or under `torchrun`.
 
-Every rank runs the same plan; only rank 0 writes files. On CPU the backend is gloo.
+Every rank runs the same plan; only rank 0 writes files. On CPU the backend is gloo, on CUDA NCCL
+(one GPU per rank; not yet run on several GPUs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch.distributed as dist
 
 def init(device: torch.device) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":  # this rank's GPU is the current one: NCCL and all_reduce_sum use it
+            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
@@ -34,7 +37,15 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
+    """Sum `t` over ranks, in place. Small statistics are built on the CPU; NCCL reduces CUDA tensors only,
+    so under NCCL a CPU tensor makes a round trip through this rank's GPU."""
+    if not dist.is_initialized():
+        return t
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        t.copy_(on_gpu)
+    else:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 

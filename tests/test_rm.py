@@ -148,3 +148,68 @@ def test_lora_rm_trains_the_head_and_saves_one_merged_folder(tiny_model_dir, rm_
 def test_rm_refuses_prompt_learning(tiny_model_dir, rm_data, tmp_path, capsys):
     assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, tmp_path / "x", finetuning_type="ptuning")]) == 2
     assert "not available for rm" in capsys.readouterr().err
+
+
+def test_lm_coefficient_adds_the_chosen_nll_of_the_starting_causal_lm(tiny_model_dir, tiny_tokenizer):
+    """With lm_coefficient the loss is Bradley-Terry plus c times the per-token NLL of the chosen response,
+    read from the same forward pass through the LM head: the very NLL the causal LM itself gives."""
+    from posttrain.data.pairs import collate_pairs, response_renderer, tokenize_pairs
+    from posttrain.data.schema import Message, Preference
+    from posttrain.model.loading import load_model
+    from posttrain.model.reward import language_model_head, load_reward_model
+    from posttrain.train.logps import sequence_logps
+    from posttrain.train.rm import PairwiseRewardObjective
+
+    cpu = torch.device("cpu")
+    pairs = [Preference([Message("user", f"reverse {w}")], Message("assistant", w[::-1]), Message("assistant", w))
+             for w in ("123", "4567", "89")]
+    batch = collate_pairs(tokenize_pairs(pairs, response_renderer(tiny_tokenizer, None), cutoff_len=64)[0],
+                          tiny_tokenizer.pad_token_id)
+    rm = load_reward_model(str(tiny_model_dir), device=cpu)
+    plain = PairwiseRewardObjective(rm)(batch)
+    with_lm = PairwiseRewardObjective(rm, lm_coefficient=0.5, lm_head=language_model_head(rm, str(tiny_model_dir),
+                                                                                          device=cpu))(batch)
+    logps, counts = sequence_logps(load_model(str(tiny_model_dir), device=cpu), batch)
+    nll = -(logps[:3] / counts[:3])
+    assert "nll/chosen" not in plain["metrics"]
+    assert with_lm["metrics"]["nll/chosen"][0].item() == pytest.approx(nll.sum().item(), rel=1e-5)
+    assert with_lm["loss_sum"].item() == pytest.approx(plain["loss_sum"].item() + 0.5 * nll.sum().item(), rel=1e-5)
+
+
+def test_rm_with_lm_coefficient_lowers_the_chosen_nll_and_saves_a_plain_reward_model(tiny_model_dir, rm_data, tmp_path):
+    out = tmp_path / "rm-lm"
+    assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, out, lm_coefficient=1.0)]) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logs if "loss" in r]
+    assert train[-1]["nll/chosen"] < train[0]["nll/chosen"]
+    [final] = [r for r in logs if "eval_loss" in r]
+    assert final["eval_accuracy"] >= 0.95
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert not any("lm_head" in n for n, _ in model.named_parameters())
+
+
+def test_rm_runs_are_reproducible_from_the_seed(tiny_model_dir, rm_data, tmp_path):
+    """The new scalar head is initialised after seeding: the same config trains the same reward model."""
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, tmp_path / name, max_steps=2, eval_steps=2)]) == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lm_coefficient_refuses_a_reward_model_folder_without_an_lm_head(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from posttrain.errors import ConfigError
+    from posttrain.model.reward import language_model_head, load_reward_model
+
+    folder = tmp_path / "untied-rm"
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_labels=1, tie_word_embeddings=False)).save_pretrained(folder)
+    rm = load_reward_model(str(folder), device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="no LM output layer"):
+        language_model_head(rm, str(folder), device=torch.device("cpu"))

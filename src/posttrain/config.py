@@ -180,6 +180,7 @@ class RMConfig(TrainArgs, DataArgs):
     stage: Literal["rm"] = "rm"
     learning_rate: float = Field(1e-5, gt=0)
     center_rewards_coefficient: float = Field(0.0, ge=0)  # + c * (r_chosen + r_rejected)^2 keeps rewards near 0
+    lm_coefficient: float = Field(0.0, ge=0)  # + c * per-token NLL of the chosen response (LM head; GRM's SFT term)
 
 
 class DPOConfig(TrainArgs, DataArgs, ReferenceArgs):

@@ -88,10 +88,46 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per row: the head applied to the hidden state of the row's last real token."""
-    body, head = _parts(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return rewards_from_hidden(model, last_hidden_states(model, input_ids, attention_mask), attention_mask)
+
+
+def last_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The body's final hidden states, [rows, length, hidden] (what both the reward head and an LM head read)."""
+    body, _ = _parts(model)
+    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def rewards_from_hidden(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head read at each row's last real token of `last_hidden_states`."""
     last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
-    return head(last).squeeze(-1).float()
+    return reward_head(model)(last).squeeze(-1).float()
+
+
+def language_model_head(model: nn.Module, name_or_path: str, *, device: torch.device,
+                        trust_remote_code: bool = False) -> nn.Module:
+    """The output layer of the causal LM a reward model was built from, over the same body, for an LM
+    term during training (never saved with the reward model). A model that ties its embeddings reads
+    them (they train with the body); otherwise the folder's own output layer is loaded, frozen."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hf.config.tie_word_embeddings:
+        return _TiedHead(hf.get_input_embeddings())
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    if _is_classifier(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)):
+        raise ConfigError(f"{name_or_path}: a reward-model folder has no LM output layer (and its embeddings are "
+                          "not tied); start from a causal-LM folder or set lm_coefficient: 0")
+    head = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).get_output_embeddings()
+    return head.requires_grad_(False).to(device)
+
+
+class _TiedHead(nn.Module):
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.embeddings.weight.T
 
 
 def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

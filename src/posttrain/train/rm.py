@@ -9,7 +9,12 @@ setup (config -> tokenizer -> pairs -> model with a scalar head) -> Trainer -> r
 (Ouyang et al. 2022, "Training language models to follow instructions with human feedback",
 eq. 1), where m is the pair's `margin` column (0 when absent; the margin form is Llama 2's,
 Touvron et al. 2023). `center_rewards_coefficient` c adds c (r_w + r_l)² (Eisenstein et al.
-2023), which keeps rewards centred on zero. Eval reports pair accuracy and mean margin.
+2023), which keeps rewards centred on zero. `lm_coefficient` λ adds λ times the per-token NLL of the
+chosen response, read through the starting model's LM head from the same forward pass (the SFT
+regularizer of Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward
+Model for LLMs"): every token of the chosen response then trains the body, not only the last one,
+which keeps its hidden states knowing what the right response is. Eval reports pair accuracy and
+mean margin.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from torch import nn
 
 from posttrain.config import RMConfig, save_config
 from posttrain.data.batching import collate
+from posttrain.data.chat import IGNORE_INDEX
 from posttrain.data.pairs import collate_pairs
 from posttrain.model.loading import load_tokenizer
 from posttrain.errors import ConfigError
-from posttrain.model.reward import load_reward_model, reward_head, sequence_rewards, set_reward_stats
+from posttrain.model.reward import (
+    language_model_head, last_hidden_states, load_reward_model, reward_head, rewards_from_hidden, sequence_rewards,
+    set_reward_stats)
 from posttrain.train import stage
-from posttrain.train.loop import Trainer, TrainResult, autocast
+from posttrain.train.loop import Trainer, TrainResult, autocast, seed_everything
 from posttrain.train.preference import count_pairs
 
 log = logging.getLogger(__name__)
@@ -43,24 +51,44 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 
 
 class PairwiseRewardObjective(nn.Module):
-    """Both responses of every pair scored in ONE forward pass (2B rows), then Bradley-Terry."""
+    """Both responses of every pair scored in ONE forward pass (2B rows), then Bradley-Terry; with an
+    `lm_head`, `lm_coefficient` times the per-token NLL of each chosen response from the same pass."""
 
-    def __init__(self, model: nn.Module, center_rewards_coefficient: float = 0.0):
+    def __init__(self, model: nn.Module, center_rewards_coefficient: float = 0.0, lm_coefficient: float = 0.0,
+                 lm_head: nn.Module | None = None):
         super().__init__()
+        if lm_coefficient and lm_head is None:
+            raise ValueError("lm_coefficient needs the model's lm_head")
         self.model = model
         self.center = center_rewards_coefficient
+        self.lm_coefficient = lm_coefficient
+        self.lm_head = lm_head if lm_coefficient else None
 
     def forward(self, batch: dict) -> dict:
-        rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+        hidden = last_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+        rewards = rewards_from_hidden(self.model, hidden, batch["attention_mask"])
         b = batch["margin"].size(0)
         chosen, rejected = rewards[:b], rewards[b:]
         loss = bradley_terry_loss(chosen, rejected, batch["margin"])
         if self.center:
             loss = loss + self.center * (chosen + rejected) ** 2
         d = lambda t: t.detach().sum()  # noqa: E731
-        return {"loss_sum": loss.sum(), "metrics": {
-            "accuracy": (d((chosen > rejected).float()), b), "margin": (d(chosen - rejected), b),
-            "rewards/chosen": (d(chosen), b), "rewards/rejected": (d(rejected), b)}}
+        metrics = {"accuracy": (d((chosen > rejected).float()), b), "margin": (d(chosen - rejected), b),
+                   "rewards/chosen": (d(chosen), b), "rewards/rejected": (d(rejected), b)}
+        if self.lm_head is not None:
+            nll = chosen_nll(self.lm_head, hidden[:b], batch["targets"][:b])
+            loss = loss + self.lm_coefficient * nll
+            metrics["nll/chosen"] = (d(nll), b)
+        return {"loss_sum": loss.sum(), "metrics": metrics}
+
+
+def chosen_nll(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of each row's trained tokens (targets already shifted), [rows]."""
+    selected = targets != IGNORE_INDEX
+    token_nll = F.cross_entropy(lm_head(hidden[selected]).float(), targets[selected], reduction="none")
+    sums = torch.zeros(targets.size(0), dtype=token_nll.dtype, device=targets.device)
+    sums = sums.index_add(0, selected.nonzero()[:, 0], token_nll)
+    return sums / selected.sum(dim=1).clamp(min=1)
 
 
 @torch.no_grad()
@@ -91,6 +119,7 @@ def run_rm(config: RMConfig) -> TrainResult:
     device = stage.begin(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train, evals = stage.load_pairs(config, tokenizer)
+    seed_everything(config.seed)  # the new head's initial weights: the same run twice trains the same model
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                               attn_implementation=config.attn_implementation,
                               gradient_checkpointing=config.gradient_checkpointing,
@@ -99,6 +128,8 @@ def run_rm(config: RMConfig) -> TrainResult:
     model, summary = stage.adapt(config, model, task_type="SEQ_CLS")
     if config.finetuning_type == "freeze":
         reward_head(model).requires_grad_(True)  # the head is new: it always trains
+    lm_head = language_model_head(model, config.model_name_or_path, device=device,
+                                  trust_remote_code=config.trust_remote_code) if config.lm_coefficient else None
     stage.open_output_dir(config)
     pad_id = tokenizer.pad_token_id
 
@@ -116,7 +147,8 @@ def run_rm(config: RMConfig) -> TrainResult:
         tokenizer.save_pretrained(folder)
         save_config(config, folder / "posttrain_config.yaml")
 
-    trainer = Trainer(config, PairwiseRewardObjective(model, config.center_rewards_coefficient),
+    objective = PairwiseRewardObjective(model, config.center_rewards_coefficient, config.lm_coefficient, lm_head)
+    trainer = Trainer(config, objective,
                       train_examples=train, eval_examples=evals, collate=lambda s: collate_pairs(s, pad_id),
                       count=count_pairs, save_final=save_final, device=device,
                       run_config=config.model_dump(mode="json"), summary=summary)

@@ -5,7 +5,8 @@ accuracy, runs SFT through the same code path as `posttrain sft`, and measures a
 on the same budget stands beside it. Then the SFT model is asked in words it never saw, where it is
 right about a third of the time, and every later stage starts from it there: pairs of the exact
 answer against its own wrong answer train a reward model and run DPO (`posttrain rm` / `posttrain
-dpo`), PPO maximizes that reward model, GRPO an exact-match rule (`posttrain ppo` / `posttrain grpo`).
+dpo`), PPO maximizes that reward model, GRPO a rule written as a Python reward function: the share of
+answer digits in the right place (`posttrain ppo` / `posttrain grpo`).
 """
 
 from __future__ import annotations
@@ -213,7 +214,20 @@ RM_STAGE = dict(learning_rate=1e-3, num_train_epochs=3)
 DPO_STAGE = dict(learning_rate=2e-4, pref_beta=0.1, pref_ftx=1.0, num_train_epochs=1)
 
 
-# ---- the RL stage: PPO with the reward model, GRPO with an exact-match rule --------------------
+# ---- the RL stage: PPO with the reward model, GRPO with a rule -------------------------------------
+
+# GRPO's rule, as a user writes one (`reward_funcs: [file.py:function]`). Exact match alone is too sparse
+# here: on a prompt the model gets wrong, a group of 16 samples rarely holds the exact answer, so most
+# groups carried no advantage and held-out exact match moved 35% -> 32-40% over seeds in our runs; with
+# partial credit for every digit in its place it moved to 50-60%. Exact match is still what is measured.
+DIGITS_REWARD = """def digits_in_place(prompts, completions, answer, **columns):
+    \"\"\"The share of positions where the completion has the answer's character (1.0: exact).\"\"\"
+    scores = []
+    for completion, expected in zip(completions, answer):
+        got = completion.strip()
+        scores.append(sum(a == b for a, b in zip(got, expected)) / max(len(got), len(expected), 1))
+    return scores
+"""
 
 # The SFT model is confident even when wrong: at temperature 1 most groups of samples agree, and a
 # group that agrees has no advantage to learn from. Temperature 1.3 and groups of 16 give every step
@@ -246,19 +260,22 @@ def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, out: Path,
 
 def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], original: list[dict], root: Path,
              fast: bool) -> dict:
-    """PPO with the trained reward model and GRPO with the built-in exact-match reward, each from the SFT
+    """PPO with the trained reward model and GRPO with a digit-by-digit rule, each from the SFT
     model on the new wordings (`posttrain ppo|grpo` code paths); held-out exact match before and after,
     and on the original wording after (it should not drop)."""
     from posttrain.config import GRPOConfig, PPOConfig
 
     prompts = write_jsonl(train, root / "data" / "rl_prompts.jsonl")
     held_path = write_jsonl(held, root / "data" / "rl_held_out.jsonl")
+    rule = root / "data" / "digits_reward.py"
+    rule.write_text(DIGITS_REWARD)
     out = {}
     for name, cls, settings, reward in (
             ("PPO", PPOConfig, PPO_STAGE, dict(reward_model=str(rm_dir), reward_funcs=["exact_match"],
                                                reward_weights=[1.0, 0.0])),  # exact match only measured
-            ("GRPO", GRPOConfig, GRPO_STAGE, dict(reward_funcs=["exact_match"]))):
-        what = "the reward model" if name == "PPO" else "the exact-match rule"
+            ("GRPO", GRPOConfig, GRPO_STAGE, dict(reward_funcs=[f"{rule}:digits_in_place", "exact_match"],
+                                                  reward_weights=[1.0, 0.0]))):
+        what = "the reward model" if name == "PPO" else "a rule (digits in place, data/digits_reward.py)"
         steps = RL_STEPS[name][fast]
         print(f"[quickstart] RL: {name} from the SFT model with {what} as reward, {steps} steps x "
               f"{settings['rollout_batch_size']} prompts x {settings.get('num_generations', 1)} samples")

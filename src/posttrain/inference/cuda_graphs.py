@@ -54,7 +54,7 @@ class DecodeGraphs:
             self.pool = torch.cuda.graph_pool_handle()  # the old pool died with its last graph; it takes no more
             self.cache_data = self.cache.data
         rows = _bucket(b, self.max_batch_size)
-        span = min(_bucket(max(max_len, MIN_SPAN), self.cache.capacity), self.cache.capacity)
+        span = _bucket(max(max_len, MIN_SPAN), self.cache.capacity)
         self.tokens[:b].copy_(token_ids)
         self.tokens[b:rows].zero_()
         self.positions[:b].copy_(positions)

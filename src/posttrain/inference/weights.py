@@ -104,15 +104,12 @@ class _LoraMerge:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        base = self.module.get_base_layer().weight
+        self.weight.copy_(self.module.get_base_layer().weight)
         if self.module.merged or self.module.disable_adapters:  # the base already holds it / adapters are off
-            self.weight.copy_(base)
             return
-        merged = base.detach().clone()
         for name in self.module.active_adapters:
             if name in self.module.lora_A:
-                merged += self.module.get_delta_weight(name).to(merged.dtype)
-        self.weight.copy_(merged)
+                self.weight += self.module.get_delta_weight(name).to(self.weight.dtype)
 
 
 def _is_lora_linear(module: nn.Module) -> bool:

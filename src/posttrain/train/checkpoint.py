@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import ConfigError
+from posttrain.train import distributed as dist
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -78,6 +79,13 @@ def _py_rng_to_json(state):
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint `resume` names ("auto": the newest in output_dir), or None. Rank 0 looks and every rank
+    gets its answer, so all ranks load the same checkpoint even while rank 0 is still writing newer ones."""
+    found = _find_checkpoint(resume, output_dir) if dist.is_main() else None
+    return dist.broadcast_object(found)
+
+
+def _find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":

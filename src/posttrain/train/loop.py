@@ -220,8 +220,7 @@ class Trainer:
         total_steps = self.total_steps()
         scheduler = build_scheduler(optimizer, args, total_steps)
         step = 0
-        resume = dist.broadcast_object(
-            checkpoint.resolve_resume(args.resume_from_checkpoint, self.output_dir) if dist.is_main() else None)
+        resume = checkpoint.resolve_resume(args.resume_from_checkpoint, self.output_dir)
         if resume is not None:
             state = checkpoint.load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler,
                                                device=self.device)

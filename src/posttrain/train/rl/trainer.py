@@ -258,8 +258,7 @@ class RLTrainer:
     def resume(self, trained: nn.Module, optimizers: _Together, schedulers: _Together, total: int) -> int:
         """Load `resume_from_checkpoint` (if set and found) into the models, optimizers and schedulers;
         returns the number of steps already done (0 for a fresh run)."""
-        path = dist.broadcast_object(
-            checkpoint.resolve_resume(self.c.resume_from_checkpoint, self.output_dir) if dist.is_main() else None)
+        path = checkpoint.resolve_resume(self.c.resume_from_checkpoint, self.output_dir)
         if path is None:
             return 0
         state = checkpoint.load_checkpoint(path, model=trained, optimizer=optimizers, scheduler=schedulers,
@@ -290,7 +289,8 @@ class RLTrainer:
         # optimizers and schedulers, and below the KL coefficient and the reward statistics. The rest of a
         # step (its prompts, its samples' seeds, the update's shuffles) follows from the seed and the step.
         trained = nn.ModuleDict({"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})})
-        done = self.resume(trained, _Together(optimizers), _Together(schedulers), total)
+        both_optimizers, both_schedulers = _Together(optimizers), _Together(schedulers)
+        done = self.resume(trained, both_optimizers, both_schedulers, total)
         logger = MetricsLogger(self.output_dir, c.report_to, c.model_dump(mode="json"), resume_step=done) \
             if dist.is_main() else None
         eval_every = c.eval_steps or c.logging_steps * 10
@@ -366,7 +366,7 @@ class RLTrainer:
                 if dist.is_main():
                     checkpoint.save_checkpoint(
                         self.output_dir, self.step, model_state=trainable_state(trained),
-                        optimizer=_Together(optimizers), scheduler=_Together(schedulers),
+                        optimizer=both_optimizers, scheduler=both_schedulers,
                         trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
                                        "kl_coef": self.kl.value, "reward_moments": vars(self.moments)},
                         keep=c.save_total_limit)

@@ -92,3 +92,23 @@ def test_accumulation_4x2_equals_batch_8(tiny_model_dir, task_data, tmp_path):
     assert moved > 1e-4  # training did change the weights
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-5)
+
+
+def test_metric_sums_stay_on_the_device_until_reduced(monkeypatch):
+    """Adding a micro-batch's metrics never reads a tensor back (on a GPU each read is a wait);
+    reducing reads them all, tensors and plain numbers alike, into the same means."""
+    from posttrain.train.loop import _add_metrics, _reduce_metrics
+
+    sums: dict = {}
+    batches = [{"accuracy": (torch.tensor(3.0), 4), "margin": (torch.tensor(1.5), torch.tensor(4.0))},
+               {"accuracy": (1.0, 2), "margin": (torch.tensor(-0.5), torch.tensor(2.0))}]
+
+    def no_read(*_):
+        raise AssertionError("a metric tensor was read back while adding")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__float__", "__int__", "cpu"):
+            m.setattr(torch.Tensor, name, no_read)
+        for metrics in batches:
+            _add_metrics(sums, metrics)
+    assert _reduce_metrics(sums, "eval_") == {"eval_accuracy": round(4 / 6, 6), "eval_margin": round(1 / 6, 6)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.train.rl import advantages as adv
-from posttrain.train.rl.losses import policy_loss, token_weights, value_loss
+from posttrain.train.rl.losses import loss_units, policy_loss, token_weights, value_loss
 
 
 def _mask(lengths, width):
@@ -120,9 +120,16 @@ def test_clipped_value_loss():
 
 def test_loss_aggregation_weights():
     mask = _mask([4, 2], 4)
-    w, units = token_weights(mask, "token_mean", 8)
-    assert units == 6 and torch.equal(w, mask)
-    w, units = token_weights(mask, "seq_mean_token_mean", 8)
-    assert units == 2 and w[0, 0].item() == 0.25 and w[1, 0].item() == 0.5
-    w, units = token_weights(mask, "seq_mean_token_sum_norm", 8)
-    assert units == 2 and w[1, 0].item() == 1 / 8 and w[1, 3].item() == 0
+    w = token_weights(mask, "token_mean", 8)
+    assert loss_units([4, 2], "token_mean") == 6 and torch.equal(w, mask)
+    w = token_weights(mask, "seq_mean_token_mean", 8)
+    assert loss_units([4, 2], "seq_mean_token_mean") == 2 and w[0, 0].item() == 0.25 and w[1, 0].item() == 0.5
+    w = token_weights(mask, "seq_mean_token_sum_norm", 8)
+    assert loss_units([4, 2], "seq_mean_token_sum_norm") == 2 and w[1, 0].item() == 1 / 8 and w[1, 3].item() == 0
+    # the units over a mini-batch times the weighted mean is the weighted sum, whatever the mode
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        assert torch.isclose(token_weights(mask, mode, 8).sum(),
+                             torch.tensor(float({"token_mean": 6, "seq_mean_token_mean": 2,
+                                                 "seq_mean_token_sum_norm": 6 / 8}[mode])))
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        loss_units([1], "sum")

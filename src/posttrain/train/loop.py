@@ -93,19 +93,38 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _add_metrics(into: dict[str, list[float]], metrics: dict) -> None:
+def _add_metrics(into: dict[str, list], metrics: dict) -> None:
+    """Adds each (sum, count) into `into`. A device tensor is added where it lives, never read back
+    here: every read waits for the GPU to finish, and one per metric per micro-batch leaves it idle
+    between small kernels; `_reduce_metrics` reads them all at once."""
     for name, (total, count) in metrics.items():
         acc = into.setdefault(name, [0.0, 0.0])
-        acc[0] += float(total)
-        acc[1] += float(count)
+        acc[0] = acc[0] + (total.detach() if torch.is_tensor(total) else total)
+        acc[1] = acc[1] + (count.detach() if torch.is_tensor(count) else count)
 
 
-def _reduce_metrics(sums: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
+def host_floats(values: list) -> list[float]:
+    """Python floats of numbers and one-element tensors, with one device-to-host copy per device."""
+    out = [v if torch.is_tensor(v) else float(v) for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if torch.is_tensor(v):
+            by_device.setdefault(v.device, []).append(i)
+    for device, where in by_device.items():
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        host = torch.stack([values[i].reshape(()).to(dtype) for i in where]).cpu().tolist()
+        for i, h in zip(where, host):
+            out[i] = h
+    return out
+
+
+def _reduce_metrics(sums: dict[str, list], prefix: str = "") -> dict[str, float]:
     """sum / count per name, over every rank (each rank reports the same names)."""
     if not sums:
         return {}
     names = sorted(sums)
-    totals = dist.all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64))
+    flat = host_floats([v for n in names for v in sums[n]])
+    totals = dist.all_reduce_sum(torch.tensor(flat, dtype=torch.float64).view(-1, 2))
     return {prefix + n: round((t[0] / t[1]).item(), 6) for n, t in zip(names, totals) if t[1] > 0}
 
 
@@ -150,7 +169,8 @@ class Trainer:
         return max(1, math.ceil(self.args.num_train_epochs * per_epoch))
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def _step(self, module: nn.Module, micro: list[list[int]], scaler, metrics: dict) -> tuple[float, int, int]:
+    def _step(self, module: nn.Module, micro: list[list[int]], scaler, metrics: dict
+              ) -> tuple[torch.Tensor | float, int, int]:
         batches = [self.collate([self.train_examples[i] for i in idx]) if idx else None for idx in micro]
         local = sum(self.count(b) for b in batches if b is not None)
         total = int(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
@@ -171,7 +191,7 @@ class Trainer:
                 loss = out["loss_sum"] * (weight * self.world / max(total, 1))
                 scaler.scale(loss).backward()
             if weight:
-                loss_sum += out["loss_sum"].item()
+                loss_sum = loss_sum + out["loss_sum"].detach()  # read back once per logging window
                 tokens += int(batch["num_tokens"])
                 _add_metrics(metrics, out.get("metrics", {}))
             else:  # the names with nothing counted: a window of filler passes only still reduces them with the others
@@ -196,17 +216,18 @@ class Trainer:
         bs = self.args.per_device_eval_batch_size
         mine = self.eval_examples[self.rank::self.world]
         mine = sorted(mine, key=example_length)  # similar lengths together: less padding
-        sums = torch.zeros(2, dtype=torch.float64)
+        loss_sum, units = 0.0, 0
         metrics: dict[str, list[float]] = {}
         batches = [self.collate(mine[i:i + bs]) for i in range(0, len(mine), bs)]
         self._begin(batches)
         for batch in batches:
+            units += self.count(batch)  # counted on the host copy: no wait for the device
             batch = _to(batch, self.device)
             with autocast(self.device, self.args):
                 out = module(batch)
-            sums += torch.tensor([out["loss_sum"].item(), self.count(batch)], dtype=torch.float64)
+            loss_sum = loss_sum + out["loss_sum"].detach()
             _add_metrics(metrics, out.get("metrics", {}))
-        dist.all_reduce_sum(sums)
+        sums = dist.all_reduce_sum(torch.tensor([*host_floats([loss_sum]), units], dtype=torch.float64))
         self.eval_metrics = _reduce_metrics(metrics, "eval_")
         module.train()
         return (sums[0] / sums[1].clamp(min=1)).item()
@@ -255,7 +276,7 @@ class Trainer:
                 grad_norm = None
                 scaler.unscale_(optimizer)
                 if args.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
                 scaler.step(optimizer)
                 scaler.update()
@@ -266,14 +287,15 @@ class Trainer:
                 window_units += units
                 window_tokens += tokens
                 if step % args.logging_steps == 0 or step == total_steps:
+                    window_loss, *norm = host_floats([window_loss] + ([grad_norm] if grad_norm is not None else []))
                     stats = dist.all_reduce_sum(torch.tensor([window_loss, window_tokens], dtype=torch.float64))
                     elapsed = time.perf_counter() - window_start
                     last_loss = stats[0].item() / max(window_units, 1)
                     record = {"step": step, "epoch": round(step / per_epoch, 4), "loss": round(last_loss, 6),
                               "lr": lr, "tokens_per_s": round(stats[1].item() / elapsed, 1),
                               "trained_tokens": window_units}
-                    if grad_norm is not None:
-                        record["grad_norm"] = round(grad_norm, 6)
+                    if norm:
+                        record["grad_norm"] = round(norm[0], 6)
                     record.update(_reduce_metrics(window_metrics))
                     window_metrics = {}
                     if logger:

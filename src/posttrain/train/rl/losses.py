@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.config import LOSS_AGG_MODES
+
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, cliprange: float,
                 cliprange_high: float | None = None, dual_clip: float | None = None
@@ -48,13 +50,20 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def token_weights(mask: torch.Tensor, mode: str, max_len: int) -> tuple[torch.Tensor, int]:
-    """(weight per token [B, L], units this batch contributes) for `loss_agg_mode`."""
+def token_weights(mask: torch.Tensor, mode: str, max_len: int) -> torch.Tensor:
+    """The weight of each token [B, L] in the loss sum for `loss_agg_mode`; the sum is divided by
+    the `loss_units` of the whole mini-batch."""
     if mode == "token_mean":
-        return mask, int(mask.sum())
-    rows = mask.size(0)
+        return mask
     if mode == "seq_mean_token_mean":
-        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1), rows
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
     if mode == "seq_mean_token_sum_norm":
-        return mask / max_len, rows
+        return mask / max_len
     raise ValueError(f"unknown loss_agg_mode {mode!r}")
+
+
+def loss_units(lengths: list[int], mode: str) -> int:
+    """What the loss is a mean over, for responses of these lengths: tokens (token_mean) or rows."""
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {mode!r}")
+    return sum(lengths) if mode == "token_mean" else len(lengths)

@@ -30,13 +30,13 @@ from posttrain.data.prompts import Prompt
 from posttrain.errors import ConfigError
 from posttrain.train import checkpoint
 from posttrain.train import distributed as dist
-from posttrain.train.loop import (_add_metrics, _reduce_metrics, autocast, build_optimizer, build_scheduler,
+from posttrain.train.loop import (_add_metrics, _reduce_metrics, host_floats, autocast, build_optimizer, build_scheduler,
                                   seed_everything, trainable_state, write_final)
 from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.experience import (Experience, collate_rollouts, response_logps, response_values, score_rollouts,
                                            shares_prompts)
-from posttrain.train.rl.losses import policy_loss, token_weights, value_loss
+from posttrain.train.rl.losses import loss_units, policy_loss, token_weights, value_loss
 from posttrain.train.rl.rewards import Rewards, Scored
 from posttrain.train.rl.rollout import Rollout, RolloutSampler
 
@@ -157,7 +157,7 @@ class RLTrainer:
         kl_penalty = None
         if exp.ref_logp is not None and exp.old_logp is not None:
             kl = adv.kl_per_token(exp.old_logp, exp.ref_logp, c.kl_estimator) * mask
-            metrics["kl"] = (kl.sum().item(), mask.sum().item())
+            metrics["kl"] = (kl.sum(), mask.sum())
             if not c.use_kl_loss:
                 kl_penalty = -self.kl.value * kl
         exp.advantages, exp.returns = adv.compute_advantages(
@@ -191,28 +191,28 @@ class RLTrainer:
         batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], pad, self.device, self.share_prompts),
                     exp.rows(idx)) for idx in chunks]
         max_len = c.max_completion_length
-        units = sum(token_weights(b["mask"], c.loss_agg_mode, max_len)[1] for _, b, _ in batches)
-        units = dist.all_reduce_sum(torch.tensor([float(units)], dtype=torch.float64)).item()
-        tokens = dist.all_reduce_sum(torch.tensor([sum(float(b["mask"].sum()) for _, b, _ in batches)],
-                                                  dtype=torch.float64)).item()
+        # counted from the rollouts on the host: reading the device masks would wait for the GPU
+        lengths = [len(exp.rollouts[i].response_ids) for idx in chunks for i in idx]
+        units, tokens = dist.all_reduce_sum(torch.tensor([loss_units(lengths, c.loss_agg_mode), sum(lengths)],
+                                                         dtype=torch.float64)).tolist()
         for idx, batch, per in batches:
             mask = batch["mask"]
             if train_actor:
                 with self.precision():
                     logp, entropy = response_logps(self.actor, batch, c.temperature, entropy=True)
                 old = per["old_logp"] if "old_logp" in per else logp.detach()
-                weights, _ = token_weights(mask, c.loss_agg_mode, max_len)
+                weights = token_weights(mask, c.loss_agg_mode, max_len)
                 loss, clipped = policy_loss(logp, old, per["advantages"], c.cliprange, c.cliprange_high, c.dual_clip)
-                _add_metrics(metrics, {"policy_loss": ((loss * weights).sum().item(), units),
-                                       "clip_fraction": ((clipped * mask).sum().item(), mask.sum().item()),
-                                       "entropy": ((entropy.detach() * mask).sum().item(), mask.sum().item()),
-                                       "approx_kl": ((0.5 * (logp.detach() - old) ** 2 * mask).sum().item(),
-                                                     mask.sum().item())})
+                count = mask.sum()
+                _add_metrics(metrics, {"policy_loss": ((loss * weights).sum(), units),
+                                       "clip_fraction": ((clipped * mask).sum(), count),
+                                       "entropy": ((entropy.detach() * mask).sum(), count),
+                                       "approx_kl": ((0.5 * (logp.detach() - old) ** 2 * mask).sum(), count)})
                 if c.use_kl_loss and "ref_logp" in per:
                     kl = adv.kl_per_token(logp, per["ref_logp"], c.kl_estimator)
                     loss = loss + self.kl.value * kl
                     if exp.old_logp is None:  # the KL was not measured before the update: measure it here
-                        _add_metrics(metrics, {"kl": ((kl.detach() * mask).sum().item(), mask.sum().item())})
+                        _add_metrics(metrics, {"kl": ((kl.detach() * mask).sum(), mask.sum())})
                 if c.entropy_coef:
                     loss = loss - c.entropy_coef * entropy
                 ((loss * weights).sum() / units * 1.0).backward()
@@ -221,8 +221,8 @@ class RLTrainer:
                     values = response_values(self.critic, batch)
                 vloss, vclipped = value_loss(values, per["old_values"], per["returns"], c.cliprange_value)
                 ((vloss * mask).sum() / tokens).backward()
-                _add_metrics(metrics, {"value_loss": ((vloss.detach() * mask).sum().item(), tokens),
-                                       "value_clip_fraction": ((vclipped * mask).sum().item(), mask.sum().item())})
+                _add_metrics(metrics, {"value_loss": ((vloss.detach() * mask).sum(), tokens),
+                                       "value_clip_fraction": ((vclipped * mask).sum(), mask.sum())})
         info = {}
         for name, model in (("actor", self.actor), ("critic", self.critic)):
             if model is None or (name == "actor" and not train_actor):
@@ -232,7 +232,7 @@ class RLTrainer:
                 for p in params:
                     dist.all_reduce_sum(p.grad)
             if c.max_grad_norm > 0:
-                info[f"{name}_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm).item()
+                info[f"{name}_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)  # read when logged
             info[f"{name}_lr"] = schedulers[name].get_last_lr()[0]
             optimizers[name].step()
             schedulers[name].step()
@@ -328,8 +328,9 @@ class RLTrainer:
             train_actor = self.step > c.critic_warmup_steps or self.critic is None
             info = self.update(exp, optimizers, schedulers, train_actor, metrics)
             timings["train_s"] = time.perf_counter() - t
-            if "kl" in metrics:
-                self.kl.update(metrics["kl"][0] / max(metrics["kl"][1], 1), self.per_step * self.world)
+            if "kl" in metrics and self.kl.target is not None:
+                kl_sum, kl_count = host_floats(metrics["kl"])
+                self.kl.update(kl_sum / max(kl_count, 1), self.per_step * self.world)
             n = len(rollouts)
             lengths = torch.tensor([float(len(r.response_ids)) for r in rollouts])
             _add_metrics(metrics, {"reward": (raw.sum().item(), n), "reward_sq": ((raw ** 2).sum().item(), n),
@@ -338,14 +339,11 @@ class RLTrainer:
                                    "truncated": (sum(not r.stopped for r in rollouts), n)})
             if exp.old_values is not None:
                 ret, val, m = exp.returns, exp.old_values, exp.mask
-                _add_metrics(metrics, {"returns": ((ret * m).sum().item(), m.sum().item()),
-                                       "returns_sq": ((ret ** 2 * m).sum().item(), m.sum().item()),
-                                       "residual": (((ret - val) * m).sum().item(), m.sum().item()),
-                                       "residual_sq": (((ret - val) ** 2 * m).sum().item(), m.sum().item())})
-            for k, v in metrics.items():
-                acc = window.setdefault(k, [0.0, 0.0])
-                acc[0] += v[0]
-                acc[1] += v[1]
+                count = m.sum()
+                _add_metrics(metrics, {"returns": ((ret * m).sum(), count), "returns_sq": ((ret ** 2 * m).sum(), count),
+                                       "residual": (((ret - val) * m).sum(), count),
+                                       "residual_sq": (((ret - val) ** 2 * m).sum(), count)})
+            _add_metrics(window, metrics)
             for k, v in timings.items():
                 acc = window.setdefault(k, [0.0, 0.0])
                 acc[0] += v
@@ -353,7 +351,7 @@ class RLTrainer:
             if self.step % c.logging_steps == 0 or self.step == total:
                 record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
                           **_summarize(_reduce_metrics(window)), "kl_coef": round(self.kl.value, 6),
-                          **{k: round(v, 6) for k, v in info.items()}}
+                          **{k: round(v, 6) for k, v in zip(info, host_floats(list(info.values())))}}
                 window = {}
                 if logger:
                     logger.log(record)

@@ -124,7 +124,7 @@ class Experience:
 
     def rows(self, idx: list[int]) -> dict:
         """Per-token tensors of these rows, cut to their longest response."""
-        length = int(self.mask[idx].sum(dim=1).max())
+        length = max(len(self.rollouts[i].response_ids) for i in idx)  # from the host: no wait for the device
         out = {}
         for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
             value = getattr(self, name)

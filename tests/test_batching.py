@@ -112,3 +112,24 @@ def test_metric_sums_stay_on_the_device_until_reduced(monkeypatch):
         for metrics in batches:
             _add_metrics(sums, metrics)
     assert _reduce_metrics(sums, "eval_") == {"eval_accuracy": round(4 / 6, 6), "eval_margin": round(1 / 6, 6)}
+
+
+def test_adamw_is_fused_where_the_kernel_applies():
+    """One fused AdamW step over float parameters on one CPU/CUDA device; the per-tensor one otherwise
+    (float64 has no fused kernel), with the same update either way."""
+    from types import SimpleNamespace
+
+    from posttrain.train.loop import build_optimizer
+
+    args = SimpleNamespace(learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.1,
+                           loraplus_lr_ratio=None)
+    updated = []
+    for dtype, fused in ((torch.float32, True), (torch.float64, False)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).to(dtype)
+        optimizer = build_optimizer(model, args)
+        assert bool(optimizer.defaults["fused"]) is fused
+        model(torch.ones(2, 4, dtype=dtype)).sum().backward()
+        optimizer.step()
+        updated.append(model.weight.detach().float())
+    assert torch.allclose(updated[0], updated[1], atol=1e-6)

@@ -247,15 +247,17 @@ RL_STEPS = {"PPO": {False: 24, True: 6}, "GRPO": {False: 40, True: 12}}  # by `f
 
 
 def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, out: Path, steps: int, **settings):
-    """One `posttrain ppo|grpo` run; held-out exact match (greedy) before and after, from its eval."""
+    """One `posttrain ppo|grpo` run; held-out exact match (greedy) before and after, and the reward it
+    maximizes before and after, from its eval."""
     from posttrain.train.rl.stage import run_rl
 
     result = run_rl(build_config(config_cls, dict(
         model_name_or_path=str(sft_dir), dataset=str(prompts), eval_dataset=str(held_path), output_dir=str(out),
         overwrite_output_dir=True, max_steps=steps, eval_steps=steps, logging_steps=1, disable_tqdm=True, seed=0,
         **settings)))
-    evals = [r["eval_rewards/exact_match"] for r in result.metrics if "eval_rewards/exact_match" in r]
-    return result, evals[0], evals[-1]
+    evals = [r for r in result.metrics if "eval_rewards/exact_match" in r]
+    return result, evals[0]["eval_rewards/exact_match"], evals[-1]["eval_rewards/exact_match"], \
+        (evals[0]["eval_reward"], evals[-1]["eval_reward"])
 
 
 def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], original: list[dict], root: Path,
@@ -280,10 +282,13 @@ def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], o
         print(f"[quickstart] RL: {name} from the SFT model with {what} as reward, {steps} steps x "
               f"{settings['rollout_batch_size']} prompts x {settings.get('num_generations', 1)} samples")
         t = time.perf_counter()
-        result, before, after = rl_run(cls, sft_dir, prompts, held_path, root / name.lower(), steps, **settings, **reward)
+        result, before, after, maximized = rl_run(cls, sft_dir, prompts, held_path, root / name.lower(), steps,
+                                                  **settings, **reward)
         original_after = exact_match(result.output_dir, original)
         print(f"[quickstart] {name} ({time.perf_counter() - t:.0f}s): held-out exact match on the new wordings "
-              f"{before:.1%} -> {after:.1%}; on the original wording {original_after:.1%} after; model: {result.output_dir}")
+              f"{before:.1%} -> {after:.1%}; on the original wording {original_after:.1%} after; the reward it "
+              f"maximizes ({'normalized RM score' if name == 'PPO' else 'digits in place'}, held-out) "
+              f"{maximized[0]:.3f} -> {maximized[1]:.3f}; model: {result.output_dir}")
         out[name.lower()] = {"before": before, "after": after, "original_after": original_after,
-                             "output_dir": result.output_dir}
+                             "reward_before": maximized[0], "reward_after": maximized[1], "output_dir": result.output_dir}
     return out

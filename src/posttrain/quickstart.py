@@ -3,7 +3,7 @@
 Builds the tiny default model, writes the embedded task data, measures held-out exact-match
 accuracy, runs SFT through the same code path as `posttrain sft`, and measures again; a LoRA run
 on the same budget stands beside it. Then the SFT model is asked in words it never saw, where it is
-right about a third of the time, and every later stage starts from it there: pairs of the exact
+right a quarter to a third of the time, and every later stage starts from it there: pairs of the exact
 answer against its own wrong answer train a reward model and run DPO (`posttrain rm` / `posttrain
 dpo`), PPO maximizes that reward model, GRPO a rule written as a Python reward function: the share of
 answer digits in the right place (`posttrain ppo` / `posttrain grpo`).
@@ -116,10 +116,11 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> d
 
 # ---- the headroom task: the same reversal asked in words SFT never saw ----------------------------
 
-# The SFT data only ever says "reverse 12345". Asked in other words, the SFT model is right about a third
-# of the time: room for the preference and RL stages to show a gain (on the original wording SFT is
-# already at ~100%). Its mistakes are the ones a half-trained model makes: a digit changed, doubled or
-# dropped, an answer too long, or none at all.
+# The SFT data only ever says "reverse 12345". Asked in other words, the SFT model is right a quarter to a
+# third of the time (27.5% in the shipped run, 35-36.5% with other float rounding or SFT seeds; one SFT
+# seed in three gave 0%): room for the preference and RL stages to show a gain (on the original wording
+# SFT is already at ~100%). Its mistakes are the ones a half-trained model makes: a digit changed,
+# doubled or dropped, an answer too long, or none at all.
 NEW_PHRASINGS = ("Reverse {}", "reverse: {}", "invert {}", "please reverse {}")
 
 
@@ -237,9 +238,10 @@ GRPO_STAGE = dict(temperature=1.3, num_generations=16, rollout_batch_size=8, per
                   learning_rate=6e-4, kl_coef=0.3, max_completion_length=12, lr_scheduler_type="constant")
 # PPO: one completion per prompt, a critic initialised from the reward model, rewards normalized by the
 # RM's saved statistics, the KL penalty in the reward (k1), GAE and whitened advantages: the defaults.
-# This reward model catches every answer of the wrong length but only ~2/3 of same-length digit errors;
-# PPO raises its score, and with a weak KL (0.05, 40 steps) it drifted to answers the RM likes that are
-# wrong (exact match 35% -> 31.5% in our runs). The KL below holds it near the SFT model instead.
+# This reward model judges answer lengths, not digits (on same-length errors it is at chance), so PPO
+# gains exact match only where the SFT model's errors are of the wrong length: 27.5% -> 46.5% in the
+# shipped run, +2 points on other SFT seeds (README). With a weak KL (0.05, 40 steps) it drifted to
+# answers the RM likes that are wrong; the KL below holds it near the SFT model instead.
 PPO_STAGE = dict(temperature=1.0, rollout_batch_size=64, per_device_train_batch_size=32, ppo_epochs=4,
                  learning_rate=2e-4, critic_learning_rate=1e-3, kl_coef=0.1, max_completion_length=12,
                  lr_scheduler_type="constant")

@@ -132,9 +132,7 @@ class _TiedHead(nn.Module):
 
 def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The head at every position, [rows, length]: a PPO critic's per-token value estimates."""
-    body, head = _parts(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return head(hidden).squeeze(-1).float()
+    return reward_head(model)(last_hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()
 
 
 def set_reward_stats(model: nn.Module, mean: float, std: float) -> None:

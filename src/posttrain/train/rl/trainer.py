@@ -191,19 +191,19 @@ class RLTrainer:
         batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], pad, self.device, self.share_prompts),
                     exp.rows(idx)) for idx in chunks]
         max_len = c.max_completion_length
-        # counted from the rollouts on the host: reading the device masks would wait for the GPU
-        lengths = [len(exp.rollouts[i].response_ids) for idx in chunks for i in idx]
-        units, tokens = dist.all_reduce_sum(torch.tensor([loss_units(lengths, c.loss_agg_mode), sum(lengths)],
+        # Token counts from the rollouts on the host: reading the device masks would wait for the GPU.
+        lengths = [[len(exp.rollouts[i].response_ids) for i in idx] for idx in chunks]
+        flat = [n for chunk in lengths for n in chunk]
+        units, tokens = dist.all_reduce_sum(torch.tensor([loss_units(flat, c.loss_agg_mode), sum(flat)],
                                                          dtype=torch.float64)).tolist()
-        for idx, batch, per in batches:
-            mask = batch["mask"]
+        for (idx, batch, per), chunk in zip(batches, lengths):
+            mask, count = batch["mask"], sum(chunk)
             if train_actor:
                 with self.precision():
                     logp, entropy = response_logps(self.actor, batch, c.temperature, entropy=True)
                 old = per["old_logp"] if "old_logp" in per else logp.detach()
                 weights = token_weights(mask, c.loss_agg_mode, max_len)
                 loss, clipped = policy_loss(logp, old, per["advantages"], c.cliprange, c.cliprange_high, c.dual_clip)
-                count = mask.sum()
                 _add_metrics(metrics, {"policy_loss": ((loss * weights).sum(), units),
                                        "clip_fraction": ((clipped * mask).sum(), count),
                                        "entropy": ((entropy.detach() * mask).sum(), count),
@@ -212,7 +212,7 @@ class RLTrainer:
                     kl = adv.kl_per_token(logp, per["ref_logp"], c.kl_estimator)
                     loss = loss + self.kl.value * kl
                     if exp.old_logp is None:  # the KL was not measured before the update: measure it here
-                        _add_metrics(metrics, {"kl": ((kl.detach() * mask).sum(), mask.sum())})
+                        _add_metrics(metrics, {"kl": ((kl.detach() * mask).sum(), count)})
                 if c.entropy_coef:
                     loss = loss - c.entropy_coef * entropy
                 ((loss * weights).sum() / units * 1.0).backward()
@@ -222,7 +222,7 @@ class RLTrainer:
                 vloss, vclipped = value_loss(values, per["old_values"], per["returns"], c.cliprange_value)
                 ((vloss * mask).sum() / tokens).backward()
                 _add_metrics(metrics, {"value_loss": ((vloss.detach() * mask).sum(), tokens),
-                                       "value_clip_fraction": ((vclipped * mask).sum(), mask.sum())})
+                                       "value_clip_fraction": ((vclipped * mask).sum(), count)})
         info = {}
         for name, model in (("actor", self.actor), ("critic", self.critic)):
             if model is None or (name == "actor" and not train_actor):
@@ -344,10 +344,7 @@ class RLTrainer:
                                        "residual": (((ret - val) * m).sum(), count),
                                        "residual_sq": (((ret - val) ** 2 * m).sum(), count)})
             _add_metrics(window, metrics)
-            for k, v in timings.items():
-                acc = window.setdefault(k, [0.0, 0.0])
-                acc[0] += v
-                acc[1] += 1
+            _add_metrics(window, {k: (v, 1) for k, v in timings.items()})  # logged as means per step
             if self.step % c.logging_steps == 0 or self.step == total:
                 record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
                           **_summarize(_reduce_metrics(window)), "kl_coef": round(self.kl.value, 6),

@@ -4,6 +4,7 @@ off) and a value-head critic, with prompts of different lengths, groups out of o
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -13,6 +14,7 @@ from posttrain.model.loading import load_model
 from posttrain.model.reward import load_reward_model
 from posttrain.train.rl.experience import collate_rollouts, response_logps, response_values, shares_prompts
 from posttrain.train.rl.rollout import Rollout
+from posttrain.train.rl.shared_prompt import GPU_SHARING_BREAK_EVEN, min_saved_positions, worth_sharing
 
 CPU = torch.device("cpu")
 
@@ -99,3 +101,18 @@ def test_plain_layout_where_sharing_cannot_run_or_gains_nothing(tiny_model_dir, 
     assert "input_ids" in collate_rollouts(one_token, pad, CPU, share_prompts=True)
     model = load_model(str(tiny_model_dir), device=CPU, gradient_checkpointing=True)
     assert shares_prompts(model, with_grad=False) and not shares_prompts(model, with_grad=True)
+
+
+def test_on_a_gpu_small_models_keep_the_plain_layout_and_large_prompt_savings_share(tiny_model_dir):
+    """A GPU pays two decoder passes in launches: a small model shares only when the skipped prompt positions
+    outweigh them (GPU_SHARING_BREAK_EVEN); a CPU shares any saving. Read from the device type alone."""
+    model = load_model(str(tiny_model_dir), device=CPU)
+    params, layers = sum(p.numel() for p in model.parameters()), model.config.num_hidden_layers
+    cuda_min = min_saved_positions(model, torch.device("cuda"))
+    assert min_saved_positions(model, CPU) == 1
+    assert cuda_min == math.ceil(GPU_SHARING_BREAK_EVEN * layers / params) > 1000  # a tiny model: hardly ever
+    group = [Rollout(list(range(3, 3 + 40)), [5, 6], "", True)] * 8  # one prompt of 40 tokens, 8 completions
+    saved = 8 * 42 - (39 + 8 * 2)
+    assert worth_sharing(group) and worth_sharing(group, saved) and not worth_sharing(group, saved + 1)
+    assert "tail_ids" in collate_rollouts(group, 0, CPU, share_prompts=True, min_saved=saved)
+    assert "input_ids" in collate_rollouts(group, 0, CPU, share_prompts=True, min_saved=cuda_min)

@@ -23,7 +23,7 @@ from posttrain.model.reward import token_values
 from posttrain.train.logps import _causal_parts
 from posttrain.train.rl.losses import entropy_from_logits
 from posttrain.train.rl.rollout import Rollout
-from posttrain.train.rl.shared_prompt import collate_shared, shared_hidden, worth_sharing
+from posttrain.train.rl.shared_prompt import collate_shared, min_saved_positions, shared_hidden, worth_sharing
 
 
 def shares_prompts(model: nn.Module, *, with_grad: bool, critic: bool = False) -> bool:
@@ -48,12 +48,12 @@ def shares_prompts(model: nn.Module, *, with_grad: bool, critic: bool = False) -
     return _causal_parts(model) is not None
 
 
-def collate_rollouts(rollouts: list[Rollout], pad_id: int, device: torch.device, share_prompts: bool = False
-                     ) -> dict:
+def collate_rollouts(rollouts: list[Rollout], pad_id: int, device: torch.device, share_prompts: bool = False,
+                     min_saved: int = 1) -> dict:
     """input_ids / attention_mask [B, T]; `where` [B, L]: the position predicting each response token;
     `targets` and `mask` [B, L]. With `share_prompts`, the shared-prompt layout instead wherever it runs
-    fewer tokens (rows repeat a prompt)."""
-    if share_prompts and worth_sharing(rollouts):
+    at least `min_saved` fewer token positions (rows repeat a prompt; `min_saved_positions`)."""
+    if share_prompts and worth_sharing(rollouts, min_saved):
         return collate_shared(rollouts, pad_id, device)
     width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
     length = max(len(r.response_ids) for r in rollouts)
@@ -154,12 +154,13 @@ def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id:
                                                                                           critic=True))
     if isinstance(reference, nn.Module):
         share = share and shares_prompts(reference, with_grad=False)
+    min_saved = min_saved_positions(actor, device)  # forward only: measured with a backward, taken as is
     # Sorted by prompt (length first), then response length: a group stays together, padding stays small.
     order = sorted(range(n), key=lambda i: (len(rollouts[i].prompt_ids), rollouts[i].prompt_ids,
                                             len(rollouts[i].response_ids)))
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        batch = collate_rollouts([rollouts[i] for i in idx], pad_id, device, share_prompts=share)
+        batch = collate_rollouts([rollouts[i] for i in idx], pad_id, device, share, min_saved)
         cols = batch["mask"].size(1)
         mask[idx, :cols] = batch["mask"]
         with precision():

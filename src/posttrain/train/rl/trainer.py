@@ -36,6 +36,7 @@ from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.experience import (Experience, collate_rollouts, response_logps, response_values, score_rollouts,
                                            shares_prompts)
+from posttrain.train.rl.shared_prompt import min_saved_positions
 from posttrain.train.rl.losses import loss_units, policy_loss, token_weights, value_loss
 from posttrain.train.rl.rewards import Rewards, Scored
 from posttrain.train.rl.rollout import Rollout, RolloutSampler
@@ -92,6 +93,7 @@ class RLTrainer:
         # The update's forward runs each prompt of a micro-batch once where the models allow it (shared_prompt.py).
         self.share_prompts = shares_prompts(actor, with_grad=True) and (
             critic is None or shares_prompts(critic, with_grad=True, critic=True))
+        self.min_saved = min_saved_positions(actor, device)  # on a GPU, only where the saving outweighs its launches
         # Scoring keeps no activations for a backward, so it fits in batches as large as the update's micro-batches
         # (as TRL scores); fewer, larger forwards are much faster for small models (per-call overhead dominates).
         self.score_batch = max(config.per_device_eval_batch_size, config.per_device_train_batch_size)
@@ -188,8 +190,9 @@ class RLTrainer:
     def _minibatch(self, exp: Experience, chunks: list[list[int]], optimizers, schedulers, train_actor, metrics):
         c = self.c
         pad = self.tokenizer.pad_token_id
-        batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], pad, self.device, self.share_prompts),
-                    exp.rows(idx)) for idx in chunks]
+        share = self.share_prompts, self.min_saved
+        batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], pad, self.device, *share), exp.rows(idx))
+                   for idx in chunks]
         max_len = c.max_completion_length
         # Token counts from the rollouts on the host: reading the device masks would wait for the GPU.
         lengths = [[len(exp.rollouts[i].response_ids) for i in idx] for idx in chunks]

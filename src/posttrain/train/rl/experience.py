@@ -23,7 +23,7 @@ from posttrain.model.reward import token_values
 from posttrain.train.logps import _causal_parts
 from posttrain.train.rl.losses import entropy_from_logits
 from posttrain.train.rl.rollout import Rollout
-from posttrain.train.rl.shared_prompt import collate_shared, min_saved_positions, shared_hidden, worth_sharing
+from posttrain.train.rl.shared_prompt import collate_shared, shared_hidden, worth_sharing
 
 
 def shares_prompts(model: nn.Module, *, with_grad: bool, critic: bool = False) -> bool:
@@ -135,9 +135,10 @@ class Experience:
 
 @torch.no_grad()
 def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id: int, device: torch.device,
-                   batch_size: int, temperature: float, need_old: bool, precision) -> Experience:
+                   batch_size: int, temperature: float, need_old: bool, precision, min_saved: int = 1) -> Experience:
     """The old policy's, the reference's and the critic's view of every rollout, batched without gradients.
-    `reference` is a model, or "adapter-disabled" for a LoRA actor (its base), or None (no KL).
+    `reference` is a model, or "adapter-disabled" for a LoRA actor (its base), or None (no KL). `min_saved`:
+    the fewest prompt positions a batch must skip to share its prompts (`min_saved_positions`).
     Rows of one prompt are batched together, so each batch runs each prompt once where every model
     can (shares_prompts)."""
     n = len(rollouts)
@@ -154,7 +155,6 @@ def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id:
                                                                                           critic=True))
     if isinstance(reference, nn.Module):
         share = share and shares_prompts(reference, with_grad=False)
-    min_saved = min_saved_positions(actor, device)  # forward only: measured with a backward, taken as is
     # Sorted by prompt (length first), then response length: a group stays together, padding stays small.
     order = sorted(range(n), key=lambda i: (len(rollouts[i].prompt_ids), rollouts[i].prompt_ids,
                                             len(rollouts[i].response_ids)))

@@ -36,10 +36,10 @@ from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.experience import (Experience, collate_rollouts, response_logps, response_values, score_rollouts,
                                            shares_prompts)
-from posttrain.train.rl.shared_prompt import min_saved_positions
 from posttrain.train.rl.losses import loss_units, policy_loss, token_weights, value_loss
 from posttrain.train.rl.rewards import Rewards, Scored
 from posttrain.train.rl.rollout import Rollout, RolloutSampler
+from posttrain.train.rl.shared_prompt import min_saved_positions
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ class RLTrainer:
         # The update's forward runs each prompt of a micro-batch once where the models allow it (shared_prompt.py).
         self.share_prompts = shares_prompts(actor, with_grad=True) and (
             critic is None or shares_prompts(critic, with_grad=True, critic=True))
-        self.min_saved = min_saved_positions(actor, device)  # on a GPU, only where the saving outweighs its launches
+        # On a GPU only where the skipped prompt positions outweigh the second pass's launches (scoring and update;
+        # measured with a backward, taken as is for scoring's forward-only passes).
+        self.min_saved = min_saved_positions(actor, device)
         # Scoring keeps no activations for a backward, so it fits in batches as large as the update's micro-batches
         # (as TRL scores); fewer, larger forwards are much faster for small models (per-call overhead dominates).
         self.score_batch = max(config.per_device_eval_batch_size, config.per_device_train_batch_size)
@@ -190,9 +192,8 @@ class RLTrainer:
     def _minibatch(self, exp: Experience, chunks: list[list[int]], optimizers, schedulers, train_actor, metrics):
         c = self.c
         pad = self.tokenizer.pad_token_id
-        share = self.share_prompts, self.min_saved
-        batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], pad, self.device, *share), exp.rows(idx))
-                   for idx in chunks]
+        batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], pad, self.device, self.share_prompts,
+                                           self.min_saved), exp.rows(idx)) for idx in chunks]
         max_len = c.max_completion_length
         # Token counts from the rollouts on the host: reading the device masks would wait for the GPU.
         lengths = [[len(exp.rollouts[i].response_ids) for i in idx] for idx in chunks]
@@ -323,7 +324,7 @@ class RLTrainer:
             exp = score_rollouts(rollouts, actor=self.actor, reference=self.reference, critic=self.critic,
                                  pad_id=self.tokenizer.pad_token_id, device=self.device,
                                  batch_size=self.score_batch, temperature=c.temperature,
-                                 need_old=need_old, precision=self.precision)
+                                 need_old=need_old, precision=self.precision, min_saved=self.min_saved)
             metrics: dict = {}
             self.advantages(exp, rewards, metrics)
             timings["experience_s"] = time.perf_counter() - t

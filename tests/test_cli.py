@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -95,10 +97,42 @@ def test_hub_id_and_bad_data_fail_before_training(tiny_model_dir, tmp_path, caps
 
 def test_refuses_to_overwrite_a_finished_run(tiny_model_dir, task_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2)]) == 0
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2, save_steps=1)]) == 0
     assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2)]) == 2
-    assert "already holds a trained model" in capsys.readouterr().err
+    assert "already holds a posttrain run" in capsys.readouterr().err
+    assert (out / "checkpoint-1").is_dir()
     assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2, overwrite_output_dir=True)]) == 0
+    assert not (out / "checkpoint-1").exists()  # the earlier run's entries are replaced, not mixed into
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_what_posttrain_did_not_write(tiny_model_dir, task_data, tmp_path, capsys):
+    # The audit's case: output_dir holds the user's base model and data, and the config says overwrite.
+    victim = tmp_path / "mine"
+    shutil.copytree(tiny_model_dir, victim)
+    shutil.copy(task_data, victim / "data.jsonl")
+    before = _tree(victim)
+    for model, data in ((victim, victim / "data.jsonl"), (tiny_model_dir, task_data)):
+        assert main(["sft", *sft_overrides(model, data, victim, max_steps=2, overwrite_output_dir=True)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: output_dir:") and err.count("\n") == 1
+        assert _tree(victim) == before
+
+    # A posttrain run folder the user added a file to: refused as well, the file kept.
+    out = tmp_path / "run"
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2, overwrite_output_dir=True)]) == 2
+    assert "'notes.txt'" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+
+    # An output_dir that is a file, or the folder the data is read from.
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, task_data, max_steps=2)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, task_data.parent, max_steps=2)]) == 2
+    assert "holds dataset" in capsys.readouterr().err
 
 
 def test_missing_tracker_is_a_clear_error(tiny_model_dir, task_data, tmp_path, capsys):

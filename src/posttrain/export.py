@@ -19,6 +19,7 @@ from posttrain.config import ExportConfig, save_config
 from posttrain.errors import ConfigError
 from posttrain.model.adapters import load_adapter, read_adapter_config
 from posttrain.model.loading import load_model, load_tokenizer, resolve_model_path
+from posttrain.output_folder import EXPORT_MARKER, check_output_folder, clear_own_entries
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,9 @@ def run_export(config: ExportConfig) -> Path:
     base = base_of(config)
     resolve_model_path(base)
     out = Path(config.export_dir)
-    if out.exists() and any(out.iterdir()) and not config.overwrite_output_dir:
-        raise ConfigError(f"export_dir: {config.export_dir!r} is not empty; set overwrite_output_dir: true "
-                          "or choose another folder")
+    check_output_folder(config.export_dir, key="export_dir", marker=EXPORT_MARKER,
+                        overwrite=config.overwrite_output_dir,
+                        inputs=[("adapter_name_or_path", config.adapter_name_or_path), ("the base model", base)])
     # An adapter trained here ships the tokenizer (and chat template) it was trained with.
     has_own = (Path(config.adapter_name_or_path) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(config.adapter_name_or_path if has_own else base, config.trust_remote_code)
@@ -61,9 +62,11 @@ def run_export(config: ExportConfig) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_config(config, tmp / "posttrain_export.yaml")
+        save_config(config, tmp / EXPORT_MARKER)
+        # Only an earlier export's own entries go (checked above: the folder holds nothing else).
+        clear_own_entries(out)
         if out.exists():
-            shutil.rmtree(out)
+            out.rmdir()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,10 +21,11 @@ from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_unp
 from posttrain.data.prepare import split_eval
 from posttrain.data.preference import load_kto_records, load_preferences, unpair_preferences
 from posttrain.data.schema import Preference
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.model.adapters import (
     apply_finetuning, check_finetuning, save_pissa_initial, save_trained, trainable_summary)
 from posttrain.model.loading import load_model, load_tokenizer, pick_device
+from posttrain.output_folder import RUN_MARKER, check_output_folder, clear_own_entries
 from posttrain.train import distributed as dist
 from posttrain.train.logps import fill_reference
 from posttrain.train.loop import Trainer, TrainResult
@@ -34,13 +35,13 @@ log = logging.getLogger(__name__)
 
 
 def check_output_dir(config) -> None:
-    out = Path(config.output_dir)
-    if out.exists() and out.is_file():
-        raise ConfigError(f"output_dir: {config.output_dir!r} is a file")
-    if (out / "config.json").exists() or (out / "adapter_config.json").exists():
-        if not (config.overwrite_output_dir or config.resume_from_checkpoint):
-            raise ConfigError(f"output_dir: {config.output_dir!r} already holds a trained model; "
-                              "set overwrite_output_dir: true or choose another folder")
+    """The output folder is new, empty or an earlier posttrain run's, and holds nothing the run reads."""
+    inputs = [(key, getattr(config, key, None))
+              for key in ("model_name_or_path", "adapter_name_or_path", "ref_model", "reward_model", "critic_model")]
+    inputs += [(which, e.path) for which in ("dataset", "eval_dataset") for e in config.dataset_entries(which)]
+    check_output_folder(config.output_dir, key="output_dir", marker=RUN_MARKER,
+                        overwrite=config.overwrite_output_dir, resume=bool(config.resume_from_checkpoint),
+                        inputs=inputs)
 
 
 def begin(config) -> torch.device:
@@ -132,6 +133,12 @@ def load_unpaired_samples(config, tokenizer):
     train, evals, report = _tokenize_split(config, tokenizer, tokenize_unpaired, unpair_preferences(records),
                                            unpair_preferences(eval_records))
     labels = [s.label for s in train]
+    missing = [name for name, n in (("desirable (label: true)", sum(labels)),
+                                    ("undesirable (label: false)", len(labels) - sum(labels))) if n == 0]
+    if missing:
+        raise DataError(f"KTO weighs desirable against undesirable responses, but the training data has no "
+                        f"{' and no '.join(missing)} rows; add some, or train on preference pairs with "
+                        "`posttrain dpo`", ", ".join(e.path for e in config.dataset_entries()))
     if dist.is_main():
         log.info("data: %s; %d desirable, %d undesirable", report.summary().replace("samples", "rows", 1),
                  sum(labels), len(labels) - sum(labels))
@@ -139,11 +146,11 @@ def load_unpaired_samples(config, tokenizer):
 
 
 def open_output_dir(config) -> Path:
-    """Clear (when asked) and create the output folder, with the resolved config in it."""
+    """Clear an earlier run's entries (when asked) and create the output folder, with the resolved config in it."""
     out = Path(config.output_dir)
     if dist.is_main():
-        if config.overwrite_output_dir and not config.resume_from_checkpoint and out.exists():
-            shutil.rmtree(out)
+        if config.overwrite_output_dir and not config.resume_from_checkpoint:
+            clear_own_entries(out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "posttrain_config.yaml")
     dist.barrier()

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from posttrain.config import TrainArgs
 from posttrain.data.batching import example_length, plan_epoch
 from posttrain.train import checkpoint, distributed as dist
+from posttrain.train.divergence import DivergenceWatch, check_finite_weights
 from posttrain.errors import ConfigError
 from posttrain.model.adapters import model_bytes, optimizer_groups
 from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
@@ -279,6 +280,7 @@ class Trainer:
         last_loss = last_eval = None
         # fp16 needs loss scaling so small gradients do not flush to zero; a no-op otherwise.
         scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
+        watch = DivergenceWatch(args.learning_rate)
         module.train()
         while step < total_steps:
             epoch, offset = divmod(step, per_epoch)
@@ -290,6 +292,8 @@ class Trainer:
                 if args.max_grad_norm > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
+                # Under fp16 an infinite gradient is the loss scaler's business (it skips that step).
+                watch.note(step + 1, loss_sum, None if args.fp16 else grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -299,6 +303,7 @@ class Trainer:
                 window_units += units
                 window_tokens += tokens
                 if step % args.logging_steps == 0 or step == total_steps:
+                    watch.check()
                     window_loss, *norm = host_floats([window_loss] + ([grad_norm] if grad_norm is not None else []))
                     stats = dist.all_reduce_sum(torch.tensor([window_loss, window_tokens], dtype=torch.float64))
                     elapsed = time.perf_counter() - window_start
@@ -319,6 +324,7 @@ class Trainer:
                     if logger:
                         logger.log({"step": step, "eval_loss": round(last_eval, 6), **self.eval_metrics})
                 if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+                    watch.check()
                     if dist.is_main():
                         checkpoint.save_checkpoint(
                             self.output_dir, step, model_state=trainable_state(model), optimizer=optimizer,
@@ -329,6 +335,8 @@ class Trainer:
                 if step >= total_steps:
                     break
         bar.close()
+        watch.check()
+        check_finite_weights(model)
         plot = None
         if dist.is_main():
             self._write_final()

@@ -30,6 +30,7 @@ from posttrain.data.prompts import Prompt
 from posttrain.errors import ConfigError
 from posttrain.train import checkpoint
 from posttrain.train import distributed as dist
+from posttrain.train.divergence import DivergenceWatch, check_finite_weights
 from posttrain.train.loop import (_add_metrics, _reduce_metrics, host_floats, autocast, build_optimizer, build_scheduler,
                                   seed_everything, trainable_state, write_final)
 from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
@@ -306,6 +307,7 @@ class RLTrainer:
         bar = tqdm(total=total, initial=done, disable=c.disable_tqdm or not dist.is_main(), dynamic_ncols=True,
                    desc="rl")
         window: dict = {}
+        watch = DivergenceWatch(c.learning_rate)
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
@@ -332,6 +334,10 @@ class RLTrainer:
             train_actor = self.step > c.critic_warmup_steps or self.critic is None
             info = self.update(exp, optimizers, schedulers, train_actor, metrics)
             timings["train_s"] = time.perf_counter() - t
+            # Checked every step: the next rollouts would sample from NaN weights.
+            watch.note(self.step, *(v for k, v in info.items() if k.endswith("_grad_norm")),
+                       *(metrics[k][0] for k in ("policy_loss", "value_loss") if k in metrics))
+            watch.check()
             if "kl" in metrics and self.kl.target is not None:
                 kl_sum, kl_count = host_floats(metrics["kl"])
                 self.kl.update(kl_sum / max(kl_count, 1), self.per_step * self.world)
@@ -372,6 +378,7 @@ class RLTrainer:
                 dist.barrier()
             bar.update(1)
         bar.close()
+        check_finite_weights(trained)
         plot = None
         if dist.is_main():
             write_final(self.output_dir, self.save_final)

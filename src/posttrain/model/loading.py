@@ -13,11 +13,6 @@ import torch
 
 from posttrain.errors import ConfigError
 
-# Set before transformers looks anything up: a missing local file must fail, not reach for a hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
 def resolve_model_path(name_or_path: str, what: str = "model_name_or_path") -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():

@@ -105,8 +105,15 @@ def cmd_compare(a) -> None:
 
 
 def cmd_init_model(a) -> None:
+    from pathlib import Path
+
+    from posttrain.errors import ConfigError
     from posttrain.model.tiny import write_tiny_model
 
+    out = Path(a.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{a.output_dir!r} already exists and is not an empty folder; init-model writes a new "
+                          "model only into a new or empty folder")
     path = write_tiny_model(a.output_dir, size=a.size, seed=a.seed)
     print(f"wrote a {a.size} Llama model and tokenizer to {path}")
 

@@ -31,7 +31,8 @@ ALIASES.update({"beta": "pref_beta", "rpo_alpha": "pref_ftx", "loss_type": "pref
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: `learning_rate: .inf` or `nan` passes `gt=0` and trains a model of NaNs.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DatasetEntry(_Strict):
@@ -80,6 +81,7 @@ class FinetuningArgs(_Strict):
 
     @model_validator(mode="after")
     def _check_finetuning(self):
+        self._check_keys_match_type()
         if self.finetuning_type == "qlora" and self.quantization_bit is None:
             self.__dict__["quantization_bit"] = 4
         if self.quantization_bit is not None and self.finetuning_type not in ("lora", "qlora"):
@@ -87,6 +89,31 @@ class FinetuningArgs(_Strict):
         if self.use_dora and self.pissa_init:
             raise ValueError("use_dora and pissa_init cannot be combined; choose one")
         return self
+
+
+    def _check_keys_match_type(self) -> None:
+        """A key of another finetuning type, set to something other than its default, would be ignored:
+        `lora_rank: 16` with `finetuning_type: full` trains every parameter. Refused instead."""
+        for key, types in KEYS_OF_TYPES.items():
+            if key in self.model_fields_set and self.finetuning_type not in types:
+                value = getattr(self, key)
+                if value != type(self).model_fields[key].default:
+                    raise ValueError(f"{key} is set ({value!r}) but finetuning_type is {self.finetuning_type!r}, "
+                                     f"which ignores it; it takes effect with finetuning_type {' or '.join(types)}. "
+                                     "Set finetuning_type, or remove the key")
+
+
+_LORA = ("lora", "qlora")
+KEYS_OF_TYPES = {
+    **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "modules_to_save", "use_dora",
+                     "use_rslora", "pissa_init", "pissa_iter", "loraplus_lr_ratio"), _LORA),
+    **dict.fromkeys(("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"), ("freeze",)),
+    "num_virtual_tokens": ("ptuning", "prompt_tuning", "prefix_tuning"),
+    "encoder_hidden_size": ("ptuning", "prefix_tuning"),
+    "encoder_reparameterization_type": ("ptuning",),
+    "prompt_tuning_init_text": ("prompt_tuning",),
+    "prefix_projection": ("prefix_tuning",),
+}
 
 
 class TrainArgs(FinetuningArgs):
@@ -107,7 +134,7 @@ class TrainArgs(FinetuningArgs):
     per_device_eval_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     num_train_epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1  # > 0 overrides num_train_epochs
+    max_steps: int = -1  # > 0 overrides num_train_epochs; -1: not set
     lr_scheduler_type: Literal[SCHEDULERS] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)  # > 0 overrides warmup_ratio
@@ -132,6 +159,9 @@ class TrainArgs(FinetuningArgs):
     def _check_precision(self):
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both set; choose one")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be a positive number of optimizer steps, or -1 to train "
+                             f"num_train_epochs (got {self.max_steps})")
         return self
 
 
@@ -366,11 +396,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} is not of the form key=value")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"{key}='\"...\"'") from None
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {pair!r}: {key!r} is not a key name (use key=value or key.subkey=value)")
+        for depth, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r}: {'.'.join(parts[:depth + 1])!r} is already set to a plain "
+                                  "value, so it has no sub-keys; set one or the other")
         node[parts[-1]] = value
     return out
 
@@ -396,8 +436,12 @@ def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
             lines.append(f"unknown config key {key!r}{hint}")
         elif e["type"] == "missing":
             lines.append(f"config key {key!r} is required")
+        elif not e["loc"]:  # a check across keys: its message names them
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+    if len(lines) == 1:
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -48,6 +48,19 @@ def resolve_template(template: str | None, tokenizer) -> str:
     return own
 
 
+def check_template_syntax(source: str, template: str | None) -> None:
+    """A template that does not parse is the template's fault, not the first data row's: say so once."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(source)
+    except jinja2.TemplateSyntaxError as err:
+        where = f"template {template!r}" if template else "the tokenizer's chat_template"
+        raise ConfigError(f"{where} does not parse: {err.message} (line {err.lineno} of the template); fix the "
+                          f"template, or set `template:` to a built-in ({', '.join(builtin_templates())})") from None
+
+
 @dataclass
 class TokenizedSample:
     input_ids: list[int]
@@ -66,6 +79,7 @@ class ChatRenderer:
                  mask_history: bool = False):
         self.tokenizer = tokenizer
         self.template = resolve_template(template, tokenizer)
+        check_template_syntax(self.template, template)
         self.train_on_prompt = train_on_prompt
         self.mask_history = mask_history
         self._warned_unstable = False

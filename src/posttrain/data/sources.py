@@ -29,6 +29,7 @@ import csv
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -103,17 +104,23 @@ def _is_saved_dataset(local: str) -> bool:
     return any(os.path.isfile(os.path.join(local, f)) for f in ("state.json", "dataset_dict.json"))
 
 
-def _folder_entries(source: str, local: str) -> list[tuple[str, str]]:
+def _folder_entries(source: str, local: str, seen: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """(source, local path) of each data file or saved dataset under a folder, sorted by path."""
     if _is_saved_dataset(local):
         return [(source, local)]
+    real = os.path.realpath(local)
+    if real in seen:  # a symbolic link back up the tree would be read forever
+        raise DataError("is a symbolic link to a folder that contains it (a loop); remove the link", source)
     found = []
     for name in os.listdir(local):
         if name.startswith("."):  # .git, .cache/huggingface, .DS_Store
             continue
         sub_source, sub_local = os.path.join(source, name), os.path.join(local, name)
+        if os.path.islink(sub_local) and not os.path.exists(sub_local):
+            raise DataError(f"is a broken symbolic link (to {os.readlink(sub_local)!r}, which does not exist); "
+                            "remove it or fix its target", sub_source)
         if os.path.isdir(sub_local):
-            found.extend(_folder_entries(sub_source, sub_local))
+            found.extend(_folder_entries(sub_source, sub_local, seen | {real}))
         elif _extension(name) in SUPPORTED:
             found.append((sub_source, sub_local))
     return sorted(found)
@@ -125,6 +132,13 @@ def _chain(entries: list[tuple[str, str]]) -> Iterator[RawRow | BadRow]:
 
 
 def _read_file(source: str, local: str) -> Iterator[RawRow | BadRow]:
+    try:
+        yield from _read_by_type(source, local)
+    except OSError as err:  # unreadable: permissions, a file removed while reading, a device error
+        raise DataError(f"cannot be read: {err.strerror or err}", source) from None
+
+
+def _read_by_type(source: str, local: str) -> Iterator[RawRow | BadRow]:
     if os.path.isdir(local):
         return _read_saved(source, local)
     ext = _extension(local)
@@ -135,6 +149,35 @@ def _read_file(source: str, local: str) -> Iterator[RawRow | BadRow]:
     if ext == ".csv":
         return _read_csv(source, local)
     return _read_parquet(source, local)
+
+
+class JSONProblem(ValueError):
+    """Valid JSON that Python would read wrongly or crash on."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise JSONProblem(f"key {key!r} appears twice in one object (JSON readers keep one silently); keep one")
+        out[key] = value
+    return out
+
+
+def parse_json(text: str) -> Any:
+    """`json.loads`, refusing duplicate keys, nesting deeper than Python's stack and integers longer
+    than its digit limit as `JSONProblem` (a `json.JSONDecodeError` for text that is not JSON)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise JSONProblem("nested too deeply to read (more than ~1000 levels of lists or objects)") from None
+    except json.JSONDecodeError:
+        raise
+    except JSONProblem:
+        raise
+    except ValueError:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise JSONProblem(f"a number has more than {sys.get_int_max_str_digits()} digits, more than Python "
+                          "reads; write it as a string") from None
 
 
 def type_name(value: Any) -> str:
@@ -171,9 +214,12 @@ def _read_jsonl(source: str, local: str) -> Iterator[RawRow | BadRow]:
                                              f"{e.start + 1} of the line); save the file as UTF-8")
                 continue
             try:
-                data = json.loads(text)
+                data = parse_json(text)
             except json.JSONDecodeError as e:
                 yield BadRow(source, lineno, f"invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            except JSONProblem as e:
+                yield BadRow(source, lineno, str(e))
                 continue
             if isinstance(data, dict):
                 yield RawRow(data, source, lineno)
@@ -195,7 +241,9 @@ def _read_json(source: str, local: str) -> Iterator[RawRow | BadRow]:
         raise DataError(f"invalid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
                         source, line) from None
     try:
-        doc = json.loads(text)
+        doc = parse_json(text)
+    except JSONProblem as e:
+        raise DataError(str(e), source) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             # One object per line under a .json name (common on the Hub): read it as JSON Lines.
@@ -259,8 +307,8 @@ def _csv_cell(cell: str) -> Any:
     """A cell holding a JSON list or object (a message list, tools) becomes that value."""
     if cell[:1] in ("[", "{"):
         try:
-            return json.loads(cell)
-        except json.JSONDecodeError:
+            return parse_json(cell)
+        except ValueError:
             pass  # text that merely starts with a bracket, such as "[INST] ..."
     return cell
 

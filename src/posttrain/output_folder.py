@@ -72,8 +72,10 @@ def check_output_folder(path: str, *, key: str, marker: str, overwrite: bool, re
         raise ConfigError(f"{key}: {path!r} is not empty and holds files posttrain did not write ({shown}); "
                           f"posttrain never deletes or mixes into such a folder: choose a new or empty {key}")
     if not (overwrite or resume):
-        raise ConfigError(f"{key}: {path!r} already holds a posttrain run; set overwrite_output_dir: true to "
-                          "replace it, resume_from_checkpoint: auto to continue it, or choose another folder")
+        what, resumable = ("run", ", resume_from_checkpoint: auto to continue it") if marker == RUN_MARKER \
+            else ("export", "")
+        raise ConfigError(f"{key}: {path!r} already holds a posttrain {what}; set overwrite_output_dir: true to "
+                          f"replace it{resumable}, or choose another folder")
 
 
 def clear_own_entries(path: str | Path) -> None:

@@ -70,9 +70,10 @@ class Reply:
         return json.loads(self.text)
 
 
-def raw(server, method: str, path: str, key: str | None = KEYS[1], json_body=None, chunks=None) -> Reply:
+def raw(server, method: str, path: str, key: str | None = KEYS[1], json_body=None, chunks=None,
+        timeout: float = 30) -> Reply:
     """One plain HTTP request (http.client: also sends chunked bodies, which the openai client never does)."""
-    conn = http.client.HTTPConnection("127.0.0.1", int(server[1].rsplit(":", 1)[1]), timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", int(server[1].rsplit(":", 1)[1]), timeout=timeout)
     headers = {"content-type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"

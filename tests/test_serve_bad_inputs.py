@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from inference_fixtures import adapter_root, lively_model_dir, one_torch_thread  # noqa: F401
-from test_serve import client, raw, server  # noqa: F401
+from test_serve import client, metric_samples, raw, server  # noqa: F401
 
 openai = pytest.importorskip("openai")
 
@@ -109,7 +109,7 @@ def test_a_broken_adapter_fails_its_request_alone(server, client, adapter_root, 
         while state.in_flight and time.time() < deadline:  # the stream's handler finishes after its last chunk
             time.sleep(0.05)
         assert state.in_flight == 0
-        assert "posttrain_in_flight_requests 0" in raw(server, "GET", "/metrics").text
+        assert metric_samples(raw(server, "GET", "/metrics").text)[("posttrain_in_flight_requests", frozenset())] == 0
         assert client.completions.create(model="qv8", prompt="abc", max_tokens=2, temperature=0).choices
     finally:
         raw(server, "POST", UNLOAD, json_body={"lora_name": name})
@@ -192,11 +192,14 @@ def test_openapi_publishes_the_400_error_model(server):
 def test_metric_label_values_are_escaped():
     from posttrain.serve.metrics import Metrics
 
+    odd = 'odd"name\\with\nnewline'
     metrics = Metrics()
-    metrics.record('odd"name\\with\nnewline', "chat", 200, 3, 4, 0.1)
+    metrics.record(odd, "chat", 200, 3, 4, 0.1)
     text = metrics.render({"running": 0})
-    assert 'model="odd\\"name\\\\with\\nnewline"' in text
-    assert all(line.startswith(("#", "posttrain_")) for line in text.splitlines())
+    assert all(line.startswith(("#", "posttrain_")) for line in text.splitlines())  # no line broken by the newline
+    samples = metric_samples(text)
+    assert samples[("posttrain_generation_tokens_total", frozenset({("model", odd)}))] == 4
+    assert samples[("posttrain_running", frozenset())] == 0
 
 
 def test_serve_refuses_a_port_out_of_range(lively_model_dir, capsys):

@@ -53,7 +53,8 @@ def _responses(*statuses: int) -> dict:
     return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
 
 
-ERROR_STATUSES = {400: "Invalid request (body, field or value); `param` names the field", 401: "Missing or wrong API key",
+ERROR_STATUSES = {400: "Invalid request (body, field or value); `param` names the field",
+                  401: "Missing or wrong API key",
                   403: "Not allowed on this server", 404: "Unknown model", 413: "Request body too large",
                   429: "Too many concurrent requests", 500: "Server or adapter failure"}
 GENERATE_ERRORS = _responses(400, 401, 404, 413, 429, 500)

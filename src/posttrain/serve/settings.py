@@ -33,7 +33,8 @@ class ServeSettings:
 
     def check(self) -> None:
         for name, value in (("max_loras", self.max_loras), ("max_batch_size", self.max_batch_size),
-                            ("max_runtime_adapters", self.max_runtime_adapters), ("max_body_bytes", self.max_body_bytes),
+                            ("max_runtime_adapters", self.max_runtime_adapters),
+                            ("max_body_bytes", self.max_body_bytes),
                             ("max_concurrent_requests", self.max_concurrent_requests), ("max_n", self.max_n)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

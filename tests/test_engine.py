@@ -371,14 +371,22 @@ def test_lively_copy_differs_from_source(tiny_model_dir, tmp_path):
     assert len(set(out)) > 4
 
 
-def test_an_adapter_that_breaks_after_registration_fails_only_its_request(base, prompts, adapter_root, tmp_path):
+@pytest.mark.parametrize("file,content,message", [
+    ("adapter_model.safetensors", "not safetensors", "cannot read safetensors"),
+    ("adapter_config.json", '{"peft_type": "LORA", "lora_alpha": "lots"}', "ValueError"),  # not an AdapterError
+    ("adapter_config.json", "{ not json", "not valid JSON"),
+])
+def test_an_adapter_that_breaks_after_registration_fails_only_its_request(base, prompts, adapter_root, tmp_path,
+                                                                          file, content, message):
     import shutil
 
     engine = make_engine(base, adapter_root)
     engine.registry.roots.append(tmp_path.resolve())
     shutil.copytree(adapter_root / "qv8", tmp_path / "fragile")
     fragile = engine.registry.add("fragile", "fragile")
-    (tmp_path / "fragile" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "fragile" / file).write_text(content)
+    with pytest.raises(AdapterError, match=f"'fragile'.*{message}"):  # what the server checks before the engine
+        engine.registry.read_weights(fragile)
     bad = Request(prompts[0], SamplingParams(max_new_tokens=3, ignore_eos=True), fragile)
     good = Request(prompts[1], SamplingParams(max_new_tokens=3, ignore_eos=True))
     engine.add(bad)
@@ -386,8 +394,10 @@ def test_an_adapter_that_breaks_after_registration_fails_only_its_request(base, 
     outs = {}
     while engine.has_work():
         outs.update({o.request_id: o for o in engine.step()})
-    assert outs[bad.request_id].finish_reason == "error" and "cannot read safetensors" in outs[bad.request_id].error
+    assert outs[bad.request_id].finish_reason == "error" and message in outs[bad.request_id].error
+    assert "fragile" in outs[bad.request_id].error and str(tmp_path.resolve()) not in outs[bad.request_id].error
     assert outs[good.request_id].finish_reason == "length" and len(outs[good.request_id].token_ids) == 3
+    assert engine.registry.resident() == [] and not engine.registry._pins
 
 
 def test_generate_on_a_peft_wrapped_model_keeps_the_adapter(base, prompts, adapter_root, lively_model_dir):

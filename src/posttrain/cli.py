@@ -149,6 +149,7 @@ def cmd_serve(a) -> None:
     run_server(ServeSettings(
         model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port, adapters=adapters,
         adapter_dirs=a.adapter_dir, allow_runtime_adapters=a.allow_runtime_adapters, max_loras=a.max_loras,
+        max_runtime_adapters=a.max_runtime_adapters,
         api_keys=a.api_key + ([os.environ["POSTTRAIN_API_KEY"]] if os.environ.get("POSTTRAIN_API_KEY") else []),
         max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, max_prompt_tokens=a.max_prompt_tokens,
         max_tokens_limit=a.max_tokens_limit, max_body_bytes=a.max_body_bytes,
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-runtime-adapters", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     s.add_argument("--max-loras", type=int, default=8, help="LoRA adapters resident at once (LRU)")
+    s.add_argument("--max-runtime-adapters", type=int, default=16,
+                   help="adapters loaded through the API at once; more are refused until one is unloaded")
     s.add_argument("--api-key", action="append", default=[],
                    help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
                         "also read from $POSTTRAIN_API_KEY)")

@@ -27,6 +27,7 @@ from posttrain.inference.cuda_graphs import DecodeGraphs
 from posttrain.inference.detokenize import TextTracker
 from posttrain.inference.errors import RequestError, RequestTooLarge
 from posttrain.inference.kv_cache import KVCache
+from posttrain.inference.lora import LoraWeights
 from posttrain.inference.registry import Adapter, AdapterRegistry
 from posttrain.inference.sampling import SamplingParams, TokenChoice, choose_tokens
 from posttrain.inference.weights import DecoderWeights
@@ -41,6 +42,9 @@ class Request:
     adapter: Adapter | None = None
     stream: bool = False  # report text deltas every step (else text once, at the end)
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    # The adapter's LoRA weights, read before the request reached the engine (the server does, off the step,
+    # with registry.read_weights); None: read at admission if the adapter is not resident.
+    lora_weights: LoraWeights | None = None
 
 
 @dataclass
@@ -206,13 +210,16 @@ class Engine:
             lora_slot = 0
             if request.adapter is not None and self.registry is not None:
                 try:
-                    lora_slot = self.registry.acquire(request.adapter)
-                except PosttrainError as err:  # e.g. its files changed on disk since registration
+                    lora_slot = self.registry.acquire(request.adapter, request.lora_weights)
+                except Exception as err:  # any failure of one adapter fails its request alone, never the step
                     self.waiting.remove(request)
-                    self._failed.append(Output(request.request_id, "", [], [], True, "error", error=str(err)))
+                    message = str(err) if isinstance(err, PosttrainError) else (
+                        f"adapter {request.adapter.name!r} cannot be used: {type(err).__name__}: {err}")
+                    self._failed.append(Output(request.request_id, "", [], [], True, "error", error=message))
                     continue
                 if lora_slot is None:  # every bank slot is pinned by running requests: wait for one
                     continue
+                request.lora_weights = None  # in the bank now; the host copy is not needed
             self.waiting.remove(request)
             widest = max(widest, width)
             admitted.append(self._start(request, lora_slot))

@@ -19,6 +19,10 @@ class AdapterError(ConfigError):
     """An adapter cannot be used: bad name, path outside the allowed folders, unreadable or mismatched weights."""
 
 
+class ProtectedAdapter(AdapterError):
+    """The API may not unload this adapter: the operator gave it when starting the server (HTTP 403)."""
+
+
 class UnknownModel(PosttrainError):
     """A request names a model (base or adapter) that is not served (HTTP 404)."""
 

@@ -1,9 +1,14 @@
 """The OpenAI-compatible HTTP API over the engine worker.
 
 A generation request goes: limits (429) -> `model` to base or adapter (404) -> prompt tokens with
-that model's tokenizer and chat template -> limits on prompt and max_tokens (400) -> `engine.check`
-(400) -> the worker, `n` engine requests sharing one output queue -> a JSON body, or SSE chunks as
-the tokens come. Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+that model's tokenizer and chat template -> limits on prompt and max_tokens (400) -> the adapter's
+weights read from disk (500 naming the adapter if its files broke since registration) ->
+`engine.check` (400) -> the worker, `n` engine requests sharing one output queue -> a JSON body, or
+SSE chunks as the tokens come. Errors use OpenAI's shape: {"error": {"message", "type", "param",
+"code"}}, published as such in /openapi.json (400 for a bad body, never FastAPI's 422).
+
+Preparing a request (template rendering, tokenization, reading adapter files) runs in a worker
+thread: a megabyte of prompt must not stall the event loop that answers every other client.
 """
 
 from __future__ import annotations
@@ -17,16 +22,17 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from posttrain.errors import ConfigError
 from posttrain.inference.engine import Engine, Output, Request
-from posttrain.inference.errors import AdapterError, RequestError, RequestTooLarge, UnknownModel
+from posttrain.inference.errors import AdapterError, ProtectedAdapter, RequestError, RequestTooLarge, UnknownModel
 from posttrain.inference.registry import Adapter, AdapterRegistry, validate_name
 from posttrain.inference.sampling import SamplingParams
 from posttrain.serve.guards import Guard
 from posttrain.serve.metrics import Metrics
-from posttrain.serve.protocol import (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
+from posttrain.serve.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, LoadAdapterRequest,
                                       UnloadAdapterRequest, error_body)
 from posttrain.serve.responses import (Prepared, chat_logprobs, chat_response, completion_logprobs,
                                        completion_response, dedupe, usage)
@@ -36,6 +42,23 @@ from posttrain.serve.worker import EngineFailed, EngineWorker
 
 class TooManyRequests(Exception):
     pass
+
+
+class AdapterUnavailable(Exception):
+    """A registered adapter's files can no longer be read (changed on disk since): HTTP 500 for its requests."""
+
+
+def _responses(*statuses: int) -> dict:
+    """The error answers of a route, for /openapi.json."""
+    return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
+
+
+ERROR_STATUSES = {400: "Invalid request (body, field or value); `param` names the field",
+                  401: "Missing or wrong API key",
+                  403: "Not allowed on this server", 404: "Unknown model", 413: "Request body too large",
+                  429: "Too many concurrent requests", 500: "Server or adapter failure"}
+GENERATE_ERRORS = _responses(400, 401, 404, 413, 429, 500)
+ADAPTER_ERRORS = _responses(400, 401, 403, 404, 413)
 
 
 @dataclass
@@ -68,8 +91,24 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
 
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without the 422 it adds to every route with a body: this server answers 400 instead."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(state: ServerState):
-    app = FastAPI(title="posttrain", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json is served (behind the API key like every route but /health), as FastAPI users expect; the
+    # interactive docs pages are not (they load scripts from a CDN).
+    app = FastAPI(title="posttrain", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, err: RequestValidationError):
@@ -92,6 +131,19 @@ def create_app(state: ServerState):
     @app.exception_handler(ConfigError)
     async def _config(_, err: ConfigError):
         return _error(400, str(err))
+
+    @app.exception_handler(ProtectedAdapter)
+    async def _protected(_, err: ProtectedAdapter):
+        return _error(403, str(err), param="lora_name", code="forbidden")
+
+    @app.exception_handler(AdapterUnavailable)
+    async def _adapter_broken(_, err: AdapterUnavailable):
+        return _error(500, str(err), type_="server_error", param="model", code="adapter_unavailable")
+
+    @app.exception_handler(Exception)
+    async def _bug(_, err: Exception):  # still logged with its traceback by the server; the client gets one line
+        return _error(500, f"the server failed on this request ({type(err).__name__}); see the server log",
+                      type_="server_error")
 
     @app.exception_handler(TooManyRequests)
     async def _busy(_, err: TooManyRequests):
@@ -149,7 +201,8 @@ def create_app(state: ServerState):
             raise RequestError(f"the chat template cannot render these messages: {err}", param="messages") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         params = sampling(body, len(ids), adapter, body.wanted_logprobs())
-        return Prepared(body.model, adapter, tokenizer, [ids] * body.n, _seeded(params, body.n))
+        return Prepared(body.model, adapter, tokenizer, [ids] * body.n, _seeded(params, body.n),
+                        adapter_weights(adapter))
 
     def prepare_completion(body: CompletionRequest) -> Prepared:
         body.refuse_unsupported()
@@ -170,7 +223,17 @@ def create_app(state: ServerState):
             p = sampling(body, len(ids), adapter, body.logprobs)
             prompts += [ids] * body.n
             params += _seeded(p, body.n)
-        return Prepared(body.model, adapter, tokenizer, prompts, params)
+        return Prepared(body.model, adapter, tokenizer, prompts, params, adapter_weights(adapter))
+
+    def adapter_weights(adapter: Adapter | None):
+        """The adapter's LoRA weights, read and checked here, off the engine step: a file broken since
+        registration fails this request alone (the engine thread never meets it, see engine._admit)."""
+        if adapter is None:
+            return None
+        try:
+            return state.registry.read_weights(adapter)
+        except AdapterError as err:
+            raise AdapterUnavailable(str(err)) from None
 
     def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
         if n == 1 or params.seed is None:
@@ -178,7 +241,8 @@ def create_app(state: ServerState):
         return [SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)]
 
     async def launch(prep: Prepared) -> tuple[asyncio.Queue, list[Request]]:
-        requests = [Request(ids, p, prep.adapter, stream=True) for ids, p in zip(prep.prompts, prep.params)]
+        requests = [Request(ids, p, prep.adapter, stream=True, lora_weights=prep.lora_weights)
+                    for ids, p in zip(prep.prompts, prep.params)]
         for r in requests:
             state.engine.check(r)
         sink: asyncio.Queue = asyncio.Queue()
@@ -216,11 +280,11 @@ def create_app(state: ServerState):
                   "registered_adapters": len(state.registry.list())}
         return PlainTextResponse(state.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATE_ERRORS)
     async def chat(body: ChatCompletionRequest):
         return await generate(body, prepare_chat, "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATE_ERRORS)
     async def completions(body: CompletionRequest):
         return await generate(body, prepare_completion, "completions")
 
@@ -230,10 +294,10 @@ def create_app(state: ServerState):
         handed_off = False
         try:
             try:
-                prep = prepare(body)
+                prep = await run_in_threadpool(prepare, body)  # templates and tokenizers: off the event loop
                 sink, requests = await launch(prep)
-            except (RequestError, UnknownModel, ConfigError) as err:
-                status = 404 if isinstance(err, UnknownModel) else 400
+            except (RequestError, UnknownModel, ConfigError, AdapterUnavailable) as err:
+                status = 404 if isinstance(err, UnknownModel) else 500 if isinstance(err, AdapterUnavailable) else 400
                 # unknown names share one label: client-chosen strings must not grow the metric set without bound
                 known = body.model == state.base_name or body.model in {a.name for a in state.registry.list()}
                 state.metrics.record(body.model if known else "<unknown>", endpoint, status)
@@ -331,21 +395,21 @@ def create_app(state: ServerState):
                            "--allow-runtime-adapters (and --adapter-dir for the folders it may load from)",
                       code="forbidden")
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", responses=ADAPTER_ERRORS)
     async def load_adapter(body: LoadAdapterRequest):
         runtime_allowed()
         validate_name(body.lora_name)
         try:
-            adapter = await run_in_threadpool(state.registry.add, body.lora_name, body.lora_path)
+            adapter = await run_in_threadpool(state.registry.add, body.lora_name, body.lora_path, runtime=True)
         except AdapterError as err:
             return _error(400, str(err), param="lora_path")
         return {"object": "adapter", "id": adapter.name, "parent": state.base_name, "adapter_type": adapter.kind,
                 "status": "loaded"}
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", responses=ADAPTER_ERRORS)
     async def unload_adapter(body: UnloadAdapterRequest):
         runtime_allowed()
-        adapter = state.registry.remove(body.lora_name)
+        adapter = state.registry.remove(body.lora_name, runtime_only=True)  # the operator's stay
         return {"object": "adapter", "id": adapter.name, "status": "unloaded"}
 
     return Guard(app, state.settings.api_keys, state.settings.max_body_bytes)

@@ -1,63 +1,57 @@
-"""Counters for /metrics, written as Prometheus text (no client library needed for a few series)."""
+"""Counters for /metrics, through prometheus_client (one CollectorRegistry per server, so two servers
+in one process, as in the tests, never share or clash). The library writes the text format, label
+escaping included: a label value with a newline cannot break the exposition."""
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+GAUGE_HELP = {"running": "Requests decoding in the engine.", "waiting": "Requests queued for a batch slot.",
+              "in_flight_requests": "HTTP generation requests being served.",
+              "resident_lora_adapters": "LoRA adapters in the stacked bank.",
+              "registered_adapters": "Adapters served (operator's and runtime-loaded)."}
 
 
-def _labels(**labels: str) -> str:
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in labels.items())
-    return "{" + inner + "}"
+class _Gauges:
+    """The engine's and server's current counts, read at scrape time (set by `Metrics.render`)."""
+
+    def __init__(self):
+        self.values: dict[str, float] = {}
+
+    def collect(self):
+        for name, value in self.values.items():
+            yield GaugeMetricFamily(f"posttrain_{name}", GAUGE_HELP.get(name, name), value=value)
 
 
 class Metrics:
     def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = defaultdict(int)  # (model, endpoint, status) -> count
-        self.prompt_tokens = defaultdict(int)  # model -> tokens
-        self.generation_tokens = defaultdict(int)
-        self.latency_buckets = defaultdict(lambda: [0] * len(LATENCY_BUCKETS))  # model -> cumulative counts
-        self.latency_sum = defaultdict(float)
-        self.latency_count = defaultdict(int)
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()  # render sets the gauges, then reads them back
+        self.requests = Counter("posttrain_requests", "Requests by model (base or adapter), endpoint and HTTP status.",
+                                ["model", "endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("posttrain_prompt_tokens", "Prompt tokens processed, by model.", ["model"],
+                                     registry=self.registry)
+        self.generation_tokens = Counter("posttrain_generation_tokens", "Tokens generated, by model.", ["model"],
+                                         registry=self.registry)
+        self.latency = Histogram("posttrain_request_latency_seconds",
+                                 "End-to-end latency of successful requests, by model.", ["model"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._gauges = _Gauges()
+        self.registry.register(self._gauges)
 
     def record(self, model: str, endpoint: str, status: int, prompt_tokens: int = 0, generation_tokens: int = 0,
                seconds: float | None = None) -> None:
-        with self._lock:
-            self.requests[(model, endpoint, status)] += 1
-            self.prompt_tokens[model] += prompt_tokens
-            self.generation_tokens[model] += generation_tokens
-            if seconds is not None:
-                buckets = self.latency_buckets[model]
-                for i, bound in enumerate(LATENCY_BUCKETS):
-                    if seconds <= bound:
-                        buckets[i] += 1
-                self.latency_sum[model] += seconds
-                self.latency_count[model] += 1
+        self.requests.labels(model, endpoint, str(status)).inc()
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(generation_tokens)
+        if seconds is not None:
+            self.latency.labels(model).observe(seconds)
 
     def render(self, gauges: dict[str, float]) -> str:
-        lines = []
         with self._lock:
-            lines += ["# HELP posttrain_requests_total Requests by model (base or adapter), endpoint and HTTP status.",
-                      "# TYPE posttrain_requests_total counter"]
-            for (model, endpoint, status), n in sorted(self.requests.items()):
-                lines.append(f"posttrain_requests_total{_labels(model=model, endpoint=endpoint, status=status)} {n}")
-            for name, series, help_ in (("prompt_tokens", self.prompt_tokens, "Prompt tokens processed"),
-                                        ("generation_tokens", self.generation_tokens, "Tokens generated")):
-                lines += [f"# HELP posttrain_{name}_total {help_}, by model.", f"# TYPE posttrain_{name}_total counter"]
-                lines += [f"posttrain_{name}_total{_labels(model=m)} {n}" for m, n in sorted(series.items())]
-            lines += ["# HELP posttrain_request_latency_seconds End-to-end latency of successful requests, by model.",
-                      "# TYPE posttrain_request_latency_seconds histogram"]
-            for model in sorted(self.latency_count):
-                for bound, n in zip(LATENCY_BUCKETS, self.latency_buckets[model]):
-                    lines.append(f"posttrain_request_latency_seconds_bucket{_labels(model=model, le=bound)} {n}")
-                lines.append(f"posttrain_request_latency_seconds_bucket{_labels(model=model, le='+Inf')} "
-                             f"{self.latency_count[model]}")
-                lines.append(f"posttrain_request_latency_seconds_sum{_labels(model=model)} {self.latency_sum[model]:.6f}")
-                lines.append(f"posttrain_request_latency_seconds_count{_labels(model=model)} {self.latency_count[model]}")
-        for name, value in gauges.items():
-            lines += [f"# TYPE posttrain_{name} gauge", f"posttrain_{name} {value}"]
-        return "\n".join(lines) + "\n"
+            self._gauges.values = dict(gauges)
+            return generate_latest(self.registry).decode()

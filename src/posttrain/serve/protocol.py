@@ -4,13 +4,16 @@ Fields OpenAI defines that posttrain does not implement (tools, response formats
 echo, suffix, best_of > 1) are refused with a 400 naming the field, never silently ignored.
 vLLM's sampling extras (top_k, repetition_penalty, stop_token_ids, ignore_eos) are accepted, so
 clients written for vLLM work unchanged (the openai client sends them via `extra_body`).
+
+Numbers are taken as JSON means them: NaN and Infinity (which Python's json reads) are refused,
+and so are booleans where an integer is expected (bool is an int subclass to pydantic's lax mode).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 from posttrain.inference.errors import RequestError
 
@@ -20,29 +23,42 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (OpenAI's shape); published in /openapi.json."""
+
+    error: ErrorDetail
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = Field(default=None)
-    temperature: float = 1.0  # OpenAI's default
-    top_p: float = 1.0
-    n: int = 1
+    max_tokens: StrictInt | None = Field(default=None)
+    temperature: StrictFloat = 1.0  # OpenAI's default
+    top_p: StrictFloat = 1.0
+    n: StrictInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: StrictFloat = 0.0
+    frequency_penalty: StrictFloat = 0.0
+    seed: StrictInt | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
     # vLLM extras
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    stop_token_ids: list[int] | None = None
+    top_k: StrictInt = 0
+    repetition_penalty: StrictFloat = 1.0
+    stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool = False
 
     def stop_list(self) -> list[str]:
@@ -79,9 +95,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: StrictInt | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -116,12 +132,24 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
-    temperature: float = 1.0
+    best_of: StrictInt | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value):
+        # One clear message instead of pydantic's four union branches ("prompt.str: Input should be a valid string").
+        def ids(x) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(value, str) or (isinstance(value, list) and (
+                all(isinstance(p, str) for p in value) or ids(value) or all(ids(p) for p in value))):
+            return value
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids (integers, not "
+                         "booleans) or a list of such lists")
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()

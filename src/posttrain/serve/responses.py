@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from posttrain.inference.engine import Output
+from posttrain.inference.lora import LoraWeights
 from posttrain.inference.registry import Adapter
 from posttrain.inference.sampling import SamplingParams
 
@@ -18,6 +19,7 @@ class Prepared:
     tokenizer: object
     prompts: list[list[int]]
     params: list[SamplingParams]  # one per engine request (prompt x n)
+    lora_weights: LoraWeights | None = None  # read while preparing (registry.read_weights), off the engine step
 
 
 def usage(outputs: list[Output], prep: Prepared) -> dict:

@@ -42,7 +42,8 @@ def build_state(settings: ServeSettings):
                     fuse_weights=True, seed=settings.seed)
     base_name = settings.served_model_name or model_dir.resolve().name
     registry = AdapterRegistry(engine.dims, model.config, tokenizer, engine.weights.dtype, device,
-                               max_loras=settings.max_loras, allowed_roots=settings.adapter_dirs, base_name=base_name)
+                               max_loras=settings.max_loras, allowed_roots=settings.adapter_dirs, base_name=base_name,
+                               max_runtime_adapters=settings.max_runtime_adapters)
     engine.registry = registry
     for name, path in settings.adapters.items():
         registry.add(name, path, trusted=True)  # the operator named it: a bad one stops the start-up

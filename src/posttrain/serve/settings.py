@@ -17,6 +17,7 @@ class ServeSettings:
     adapter_dirs: list[str] = field(default_factory=list)  # every adapter inside is served; runtime loads stay inside
     allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     max_loras: int = 8  # LoRA adapters resident in the stacked bank at once (LRU)
+    max_runtime_adapters: int = 16  # adapters registered through the API at once (each holds its tokenizer etc.)
     api_keys: list[str] = field(default_factory=list)  # empty: no auth
     max_batch_size: int = 32  # rows decoded together
     max_model_len: int | None = None  # context length (default: the model's)
@@ -31,11 +32,14 @@ class ServeSettings:
     seed: int | None = None
 
     def check(self) -> None:
-        for name, value in (("port", self.port), ("max_loras", self.max_loras), ("max_batch_size", self.max_batch_size),
+        for name, value in (("max_loras", self.max_loras), ("max_batch_size", self.max_batch_size),
+                            ("max_runtime_adapters", self.max_runtime_adapters),
                             ("max_body_bytes", self.max_body_bytes),
                             ("max_concurrent_requests", self.max_concurrent_requests), ("max_n", self.max_n)):
-            if not isinstance(value, int) or value < (0 if name == "port" else 1):
+            if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535 (0: any free port), got {self.port!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.allow_runtime_adapters and not self.adapter_dirs:

@@ -101,10 +101,12 @@ class EngineWorker:
                 self.steps += 1
             except Exception as err:  # keep serving; every in-flight request learns it failed
                 log.exception("engine step failed")
-                for request_id in self.engine.abort_all():
-                    sub = self._sinks.pop(request_id, None)
-                    if sub is not None:
-                        self._deliver(sub, EngineFailed(f"the engine failed: {type(err).__name__}: {err}"))
+                self.engine.abort_all()
+                # Every submission this thread holds, not only the ids the engine still lists: a request caught
+                # between `waiting` and `running` when the step raised would otherwise wait forever.
+                failed, self._sinks = self._sinks, {}
+                for sub in failed.values():
+                    self._deliver(sub, EngineFailed(f"the engine failed: {type(err).__name__}: {err}"))
                 continue
             for out in outputs:
                 sub = self._sinks.get(out.request_id)

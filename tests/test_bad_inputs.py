@@ -138,6 +138,44 @@ def test_bad_input_is_one_clear_line(case, command, setup, extra, fragment, tiny
     assert _snapshot(tmp_path / "out") == before  # nothing written, nothing removed
 
 
+def _yaml_duplicate(tmp: Path) -> None:
+    (tmp / "dup.yaml").write_text("learning_rate: 1.0e-4\nlearning_rate: 1.0\n")
+
+
+def _yaml_nul_path(tmp: Path) -> None:
+    (tmp / "nul.yaml").write_text('dataset: "data\\0.jsonl"\n')
+
+
+# Commands whose whole argv a case gives ({model}, {tmp}, {good} filled in); nothing may appear under {tmp}/out.
+ARGV_CASES = [
+    ("yaml-duplicate-key", _yaml_duplicate, ["sft", "{tmp}/dup.yaml", "model_name_or_path={model}", "dataset={good}",
+                                             "output_dir={tmp}/out"], "key 'learning_rate' is given twice"),
+    ("yaml-nul-in-path", _yaml_nul_path, ["sft", "{tmp}/nul.yaml", "model_name_or_path={model}",
+                                          "output_dir={tmp}/out"], "contains a NUL byte"),
+    ("path-too-long", None, ["sft", "model_name_or_path={model}", "dataset={good}", "output_dir={tmp}/" + "o" * 300],
+     "too long for a path"),
+    ("score-a-causal-lm", None, ["score", "{model}", "{good}", "--output", "{tmp}/out"], "not a reward model"),
+    ("preview-index-past-the-end", None, ["data", "preview", "model_name_or_path={model}", "dataset={good}",
+                                          "--index", "50"], "the data has only 8 usable rows"),
+    ("preview-negative-index", None, ["data", "preview", "model_name_or_path={model}", "dataset={good}",
+                                      "--index", "-1"], "rows count from 0"),
+    ("init-model-into-a-file", lambda t: (t / "file").write_text("x"), ["init-model", "{tmp}/file"],
+     "not an empty folder"),
+]
+
+
+@pytest.mark.parametrize("case, setup, argv, fragment", ARGV_CASES, ids=[c[0] for c in ARGV_CASES])
+def test_bad_command_line_is_one_clear_line(case, setup, argv, fragment, tiny_model_dir, tmp_path, capsys):
+    if setup is not None:
+        setup(tmp_path)
+    good = _good(tmp_path / "good.jsonl")
+    assert main([a.format(tmp=tmp_path, model=tiny_model_dir, good=good) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_init_model_refuses_a_folder_that_holds_anything(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"mine": true}')

@@ -159,18 +159,26 @@ def cmd_serve(a) -> None:
 
 def cmd_data_preview(a) -> None:
     from posttrain.config import load_config
+    from posttrain.errors import ConfigError
     from posttrain.data.chat import preview
     from posttrain.data.formats import DatasetSpec, load_conversations
     from posttrain.data.chat import ChatRenderer
     from posttrain.model.loading import load_tokenizer
 
-    config = load_config("sft", a.config, a.overrides)
+    from posttrain.errors import DataError
+
+    if a.index < 0:
+        raise ConfigError(f"--index {a.index}: rows count from 0")
+    config = load_config("sft", a.config, a.overrides, defaults={"output_dir": "."})  # a preview writes nothing
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history)
     specs = [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
              for e in config.dataset_entries()]
     convs, report = load_conversations(specs, config.on_bad_rows, config.seed, max_samples=a.index + 1)
-    conv = convs[min(a.index, len(convs) - 1)]
+    if a.index >= len(convs):
+        raise DataError(f"--index {a.index}: the data has only {len(convs)} usable rows (--index counts from 0)",
+                        ", ".join(s.path for s in specs))
+    conv = convs[a.index]
     sample = renderer.tokenize(conv)
     color = sys.stdout.isatty() and not a.no_color
     print(f"--- {conv.source}: {len(sample.input_ids)} tokens, {sample.num_trained} trained "

@@ -445,27 +445,75 @@ def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+# Keys that name files or folders: checked for what the OS cannot take, before anything opens them.
+PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "output_dir", "export_dir", "template", "ref_model",
+             "ref_cache_dir", "reward_model", "critic_model", "resume_from_checkpoint")
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+
+
+def check_path_value(key: str, value: str) -> None:
+    if "\0" in value:
+        raise ConfigError(f"{key}: {value!r} contains a NUL byte; no file name can")
+    encoded = value.encode("utf-8", "surrogateescape")
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if len(encoded) > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
+        raise ConfigError(f"{key}: {value[:60]!r}... is too long for a path ({len(encoded)} bytes, a name of "
+                          f"{longest}; the limits are {MAX_PATH_BYTES} and {MAX_NAME_BYTES})")
+
+
+def _check_paths(config: BaseModel) -> None:
+    for key in PATH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, str):
+            check_path_value(key, value)
+    if isinstance(config, DataArgs):
+        for which in ("dataset", "eval_dataset"):
+            for entry in config.dataset_entries(which):
+                check_path_value(which, entry.path)
+
+
 def build_config(cls: type[BaseModel], raw: dict[str, Any]):
     raw = _apply_aliases(raw)
     try:
-        return cls.model_validate(raw)
+        config = cls.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, cls)) from None
+    _check_paths(config)
+    return config
 
 
-def load_config(stage: str, path: str | None, overrides: list[str] | None = None):
-    """Read YAML (optional) + overrides into the stage's typed config."""
-    raw: dict[str, Any] = {}
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(stage: str, path: str | None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None):
+    """Read YAML (optional) + overrides into the stage's typed config; `defaults` fill keys neither sets."""
+    raw: dict[str, Any] = dict(defaults or {})
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path!r} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot be read ({err})") from None
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        raw.update(loaded)
     raw.update(parse_overrides(overrides or []))
     file_stage = raw.pop("stage", stage)
     if file_stage != stage:

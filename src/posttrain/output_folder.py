@@ -50,8 +50,6 @@ def check_output_folder(path: str, *, key: str, marker: str, overwrite: bool, re
     `inputs` pairs config keys with the paths the run reads (model, adapter, data): the output may not
     be one of them, nor hold one, since clearing it or saving into it would destroy what is read."""
     out = Path(path).expanduser()
-    if "\0" in path:
-        raise ConfigError(f"{key}: {path!r} contains a NUL byte")
     if out.is_file() or (out.exists() and not out.is_dir()):
         raise ConfigError(f"{key}: {path!r} is a file; choose a folder (it is created if missing)")
     for what, given in inputs:

@@ -25,7 +25,7 @@ from posttrain.data.preference import load_preferences
 from posttrain.data.sources import RawRow, read_rows
 from posttrain.errors import DataError
 from posttrain.model.loading import load_tokenizer, pick_device
-from posttrain.model.reward import load_reward_model, reward_stats
+from posttrain.model.reward import check_is_reward_model, load_reward_model, reward_stats
 from posttrain.train.rm import score_sequences
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def trained_settings(model_path: str) -> dict:
 
 def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,
               batch_size: int = 16, cutoff_len: int | None = None, trust_remote_code: bool = False) -> dict:
+    check_is_reward_model(model_path)
     trained = trained_settings(model_path)
     template = template or trained.get("template")
     cutoff_len = cutoff_len or trained.get("cutoff_len", 4096)

@@ -61,6 +61,19 @@ def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_c
     return model
 
 
+def check_is_reward_model(name_or_path: str) -> None:
+    """Scoring with a causal-LM folder would put a new, random head on it and report noise as rewards."""
+    path = resolve_model_path(name_or_path)
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError(f"{name_or_path}: config.json is not a readable JSON object") from None
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        shown = ", ".join(map(str, architectures)) or "not recorded"
+        raise ConfigError(f"{name_or_path}: not a reward model (its architecture is {shown}, with no scalar "
+                          "head); train one with `posttrain rm` and score with that folder")
+
+
 def _is_classifier(config) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
 

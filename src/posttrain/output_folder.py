@@ -65,7 +65,9 @@ def check_output_folder(path: str, *, key: str, marker: str, overwrite: bool, re
     if not entries:
         return
     foreign = [n for n in entries if not is_own(n)]
-    if marker not in entries or foreign:
+    # Checkpoints alone (copied or moved from another run) are resumed from, when asked to.
+    only_checkpoints = all(fnmatch.fnmatchcase(n, "checkpoint-[0-9]*") for n in entries)
+    if (marker not in entries and not (resume and only_checkpoints)) or foreign:
         shown = ", ".join(repr(n) for n in (foreign or entries)[:3])
         raise ConfigError(f"{key}: {path!r} is not empty and holds files posttrain did not write ({shown}); "
                           f"posttrain never deletes or mixes into such a folder: choose a new or empty {key}")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
+from inference_fixtures import one_torch_thread  # noqa: F401  (autouse: tiny models run single-threaded)
 from safetensors.torch import load_file
+
+from posttrain.cli import main
 
 from conftest import sft_overrides
 from child_env import child_env
@@ -52,3 +57,93 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, task_data, tm
     assert steps == list(range(5, 61, 5))
     # Only the newest save_total_limit checkpoints are kept.
     assert len([p for p in killed.iterdir() if p.name.startswith("checkpoint-")]) <= 2
+
+
+# -- every mode: the same seed gives the same weights, and a resumed run ends where the straight one did --
+
+def _pairs(root):
+    from posttrain.data.synthetic import preference_pairs, split_task, write_jsonl
+
+    train, _ = split_task(16, 0, seed=3)
+    return write_jsonl(preference_pairs(train, seed=0), root / "pairs.jsonl")
+
+
+def _prompts(root):
+    from posttrain.data.synthetic import split_task, write_jsonl
+
+    train, _ = split_task(16, 0, seed=7)
+    return write_jsonl([{"prompt": r["messages"][0]["content"]} for r in train], root / "prompts.jsonl")
+
+
+LORA = dict(finetuning_type="lora", lora_rank=4, lora_dropout=0.1)
+RL = dict(reward_funcs="[format:1.*]", max_completion_length=4, rollout_batch_size=2, num_generations=2)
+# mode: (command, its data, its settings). Each run is 4 optimizer steps with a checkpoint after step 2.
+MODES = {
+    "full": ("sft", "sft", {}),
+    "lora": ("sft", "sft", LORA),
+    "pissa": ("sft", "sft", dict(LORA, pissa_init=True, pissa_iter=2)),
+    "prompt_tuning": ("sft", "sft", dict(finetuning_type="prompt_tuning", num_virtual_tokens=2)),
+    "dpo_lora": ("dpo", "pairs", LORA),
+    "rm": ("rm", "pairs", {}),
+    "ppo": ("ppo", "prompts", dict(RL, per_device_train_batch_size=2, ppo_epochs=2, critic_learning_rate=1e-3)),
+    "grpo": ("grpo", "prompts", dict(RL, per_device_train_batch_size=4)),
+}
+
+
+@pytest.fixture(scope="module")
+def mode_data(task_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("modes")
+    return {"sft": task_data, "pairs": _pairs(root), "prompts": _prompts(root)}
+
+
+def _run_mode(mode, model_dir, data, out, **extra):
+    command, which, settings = MODES[mode]
+    args = dict(model_name_or_path=model_dir, dataset=data[which], output_dir=out, learning_rate=1e-3,
+                per_device_train_batch_size=4, max_steps=4, save_steps=2, logging_steps=1, cutoff_len=48,
+                disable_tqdm=True, plot_loss=False, lr_scheduler_type="cosine", seed=3)
+    args.update(settings)
+    if command == "dpo":
+        args["ref_cache_dir"] = out.parent / "ref-cache"
+    args.update(extra)
+    assert main([command, *[f"{k}={v}" for k, v in args.items()]]) == 0
+    return _weights(out)
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return {f"{f.name}/{k}": v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a and a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tiny_model_dir, mode_data, tmp_path_factory):
+    """One uninterrupted run per mode, made on first use and shared by the tests below."""
+    root, done = tmp_path_factory.mktemp("straight"), {}
+
+    def get(mode):
+        if mode not in done:
+            torch.manual_seed(1234)  # whatever state the RNG is left in before a run, the seed must decide
+            done[mode] = root / mode, _run_mode(mode, tiny_model_dir, mode_data, root / mode)
+        return done[mode]
+    return get
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_same_config_twice_gives_the_same_weights(mode, straight_runs, tiny_model_dir, mode_data, tmp_path):
+    _, first = straight_runs(mode)
+    torch.manual_seed(98765)  # another RNG state before the run, as a new process would have
+    _assert_same(first, _run_mode(mode, tiny_model_dir, mode_data, tmp_path / "again"))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(mode, straight_runs, tiny_model_dir, mode_data,
+                                                                    tmp_path):
+    out, straight = straight_runs(mode)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")  # as if killed after step 2's checkpoint
+    torch.manual_seed(98765)
+    _assert_same(straight, _run_mode(mode, tiny_model_dir, mode_data, resumed, resume_from_checkpoint="auto"))

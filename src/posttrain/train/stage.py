@@ -27,7 +27,7 @@ from posttrain.model.adapters import (
 from posttrain.model.loading import load_model, load_tokenizer, pick_device
 from posttrain.train import distributed as dist
 from posttrain.train.logps import fill_reference
-from posttrain.train.loop import Trainer, TrainResult
+from posttrain.train.loop import Trainer, TrainResult, seed_everything
 from posttrain.train.metrics import check_tracker
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,12 @@ def check_output_dir(config) -> None:
 
 
 def begin(config) -> torch.device:
-    """Device and process group, and the checks that need nothing loaded."""
+    """Device and process group, the seed, and the checks that need nothing loaded."""
     device = pick_device(config.device)
     dist.init(device)
+    # Before any model is built or adapted: new heads, LoRA A, soft prompts and PiSSA's randomized SVD all draw
+    # from torch's RNG, so the same config gives the same weights, and a resumed run the same frozen PiSSA base.
+    seed_everything(config.seed)
     check_tracker(config.report_to)
     check_output_dir(config)
     if config.fp16 and device.type == "cpu":

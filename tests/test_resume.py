@@ -1,12 +1,18 @@
-"""A run killed with SIGKILL mid-training and resumed ends with the same weights as one never stopped."""
+"""A run killed with SIGKILL mid-training and resumed ends with the same weights as one never stopped; in
+every mode (SFT full / LoRA / PiSSA / prompt tuning, DPO, RM, PPO, GRPO) the same seed gives the same weights
+and a run resumed from its checkpoint ends where the straight one did; a broken newest checkpoint is skipped,
+a named one refused; leftovers of killed runs are removed; checkpoints reach the disk before they count."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -96,7 +102,7 @@ def mode_data(task_data, tmp_path_factory):
     return {"sft": task_data, "pairs": _pairs(root), "prompts": _prompts(root)}
 
 
-def _run_mode(mode, model_dir, data, out, **extra):
+def _mode_args(mode, model_dir, data, out, **extra) -> dict:
     command, which, settings = MODES[mode]
     args = dict(model_name_or_path=model_dir, dataset=data[which], output_dir=out, learning_rate=1e-3,
                 per_device_train_batch_size=4, max_steps=4, save_steps=2, logging_steps=1, cutoff_len=48,
@@ -105,8 +111,16 @@ def _run_mode(mode, model_dir, data, out, **extra):
     if command == "dpo":
         args["ref_cache_dir"] = out.parent / "ref-cache"
     args.update(extra)
-    assert main([command, *[f"{k}={v}" for k, v in args.items()]]) == 0
+    return args
+
+
+def _run_mode(mode, model_dir, data, out, **extra):
+    assert main([MODES[mode][0], *_overrides(_mode_args(mode, model_dir, data, out, **extra))]) == 0
     return _weights(out)
+
+
+def _overrides(args: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in args.items()]
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
@@ -141,9 +155,99 @@ def test_the_same_config_twice_gives_the_same_weights(mode, straight_runs, tiny_
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(mode, straight_runs, tiny_model_dir, mode_data,
-                                                                    tmp_path):
+                                                                    tmp_path, caplog):
     out, straight = straight_runs(mode)
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")  # as if killed after step 2's checkpoint
     torch.manual_seed(98765)
-    _assert_same(straight, _run_mode(mode, tiny_model_dir, mode_data, resumed, resume_from_checkpoint="auto"))
+    with caplog.at_level(logging.INFO):
+        _assert_same(straight, _run_mode(mode, tiny_model_dir, mode_data, resumed, resume_from_checkpoint="auto"))
+    assert f"resumed from {resumed / 'checkpoint-2'} (step 2 of 4)" in caplog.text
+
+
+# -- broken checkpoints and leftovers of killed runs -------------------------------------------------
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BREAKS = {
+    "model.safetensors is unreadable": lambda c: _truncate(c / "model.safetensors"),
+    "trainer_state.json is not valid JSON": lambda c: (c / "trainer_state.json").write_text('{"step": 3, "epo'),
+    "optimizer.pt is missing": lambda c: (c / "optimizer.pt").unlink(),
+    "rng.pt is cut short": lambda c: _truncate(c / "rng.pt"),
+}
+
+
+@pytest.mark.parametrize("problem", list(BREAKS))
+def test_auto_resume_skips_a_broken_newest_checkpoint_and_says_why(problem, straight_runs, tiny_model_dir, mode_data,
+                                                                   tmp_path, caplog):
+    out, straight = straight_runs("full")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    broken = resumed / "checkpoint-3"  # a newer one, damaged (a crash before its files reached the disk)
+    shutil.copytree(out / "checkpoint-2", broken)
+    BREAKS[problem](broken)
+    with caplog.at_level(logging.INFO):
+        _assert_same(straight, _run_mode("full", tiny_model_dir, mode_data, resumed, resume_from_checkpoint="auto"))
+    assert f"skips {broken}: {problem}" in caplog.text
+    assert f"resumed from {resumed / 'checkpoint-2'} (step 2 of 4)" in caplog.text
+
+
+def test_a_named_broken_checkpoint_is_a_clear_error(straight_runs, tiny_model_dir, mode_data, tmp_path, capsys):
+    out, _ = straight_runs("full")
+    broken = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", broken)
+    _truncate(broken / "model.safetensors")
+    code = main(["sft", f"model_name_or_path={tiny_model_dir}", f"dataset={mode_data['sft']}", "max_steps=4",
+                 f"output_dir={tmp_path / 'out'}", f"resume_from_checkpoint={broken}", "disable_tqdm=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"error: resume_from_checkpoint: '{broken}' is not a whole checkpoint: model.safetensors is unreadable" \
+        in err
+
+
+def test_leftovers_of_killed_runs_are_removed_and_nothing_else(straight_runs, tiny_model_dir, mode_data, tmp_path):
+    out, _ = straight_runs("full")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    leftovers = [".tmp-checkpoint-4-77", ".tmp-final-77", ".pissa-init-77/pissa_init"]
+    kept = [".tmp-final-notes", "tmp-final-77", ".pissa-init-mine", "notes"]  # names posttrain does not write
+    for name in leftovers + kept:
+        (resumed / name).mkdir(parents=True)
+        (resumed / name / "file").write_text("x")
+    _run_mode("full", tiny_model_dir, mode_data, resumed, resume_from_checkpoint="auto")
+    assert not any((resumed / n).exists() for n in leftovers)
+    assert all((resumed / n / "file").is_file() for n in kept)
+
+
+def test_pissa_keeps_its_initial_adapter_in_the_output_folder_and_removes_it(straight_runs, tiny_model_dir,
+                                                                            mode_data, tmp_path, monkeypatch):
+    out, _ = straight_runs("pissa")
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "checkpoint-2", broken)
+    (broken / "optimizer.pt").unlink()
+    run = tmp_path / "run"
+    args = _mode_args("pissa", tiny_model_dir, mode_data, run, resume_from_checkpoint=broken)
+    assert main(["sft", *_overrides(args)]) == 2  # stops after the initial adapter was written
+    assert not list(system_tmp.iterdir()) and not list(run.glob(".pissa-init-*"))
+
+
+def test_checkpoints_and_the_final_model_are_flushed_to_disk(tiny_model_dir, task_data, tmp_path, monkeypatch):
+    flushed = []
+    real_fsync = os.fsync
+
+    def fsync(fd):  # which file or folder each fsync flushed
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=2, save_steps=1)]) == 0
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"):
+        assert any(f.startswith(str(out / ".tmp-checkpoint-1-")) and f.endswith(name) for f in flushed), name
+    assert any(f.startswith(str(out / ".tmp-final-")) and f.endswith("model.safetensors") for f in flushed)
+    assert flushed.count(str(out)) >= 2  # the folder holding the renamed checkpoint, and the final files

@@ -23,7 +23,7 @@ from posttrain.data.preference import load_kto_records, load_preferences, unpair
 from posttrain.data.schema import Preference
 from posttrain.errors import ConfigError
 from posttrain.model.adapters import (
-    apply_finetuning, check_finetuning, save_pissa_initial, save_trained, trainable_summary)
+    apply_finetuning, check_finetuning, remove_pissa_initial, save_pissa_initial, save_trained, trainable_summary)
 from posttrain.model.loading import load_model, load_tokenizer, pick_device
 from posttrain.train import distributed as dist
 from posttrain.train.logps import fill_reference
@@ -86,8 +86,6 @@ def save_model(model, tokenizer, config, folder: Path, pissa_initial: Path | Non
     save_trained(model, folder, config, pissa_initial)
     tokenizer.save_pretrained(folder)
     save_config(config, folder / "posttrain_config.yaml")
-    if pissa_initial is not None:
-        shutil.rmtree(pissa_initial, ignore_errors=True)
 
 
 def _specs(config, which: str) -> list[DatasetSpec]:
@@ -160,7 +158,7 @@ def run_trainer(config, model, tokenizer, objective: nn.Module, train: list, eva
     after every check), PiSSA's initial adapter kept for the save, the Trainer, and the model,
     tokenizer and config saved into the folder when training ends."""
     open_output_dir(config)
-    pissa_initial = save_pissa_initial(model) if dist.is_main() else None
+    pissa_initial = save_pissa_initial(model, config.output_dir) if dist.is_main() else None
     dist.barrier()
 
     def save_final(folder: Path) -> None:
@@ -169,7 +167,10 @@ def run_trainer(config, model, tokenizer, objective: nn.Module, train: list, eva
     trainer = Trainer(config, objective, train_examples=train, eval_examples=evals, collate=collate, count=count,
                       save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
                       summary=summary)
-    return trainer.train()
+    try:
+        return trainer.train()
+    finally:  # also when training stops on an error: no temp folder outlives the run
+        remove_pissa_initial(pissa_initial)
 
 
 def run_preference_stage(config, load_samples, objective_class, collate, count, reference: bool = True

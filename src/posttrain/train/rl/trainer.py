@@ -262,6 +262,8 @@ class RLTrainer:
     def resume(self, trained: nn.Module, optimizers: _Together, schedulers: _Together, total: int) -> int:
         """Load `resume_from_checkpoint` (if set and found) into the models, optimizers and schedulers;
         returns the number of steps already done (0 for a fresh run)."""
+        if dist.is_main():
+            checkpoint.remove_leftovers(self.output_dir)
         path = checkpoint.resolve_resume(self.c.resume_from_checkpoint, self.output_dir)
         if path is None:
             return 0

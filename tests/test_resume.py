@@ -165,6 +165,18 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(mode, straig
     assert f"resumed from {resumed / 'checkpoint-2'} (step 2 of 4)" in caplog.text
 
 
+def test_pissa_resumed_in_a_new_process_ends_with_the_weights_of_the_uninterrupted_run(straight_runs, tiny_model_dir,
+                                                                                    mode_data, tmp_path):
+    """A new process starts with another RNG state: the randomized SVD that splits PiSSA's frozen residual
+    base off the weights must still give the base the checkpointed adapter was trained on."""
+    out, straight = straight_runs("pissa")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    args = _mode_args("pissa", tiny_model_dir, mode_data, resumed, resume_from_checkpoint="auto")
+    subprocess.run(_cmd(_overrides(args)), env=_env(), check=True, capture_output=True)
+    _assert_same(straight, _weights(resumed))
+
+
 # -- broken checkpoints and leftovers of killed runs -------------------------------------------------
 
 def _truncate(path):

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
+FILES = ("model.safetensors", *TORCH_FILES, STATE_FILE)
 # The temp folders a run writes into its output folder (`_atomic_dir`, loop.write_final, adapters.save_pissa_initial),
 # each ending in the writing process's id; a killed run leaves them behind.
 LEFTOVER = re.compile(r"\.tmp-(checkpoint-\d+|final)-\d+|\.pissa-init-\d+")
@@ -101,7 +102,7 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from (a file missing, cut short or unreadable), or
     None. Reads headers only: a truncated safetensors file no longer covers its header's offsets, and
     a truncated torch file (a zip archive) has lost its directory, which is at the end."""
-    for name in ("model.safetensors", *TORCH_FILES, STATE_FILE):
+    for name in FILES:
         if not (path / name).is_file():
             return f"{name} is missing"
     try:
@@ -166,8 +167,9 @@ def _find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
     if resume == "auto":
         return _newest_whole(output_dir)
     path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder (no {STATE_FILE})")
+    if not path.is_dir() or not any((path / name).exists() for name in FILES):
+        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder (it holds none of "
+                          f"{', '.join(FILES)}); name a {PREFIX}N folder or use auto")
     problem = checkpoint_problem(path)
     if problem:
         raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a whole checkpoint: {problem}; name an "

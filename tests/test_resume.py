@@ -263,3 +263,17 @@ def test_checkpoints_and_the_final_model_are_flushed_to_disk(tiny_model_dir, tas
         assert any(f.startswith(str(out / ".tmp-checkpoint-1-")) and f.endswith(name) for f in flushed), name
     assert any(f.startswith(str(out / ".tmp-final-")) and f.endswith("model.safetensors") for f in flushed)
     assert flushed.count(str(out)) >= 2  # the folder holding the renamed checkpoint, and the final files
+
+
+def test_a_broken_checkpoint_above_the_run_does_not_push_its_checkpoints_out(tmp_path):
+    from posttrain.train import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    (tmp_path / "checkpoint-9").mkdir()  # a stopped run's newest, broken: resumed from an older one
+    for step in (2, 4):
+        checkpoint.save_checkpoint(tmp_path, step, model_state=dict(model.named_parameters()), optimizer=optimizer,
+                                   scheduler=scheduler, trainer_state={}, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-9"]
+    assert checkpoint.resolve_resume("auto", tmp_path) == tmp_path / "checkpoint-4"

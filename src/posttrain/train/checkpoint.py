@@ -1,10 +1,11 @@
 """Atomic checkpoints and resume.
 
 A checkpoint folder is written under a temporary name and renamed into place, so a run killed at
-any moment leaves either a whole checkpoint or none; its files and folders are fsync'd around the rename,
-so a power loss does not leave a renamed folder with empty files either. It holds the model weights (safetensors), the
-objective's own running statistics (e.g. BCO's reward mean), the optimizer and scheduler state, the
-RNG states and the data position, so a resumed run continues exactly where the killed one stopped.
+any moment leaves either a whole checkpoint or none; its files and folders are fsync'd around the
+rename, so a power loss does not leave a renamed folder with empty files either. It holds the model
+weights (safetensors), the objective's own running statistics (e.g. BCO's reward mean), the optimizer
+and scheduler state, the RNG states and the data position, so a resumed run continues exactly where
+the killed one stopped. Resuming with `auto` skips a newest checkpoint that is broken all the same.
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     if not out.is_dir():
         return []
     found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=_step)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(PREFIX):])
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -144,7 +149,10 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict[str,
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     _commit_dir(tmp, final)
     if keep:
-        for old in list_checkpoints(output_dir)[:-keep]:
+        # Only older ones make way: those above `step` are a stopped run's, replaced as this run reaches them,
+        # and one of them broken must not push out the checkpoints this run can resume from.
+        older = [p for p in list_checkpoints(output_dir) if _step(p) < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -178,7 +186,8 @@ def _find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
 
 
 def _newest_whole(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint in output_dir that can be resumed from; each newer broken one is skipped, saying why."""
+    """The newest checkpoint in output_dir that can be resumed from; each newer, broken one is skipped with
+    a warning that says why."""
     found = list_checkpoints(output_dir)
     for path in reversed(found):
         problem = checkpoint_problem(path)
@@ -186,7 +195,8 @@ def _newest_whole(output_dir: str | Path) -> Path | None:
             return path
         log.warning("resume_from_checkpoint: auto skips %s: %s; trying an older checkpoint", path, problem)
     if found:
-        log.warning("resume_from_checkpoint: auto found no whole checkpoint in %s; training from the start", output_dir)
+        log.warning("resume_from_checkpoint: auto found no whole checkpoint in %s; training from the start",
+                    output_dir)
     return None
 
 
@@ -203,7 +213,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.de
         optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
         scheduler_state = torch.load(path / "scheduler.pt", weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+    except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         raise ConfigError(f"{path}: checkpoint is unreadable ({err}); resume from an older one") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Checkpoints hold the trainable parameters and the objective's statistics; every one must come back.

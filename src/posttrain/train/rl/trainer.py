@@ -262,8 +262,6 @@ class RLTrainer:
     def resume(self, trained: nn.Module, optimizers: _Together, schedulers: _Together, total: int) -> int:
         """Load `resume_from_checkpoint` (if set and found) into the models, optimizers and schedulers;
         returns the number of steps already done (0 for a fresh run)."""
-        if dist.is_main():
-            checkpoint.remove_leftovers(self.output_dir)
         path = checkpoint.resolve_resume(self.c.resume_from_checkpoint, self.output_dir)
         if path is None:
             return 0
@@ -296,6 +294,8 @@ class RLTrainer:
         # step (its prompts, its samples' seeds, the update's shuffles) follows from the seed and the step.
         trained = nn.ModuleDict({"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})})
         both_optimizers, both_schedulers = _Together(optimizers), _Together(schedulers)
+        if dist.is_main():
+            checkpoint.remove_leftovers(self.output_dir)
         done = self.resume(trained, both_optimizers, both_schedulers, total)
         logger = MetricsLogger(self.output_dir, c.report_to, c.model_dump(mode="json"), resume_step=done) \
             if dist.is_main() else None

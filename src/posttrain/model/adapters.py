@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import re
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -326,12 +327,21 @@ def _set_base_path(folder: Path, base: str) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def save_pissa_initial(model: nn.Module) -> Path | None:
-    """Before training, keep a PiSSA adapter's initial A/B (in a temp folder: PEFT loads it back under
-    its folder's name, which must be a plain identifier) so the final save can convert it."""
+def save_pissa_initial(model: nn.Module, output_dir: str | Path) -> Path | None:
+    """Before training, keep a PiSSA adapter's initial A/B so the final save can convert it: in
+    `output_dir`/.pissa-init-<pid>/pissa_init (PEFT loads it back under its folder's name, which must be a
+    plain identifier), where the next run's checkpoint.remove_leftovers finds it if this one is killed."""
     init = getattr(getattr(model, "active_peft_config", None), "init_lora_weights", None)
     if not (isinstance(init, str) and init.startswith("pissa")):
         return None
-    folder = Path(tempfile.mkdtemp(prefix="pissa_init_"))
-    model.save_pretrained(folder)
-    return folder
+    holder = Path(output_dir) / f".pissa-init-{os.getpid()}"
+    if holder.exists():  # a killed run's, under the same process id
+        shutil.rmtree(holder)
+    model.save_pretrained(holder / "pissa_init")
+    return holder / "pissa_init"
+
+
+def remove_pissa_initial(folder: Path | None) -> None:
+    """The folder `save_pissa_initial` made, removed once the run is over."""
+    if folder is not None:
+        shutil.rmtree(folder.parent, ignore_errors=True)

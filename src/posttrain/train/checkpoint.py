@@ -1,28 +1,41 @@
 """Atomic checkpoints and resume.
 
 A checkpoint folder is written under a temporary name and renamed into place, so a run killed at
-any moment leaves either a whole checkpoint or none. It holds the model weights (safetensors), the
-objective's own running statistics (e.g. BCO's reward mean), the optimizer and scheduler state, the
-RNG states and the data position, so a resumed run continues exactly where the killed one stopped.
+any moment leaves either a whole checkpoint or none; its files and folders are fsync'd around the
+rename, so a power loss does not leave a renamed folder with empty files either. It holds the model
+weights (safetensors), the objective's own running statistics (e.g. BCO's reward mean), the optimizer
+and scheduler state, the RNG states and the data position, so a resumed run continues exactly where
+the killed one stopped. Resuming with `auto` skips a newest checkpoint that is broken all the same.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import ConfigError
 from posttrain.train import distributed as dist
 
+log = logging.getLogger(__name__)
+
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
+FILES = ("model.safetensors", *TORCH_FILES, STATE_FILE)
+# The temp folders a run writes into its output folder (`_atomic_dir`, loop.write_final, adapters.save_pissa_initial),
+# each ending in the writing process's id; a killed run leaves them behind.
+LEFTOVER = re.compile(r"\.tmp-(checkpoint-\d+|final)-\d+|\.pissa-init-\d+")
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -34,18 +47,86 @@ def _atomic_dir(final: Path) -> Path:
 
 
 def _commit_dir(tmp: Path, final: Path) -> None:
+    fsync_tree(tmp)  # the data on disk before the name: a rename that outlives a crash finds whole files
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(final.parent)  # and the rename itself
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, then each folder, flushed to disk."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    """A folder's entries (names created, renamed or removed in it) flushed to disk. POSIX only: Windows
+    cannot open a folder, and flushes its entries with the files."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(output_dir: str | Path) -> None:
+    """The temp folders killed runs left in output_dir: only names posttrain writes, and none of this
+    process's own (PiSSA's initial adapter is written before the run starts training)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        if LEFTOVER.fullmatch(path.name) and path.is_dir() and not path.is_symlink() \
+                and not path.name.endswith(f"-{os.getpid()}"):
+            log.info("removing %s, left behind by a run that was stopped", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Every checkpoint folder in output_dir, oldest first, whole or not (`checkpoint_problem` tells)."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name)
-             and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name)]
+    return sorted(found, key=_step)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(PREFIX):])
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (a file missing, cut short or unreadable), or
+    None. Reads headers only: a truncated safetensors file no longer covers its header's offsets, and
+    a truncated torch file (a zip archive) has lost its directory, which is at the end."""
+    for name in FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{STATE_FILE} is not valid JSON ({err})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "python_rng" not in state:
+        return f"{STATE_FILE} has no step or RNG state"
+    try:
+        with safe_open(path / "model.safetensors", framework="pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        return f"model.safetensors is unreadable ({err})"
+    for name in TORCH_FILES:
+        try:
+            zipfile.ZipFile(path / name).close()
+        except (OSError, zipfile.BadZipFile) as err:
+            return f"{name} is cut short or unreadable ({err})"
+    return None
 
 
 def rng_state() -> dict:
@@ -68,7 +149,10 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict[str,
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     _commit_dir(tmp, final)
     if keep:
-        for old in list_checkpoints(output_dir)[:-keep]:
+        # Only older ones make way: those above `step` are a stopped run's, replaced as this run reaches them,
+        # and one of them broken must not push out the checkpoints this run can resume from.
+        older = [p for p in list_checkpoints(output_dir) if _step(p) < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -89,12 +173,31 @@ def _find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        return _newest_whole(output_dir)
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder (no {STATE_FILE})")
+    if not path.is_dir() or not any((path / name).exists() for name in FILES):
+        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder (it holds none of "
+                          f"{', '.join(FILES)}); name a {PREFIX}N folder or use auto")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a whole checkpoint: {problem}; name an "
+                          "older checkpoint, or use resume_from_checkpoint: auto (the newest whole one)")
     return path
+
+
+def _newest_whole(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint in output_dir that can be resumed from; each newer, broken one is skipped with
+    a warning that says why."""
+    found = list_checkpoints(output_dir)
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("resume_from_checkpoint: auto skips %s: %s; trying an older checkpoint", path, problem)
+    if found:
+        log.warning("resume_from_checkpoint: auto found no whole checkpoint in %s; training from the start",
+                    output_dir)
+    return None
 
 
 def own_buffers(module) -> dict[str, torch.Tensor]:
@@ -104,8 +207,14 @@ def own_buffers(module) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.device) -> dict:
-    state = json.loads((path / STATE_FILE).read_text())
-    weights = load_file(path / "model.safetensors", device=str(device))
+    try:  # `checkpoint_problem` reads headers only; damage inside a file shows here
+        state = json.loads((path / STATE_FILE).read_text())
+        weights = load_file(path / "model.safetensors", device=str(device))
+        optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        scheduler_state = torch.load(path / "scheduler.pt", weights_only=True)
+        rng = torch.load(path / "rng.pt", weights_only=True)
+    except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+        raise ConfigError(f"{path}: checkpoint is unreadable ({err}); resume from an older one") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Checkpoints hold the trainable parameters and the objective's statistics; every one must come back.
     required = {k for k, p in model.named_parameters() if p.requires_grad} | set(own_buffers(model))
@@ -113,9 +222,8 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.de
     if unexpected or missing:
         raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -21,6 +21,7 @@ persistent buffers (not its model's) are such statistics: checkpoints save and r
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -41,6 +42,8 @@ from posttrain.train.divergence import DivergenceWatch, check_finite_weights
 from posttrain.errors import ConfigError
 from posttrain.model.adapters import model_bytes, optimizer_groups
 from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -254,6 +257,8 @@ class Trainer:
         total_steps = self.total_steps()
         scheduler = build_scheduler(optimizer, args, total_steps)
         step = 0
+        if dist.is_main():
+            checkpoint.remove_leftovers(self.output_dir)
         resume = checkpoint.resolve_resume(args.resume_from_checkpoint, self.output_dir)
         if resume is not None:
             state = checkpoint.load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -263,6 +268,8 @@ class Trainer:
                 raise ConfigError(f"{resume}: the checkpoint was written with another data size or global batch "
                                   f"({state['steps_per_epoch']} steps per epoch, now {len(self.epoch_plan(0))}); "
                                   "resume with the same data, batch size, accumulation and process count")
+            if dist.is_main():
+                log.info("resumed from %s (step %d of %d)", resume, step, total_steps)
         module = model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -360,7 +367,9 @@ def write_final(output_dir: Path, save_final: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_final(tmp)
+    checkpoint.fsync_tree(tmp)  # on disk before any name moves: a crash leaves no empty model file in place
     files = sorted(tmp.iterdir(), key=lambda p: p.name in ("config.json", "adapter_config.json"))
     for f in files:
         os.replace(f, output_dir / f.name)
     tmp.rmdir()
+    checkpoint.fsync_dir(output_dir)

@@ -38,7 +38,7 @@ from posttrain.model.reward import (
     language_model_head, last_hidden_states, load_reward_model, reward_head, rewards_from_hidden, sequence_rewards,
     set_reward_stats)
 from posttrain.train import stage
-from posttrain.train.loop import Trainer, TrainResult, autocast, seed_everything
+from posttrain.train.loop import Trainer, TrainResult, autocast
 from posttrain.train.preference import count_pairs
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,6 @@ def run_rm(config: RMConfig) -> TrainResult:
     device = stage.begin(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train, evals = stage.load_pairs(config, tokenizer)
-    seed_everything(config.seed)  # the new head's initial weights: the same run twice trains the same model
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                               attn_implementation=config.attn_implementation,
                               gradient_checkpointing=config.gradient_checkpointing,

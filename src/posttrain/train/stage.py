@@ -23,12 +23,12 @@ from posttrain.data.preference import load_kto_records, load_preferences, unpair
 from posttrain.data.schema import Preference
 from posttrain.errors import ConfigError, DataError
 from posttrain.model.adapters import (
-    apply_finetuning, check_finetuning, save_pissa_initial, save_trained, trainable_summary)
+    apply_finetuning, check_finetuning, remove_pissa_initial, save_pissa_initial, save_trained, trainable_summary)
 from posttrain.model.loading import load_model, load_tokenizer, pick_device
 from posttrain.output_folder import RUN_MARKER, check_output_folder, clear_own_entries
 from posttrain.train import distributed as dist
 from posttrain.train.logps import fill_reference
-from posttrain.train.loop import Trainer, TrainResult
+from posttrain.train.loop import Trainer, TrainResult, seed_everything
 from posttrain.train.metrics import check_tracker
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,12 @@ def check_output_dir(config) -> None:
 
 
 def begin(config) -> torch.device:
-    """Device and process group, and the checks that need nothing loaded."""
+    """Device and process group, the seed, and the checks that need nothing loaded."""
     device = pick_device(config.device)
     dist.init(device)
+    # Before any model is built or adapted: new heads, LoRA A, soft prompts and PiSSA's randomized SVD all draw
+    # from torch's RNG, so the same config gives the same weights, and a resumed run the same frozen PiSSA base.
+    seed_everything(config.seed)
     check_tracker(config.report_to)
     check_output_dir(config)
     if config.fp16 and device.type == "cpu":
@@ -84,8 +87,6 @@ def save_model(model, tokenizer, config, folder: Path, pissa_initial: Path | Non
     save_trained(model, folder, config, pissa_initial)
     tokenizer.save_pretrained(folder)
     save_config(config, folder / "posttrain_config.yaml")
-    if pissa_initial is not None:
-        shutil.rmtree(pissa_initial, ignore_errors=True)
 
 
 def _specs(config, which: str) -> list[DatasetSpec]:
@@ -164,7 +165,7 @@ def run_trainer(config, model, tokenizer, objective: nn.Module, train: list, eva
     after every check), PiSSA's initial adapter kept for the save, the Trainer, and the model,
     tokenizer and config saved into the folder when training ends."""
     open_output_dir(config)
-    pissa_initial = save_pissa_initial(model) if dist.is_main() else None
+    pissa_initial = save_pissa_initial(model, config.output_dir) if dist.is_main() else None
     dist.barrier()
 
     def save_final(folder: Path) -> None:
@@ -173,7 +174,10 @@ def run_trainer(config, model, tokenizer, objective: nn.Module, train: list, eva
     trainer = Trainer(config, objective, train_examples=train, eval_examples=evals, collate=collate, count=count,
                       save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
                       summary=summary)
-    return trainer.train()
+    try:
+        return trainer.train()
+    finally:  # also when training stops on an error: no temp folder outlives the run
+        remove_pissa_initial(pissa_initial)
 
 
 def run_preference_stage(config, load_samples, objective_class, collate, count, reference: bool = True

@@ -295,6 +295,8 @@ class RLTrainer:
         # step (its prompts, its samples' seeds, the update's shuffles) follows from the seed and the step.
         trained = nn.ModuleDict({"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})})
         both_optimizers, both_schedulers = _Together(optimizers), _Together(schedulers)
+        if dist.is_main():
+            checkpoint.remove_leftovers(self.output_dir)
         done = self.resume(trained, both_optimizers, both_schedulers, total)
         logger = MetricsLogger(self.output_dir, c.report_to, c.model_dump(mode="json"), resume_step=done) \
             if dist.is_main() else None

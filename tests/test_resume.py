@@ -224,13 +224,13 @@ def test_leftovers_of_killed_runs_are_removed_and_nothing_else(straight_runs, ti
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     leftovers = [".tmp-checkpoint-4-77", ".tmp-final-77", ".pissa-init-77/pissa_init"]
-    kept = [".tmp-final-notes", "tmp-final-77", ".pissa-init-mine", "notes"]  # names posttrain does not write
-    for name in leftovers + kept:
+    for name in leftovers:
         (resumed / name).mkdir(parents=True)
         (resumed / name / "file").write_text("x")
     _run_mode("full", tiny_model_dir, mode_data, resumed, resume_from_checkpoint="auto")
     assert not any((resumed / n).exists() for n in leftovers)
-    assert all((resumed / n / "file").is_file() for n in kept)
+    # A folder that also holds names posttrain does not write is refused before anything runs
+    # (tests/test_bad_inputs.py), so the clean-up never meets one.
 
 
 def test_pissa_keeps_its_initial_adapter_in_the_output_folder_and_removes_it(straight_runs, tiny_model_dir,

@@ -21,9 +21,9 @@ EXPORT_MARKER = "posttrain_export.yaml"
 # Everything a run or an export writes at the top of its folder: the marker, the logs and plots,
 # checkpoints and temp folders, and what transformers / PEFT `save_pretrained` write for a model,
 # an adapter and a tokenizer.
+CHECKPOINT_ENTRIES = ("checkpoint-[0-9]*", ".tmp-checkpoint-[0-9]*", ".tmp-final-[0-9]*", ".pissa-init-[0-9]*")
 OWN_ENTRIES = (
-    RUN_MARKER, EXPORT_MARKER, "metrics.jsonl", "training_*.png", "runs", "wandb",
-    "checkpoint-[0-9]*", ".tmp-checkpoint-*", ".tmp-final-*", ".pissa-init*",
+    RUN_MARKER, EXPORT_MARKER, "metrics.jsonl", "training_*.png", "runs", "wandb", *CHECKPOINT_ENTRIES,
     "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
     "adapter_config.json", "README.md", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -31,8 +31,8 @@ OWN_ENTRIES = (
 )
 
 
-def is_own(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWN_ENTRIES)
+def is_own(name: str, patterns: tuple[str, ...] = OWN_ENTRIES) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def _same_or_inside(inner: Path, outer: Path) -> bool:
@@ -65,8 +65,9 @@ def check_output_folder(path: str, *, key: str, marker: str, overwrite: bool, re
     if not entries:
         return
     foreign = [n for n in entries if not is_own(n)]
-    # Checkpoints alone (copied or moved from another run) are resumed from, when asked to.
-    only_checkpoints = all(fnmatch.fnmatchcase(n, "checkpoint-[0-9]*") for n in entries)
+    # Checkpoints alone (copied or moved from another run, with a killed run's temp folders) are
+    # resumed from, when asked to.
+    only_checkpoints = all(is_own(n, CHECKPOINT_ENTRIES) for n in entries)
     if (marker not in entries and not (resume and only_checkpoints)) or foreign:
         shown = ", ".join(repr(n) for n in (foreign or entries)[:3])
         raise ConfigError(f"{key}: {path!r} is not empty and holds files posttrain did not write ({shown}); "

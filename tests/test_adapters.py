@@ -119,7 +119,7 @@ def test_export_merges_lora_and_refuses_prompt_adapters(tiny_model_dir, task_dat
     ids = _probe()
     adapter_model, _ = load_for_inference(str(lora))
     torch.testing.assert_close(_logits(_plain(merged), ids), _logits(adapter_model, ids), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="already holds a posttrain export"):
         run_export(ExportConfig(adapter_name_or_path=str(lora), export_dir=str(merged)))
 
     pt = tmp_path / "pt"

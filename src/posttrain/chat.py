@@ -1,16 +1,24 @@
-"""`posttrain chat`: talk to a trained folder, one-shot (--prompt) or interactively."""
+"""`posttrain chat`: talk to a trained folder, one-shot (--prompt) or interactively.
+
+Answers come from the engine `posttrain serve` runs (inference/generate.py), for a plain model and
+every adapter type it serves, so chat shows the text the server would send.
+"""
 
 from __future__ import annotations
 
 from posttrain.data.chat import ChatRenderer
 from posttrain.data.schema import Conversation, Message
+from posttrain.errors import ConfigError
 from posttrain.inference.generate import generate
 from posttrain.model.loading import load_for_inference
 
 
 def run_chat(model_path: str, prompt: str | None = None, system: str | None = None, template: str | None = None,
-             max_new_tokens: int = 256, temperature: float = 0.0, trust_remote_code: bool = False,
+             max_new_tokens: int | None = None, temperature: float = 0.0, trust_remote_code: bool = False,
              adapter: str | None = None) -> None:
+    """`max_new_tokens` None: answers may fill the model's context; a larger value is capped to it."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     model, tokenizer = load_for_inference(model_path, adapter, trust_remote_code=trust_remote_code)
     renderer = ChatRenderer(tokenizer, template)
     history = [Message("system", system)] if system else []

@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help="answer this one message and exit")
     s.add_argument("--system")
     s.add_argument("--template", help="built-in chat template name or .jinja path (default: the tokenizer's)")
-    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--max-new-tokens", type=int,
+                   help="longest answer in tokens (default and most: what the model's context leaves after the prompt)")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_chat)

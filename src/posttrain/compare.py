@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PosttrainError
 
 # method -> settings layered over the shared budget
 METHODS: dict[str, dict] = {
@@ -30,6 +30,8 @@ METHODS: dict[str, dict] = {
     "freeze": dict(finetuning_type="freeze", freeze_trainable_layers=2, learning_rate=3e-3),
 }
 DEFAULT_METHODS = ("full", "lora", "ptuning")
+CUTOFF_LEN = 64  # training rows (every task row fits)
+ANSWER_TOKENS = 16  # generated per held-out prompt (quickstart.exact_match)
 
 
 def run_child(spec_path: Path) -> None:
@@ -68,13 +70,14 @@ def run_compare(output_dir: str = "runs/compare", methods: list[str] | None = No
     root = Path(output_dir)
     base = base or str(write_tiny_model(root / "base-model"))
     rows, held_out = split_task(train_rows, held_out_rows, seed=0)
+    context = _check_context(base, held_out, methods)
     data = write_jsonl([{"messages": r["messages"]} for r in rows], root / "data" / "train.jsonl")
     held = write_jsonl(held_out, root / "data" / "held_out.jsonl")
     results: dict[str, dict] = {}
     for method in methods:
         config = dict(model_name_or_path=base, dataset=str(data), output_dir=str(root / method),
                       overwrite_output_dir=True, per_device_train_batch_size=batch_size, max_steps=steps,
-                      cutoff_len=64, lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=25, save_steps=0,
+                      cutoff_len=min(CUTOFF_LEN, context), lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=25, save_steps=0,
                       disable_tqdm=True, seed=0, **METHODS[method])
         spec = root / f".{method}-spec.json"
         spec.write_text(json.dumps({"config": config, "held_out": str(held), "result": str(root / f".{method}.json")}))
@@ -82,6 +85,9 @@ def run_compare(output_dir: str = "runs/compare", methods: list[str] | None = No
             print(f"[compare] training {method} ({steps} steps, batch {batch_size}) ...", flush=True)
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "posttrain.compare", str(spec)], capture_output=True, text=True)
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        if proc.returncode == 2 and last.startswith("error: "):  # the child's own clear error (see __main__)
+            raise ConfigError(f"compare: the {method} run failed: {last[len('error: '):]}")
         if proc.returncode != 0:
             raise RuntimeError(f"compare: the {method} run failed:\n{proc.stderr[-3000:]}")
         results[method] = json.loads((root / f".{method}.json").read_text())
@@ -93,6 +99,29 @@ def run_compare(output_dir: str = "runs/compare", methods: list[str] | None = No
         print(table)
         print(f"[compare] table: {root / 'compare.md'}")
     return results
+
+
+def _check_context(base: str, held_out: list[dict], methods: list[str]) -> int:
+    """The base's context length, checked to hold every held-out prompt, the virtual tokens of the prompt
+    methods and an answer (before any method trains)."""
+    from posttrain.data.chat import ChatRenderer
+    from posttrain.data.schema import Conversation, Message
+    from posttrain.model.files import read_json
+    from posttrain.model.loading import load_tokenizer, resolve_model_path
+    from posttrain.quickstart import prompt_of
+
+    folder = resolve_model_path(base, "--base")
+    context = read_json(folder / "config.json", "config.json").get("max_position_embeddings") or CUTOFF_LEN
+    renderer = ChatRenderer(load_tokenizer(str(folder)))
+    longest = max(len(renderer.prompt_ids(Conversation([Message("user", prompt_of(r)), Message("assistant", "")])))
+                  for r in held_out)
+    virtual = max(METHODS[m].get("num_virtual_tokens", 0) for m in methods)
+    if longest + virtual + ANSWER_TOKENS > context:
+        raise ConfigError(f"--base {base}: the model's context is {context} tokens, but the held-out prompts take up "
+                          f"to {longest}" + (f" plus {virtual} virtual tokens" if virtual else "")
+                          + f" plus {ANSWER_TOKENS} for the answer; use a model with a longer context"
+                          + (" or leave out the prompt methods (--methods full,lora)" if virtual else ""))
+    return context
 
 
 def _size(n: float) -> str:
@@ -115,4 +144,8 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    run_child(Path(sys.argv[1]))
+    try:
+        run_child(Path(sys.argv[1]))
+    except PosttrainError as err:  # reported by the parent as one line; anything else keeps its traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -7,7 +7,6 @@ add virtual tokens rather than weight deltas, so there is nothing to merge: thos
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,31 +16,29 @@ import torch
 
 from posttrain.config import ExportConfig, save_config
 from posttrain.errors import ConfigError
-from posttrain.model.adapters import load_adapter, read_adapter_config
+from posttrain.model.adapters import load_adapter
+from posttrain.model.files import PROMPT_ADAPTER_TYPES, adapter_base, check_adapter_files, read_json
 from posttrain.model.loading import load_model, load_tokenizer, resolve_model_path
 from posttrain.output_folder import EXPORT_MARKER, check_output_folder, clear_own_entries
 
 log = logging.getLogger(__name__)
 
 
-def base_of(config: ExportConfig) -> str:
+def base_of(config: ExportConfig, adapter_cfg: dict) -> str:
     """The base model folder: as configured, else the one the adapter records."""
     if config.model_name_or_path:
         return config.model_name_or_path
-    recorded = read_adapter_config(config.adapter_name_or_path).get("base_model_name_or_path")
-    if not recorded:
-        raise ConfigError(f"{config.adapter_name_or_path}: the adapter does not record its base model; "
-                          "set model_name_or_path")
-    return recorded
+    return adapter_base(config.adapter_name_or_path, adapter_cfg, "set model_name_or_path=BASE_FOLDER")
 
 
 def run_export(config: ExportConfig) -> Path:
-    adapter_cfg = read_adapter_config(config.adapter_name_or_path)
-    if str(adapter_cfg.get("peft_type", "")).upper() != "LORA":
-        raise ConfigError(f"{config.adapter_name_or_path}: a {adapter_cfg.get('peft_type')} adapter adds virtual "
-                          "tokens, not weight deltas, so it cannot be merged into the base; serve it as an adapter "
+    adapter_cfg = check_adapter_files(config.adapter_name_or_path)  # type, numbers and weights, before loading
+    peft_type = str(adapter_cfg["peft_type"]).upper()
+    if peft_type in PROMPT_ADAPTER_TYPES:
+        raise ConfigError(f"{config.adapter_name_or_path}: a {peft_type} adapter adds virtual tokens, not weight "
+                          "deltas, so it cannot be merged into the base; serve it as an adapter "
                           "(`posttrain serve` / `posttrain chat --adapter`) instead")
-    base = base_of(config)
+    base = base_of(config, adapter_cfg)
     resolve_model_path(base)
     out = Path(config.export_dir)
     check_output_folder(config.export_dir, key="export_dir", marker=EXPORT_MARKER,
@@ -76,6 +73,6 @@ def run_export(config: ExportConfig) -> Path:
 def _export_dtype(name: str, base: str) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
-    cfg = json.loads((Path(base) / "config.json").read_text())
+    cfg = read_json(Path(base) / "config.json", "config.json")
     recorded = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     return getattr(torch, recorded, torch.float32)

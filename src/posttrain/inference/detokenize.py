@@ -14,6 +14,17 @@ from __future__ import annotations
 PROMPT_CONTEXT = 6  # prompt tokens kept as decoding context for the first generated tokens
 
 
+def decode_continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """The text `ids` add after the prompt, all at once: what a TextTracker's deltas add up to. Decoding `ids`
+    alone would drop a leading space that a sentencepiece token owes to the token before it."""
+    context = list(prompt_ids[-PROMPT_CONTEXT:])
+    before = tokenizer.decode(context, skip_special_tokens=True)
+    full = tokenizer.decode(context + list(ids), skip_special_tokens=True)
+    if full.startswith(before):
+        return full[len(before):]
+    return tokenizer.decode(ids, skip_special_tokens=True)  # the context decoded differently: no shared prefix
+
+
 class TextTracker:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None):
         self.tokenizer = tokenizer

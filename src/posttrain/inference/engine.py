@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from posttrain.errors import PosttrainError
 from posttrain.inference import forward
 from posttrain.inference.cuda_graphs import DecodeGraphs
-from posttrain.inference.detokenize import TextTracker
+from posttrain.inference.detokenize import TextTracker, decode_continuation
 from posttrain.inference.errors import RequestError, RequestTooLarge
 from posttrain.inference.kv_cache import KVCache
 from posttrain.inference.lora import LoraWeights
@@ -354,7 +354,7 @@ class Engine:
             text = seq.tracker.take_delta(final=done)
         elif done:
             body = seq.generated[:-1] if seq.generated and seq.generated[-1] in seq.stop_ids else seq.generated
-            text = seq.tokenizer.decode(body, skip_special_tokens=True)
+            text = decode_continuation(seq.tokenizer, seq.prompt, body)  # as the streamed deltas add up
         else:
             text = ""
         out = Output(seq.request.request_id, text, seq.new_tokens, seq.new_choices, done, seq.finish_reason,

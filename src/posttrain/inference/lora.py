@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from posttrain.errors import ConfigError
 from posttrain.inference.errors import AdapterError
+from posttrain.model import files
 from posttrain.inference.weights import ModelDims
 
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -45,31 +47,19 @@ class LoraWeights:
 
 
 def read_adapter_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise AdapterError(f"{folder}: no adapter_config.json; expected a PEFT adapter folder "
-                           "(adapter_config.json + adapter_model.safetensors)")
+    """The adapter's config, checked as every command checks it (model/files.py)."""
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict) or "peft_type" not in config:
-        raise AdapterError(f"{path}: has no peft_type; expected a PEFT adapter config")
-    return config
+        return files.read_adapter_config(folder, "adapter")
+    except ConfigError as err:
+        raise AdapterError(str(err)) from None
 
 
 def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
-    if st.is_file():
-        try:
-            return load_file(st)
-        except Exception as err:  # a truncated or foreign file: say which
-            raise AdapterError(f"{st}: cannot read safetensors ({err})") from None
-    if binary.is_file():  # older PEFT; weights_only refuses pickled code
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise AdapterError(f"{folder}: no adapter_model.safetensors (or adapter_model.bin)")
+    """The adapter's tensors: safetensors, or a weights-only pickle (never arbitrary objects)."""
+    try:
+        return files.read_adapter_tensors(folder)
+    except ConfigError as err:
+        raise AdapterError(str(err)) from None
 
 
 def check_base_model(config: dict, folder: Path, base_config) -> None:

@@ -50,10 +50,15 @@ def read_prompt_adapter(name: str, folder: Path, config: dict, dims: ModelDims, 
     if set(tensors) != {"prompt_embeddings"}:
         raise AdapterError(f"{folder}: a {config['peft_type']} adapter should hold exactly `prompt_embeddings`; "
                            f"found {sorted(tensors)} (save it with PEFT's save_pretrained in inference mode)")
-    emb = tensors["prompt_embeddings"]
-    n = config.get("num_virtual_tokens")
+    return prompt_embeddings(name, tensors["prompt_embeddings"], config.get("num_virtual_tokens"), dims, dtype,
+                             device, folder)
+
+
+def prompt_embeddings(name: str, emb: torch.Tensor, n: int | None, dims: ModelDims, dtype: torch.dtype,
+                      device: torch.device, where) -> PromptEmbeddings:
+    """Soft-prompt vectors [num_virtual_tokens, hidden], checked against the served model."""
     if emb.dim() != 2 or emb.shape[1] != dims.hidden or (n is not None and emb.shape[0] != n):
-        raise AdapterError(f"{folder}: prompt_embeddings has shape {tuple(emb.shape)}, but the served model needs "
+        raise AdapterError(f"{where}: prompt_embeddings has shape {tuple(emb.shape)}, but the served model needs "
                            f"[{n if n is not None else 'num_virtual_tokens'}, {dims.hidden}]; the adapter was "
                            "trained on a different base model")
     return PromptEmbeddings(name, emb.to(dtype=dtype, device=device))
@@ -82,10 +87,15 @@ def read_prefix_adapter(name: str, folder: Path, config: dict, dims: ModelDims, 
     if set(tensors) != {"prompt_embeddings"}:
         raise AdapterError(f"{folder}: a PREFIX_TUNING adapter should hold exactly `prompt_embeddings`; "
                            f"found {sorted(tensors)}")
-    emb = tensors["prompt_embeddings"]
+    return prefix_kv(name, tensors["prompt_embeddings"], dims, dtype, device, folder)
+
+
+def prefix_kv(name: str, emb: torch.Tensor, dims: ModelDims, dtype: torch.dtype, device: torch.device,
+              where) -> PrefixKV:
+    """Per-layer keys and values from PEFT's flat prefix tensor, checked against the served model."""
     width = dims.num_layers * 2 * dims.kv_size
     if emb.dim() != 2 or emb.shape[1] != width:
-        raise AdapterError(f"{folder}: prompt_embeddings has shape {tuple(emb.shape)}, but the served model needs "
+        raise AdapterError(f"{where}: prompt_embeddings has shape {tuple(emb.shape)}, but the served model needs "
                            f"[num_virtual_tokens, {width}] ({dims.num_layers} layers x keys and values x "
                            f"{dims.kv_size}); the adapter was trained on a different base model")
     n = emb.shape[0]
@@ -93,3 +103,31 @@ def read_prefix_adapter(name: str, folder: Path, config: dict, dims: ModelDims, 
     kv = emb.view(n, dims.num_layers * 2, dims.num_kv_heads, dims.head_dim).permute(1, 2, 0, 3)
     kv = kv.to(dtype=dtype, device=device)
     return PrefixKV(name, kv[0::2].contiguous(), kv[1::2].contiguous())
+
+
+@torch.no_grad()
+def from_peft_model(model, dims: ModelDims, dtype: torch.dtype, device: torch.device) -> PromptEmbeddings | PrefixKV:
+    """The active adapter of a live prompt-learning PeftModel (being trained, or loaded for chat) as the engine
+    runs it: the virtual tokens PEFT's forward would use now (as in PeftModel.get_prompt)."""
+    name = model.active_adapter
+    config = model.peft_config[name]
+    peft_type = getattr(config.peft_type, "value", str(config.peft_type))
+    where = f"adapter {name!r} ({peft_type})"
+    if getattr(config, "num_transformer_submodules", 1) != 1:
+        raise AdapterError(f"{where}: an encoder-decoder adapter; the engine runs decoder-only models")
+    encoder = model.prompt_encoder[name]
+    if config.inference_mode:  # loaded for inference: the embedding holds the encoder's saved output
+        emb = encoder.embedding.weight.detach()
+    else:
+        tokens = model.prompt_tokens[name][:config.num_virtual_tokens].to(encoder.embedding.weight.device)
+        was_training = encoder.training
+        encoder.eval()  # no dropout in the prompt encoder while generating
+        try:
+            emb = encoder(tokens[None])[0]
+        finally:
+            encoder.train(was_training)
+    if peft_type in PREFIX_TYPES:
+        return prefix_kv(name, emb, dims, dtype, device, where)
+    if peft_type in PROMPT_TYPES:
+        return prompt_embeddings(name, emb, config.num_virtual_tokens, dims, dtype, device, where)
+    raise AdapterError(f"{where}: the engine runs {', '.join(PROMPT_TYPES + PREFIX_TYPES)} prompt adapters")

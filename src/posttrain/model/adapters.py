@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from posttrain.errors import ConfigError
+from posttrain.model import files
+from posttrain.model.loading import check_attn_implementation
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +65,13 @@ def check_finetuning(args, device: torch.device, *, packing: bool = False) -> No
                           "adapter use its type (lora, ptuning, ...); to train the merged model in full, "
                           "`posttrain export` it first")
     if args.adapter_name_or_path:
-        read_adapter_config(args.adapter_name_or_path)
+        files.check_adapter_files(args.adapter_name_or_path)
+    check_attn_implementation(getattr(args, "attn_implementation", "sdpa"))
 
 
 def read_adapter_config(path: str | Path) -> dict:
-    folder = Path(path).expanduser()
-    cfg = folder / ADAPTER_CONFIG
-    if not cfg.is_file():
-        what = "a full model folder (config.json)" if (folder / "config.json").is_file() else "not an adapter folder"
-        raise ConfigError(f"adapter_name_or_path: {str(path)!r} is {what}; expected a PEFT adapter folder "
-                          f"with {ADAPTER_CONFIG}")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{cfg}: not valid JSON ({err})") from None
+    """adapter_config.json, checked (model/files.py: the check every command shares)."""
+    return files.read_adapter_config(path)
 
 
 def is_prompt_learning(model) -> bool:
@@ -215,13 +210,9 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False,
     """`model` with the PEFT adapter at `path`, refusing one made for another base or shape."""
     from peft import PeftModel
 
-    cfg = read_adapter_config(path)
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    family = {"LORA": ("lora", "qlora"), "P_TUNING": ("ptuning",), "PROMPT_TUNING": ("prompt_tuning",),
-              "PREFIX_TUNING": ("prefix_tuning",)}.get(peft_type)
-    if family is None:
-        raise ConfigError(f"{path}: adapter type {peft_type or '?'} is not supported (lora, p_tuning, "
-                          "prompt_tuning, prefix_tuning are)")
+    cfg = files.check_adapter_files(path)  # config values and weights, before PEFT reads (or downloads) them
+    peft_type = str(cfg["peft_type"]).upper()
+    family = ("lora", "qlora") if peft_type == "LORA" else (files.ADAPTER_TYPES[peft_type],)
     if expect and expect not in family:
         raise ConfigError(f"{path}: is a {peft_type} adapter but finetuning_type is {expect!r}")
     hidden = getattr(model.config, "hidden_size", None)
@@ -320,10 +311,12 @@ def save_trained(model: nn.Module, folder: Path, args, pissa_initial: Path | Non
 
 
 def _set_base_path(folder: Path, base: str) -> None:
-    """Record the base as the user named it (PEFT writes the resolved path it was loaded from)."""
+    """Record the base so it resolves from any working directory: a local folder as its absolute path, a
+    hub-like id as given."""
     cfg_path = folder / ADAPTER_CONFIG
     cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(base)
+    local = Path(base).expanduser()
+    cfg["base_model_name_or_path"] = str(local.resolve()) if local.is_dir() else str(base)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 

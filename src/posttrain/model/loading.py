@@ -6,14 +6,17 @@ than a network wait. `trust_remote_code` stays off unless the config turns it on
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
 from posttrain.errors import ConfigError
+from posttrain.model.files import adapter_base, check_adapter_files, check_model_files
 
 def resolve_model_path(name_or_path: str, what: str = "model_name_or_path") -> Path:
+    """The local model folder `name_or_path` names, its config and weights files checked (model/files.py)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -22,6 +25,7 @@ def resolve_model_path(name_or_path: str, what: str = "model_name_or_path") -> P
                                   "model as model_name_or_path and this folder as adapter_name_or_path")
             raise ConfigError(f"{what}: {name_or_path!r} is a folder but has no config.json; "
                               "expected a Hugging Face model folder (config.json + weights + tokenizer)")
+        check_model_files(path)
         return path
     if path.exists():
         raise ConfigError(f"{what}: {name_or_path!r} is a file; expected a Hugging Face model folder")
@@ -43,11 +47,19 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def check_attn_implementation(name: str) -> None:
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("attn_implementation: flash_attention_2 needs the flash_attn package (CUDA only: "
+                          "`pip install flash-attn`); use attn_implementation: sdpa")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = Path(name_or_path).expanduser()
-    if not (path / "tokenizer_config.json").is_file():  # adapter folders ship a tokenizer but no config.json
+    # A model folder is checked whole here (the first thing every command loads); adapter folders ship a
+    # tokenizer but no config.json.
+    if (path / "config.json").is_file() or not (path / "tokenizer_config.json").is_file():
         path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # many base models ship without one; padding is masked anyway
@@ -64,6 +76,7 @@ def load_model(name_or_path: str, *, device: torch.device, trust_remote_code: bo
     finetuning checks refuse it elsewhere before this runs)."""
     from transformers import AutoModelForCausalLM
 
+    check_attn_implementation(attn_implementation)
     path = resolve_model_path(name_or_path)
     extra = {}
     if quantization_bit is not None:
@@ -92,16 +105,19 @@ def load_model(name_or_path: str, *, device: torch.device, trust_remote_code: bo
 def load_for_inference(model_path: str, adapter: str | None = None, *, device: torch.device | None = None,
                        trust_remote_code: bool = False):
     """(model, tokenizer) for generation: a full model folder, a base + adapter, or an adapter folder alone
-    (its base is the one its adapter_config.json records). The adapter's own tokenizer wins when it ships one."""
-    from posttrain.model.adapters import load_adapter, read_adapter_config
+    (its base is the one its adapter_config.json records). The adapter's own tokenizer wins when it ships one.
+    Every file is checked before the first one loads."""
+    from posttrain.model.adapters import load_adapter
 
     device = device or pick_device("auto")
     folder = Path(model_path).expanduser()
     if adapter is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         adapter = model_path
-        model_path = read_adapter_config(adapter).get("base_model_name_or_path") or ""
-        if not model_path:
-            raise ConfigError(f"{adapter}: the adapter does not record its base model; pass the base and --adapter")
+        model_path = adapter_base(adapter, check_adapter_files(adapter, "adapter"),
+                                  "pass the base model folder and this adapter as `MODEL --adapter ADAPTER`")
+    elif adapter is not None:
+        check_adapter_files(adapter, "--adapter")
+    resolve_model_path(model_path, "model")
     has_own_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter if has_own_tokenizer else model_path, trust_remote_code)
     model = load_model(model_path, device=device, trust_remote_code=trust_remote_code)

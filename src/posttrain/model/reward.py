@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from posttrain.errors import ConfigError
-from posttrain.model.loading import resolve_model_path
+from posttrain.model.loading import check_attn_implementation, resolve_model_path
 
 
 def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_code: bool = False,
@@ -35,6 +35,7 @@ def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_c
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    check_attn_implementation(attn_implementation)
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if config.num_labels != 1 and _is_classifier(config):

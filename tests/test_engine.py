@@ -373,7 +373,8 @@ def test_lively_copy_differs_from_source(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("file,content,message", [
     ("adapter_model.safetensors", "not safetensors", "cannot read safetensors"),
-    ("adapter_config.json", '{"peft_type": "LORA", "lora_alpha": "lots"}', "ValueError"),  # not an AdapterError
+    ("adapter_config.json", '{"peft_type": "LORA", "lora_alpha": "lots"}',
+     "lora_alpha must be a positive number"),  # PEFT raised ValueError
     ("adapter_config.json", "{ not json", "not valid JSON"),
 ])
 def test_an_adapter_that_breaks_after_registration_fails_only_its_request(base, prompts, adapter_root, tmp_path,

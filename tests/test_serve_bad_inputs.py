@@ -80,7 +80,8 @@ def _runtime_copy(adapter_root, name: str):
 
 BREAKAGES = {
     "non-numeric lora_alpha": ("adapter_config.json",
-                               lambda text: json.dumps({**json.loads(text), "lora_alpha": "lots"}), "ValueError"),
+                               lambda text: json.dumps({**json.loads(text), "lora_alpha": "lots"}),
+                               "lora_alpha must be a positive number"),
     "config not JSON": ("adapter_config.json", lambda text: "{ not json", "not valid JSON"),
 }
 

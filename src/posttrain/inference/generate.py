@@ -19,14 +19,14 @@ import torch
 from posttrain.errors import ConfigError
 from posttrain.inference.detokenize import decode_continuation
 from posttrain.inference.sampling import SamplingParams
+from posttrain.model.parts import prompt_learning_config
 
 log = logging.getLogger(__name__)
 
 
 def split_prompt_learning(model):
     """(model the engine runs, the prompt-learning PeftModel around it or None)."""
-    config = getattr(model, "active_peft_config", None)
-    if config is not None and config.is_prompt_learning:
+    if prompt_learning_config(model) is not None:
         return model.get_base_model(), model
     return model, None
 

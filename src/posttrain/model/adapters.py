@@ -74,10 +74,6 @@ def read_adapter_config(path: str | Path) -> dict:
     return files.read_adapter_config(path)
 
 
-def is_prompt_learning(model) -> bool:
-    cfg = getattr(model, "active_peft_config", None)
-    return bool(cfg is not None and cfg.is_prompt_learning)
-
 
 # -- applying a finetuning type -------------------------------------------------------------------
 
@@ -264,9 +260,6 @@ def trainable_summary(model: nn.Module) -> dict:
     return {"trainable_params": trainable, "total_params": total,
             "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}
 
-
-def folder_bytes(folder: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def model_bytes(folder: str | Path) -> int:

@@ -26,6 +26,7 @@ from torch import nn
 
 from posttrain.errors import ConfigError
 from posttrain.model.loading import check_attn_implementation, resolve_model_path
+from posttrain.model.parts import hf_model, value_parts
 
 
 def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_code: bool = False,
@@ -79,19 +80,8 @@ def _is_classifier(config) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
 
 
-def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(decoder body, scalar head) of a sequence-classification model (PEFT-wrapped or not)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(hf, hf.base_model_prefix, None)
-    head = getattr(hf, "score", None)
-    if body is None or head is None:
-        raise ConfigError(f"{type(hf).__name__} has no `{hf.base_model_prefix}` body and `score` head; posttrain "
-                          "reads rewards from the sequence-classification layout most decoders share")
-    return body, head
-
-
 def reward_head(model: nn.Module) -> nn.Module:
-    return _parts(model)[1]
+    return value_parts(model)[1]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -107,7 +97,7 @@ def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 def last_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The body's final hidden states, [rows, length, hidden] (what both the reward head and an LM head read)."""
-    body, _ = _parts(model)
+    body, _ = value_parts(model)
     return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
@@ -122,7 +112,7 @@ def language_model_head(model: nn.Module, name_or_path: str, *, device: torch.de
     """The output layer of the causal LM a reward model was built from, over the same body, for an LM
     term during training (never saved with the reward model). A model that ties its embeddings reads
     them (they train with the body); otherwise the folder's own output layer is loaded, frozen."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = hf_model(model)
     if hf.config.tie_word_embeddings:
         return _TiedHead(hf.get_input_embeddings())
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -151,7 +141,7 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 def set_reward_stats(model: nn.Module, mean: float, std: float) -> None:
     """Store the training data's reward mean / std in the config (saved in config.json)."""
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = hf_model(model).config
     config.reward_mean = float(mean)
     config.reward_std = float(std)
 

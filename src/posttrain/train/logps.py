@@ -30,25 +30,11 @@ from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX, TokenizedSample
 from posttrain.data.pairs import fingerprint
 from posttrain.model.loading import load_model
+from posttrain.model.parts import selected_logits
 from posttrain.train import distributed as dist
 from posttrain.train.loop import autocast
 
 log = logging.getLogger(__name__)
-
-
-def _causal_parts(model: nn.Module):
-    """(body, head) to run the output head on selected positions only, or None to use the whole forward."""
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        return None  # virtual tokens are added by PEFT's own forward
-    hf = model.get_base_model() if peft_config is not None else model
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
-    if head is None or body is None or body is hf:
-        return None
-    if any(getattr(hf.config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
-        return None  # the head's output is post-processed: use the model's own forward
-    return body, head
 
 
 def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +42,7 @@ def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     targets = batch["targets"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     selected = targets != IGNORE_INDEX
-    parts = _causal_parts(model)
-    if parts is not None:
-        body, head = parts
-        logits = head(body(**inputs, use_cache=False).last_hidden_state[selected])
-    else:
-        logits = model(**inputs, use_cache=False).logits
-        logits = logits[:, logits.size(1) - targets.size(1):][selected]  # drop prompt-learning virtual tokens
+    logits = selected_logits(model, inputs, selected)
     token_logps = -F.cross_entropy(logits.float(), targets[selected], reduction="none")
     rows = selected.nonzero()[:, 0]
     sums = torch.zeros(targets.size(0), dtype=token_logps.dtype, device=targets.device).index_add(0, rows, token_logps)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import torch.nn.functional as F
-from peft import PeftType
 from torch import nn
 
 from posttrain.config import SFTConfig
@@ -18,6 +17,7 @@ from posttrain.data.chat import IGNORE_INDEX, ChatRenderer
 from posttrain.data.formats import load_conversations
 from posttrain.data.prepare import tokenize_all
 from posttrain.model.loading import load_tokenizer
+from posttrain.model.parts import selected_logits
 from posttrain.train import distributed as dist, stage
 from posttrain.train.loop import TrainResult
 
@@ -28,39 +28,19 @@ class CausalLMLoss(nn.Module):
     """Summed next-token cross-entropy over trained positions.
 
     The output head runs only on the positions that are trained, not on every prompt and padding
-    position: with short answers after long prompts that skips most of the head's work and memory.
-    A LoRA model takes the same path (its layers are injected in place); prompt-learning adapters
-    run through PEFT's forward, which prepends their virtual tokens.
+    position: with short answers after long prompts that skips most of the head's work and memory
+    (model/parts.py `selected_logits`; prompt-learning adapters run through PEFT's whole forward).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        peft_config = getattr(model, "active_peft_config", None)
-        self.virtual_tokens = 0
-        self.split = True
-        if peft_config is not None and peft_config.is_prompt_learning:
-            self.split = False
-            # prompt/p-tuning prepend positions to the logits; prefix tuning hides its prefix in the KV cache.
-            if peft_config.peft_type != PeftType.PREFIX_TUNING:
-                self.virtual_tokens = peft_config.num_virtual_tokens
-        hf = model.get_base_model() if peft_config is not None else model
-        self._hf = [hf]  # in a list: not registered twice as a submodule
-        head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-        body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
-        special_logits = any(getattr(hf.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-        self.split = self.split and head is not None and body is not None and body is not hf and not special_logits
 
     def forward(self, batch: dict) -> dict:
         targets = batch["targets"]
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         selected = targets != IGNORE_INDEX
-        if self.split:
-            hf = self._hf[0]
-            hidden = getattr(hf, hf.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
-            logits = hf.get_output_embeddings()(hidden[selected])
-        else:
-            logits = self.model(**inputs, use_cache=False).logits[:, self.virtual_tokens:][selected]
+        logits = selected_logits(self.model, inputs, selected)
         loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
         return {"loss_sum": loss_sum}
 

@@ -8,7 +8,6 @@ been read and tokenized without error.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Callable
 

@@ -96,9 +96,6 @@ def group_baseline(rewards: torch.Tensor, group_size: int, estimator: str) -> to
     return out.reshape(-1)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, stats=None) -> torch.Tensor:
     """(x - mean) / std over the masked entries; `stats` = (sum, sum of squares, count) to whiten over

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from posttrain.errors import ConfigError
-from posttrain.model.reward import _parts as value_parts
+from posttrain.model.parts import causal_parts, is_checkpointing, prompt_learning_config, value_parts
 from posttrain.model.reward import token_values
-from posttrain.train.logps import _causal_parts
 from posttrain.train.rl.losses import entropy_from_logits
 from posttrain.train.rl.rollout import Rollout
 from posttrain.train.rl.shared_prompt import collate_shared, shared_hidden, worth_sharing
@@ -30,14 +29,9 @@ def shares_prompts(model: nn.Module, *, with_grad: bool, critic: bool = False) -
     """Whether `model` can run the shared-prompt layout: its bare decoder must be reachable (not a
     prompt-learning PEFT model, whose virtual tokens live in the cache; no post-processed logits), and
     with gradients, no gradient checkpointing (transformers drops the cache in checkpointed layers)."""
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
+    if prompt_learning_config(model) is not None:
         return False
-    hf = model.get_base_model() if peft_config is not None else model
-    checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers < 5.x: the older name
-    if checkpointing is None:
-        checkpointing = getattr(hf, "is_gradient_checkpointing", False)
-    if with_grad and checkpointing:
+    if with_grad and is_checkpointing(model):
         return False
     if critic:
         try:
@@ -45,7 +39,7 @@ def shares_prompts(model: nn.Module, *, with_grad: bool, critic: bool = False) -
         except ConfigError:
             return False
         return True
-    return _causal_parts(model) is not None
+    return causal_parts(model) is not None
 
 
 def collate_rollouts(rollouts: list[Rollout], pad_id: int, device: torch.device, share_prompts: bool = False,
@@ -81,7 +75,7 @@ def _gather(hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 def response_logps(model: nn.Module, batch: dict, temperature: float, entropy: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log π(token) [B, L], entropy [B, L] or None) of the response tokens, at the sampling temperature."""
-    parts = _causal_parts(model)
+    parts = causal_parts(model)
     if "tail_ids" in batch:  # the shared-prompt layout: hidden states come response-aligned
         if parts is None:
             raise ValueError("the shared-prompt layout needs a model whose decoder and head can be run apart "

@@ -42,7 +42,6 @@ class RolloutSampler:
         except ConfigError as why:
             log.info("rollouts use transformers generate (the engine does not cover this model: %s)", why)
             self.engine = None
-        self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                top_k: int = 0, seeds: list[int] | None = None) -> list[Rollout]:

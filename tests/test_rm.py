@@ -213,3 +213,22 @@ def test_lm_coefficient_refuses_a_reward_model_folder_without_an_lm_head(tmp_pat
     rm = load_reward_model(str(folder), device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="no LM output layer"):
         language_model_head(rm, str(folder), device=torch.device("cpu"))
+
+
+def test_ppo_reward_renders_and_cuts_as_the_reward_model_was_trained(tiny_model_dir, rm_data, tmp_path):
+    """PPO's reward-model reward and `posttrain score` read the RM's own template and cutoff_len, whatever
+    template the RL run renders its prompts with (they once drifted apart)."""
+    from posttrain.data.prompts import Prompt
+    from posttrain.data.schema import Message
+    from posttrain.score import run_score
+    from posttrain.train.rl.rewards import ModelReward, Scored
+
+    out = tmp_path / "rm-llama3"
+    assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, out, max_steps=4, template="llama3", cutoff_len=160)]) == 0
+    rows = [("reverse 123", "321"), ("reverse 123", "I do not know."), ("reverse 1234", "4321" * 80)]  # cut
+    data = write_jsonl([{"prompt": p, "completion": c} for p, c in rows], tmp_path / "rows.jsonl")
+    expected = [r["normalized"] for r in run_score(str(out), str(data))["scores"]]
+    reward = ModelReward(str(out), torch.device("cpu"), batch_size=2)
+    prompts = [Prompt(messages=[Message("user", p)], raw=p, source=f"row{i}") for i, (p, _) in enumerate(rows)]
+    got = reward(Scored(prompts, [c for _, c in rows]))
+    assert got == pytest.approx(expected, abs=1e-5)

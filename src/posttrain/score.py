@@ -16,8 +16,6 @@ import json
 import logging
 from pathlib import Path
 
-import yaml
-
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import Cutter, response_renderer, tokenize_pairs, tokenize_response
 from posttrain.data.prepare import PrepareReport
@@ -25,7 +23,7 @@ from posttrain.data.preference import load_preferences
 from posttrain.data.sources import RawRow, read_rows
 from posttrain.errors import DataError
 from posttrain.model.loading import load_tokenizer, pick_device
-from posttrain.model.reward import check_is_reward_model, load_reward_model, reward_stats
+from posttrain.model.reward import check_is_reward_model, load_reward_model, reward_stats, trained_settings
 from posttrain.train.rm import score_sequences
 
 log = logging.getLogger(__name__)
@@ -45,15 +43,6 @@ def _warn_cut(report: PrepareReport, cutoff_len: int, left_out: list[str]) -> No
         log.warning("%d rows left out of the scores: their prompt fills --cutoff-len %d, so no response token is "
                     "left to score (as `posttrain rm` drops them from training): %s%s", len(left_out), cutoff_len,
                     ", ".join(left_out[:5]), " ..." if len(left_out) > 5 else "")
-
-
-def trained_settings(model_path: str) -> dict:
-    """The template and cutoff_len the reward model was trained with (its posttrain_config.yaml), where known."""
-    path = Path(model_path) / "posttrain_config.yaml"
-    if not path.is_file():
-        return {}
-    config = yaml.safe_load(path.read_text()) or {}
-    return {k: config[k] for k in ("template", "cutoff_len") if config.get(k) is not None}
 
 
 def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,

@@ -146,6 +146,18 @@ def set_reward_stats(model: nn.Module, mean: float, std: float) -> None:
     config.reward_std = float(std)
 
 
+def trained_settings(folder: str | Path) -> dict:
+    """The template and cutoff_len a reward model was trained with (its posttrain_config.yaml), where known:
+    scoring must render and cut responses as training did, or the head reads positions it never learned."""
+    import yaml
+
+    path = Path(folder) / "posttrain_config.yaml"
+    if not path.is_file():
+        return {}
+    config = yaml.safe_load(path.read_text()) or {}
+    return {k: config[k] for k in ("template", "cutoff_len") if config.get(k) is not None}
+
+
 def reward_stats(folder: str | Path) -> tuple[float, float] | None:
     """(mean, std) saved with a reward model, or None if it has none."""
     config = json.loads((Path(folder) / "config.json").read_text())

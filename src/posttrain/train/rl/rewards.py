@@ -204,16 +204,18 @@ class RemoteReward:
 class ModelReward:
     """A `posttrain rm` folder; rewards are normalized with its saved mean / std (when it has them)."""
 
-    def __init__(self, path: str, device: torch.device, template: str | None, batch_size: int,
-                 trust_remote_code: bool = False):
+    def __init__(self, path: str, device: torch.device, batch_size: int, trust_remote_code: bool = False):
         from posttrain.data.pairs import response_renderer
         from posttrain.model.loading import load_tokenizer, resolve_model_path
-        from posttrain.model.reward import load_reward_model, reward_stats
+        from posttrain.model.reward import load_reward_model, reward_stats, trained_settings
 
         resolve_model_path(path, "reward_model")
         self.name = "model"
         self.tokenizer = load_tokenizer(path, trust_remote_code)
-        self.renderer = response_renderer(self.tokenizer, template)
+        # Rendered and cut as the reward model was trained (as `posttrain score` does), not as the RL run's prompts.
+        trained = trained_settings(path)
+        self.renderer = response_renderer(self.tokenizer, trained.get("template"))
+        self.cutoff_len = trained.get("cutoff_len")
         self.model = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
         self.model.requires_grad_(False).eval()
         self.stats = reward_stats(path)
@@ -224,10 +226,13 @@ class ModelReward:
 
     def __call__(self, batch: Scored) -> list[float]:
         from posttrain.data.pairs import tokenize_response
+        from posttrain.data.prepare import truncate
         from posttrain.train.rm import score_sequences
 
         sequences = [tokenize_response(self.renderer, p.messages, Message("assistant", c), p.tools, p.source)
                      for p, c in zip(batch.prompts, batch.completions)]
+        if self.cutoff_len:
+            sequences = [truncate(s, self.cutoff_len) for s in sequences]
         scores = score_sequences(self.model, sequences, pad_id=self.tokenizer.pad_token_id, device=self.device,
                                  batch_size=self.batch_size)
         if self.stats is not None and self.stats[1] > 0:
@@ -271,6 +276,6 @@ def build_rewards(config, device: torch.device) -> Rewards:
     """Function files and built-ins are checked here, before any model loads; the reward model last."""
     sources = [make_source(spec, config.reward_timeout) for spec in config.reward_funcs]
     if config.reward_model:
-        sources.insert(0, ModelReward(config.reward_model, device, config.template,
-                                      config.per_device_eval_batch_size, config.trust_remote_code))
+        sources.insert(0, ModelReward(config.reward_model, device, config.per_device_eval_batch_size,
+                                      config.trust_remote_code))
     return Rewards(sources, config.reward_weights)

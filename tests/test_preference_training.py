@@ -151,4 +151,4 @@ def test_bad_preference_input_fails_before_training(tiny_model_dir, tmp_path, ca
     assert "bad.jsonl:2: chosen and rejected are identical" in capsys.readouterr().err
     assert not out.exists()
     assert main(["dpo", *overrides(tiny_model_dir, bad, out, tmp_path / "cache", packing=True)]) == 2
-    assert "packing: true is for SFT" in capsys.readouterr().err
+    assert "config key 'packing' is for sft, not for dpo" in capsys.readouterr().err

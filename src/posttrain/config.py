@@ -20,14 +20,24 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_wi
 FORMATTINGS = ("auto", "prompt_completion", "alpaca", "role", "openai", "sharegpt", "text", "preference")
 PREF_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "bco_pair")
 
-# Other names users bring from TRL / LLaMA-Factory for the same key.
-ALIASES = {"max_length": "cutoff_len", "max_seq_length": "cutoff_len", "lr": "learning_rate",
-           "dataset_path": "dataset", "additional_target": "modules_to_save", "lora_r": "lora_rank"}
 FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "ptuning", "prompt_tuning", "prefix_tuning")
-# The preference stages take LLaMA-Factory's names; TRL's names for the same settings are aliases.
-ALIASES.update({"beta": "pref_beta", "rpo_alpha": "pref_ftx", "loss_type": "pref_loss",
-                "label_smoothing": "dpo_label_smoothing", "desirable_weight": "kto_chosen_weight",
-                "undesirable_weight": "kto_rejected_weight"})
+
+# The one alias table: other names users bring from TRL / LLaMA-Factory for the same key, per command.
+# Each alias maps straight to the key it means in that command (TRL's `beta` is DPO's pref_beta but
+# GRPO's kl_coef), never through another alias.
+_COMMON_ALIASES = {"max_length": "cutoff_len", "max_seq_length": "cutoff_len", "lr": "learning_rate",
+                   "dataset_path": "dataset", "additional_target": "modules_to_save", "lora_r": "lora_rank"}
+_PREFERENCE_ALIASES = {"beta": "pref_beta", "rpo_alpha": "pref_ftx"}
+_RL_ALIASES = {"beta": "kl_coef", "max_new_tokens": "max_completion_length", "num_ppo_epochs": "ppo_epochs",
+               "epsilon": "cliprange", "epsilon_high": "cliprange_high", "lambd": "lam"}
+ALIASES = {
+    "sft": _COMMON_ALIASES, "rm": _COMMON_ALIASES,
+    "dpo": {**_COMMON_ALIASES, **_PREFERENCE_ALIASES, "loss_type": "pref_loss", "label_smoothing": "dpo_label_smoothing"},
+    "kto": {**_COMMON_ALIASES, **_PREFERENCE_ALIASES, "desirable_weight": "kto_chosen_weight",
+            "undesirable_weight": "kto_rejected_weight"},
+    "ppo": {**_COMMON_ALIASES, **_RL_ALIASES}, "grpo": {**_COMMON_ALIASES, **_RL_ALIASES},
+    "export": {},
+}
 
 
 class _Strict(BaseModel):
@@ -166,7 +176,7 @@ class TrainArgs(FinetuningArgs):
 
 
 class DataArgs(_Strict):
-    """Keys for reading, rendering and batching conversation data."""
+    """Keys for reading and rendering data, every training stage."""
 
     dataset: Union[str, list[Union[str, DatasetEntry]]]
     eval_dataset: Union[str, list[Union[str, DatasetEntry]], None] = None
@@ -175,11 +185,6 @@ class DataArgs(_Strict):
     columns: dict[str, str] | None = None
     template: str | None = None  # built-in name, .jinja path, or None for the tokenizer's own
     cutoff_len: int = Field(1024, ge=2)
-    overlong: Literal["truncate", "drop"] = "truncate"
-    train_on_prompt: bool = False
-    mask_history: bool = False  # train only the last assistant turn
-    packing: bool = False
-    group_by_length: bool = True
     on_bad_rows: Literal["error", "skip"] = "error"
     max_samples: int | None = Field(None, ge=1)
 
@@ -192,7 +197,23 @@ class DataArgs(_Strict):
                 for i in items]
 
 
-class SFTConfig(TrainArgs, DataArgs):
+class SequenceArgs(_Strict):
+    """Keys of the stages that train on whole tokenized sequences in the one loop (sft, rm, dpo, kto);
+    RL prompts keep their last cutoff_len tokens instead, and its batches are rollouts."""
+
+    overlong: Literal["truncate", "drop"] = "truncate"  # longer than cutoff_len: keep its first tokens, or drop it
+    group_by_length: bool = True  # batch similar lengths together: little padding
+
+
+class SFTDataArgs(_Strict):
+    """What SFT alone trains on: the preference and RL stages train on the response only, unpacked."""
+
+    train_on_prompt: bool = False
+    mask_history: bool = False  # train only the last assistant turn
+    packing: bool = False
+
+
+class SFTConfig(TrainArgs, DataArgs, SequenceArgs, SFTDataArgs):
     stage: Literal["sft"] = "sft"
     learning_rate: float = Field(1e-4, gt=0)
 
@@ -204,7 +225,7 @@ class ReferenceArgs(_Strict):
     ref_cache_dir: str | None = None  # default: $POSTTRAIN_CACHE or ~/.cache/posttrain, under reference_logps/
 
 
-class RMConfig(TrainArgs, DataArgs):
+class RMConfig(TrainArgs, DataArgs, SequenceArgs):
     """`posttrain rm`: a reward model (scalar head) trained on preference pairs, Bradley-Terry loss."""
 
     stage: Literal["rm"] = "rm"
@@ -213,7 +234,7 @@ class RMConfig(TrainArgs, DataArgs):
     lm_coefficient: float = Field(0.0, ge=0)  # + c * per-token NLL of the chosen response (LM head; GRM's SFT term)
 
 
-class DPOConfig(TrainArgs, DataArgs, ReferenceArgs):
+class DPOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
     """`posttrain dpo`: the DPO family (sigmoid, ipo, hinge, robust, bco_pair) and the reference-free
     SimPO and ORPO, on preference pairs."""
 
@@ -232,7 +253,7 @@ class DPOConfig(TrainArgs, DataArgs, ReferenceArgs):
         return self
 
 
-class KTOConfig(TrainArgs, DataArgs, ReferenceArgs):
+class KTOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
     """`posttrain kto`: KTO on unpaired rows (a response and a true/false label)."""
 
     stage: Literal["kto"] = "kto"
@@ -321,21 +342,6 @@ class RLConfig(TrainArgs, DataArgs):
     cliprange_value: float = Field(0.2, gt=0)
     critic_warmup_steps: int = Field(0, ge=0)  # rollout steps that train the critic only
 
-    @model_validator(mode="before")
-    @classmethod
-    def _rl_aliases(cls, data):
-        # TRL's `beta` reaches us as pref_beta (the global alias for the preference stages).
-        if isinstance(data, dict):
-            data = dict(data)
-            for alias, key in (("pref_beta", "kl_coef"), ("max_new_tokens", "max_completion_length"),
-                               ("num_ppo_epochs", "ppo_epochs"), ("epsilon", "cliprange"), ("lambd", "lam"),
-                               ("epsilon_high", "cliprange_high")):
-                if alias in data:
-                    if key in data and data[key] != data[alias]:
-                        raise ValueError(f"config sets both {alias!r} and {key!r} (same setting); keep one")
-                    data[key] = data.pop(alias)
-        return data
-
     @model_validator(mode="after")
     def _estimator_defaults(self):
         est = self.advantage_estimator or ("gae" if self.stage == "ppo" else "grpo")
@@ -415,9 +421,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _apply_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+def _apply_aliases(raw: dict[str, Any], stage: str) -> dict[str, Any]:
     out = dict(raw)
-    for alias, key in ALIASES.items():
+    for alias, key in ALIASES.get(stage, _COMMON_ALIASES).items():
         if alias in out:
             if key in out and out[key] != out[alias]:
                 raise ConfigError(f"config sets both {alias!r} and {key!r} (same setting); keep one")
@@ -431,9 +437,14 @@ def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "(config)"
         if e["type"] == "extra_forbidden":
+            elsewhere = [s for s, other in STAGES.items() if other is not cls and str(e["loc"][-1]) in other.model_fields]
             close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(f"unknown config key {key!r}{hint}")
+            if elsewhere and len(e["loc"]) == 1:
+                lines.append(f"config key {key!r} is for {' / '.join(elsewhere)}, not for "
+                             f"{_stage_name(cls)}; remove it")
+            else:
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                lines.append(f"unknown config key {key!r}{hint}")
         elif e["type"] == "missing":
             lines.append(f"config key {key!r} is required")
         elif not e["loc"]:  # a check across keys: its message names them
@@ -472,8 +483,12 @@ def _check_paths(config: BaseModel) -> None:
                 check_path_value(which, entry.path)
 
 
+def _stage_name(cls: type[BaseModel]) -> str:
+    return next((s for s, c in STAGES.items() if c is cls), cls.__name__)
+
+
 def build_config(cls: type[BaseModel], raw: dict[str, Any]):
-    raw = _apply_aliases(raw)
+    raw = _apply_aliases(raw, _stage_name(cls))
     try:
         config = cls.model_validate(raw)
     except ValidationError as err:

@@ -54,11 +54,6 @@ def begin(config) -> torch.device:
     check_output_dir(config)
     if config.fp16 and device.type == "cpu":
         raise ConfigError("fp16 autocast is for CUDA; on CPU use bf16: true or neither")
-    if config.stage != "sft":
-        for key in ("packing", "train_on_prompt", "mask_history"):
-            if getattr(config, key):
-                raise ConfigError(f"{key}: true is for SFT; the {config.stage} stage trains on the response only "
-                                  "(the last assistant turn), one unpacked sequence per response")
     check_finetuning(config, device, packing=bool(getattr(config, "packing", False)))
     return device
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import yaml
 
+from posttrain.data.chat import resolve_template
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import Cutter, response_renderer, tokenize_pairs, tokenize_response
 from posttrain.data.prepare import PrepareReport
 from posttrain.data.preference import load_preferences
 from posttrain.data.sources import RawRow, read_rows
-from posttrain.errors import DataError
+from posttrain.data.templates import check_template_encodes
+from posttrain.errors import ConfigError, DataError
 from posttrain.model.loading import load_tokenizer, pick_device
 from posttrain.model.reward import check_is_reward_model, load_reward_model, reward_stats
 from posttrain.train.rm import score_sequences
@@ -56,15 +58,27 @@ def trained_settings(model_path: str) -> dict:
     return {k: config[k] for k in ("template", "cutoff_len") if config.get(k) is not None}
 
 
+def trained_template(recorded: str | None, tokenizer) -> str | None:
+    """The template `posttrain rm` trained with: the recorded `template:` where it still resolves, else the
+    folder's own (the stage saved the template it used into the folder's tokenizer; a .jinja path recorded
+    relative to another working directory, or since moved, need not be found again)."""
+    if recorded and tokenizer.chat_template:
+        try:
+            resolve_template(recorded, tokenizer)
+        except ConfigError:
+            return None
+    return recorded
+
+
 def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,
               batch_size: int = 16, cutoff_len: int | None = None, trust_remote_code: bool = False) -> dict:
     check_is_reward_model(model_path)
     trained = trained_settings(model_path)
-    template = template or trained.get("template")
     cutoff_len = cutoff_len or trained.get("cutoff_len", 4096)
     device = pick_device("auto")
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    renderer = response_renderer(tokenizer, template)
+    renderer = response_renderer(tokenizer, template or trained_template(trained.get("template"), tokenizer))
+    check_template_encodes(tokenizer, renderer.template, template)
     model = load_reward_model(model_path, device=device, trust_remote_code=trust_remote_code)
     stats = reward_stats(model_path)
     if _is_preference_file(data):

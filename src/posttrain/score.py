@@ -4,7 +4,8 @@ DATA holds prompt/response rows in any SFT format (prompt + completion, messages
 alpaca, ...): the last assistant message is the response that is scored. A preference file
 (chosen + rejected) is scored pair by pair and the pair accuracy reported. Responses are rendered
 and tokenized exactly as `posttrain rm` trained on them (its chat template and cutoff_len, read from
-the folder's posttrain_config.yaml unless `--template` / `--cutoff-len` say otherwise), and cut by the
+the folder's posttrain_config.yaml unless `--template` / `--cutoff-len` say otherwise; a recorded
+template file that is gone is found in the folder's tokenizer, where rm saved it), and cut by the
 same rule (the first tokens are kept: data/prepare.py `truncate`); a warning says how many rows were cut, and
 names any row left out because its response lies wholly past the cut. With `--output`, one JSON
 line per row: {"source": "file:line", "reward": r, "normalized": (r - mean) / std}.

@@ -309,3 +309,8 @@ def test_compare_cli_takes_data_and_template(tmp_path, capsys):
     assert main(["compare", "--data", str(text), "--template", "chatml", "--output-dir", str(tmp_path / "c"),
                  "--steps", "1"]) == 2
     assert "every row must be a conversation ending in an assistant turn" in capsys.readouterr().err
+
+
+def test_serve_cli_takes_a_template(plain_base, capsys):
+    assert main(["serve", str(plain_base), "--template", "no-such-template"]) == 2
+    assert "error: template: 'no-such-template' is neither a built-in template" in capsys.readouterr().err

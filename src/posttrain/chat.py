@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from posttrain.data.chat import ChatRenderer
 from posttrain.data.schema import Conversation, Message
+from posttrain.data.templates import chat_stop_ids, check_template_encodes
 from posttrain.errors import ConfigError
 from posttrain.inference.generate import generate
 from posttrain.model.loading import load_for_inference
@@ -20,14 +21,16 @@ def run_chat(model_path: str, prompt: str | None = None, system: str | None = No
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     model, tokenizer = load_for_inference(model_path, adapter, trust_remote_code=trust_remote_code)
-    renderer = ChatRenderer(tokenizer, template)
+    renderer = ChatRenderer(tokenizer, template)  # default: the folder's own (a stage saves the one it trained with)
+    check_template_encodes(tokenizer, renderer.template, template)
+    stop_ids = chat_stop_ids(tokenizer, renderer.template)  # EOS and the template's end of turn
     history = [Message("system", system)] if system else []
 
     def reply(text: str) -> str:
         history.append(Message("user", text))
         conv = Conversation(messages=history + [Message("assistant", "")])
         answer = generate(model, tokenizer, [renderer.prompt_ids(conv)], max_new_tokens=max_new_tokens,
-                          temperature=temperature)[0]
+                          temperature=temperature, stop_ids=stop_ids)[0]
         history.append(Message("assistant", answer))
         return answer
 

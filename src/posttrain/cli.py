@@ -101,7 +101,8 @@ def cmd_quickstart(a) -> None:
 def cmd_compare(a) -> None:
     from posttrain.compare import run_compare
 
-    run_compare(a.output_dir, methods=a.methods.split(","), steps=a.steps, base=a.base, batch_size=a.batch_size)
+    run_compare(a.output_dir, methods=a.methods.split(","), steps=a.steps, base=a.base, batch_size=a.batch_size,
+                data=a.data, template=a.template)
 
 
 def cmd_init_model(a) -> None:
@@ -147,7 +148,8 @@ def cmd_serve(a) -> None:
             raise ConfigError(f"--adapter {name!r} is given twice")
         adapters[name] = path
     run_server(ServeSettings(
-        model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port, adapters=adapters,
+        model=a.model, served_model_name=a.served_model_name, template=a.template, host=a.host, port=a.port,
+        adapters=adapters,
         adapter_dirs=a.adapter_dir, allow_runtime_adapters=a.allow_runtime_adapters, max_loras=a.max_loras,
         max_runtime_adapters=a.max_runtime_adapters,
         api_keys=a.api_key + ([os.environ["POSTTRAIN_API_KEY"]] if os.environ.get("POSTTRAIN_API_KEY") else []),
@@ -228,13 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast", action="store_true", help="a much shorter run (for smoke tests)")
     s.set_defaults(func=cmd_quickstart)
 
-    s = sub.add_parser("compare", help="full vs LoRA vs P-tuning on the embedded task: one measured table")
+    s = sub.add_parser("compare", help="full vs LoRA vs P-tuning on the embedded task or your own data: one "
+                                       "measured table")
     s.add_argument("--output-dir", default="runs/compare")
     s.add_argument("--methods", default="full,lora,ptuning",
                    help="comma-separated: full, lora, ptuning, prompt_tuning, prefix_tuning, freeze")
     s.add_argument("--steps", type=int, default=400, help="optimizer steps, the same for every method")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--base", help="a local model folder to start from (default: a fresh tiny model)")
+    s.add_argument("--data", help="SFT rows to train on, in any SFT format (default: the embedded task); a tenth "
+                                  "(at most 200) is held out and scored by exact match of the last assistant turn")
+    s.add_argument("--template", help="chat template every method trains and answers with: a built-in name or a "
+                                      ".jinja path (default: the base's own)")
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("init-model", help="write the tiny default model + tokenizer as an HF folder")
@@ -275,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
                         "also read from $POSTTRAIN_API_KEY)")
     s.add_argument("--served-model-name", help="the base model's name in the API (default: its folder's name)")
+    s.add_argument("--template", help="chat template for the base model and for adapters that ship none: a built-in "
+                                      "name or a .jinja path (default: the model's own, which a posttrain stage "
+                                      "saves with its output)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")

@@ -1,10 +1,15 @@
-"""`posttrain compare`: full fine-tuning vs LoRA vs P-tuning on the embedded task, measured here.
+"""`posttrain compare`: full fine-tuning vs LoRA vs P-tuning on the embedded task, or on your own
+model (`--base`), data (`--data`) and chat template (`--template`), measured here.
 
 Each method trains in its own child process on the same base, data, batch size and number of
 steps, so its wall time and peak memory (the child's max RSS) are its own. One table comes out:
 parameters updated (count and %), wall time, peak memory, held-out exact match, output size.
 Learning rates differ by method, as each needs (a soft prompt or a low-rank update moves less per
 step than a full update); everything else is shared.
+
+With `--data` (SFT rows in any format), a held-out share of the rows is set aside before training,
+and a held-out row counts as right when the greedy answer to its messages before the last assistant
+turn equals that turn's text.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ METHODS: dict[str, dict] = {
 }
 DEFAULT_METHODS = ("full", "lora", "ptuning")
 CUTOFF_LEN = 64  # training rows (every task row fits)
-ANSWER_TOKENS = 16  # generated per held-out prompt (quickstart.exact_match)
+DATA_CUTOFF_LEN = 1024  # training rows of --data (SFT's default cutoff_len)
+ANSWER_TOKENS = 16  # generated per held-out prompt of the embedded task (quickstart.exact_match)
 
 
 def run_child(spec_path: Path) -> None:
@@ -48,7 +54,7 @@ def run_child(spec_path: Path) -> None:
     held_out = [json.loads(l) for l in Path(spec["held_out"]).read_text().splitlines() if l.strip()]
     summary = next(r for r in result.metrics if "trainable_params" in r)
     out = Path(spec["config"]["output_dir"])
-    accuracy = exact_match(out, held_out)
+    accuracy = exact_match(out, held_out, max_new_tokens=spec["answer_tokens"])
     Path(spec["result"]).write_text(json.dumps({
         **{k: summary[k] for k in ("trainable_params", "total_params", "trainable_percent")},
         "train_s": train_s, "final_loss": result.train_loss, "accuracy": accuracy,
@@ -59,7 +65,9 @@ def run_child(spec_path: Path) -> None:
 
 def run_compare(output_dir: str = "runs/compare", methods: list[str] | None = None, steps: int = 400,
                 base: str | None = None, batch_size: int = 32, quiet: bool = False, train_rows: int = 6000,
-                held_out_rows: int = 200) -> dict[str, dict]:
+                held_out_rows: int = 200, data: str | None = None, template: str | None = None) -> dict[str, dict]:
+    """`data`: SFT rows to train on instead of the embedded task (held-out rows split from them);
+    `template`: the chat template every method trains and answers with (default: the base's own)."""
     from posttrain.data.synthetic import split_task, write_jsonl
     from posttrain.model.tiny import write_tiny_model
 
@@ -68,19 +76,27 @@ def run_compare(output_dir: str = "runs/compare", methods: list[str] | None = No
     if unknown:
         raise ConfigError(f"compare: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     root = Path(output_dir)
+    if data is not None:
+        rows, held_out = _user_rows(data, held_out_rows)
+    else:
+        rows, held_out = split_task(train_rows, held_out_rows, seed=0)
     base = base or str(write_tiny_model(root / "base-model"))
-    rows, held_out = split_task(train_rows, held_out_rows, seed=0)
-    context = _check_context(base, held_out, methods)
-    data = write_jsonl([{"messages": r["messages"]} for r in rows], root / "data" / "train.jsonl")
+    context, answer_tokens = _check_context(base, held_out, methods, template, data is not None)
+    cutoff = DATA_CUTOFF_LEN if data is not None else CUTOFF_LEN
+    train = write_jsonl([{k: r[k] for k in ("messages", "tools") if r.get(k)} for r in rows],
+                        root / "data" / "train.jsonl")
     held = write_jsonl(held_out, root / "data" / "held_out.jsonl")
     results: dict[str, dict] = {}
     for method in methods:
-        config = dict(model_name_or_path=base, dataset=str(data), output_dir=str(root / method),
+        config = dict(model_name_or_path=base, dataset=str(train), output_dir=str(root / method),
                       overwrite_output_dir=True, per_device_train_batch_size=batch_size, max_steps=steps,
-                      cutoff_len=min(CUTOFF_LEN, context), lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=25, save_steps=0,
-                      disable_tqdm=True, seed=0, **METHODS[method])
+                      cutoff_len=min(cutoff, context), lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=25,
+                      save_steps=0, disable_tqdm=True, seed=0, **METHODS[method])
+        if template:
+            config["template"] = template  # saved with each output, so its answers are rendered with it too
         spec = root / f".{method}-spec.json"
-        spec.write_text(json.dumps({"config": config, "held_out": str(held), "result": str(root / f".{method}.json")}))
+        spec.write_text(json.dumps({"config": config, "held_out": str(held), "result": str(root / f".{method}.json"),
+                                    "answer_tokens": answer_tokens}))
         if not quiet:
             print(f"[compare] training {method} ({steps} steps, batch {batch_size}) ...", flush=True)
         started = time.perf_counter()
@@ -101,27 +117,57 @@ def run_compare(output_dir: str = "runs/compare", methods: list[str] | None = No
     return results
 
 
-def _check_context(base: str, held_out: list[dict], methods: list[str]) -> int:
-    """The base's context length, checked to hold every held-out prompt, the virtual tokens of the prompt
-    methods and an answer (before any method trains)."""
+def _user_rows(data: str, held_out_rows: int) -> tuple[list[dict], list[dict]]:
+    """`data`'s conversations as training rows and held-out rows (`messages`, `tools`, and the last assistant
+    turn's text as the `answer`): a tenth of the rows, at most `held_out_rows`, chosen by seed 0."""
+    from posttrain.data.formats import DatasetSpec, load_conversations
+    from posttrain.data.prepare import split_eval
+    from posttrain.errors import DataError
+
+    convs, _ = load_conversations([DatasetSpec(path=data)])
+    text = [c.source for c in convs if c.is_text]
+    if text:
+        raise DataError("--data: compare scores each held-out answer, so every row must be a conversation ending "
+                        f"in an assistant turn; {len(text)} are plain text (first: {text[0]})", data)
+    if len(convs) < 2:
+        raise DataError(f"--data has {len(convs)} row; compare needs at least 2 (some to train on, one held out)",
+                        data)
+    train, held = split_eval(convs, min(held_out_rows, max(1, len(convs) // 10)), seed=0)
+
+    def row(c) -> dict:
+        return {"messages": [m.to_dict() for m in c.messages], "tools": c.tools,
+                "answer": c.messages[-1].content.strip()}
+
+    return [row(c) for c in train], [row(c) for c in held]
+
+
+def _check_context(base: str, held_out: list[dict], methods: list[str], template: str | None = None,
+                   measure_answers: bool = False) -> tuple[int, int]:
+    """The base's context length and the tokens generated per held-out answer (the longest answer and its end
+    when `measure_answers`, else ANSWER_TOKENS), checked to hold every held-out prompt, the virtual tokens of the
+    prompt methods and an answer (before any method trains); the template checked against the tokenizer."""
     from posttrain.data.chat import ChatRenderer
-    from posttrain.data.schema import Conversation, Message
+    from posttrain.data.templates import check_template_encodes
     from posttrain.model.files import read_json
     from posttrain.model.loading import load_tokenizer, resolve_model_path
-    from posttrain.quickstart import prompt_of
+    from posttrain.quickstart import _asking, prompt_of
 
     folder = resolve_model_path(base, "--base")
     context = read_json(folder / "config.json", "config.json").get("max_position_embeddings") or CUTOFF_LEN
-    renderer = ChatRenderer(load_tokenizer(str(folder)))
-    longest = max(len(renderer.prompt_ids(Conversation([Message("user", prompt_of(r)), Message("assistant", "")])))
-                  for r in held_out)
+    tokenizer = load_tokenizer(str(folder))
+    renderer = ChatRenderer(tokenizer, template)
+    check_template_encodes(tokenizer, renderer.template, template)
+    longest = max(len(renderer.prompt_ids(_asking(prompt_of(r)))) for r in held_out)
+    answer_tokens = ANSWER_TOKENS
+    if measure_answers:
+        answer_tokens = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in held_out) + 1
     virtual = max(METHODS[m].get("num_virtual_tokens", 0) for m in methods)
-    if longest + virtual + ANSWER_TOKENS > context:
+    if longest + virtual + answer_tokens > context:
         raise ConfigError(f"--base {base}: the model's context is {context} tokens, but the held-out prompts take up "
                           f"to {longest}" + (f" plus {virtual} virtual tokens" if virtual else "")
-                          + f" plus {ANSWER_TOKENS} for the answer; use a model with a longer context"
+                          + f" plus {answer_tokens} for the answer; use a model with a longer context"
                           + (" or leave out the prompt methods (--methods full,lora)" if virtual else ""))
-    return context
+    return context, answer_tokens
 
 
 def _size(n: float) -> str:

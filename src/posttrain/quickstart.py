@@ -18,26 +18,41 @@ from posttrain.config import build_config, SFTConfig
 from posttrain.data.chat import ChatRenderer
 from posttrain.data.schema import Conversation, Message
 from posttrain.data.synthetic import split_task, write_jsonl
+from posttrain.data.templates import chat_stop_ids
 from posttrain.inference.generate import generate
 from posttrain.model.loading import load_for_inference
 from posttrain.model.tiny import write_tiny_model
 from posttrain.train.sft import run_sft
 
 
-def greedy_answers(model_path: str | Path, prompts: list[str], max_new_tokens: int = 16,
+def greedy_answers(model_path: str | Path, prompts: list[str | Conversation], max_new_tokens: int = 16,
                    adapter: str | Path | None = None) -> list[str]:
-    """The model's greedy answer to each one-turn user prompt (a model folder, or an adapter's)."""
+    """The model's greedy answer to each prompt (a model folder, or an adapter's), rendered with the folder's
+    own chat template: a one-turn user prompt, or a conversation (messages and tools) before its answer."""
     model, tokenizer = load_for_inference(str(model_path), str(adapter) if adapter else None)
     renderer = ChatRenderer(tokenizer)
     # prompt_ids renders everything before the last assistant turn: the answer itself is never read.
-    ids = [renderer.prompt_ids(Conversation([Message(role="user", content=p), Message(role="assistant", content="")]))
-           for p in prompts]
-    return [a.strip() for a in generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)]
+    ids = [renderer.prompt_ids(_asking(p)) for p in prompts]
+    return [a.strip() for a in generate(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                                        stop_ids=chat_stop_ids(tokenizer, renderer.template))]
 
 
-def prompt_of(row: dict) -> str:
-    """The user prompt of a task row: `{"prompt", "answer"}` or `{"messages", "answer"}`."""
-    return row["prompt"] if "prompt" in row else row["messages"][0]["content"]
+def _asking(prompt: str | Conversation) -> Conversation:
+    """The prompt as a conversation ending in an empty assistant turn (the one to generate)."""
+    if isinstance(prompt, str):
+        prompt = Conversation([Message(role="user", content=prompt)])
+    return Conversation([*prompt.messages, Message(role="assistant", content="")], tools=prompt.tools)
+
+
+def prompt_of(row: dict) -> str | Conversation:
+    """What a held-out row asks: `{"prompt", "answer"}` (one user prompt), or `{"messages", "answer"}` (the
+    messages before the answer, with the row's `tools`)."""
+    if "prompt" in row:
+        return row["prompt"]
+    messages = [Message(**m) for m in row["messages"]]
+    if messages[-1].role == "assistant":
+        messages = messages[:-1]
+    return Conversation(messages, tools=row.get("tools"))
 
 
 def exact_match(model_path: str | Path, rows: list[dict], max_new_tokens: int = 16, adapter: str | Path | None = None) -> float:

@@ -4,7 +4,8 @@ DATA holds prompt/response rows in any SFT format (prompt + completion, messages
 alpaca, ...): the last assistant message is the response that is scored. A preference file
 (chosen + rejected) is scored pair by pair and the pair accuracy reported. Responses are rendered
 and tokenized exactly as `posttrain rm` trained on them (its chat template and cutoff_len, read from
-the folder's posttrain_config.yaml unless `--template` / `--cutoff-len` say otherwise), and cut by the
+the folder's posttrain_config.yaml unless `--template` / `--cutoff-len` say otherwise; a recorded
+template file that is gone is found in the folder's tokenizer, where rm saved it), and cut by the
 same rule (the first tokens are kept: data/prepare.py `truncate`); a warning says how many rows were cut, and
 names any row left out because its response lies wholly past the cut. With `--output`, one JSON
 line per row: {"source": "file:line", "reward": r, "normalized": (r - mean) / std}.
@@ -16,12 +17,14 @@ import json
 import logging
 from pathlib import Path
 
+from posttrain.data.chat import resolve_template
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import Cutter, response_renderer, tokenize_pairs, tokenize_response
 from posttrain.data.prepare import PrepareReport
 from posttrain.data.preference import load_preferences
 from posttrain.data.sources import RawRow, read_rows
-from posttrain.errors import DataError
+from posttrain.data.templates import check_template_encodes
+from posttrain.errors import ConfigError, DataError
 from posttrain.model.loading import load_tokenizer, pick_device
 from posttrain.model.reward import check_is_reward_model, load_reward_model, reward_stats, trained_settings
 from posttrain.train.rm import score_sequences
@@ -45,15 +48,27 @@ def _warn_cut(report: PrepareReport, cutoff_len: int, left_out: list[str]) -> No
                     ", ".join(left_out[:5]), " ..." if len(left_out) > 5 else "")
 
 
+def trained_template(recorded: str | None, tokenizer) -> str | None:
+    """The template `posttrain rm` trained with: the recorded `template:` where it still resolves, else the
+    folder's own (the stage saved the template it used into the folder's tokenizer; a .jinja path recorded
+    relative to another working directory, or since moved, need not be found again)."""
+    if recorded and tokenizer.chat_template:
+        try:
+            resolve_template(recorded, tokenizer)
+        except ConfigError:
+            return None
+    return recorded
+
+
 def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,
               batch_size: int = 16, cutoff_len: int | None = None, trust_remote_code: bool = False) -> dict:
     check_is_reward_model(model_path)
     trained = trained_settings(model_path)
-    template = template or trained.get("template")
     cutoff_len = cutoff_len or trained.get("cutoff_len", 4096)
     device = pick_device("auto")
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    renderer = response_renderer(tokenizer, template)
+    renderer = response_renderer(tokenizer, template or trained_template(trained.get("template"), tokenizer))
+    check_template_encodes(tokenizer, renderer.template, template)
     model = load_reward_model(model_path, device=device, trust_remote_code=trust_remote_code)
     stats = reward_stats(model_path)
     if _is_preference_file(data):

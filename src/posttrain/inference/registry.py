@@ -53,6 +53,7 @@ class Adapter:
     prompt: PromptEmbeddings | None = None  # prompt / P-tuning adapters only
     prefix: PrefixKV | None = None  # prefix-tuning adapters only
     rank: int = 0  # LoRA only
+    end_of_turn: list[int] = field(default_factory=list)  # its chat template's end-of-turn token (a chat stop)
     created: int = field(default_factory=lambda: int(time.time()))
     removed: bool = False
     given: str = ""  # the path as the operator or client wrote it: the only one error messages show
@@ -191,18 +192,36 @@ class AdapterRegistry:
         config = read_adapter_config(folder)
         check_base_model(config, folder, self.base_config)
         tokenizer, template = self._tokenizer_for(folder)
+        end_of_turn = self._end_of_turn(folder, tokenizer, template)
         peft_type = config.get("peft_type")
         if peft_type == "LORA":
             weights = read_lora(name, folder, config, self.dims, self.dtype)  # full check now; bank load later
-            return Adapter(name, folder, "lora", tokenizer, template, rank=weights.rank)
+            return Adapter(name, folder, "lora", tokenizer, template, rank=weights.rank, end_of_turn=end_of_turn)
         if peft_type in PROMPT_TYPES:
             prompt = read_prompt_adapter(name, folder, config, self.dims, self.dtype, self.device)
-            return Adapter(name, folder, "prompt", tokenizer, template, prompt=prompt)
+            return Adapter(name, folder, "prompt", tokenizer, template, prompt=prompt, end_of_turn=end_of_turn)
         if peft_type in PREFIX_TYPES:
             prefix = read_prefix_adapter(name, folder, config, self.dims, self.dtype, self.device)
-            return Adapter(name, folder, "prefix", tokenizer, template, prefix=prefix)
+            return Adapter(name, folder, "prefix", tokenizer, template, prefix=prefix, end_of_turn=end_of_turn)
         raise AdapterError(f"{folder}: peft_type {peft_type!r} is not served; the engine serves LORA, "
                            f"{', '.join(PROMPT_TYPES + PREFIX_TYPES)} (merge other adapter types into the base model)")
+
+    def _end_of_turn(self, folder: Path, tokenizer, template: str | None) -> list[int]:
+        """The end-of-turn token of the template the adapter's chats render with (its own, else the base's),
+        checked to survive its tokenizer."""
+        from posttrain.data.chat import resolve_template
+        from posttrain.data.templates import check_template_encodes, end_of_turn_ids
+        from posttrain.errors import ConfigError
+
+        try:
+            source = template or resolve_template(None, self.base_tokenizer)
+        except ConfigError:  # neither has one: completions only
+            return []
+        try:
+            check_template_encodes(tokenizer, source, str(folder / "chat_template.jinja") if template else None)
+        except ConfigError as err:
+            raise AdapterError(f"{folder}: {err}") from None
+        return end_of_turn_ids(tokenizer, source)
 
     def _tokenizer_for(self, folder: Path):
         template_file = folder / "chat_template.jinja"

@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -72,6 +72,8 @@ class ServerState:
     metrics: Metrics
     created: int
     in_flight: int = 0
+    chat_template: str | None = None  # the base's (--template, else its own); also for adapters that ship none
+    end_of_turn: list[int] = field(default_factory=list)  # its end-of-turn token: chats stop there too
 
     @property
     def max_model_len(self) -> int:
@@ -161,7 +163,8 @@ def create_app(state: ServerState):
         adapter = state.registry.get(name)  # UnknownModel -> 404; never a silent fall back to the base
         return adapter, adapter.tokenizer, adapter.chat_template
 
-    def sampling(body, prompt_len: int, adapter: Adapter | None, logprobs: int | None) -> SamplingParams:
+    def sampling(body, prompt_len: int, adapter: Adapter | None, logprobs: int | None,
+                 end_of_turn: list[int] = ()) -> SamplingParams:
         virtual = adapter.prompt.num_virtual_tokens if adapter is not None and adapter.kind == "prompt" else 0
         if prompt_len > state.max_prompt_tokens:
             raise RequestError(f"the prompt has {prompt_len} tokens; this server accepts at most "
@@ -172,11 +175,14 @@ def create_app(state: ServerState):
                                param="max_tokens")
         max_new = asked if asked is not None else min(state.max_tokens_limit,
                                                       state.max_model_len - prompt_len - virtual)
+        stop_ids = list(body.stop_token_ids or [])
+        if not body.ignore_eos:  # the template's end of turn ends a chat answer as EOS does
+            stop_ids += [t for t in end_of_turn if t not in stop_ids]
         return SamplingParams(
             max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, stop=body.stop_list(),
-            stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, seed=body.seed,
+            stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, seed=body.seed,
             logprobs=logprobs)
 
     def check_n(body) -> None:
@@ -187,20 +193,18 @@ def create_app(state: ServerState):
         body.refuse_unsupported()
         check_n(body)
         adapter, tokenizer, template = resolve(body.model)
-        from posttrain.data.chat import resolve_template
-
-        try:
-            template = template or resolve_template(None, tokenizer)
-        except ConfigError:
-            raise RequestError(f"model {body.model!r} has no chat template; use /v1/completions with a raw prompt",
-                               param="model") from None
+        template = template or state.chat_template  # an adapter without its own renders as the base does
+        if not template:
+            raise RequestError(f"model {body.model!r} has no chat template; use /v1/completions with a raw prompt "
+                               "(or start the server with --template)", param="model")
         try:
             text = tokenizer.apply_chat_template(body.chat_messages(), chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
         except Exception as err:  # a template that rejects these messages (e.g. roles out of order)
             raise RequestError(f"the chat template cannot render these messages: {err}", param="messages") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        params = sampling(body, len(ids), adapter, body.wanted_logprobs())
+        params = sampling(body, len(ids), adapter, body.wanted_logprobs(),
+                          adapter.end_of_turn if adapter is not None else state.end_of_turn)
         return Prepared(body.model, adapter, tokenizer, [ids] * body.n, _seeded(params, body.n),
                         adapter_weights(adapter))
 

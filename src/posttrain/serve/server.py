@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.data.templates import end_of_turn_ids
 from posttrain.errors import ConfigError
 from posttrain.serve.settings import ServeSettings
 
@@ -36,6 +37,7 @@ def build_state(settings: ServeSettings):
             raise ConfigError(f"--adapter-dir {d}: not a folder")
     device = pick_device(settings.device)
     tokenizer = load_tokenizer(str(model_dir), settings.trust_remote_code)
+    chat_template = base_chat_template(tokenizer, settings.template)  # before any adapter reads it
     model = load_model(str(model_dir), device=device, trust_remote_code=settings.trust_remote_code,
                        dtype=_dtype(settings, device)).eval()
     engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_seq_len=settings.max_model_len,
@@ -53,7 +55,25 @@ def build_state(settings: ServeSettings):
     # frees the unfused originals.
     del model
     worker = EngineWorker(engine)
-    return ServerState(settings, engine, worker, registry, tokenizer, base_name, Metrics(), int(time.time()))
+    return ServerState(settings, engine, worker, registry, tokenizer, base_name, Metrics(), int(time.time()),
+                       chat_template=chat_template,
+                       end_of_turn=end_of_turn_ids(tokenizer, chat_template) if chat_template else [])
+
+
+def base_chat_template(tokenizer, template: str | None) -> str | None:
+    """The chat template of the base model (and of adapters that ship none): `--template`, else the model's
+    own (a stage saves the one it trained with); checked against the tokenizer. `--template` becomes the base
+    tokenizer's own, which adapters without a tokenizer of their own share. None: completions only."""
+    from posttrain.data.chat import resolve_template
+    from posttrain.data.templates import check_template_encodes
+
+    if not template and not tokenizer.chat_template:
+        return None
+    source = resolve_template(template, tokenizer)
+    check_template_encodes(tokenizer, source, template)
+    if template:
+        tokenizer.chat_template = source
+    return source
 
 
 def run_server(settings: ServeSettings) -> None:

@@ -13,6 +13,7 @@ class ServeSettings:
     served_model_name: str | None = None  # the base's name in the API; default: the folder's name
     host: str = "127.0.0.1"
     port: int = 8000
+    template: str | None = None  # chat template (built-in name or .jinja path) for the base and template-less adapters
     adapters: dict[str, str] = field(default_factory=dict)  # name -> folder (operator-given: any path)
     adapter_dirs: list[str] = field(default_factory=list)  # every adapter inside is served; runtime loads stay inside
     allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter

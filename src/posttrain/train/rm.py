@@ -32,7 +32,7 @@ from posttrain.config import RMConfig, save_config
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX
 from posttrain.data.pairs import collate_pairs
-from posttrain.model.loading import load_tokenizer
+from posttrain.data.templates import carry_template
 from posttrain.errors import ConfigError
 from posttrain.model.reward import (
     language_model_head, last_hidden_states, load_reward_model, reward_head, rewards_from_hidden, sequence_rewards,
@@ -117,7 +117,7 @@ def run_rm(config: RMConfig) -> TrainResult:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for rm; use one of "
                           f"{', '.join(RM_FINETUNING)} (a LoRA adapter is merged into the saved reward model)")
     device = stage.begin(config)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    tokenizer = stage.load_stage_tokenizer(config)
     train, evals = stage.load_pairs(config, tokenizer)
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                               attn_implementation=config.attn_implementation,
@@ -143,6 +143,7 @@ def run_rm(config: RMConfig) -> TrainResult:
         set_reward_stats(final, mean, std if math.isfinite(std) else 0.0)
         log.info("reward over the training responses: mean %.4f, std %.4f (saved in config.json)", mean, std)
         final.save_pretrained(folder)
+        carry_template(tokenizer, config.template)  # scored later as trained
         tokenizer.save_pretrained(folder)
         save_config(config, folder / "posttrain_config.yaml")
 

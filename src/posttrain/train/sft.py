@@ -16,7 +16,7 @@ from posttrain.data.batching import collate, example_length, pack
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer
 from posttrain.data.formats import load_conversations
 from posttrain.data.prepare import tokenize_all
-from posttrain.model.loading import load_tokenizer
+from posttrain.data.templates import check_template_encodes
 from posttrain.model.parts import selected_logits
 from posttrain.train import distributed as dist, stage
 from posttrain.train.loop import TrainResult
@@ -53,6 +53,8 @@ def load_samples(config: SFTConfig, tokenizer):
     """Read, normalize, render and tokenize the training (and eval) data, with a report."""
     renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history)
     convs, eval_convs = stage.load_rows(config, load_conversations)
+    if not all(c.is_text for c in convs + eval_convs):  # text rows (continued pre-training) use no template
+        check_template_encodes(tokenizer, renderer.template, config.template)
     train, report = tokenize_all(convs, renderer, config.cutoff_len, config.overlong)
     evals = tokenize_all(eval_convs, renderer, config.cutoff_len, config.overlong)[0] if eval_convs else []
     return train, evals, report, renderer
@@ -60,7 +62,7 @@ def load_samples(config: SFTConfig, tokenizer):
 
 def run_sft(config: SFTConfig) -> TrainResult:
     device = stage.begin(config)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    tokenizer = stage.load_stage_tokenizer(config)
     train, evals, report, _ = load_samples(config, tokenizer)
     if dist.is_main():
         log.info("data: %s", report.summary())

@@ -20,6 +20,7 @@ from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_unp
 from posttrain.data.prepare import split_eval
 from posttrain.data.preference import load_kto_records, load_preferences, unpair_preferences
 from posttrain.data.schema import Preference
+from posttrain.data.templates import carry_template, check_template_encodes
 from posttrain.errors import ConfigError, DataError
 from posttrain.model.adapters import (
     apply_finetuning, check_finetuning, remove_pissa_initial, save_pissa_initial, save_trained, trainable_summary)
@@ -77,10 +78,20 @@ def adapt(config, model, task_type: str = "CAUSAL_LM"):
 
 
 def save_model(model, tokenizer, config, folder: Path, pissa_initial: Path | None = None) -> None:
-    """The trained model (or PEFT adapter), tokenizer and resolved config into `folder`."""
+    """The trained model (or PEFT adapter), tokenizer (with the chat template trained with) and resolved config
+    into `folder`."""
     save_trained(model, folder, config, pissa_initial)
+    carry_template(tokenizer, config.template)
     tokenizer.save_pretrained(folder)
     save_config(config, folder / "posttrain_config.yaml")
+
+
+def load_stage_tokenizer(config):
+    """The tokenizer a stage renders with: a starting adapter's own when it ships one (an earlier stage saved it
+    there, with the chat template it trained with), else the model's."""
+    adapter = getattr(config, "adapter_name_or_path", None)
+    ships_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    return load_tokenizer(adapter if ships_own else config.model_name_or_path, config.trust_remote_code)
 
 
 def _specs(config, which: str) -> list[DatasetSpec]:
@@ -104,6 +115,7 @@ def load_rows(config, loader):
 def _tokenize_split(config, tokenizer, tokenize, rows: list, eval_rows: list):
     """Training and eval rows through `tokenize` (pairs or KTO rows; the response trained), cut to cutoff_len."""
     renderer = response_renderer(tokenizer, config.template)
+    check_template_encodes(tokenizer, renderer.template, config.template)
     train, report = tokenize(rows, renderer, config.cutoff_len, config.overlong)
     evals = tokenize(eval_rows, renderer, config.cutoff_len, config.overlong)[0] if eval_rows else []
     return train, evals, report
@@ -181,7 +193,7 @@ def run_preference_stage(config, load_samples, objective_class, collate, count, 
     (when `reference`; train/logps.py), then `objective_class(model, config)` trained on batches
     made by `collate(samples, pad_id)`, `count(batch)` units each."""
     device = begin(config)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    tokenizer = load_stage_tokenizer(config)
     train, evals = load_samples(config, tokenizer)
     model, summary = adapt(config, load_trainable_model(config, device))
     pad_id = tokenizer.pad_token_id

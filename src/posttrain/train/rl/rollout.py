@@ -31,11 +31,13 @@ class Rollout:
 
 
 class RolloutSampler:
-    def __init__(self, model, tokenizer, *, max_batch_size: int, seed: int):
+    def __init__(self, model, tokenizer, *, max_batch_size: int, seed: int, end_of_turn: list[int] = ()):
+        """`end_of_turn`: the chat template's end-of-turn tokens (data/templates.py), stops beside EOS."""
         from posttrain.inference.engine import Engine
 
         self.model, self.tokenizer = model, tokenizer
-        self.stop_ids = {tokenizer.eos_token_id}
+        self.end_of_turn = list(end_of_turn)
+        self.stop_ids = {tokenizer.eos_token_id, *self.end_of_turn}
         try:
             self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, fuse_weights=False, seed=seed)
             self.stop_ids |= set(self.engine.model_stop_ids)
@@ -50,7 +52,7 @@ class RolloutSampler:
         (or the process); without them the engine draws seeds in row order."""
         if self.engine is not None:
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    top_k=top_k)
+                                    top_k=top_k, stop_token_ids=self.end_of_turn)
             if seeds is not None:
                 params = [replace(params, seed=s) for s in seeds]
             self.engine.weights.refresh()  # a LoRA actor's merged copies follow its last update

@@ -15,8 +15,9 @@ from posttrain.config import RLConfig
 from posttrain.data.chat import ChatRenderer
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.data.schema import Conversation
+from posttrain.data.templates import check_template_encodes
 from posttrain.errors import ConfigError, DataError
-from posttrain.model.loading import load_model, load_tokenizer
+from posttrain.model.loading import load_model
 from posttrain.model.reward import load_reward_model
 from posttrain.train import distributed as dist, stage
 from posttrain.train.loop import TrainResult
@@ -39,6 +40,7 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cut
     """Each prompt rendered with the chat template and its generation prompt; longer than cutoff_len
     keeps its last tokens (the question and the assistant header are at the end)."""
     renderer = ChatRenderer(tokenizer, template)
+    check_template_encodes(tokenizer, renderer.template, template)
     out = []
     for p in prompts:
         try:
@@ -53,7 +55,7 @@ def run_rl(config: RLConfig) -> TrainResult:
     check_rl(config)
     device = stage.begin(config)
     rewards = build_rewards(config, device)  # function files and endpoints fail here, before anything big
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    tokenizer = stage.load_stage_tokenizer(config)
     rows, eval_rows = stage.load_rows(config, load_prompts)
     rewards.check(rows + eval_rows)
     prompts = tokenize_prompts(rows, tokenizer, config.template, config.cutoff_len)

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from posttrain.data.chat import resolve_template
 from posttrain.data.prompts import Prompt
+from posttrain.data.templates import end_of_turn_ids
 from posttrain.errors import ConfigError
 from posttrain.train import checkpoint
 from posttrain.train import distributed as dist
@@ -103,7 +105,10 @@ class RLTrainer:
         self.kl = adv.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.moments = RunningMoments()
         self.precision = lambda: autocast(device, config)
-        self.sampler = RolloutSampler(actor, tokenizer, max_batch_size=max(self.per_step, 1), seed=config.seed)
+        # Completions end where the template ends an assistant turn, as SFT trained them to (not only at EOS).
+        end_of_turn = end_of_turn_ids(tokenizer, resolve_template(config.template, tokenizer))
+        self.sampler = RolloutSampler(actor, tokenizer, max_batch_size=max(self.per_step, 1), seed=config.seed,
+                                      end_of_turn=end_of_turn)
 
     # -- the plan ---------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:

@@ -17,16 +17,16 @@ import json
 import logging
 from pathlib import Path
 
-from posttrain.data.chat import resolve_template
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import Cutter, response_renderer, tokenize_pairs, tokenize_response
 from posttrain.data.prepare import PrepareReport
 from posttrain.data.preference import load_preferences
 from posttrain.data.sources import RawRow, read_rows
 from posttrain.data.templates import check_template_encodes
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import DataError
 from posttrain.model.loading import load_tokenizer, pick_device
-from posttrain.model.reward import check_is_reward_model, load_reward_model, reward_stats, trained_settings
+from posttrain.model.reward import (check_is_reward_model, load_reward_model, reward_stats, trained_settings,
+                                    trained_template)
 from posttrain.train.rm import score_sequences
 
 log = logging.getLogger(__name__)
@@ -46,18 +46,6 @@ def _warn_cut(report: PrepareReport, cutoff_len: int, left_out: list[str]) -> No
         log.warning("%d rows left out of the scores: their prompt fills --cutoff-len %d, so no response token is "
                     "left to score (as `posttrain rm` drops them from training): %s%s", len(left_out), cutoff_len,
                     ", ".join(left_out[:5]), " ..." if len(left_out) > 5 else "")
-
-
-def trained_template(recorded: str | None, tokenizer) -> str | None:
-    """The template `posttrain rm` trained with: the recorded `template:` where it still resolves, else the
-    folder's own (the stage saved the template it used into the folder's tokenizer; a .jinja path recorded
-    relative to another working directory, or since moved, need not be found again)."""
-    if recorded and tokenizer.chat_template:
-        try:
-            resolve_template(recorded, tokenizer)
-        except ConfigError:
-            return None
-    return recorded
 
 
 def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,

@@ -158,6 +158,20 @@ def trained_settings(folder: str | Path) -> dict:
     return {k: config[k] for k in ("template", "cutoff_len") if config.get(k) is not None}
 
 
+def trained_template(recorded: str | None, tokenizer) -> str | None:
+    """The template `posttrain rm` trained with: the recorded `template:` where it still resolves, else the
+    folder's own (the stage saved the template it used into the folder's tokenizer; a .jinja path recorded
+    relative to another working directory, or since moved, need not be found again)."""
+    from posttrain.data.chat import resolve_template
+
+    if recorded and tokenizer.chat_template:
+        try:
+            resolve_template(recorded, tokenizer)
+        except ConfigError:
+            return None
+    return recorded
+
+
 def reward_stats(folder: str | Path) -> tuple[float, float] | None:
     """(mean, std) saved with a reward model, or None if it has none."""
     config = json.loads((Path(folder) / "config.json").read_text())

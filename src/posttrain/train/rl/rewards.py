@@ -207,14 +207,14 @@ class ModelReward:
     def __init__(self, path: str, device: torch.device, batch_size: int, trust_remote_code: bool = False):
         from posttrain.data.pairs import response_renderer
         from posttrain.model.loading import load_tokenizer, resolve_model_path
-        from posttrain.model.reward import load_reward_model, reward_stats, trained_settings
+        from posttrain.model.reward import load_reward_model, reward_stats, trained_settings, trained_template
 
         resolve_model_path(path, "reward_model")
         self.name = "model"
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         # Rendered and cut as the reward model was trained (as `posttrain score` does), not as the RL run's prompts.
         trained = trained_settings(path)
-        self.renderer = response_renderer(self.tokenizer, trained.get("template"))
+        self.renderer = response_renderer(self.tokenizer, trained_template(trained.get("template"), self.tokenizer))
         self.cutoff_len = trained.get("cutoff_len")
         self.model = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
         self.model.requires_grad_(False).eval()

@@ -178,6 +178,7 @@ class DataArgs(_Strict):
     overlong: Literal["truncate", "drop"] = "truncate"
     train_on_prompt: bool = False
     mask_history: bool = False  # train only the last assistant turn
+    mask_reasoning: bool = False  # keep assistants' reasoning (reasoning_content / thinking) out of the loss
     packing: bool = False
     group_by_length: bool = True
     on_bad_rows: Literal["error", "skip"] = "error"

@@ -71,7 +71,8 @@ def count_trained(batch: dict) -> int:
 
 def load_samples(config: SFTConfig, tokenizer):
     """Read, normalize, render and tokenize the training (and eval) data, with a report."""
-    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history)
+    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history,
+                            config.mask_reasoning)
     convs, eval_convs = stage.load_rows(config, load_conversations)
     train, report = tokenize_all(convs, renderer, config.cutoff_len, config.overlong)
     evals = tokenize_all(eval_convs, renderer, config.cutoff_len, config.overlong)[0] if eval_convs else []

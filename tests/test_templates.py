@@ -271,3 +271,22 @@ def test_a_turn_without_the_end_of_turn_marker_is_refused_not_run_into_the_next_
     with pytest.raises(DataError, match=r"demo\.jsonl:3: cannot find the end-of-turn marker '<\|eot_id\|>' after "
                                         "assistant message 2"):
         r.tokenize(conv)
+
+
+@pytest.mark.parametrize("model", ["qwen2_5", "qwen3"])
+def test_llamafactory_glaive_tool_call_row_trains_the_call_and_the_answer(model):
+    import json
+
+    from posttrain.data.formats import to_conversation
+
+    row = {"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": json.dumps({"temperature": 20})},
+        {"from": "gpt", "value": "It is 20 degrees."}],
+        "tools": json.dumps([TOOLS[0]["function"]])}
+    conv = to_conversation(row, "auto", "glaive_toolcall_en_demo.json", 1)
+    tok = model_tokenizer(model)
+    sample = ChatRenderer(tok).tokenize(conv)
+    assert sample.input_ids == reference_ids(tok, conv)
+    assert trained_runs(tok, sample) == [CALL_TEXT[model], "It is 20 degrees.<|im_end|>"]

@@ -290,3 +290,12 @@ def test_llamafactory_glaive_tool_call_row_trains_the_call_and_the_answer(model)
     sample = ChatRenderer(tok).tokenize(conv)
     assert sample.input_ids == reference_ids(tok, conv)
     assert trained_runs(tok, sample) == [CALL_TEXT[model], "It is 20 degrees.<|im_end|>"]
+
+
+def test_end_of_turn_is_found_for_a_template_that_needs_a_system_message():
+    tok = model_tokenizer("qwen2_5")
+    r = ChatRenderer(tok)
+    r.template = ("{% if messages[0].role != 'system' %}{{ raise_exception('a system message comes first') }}{% endif %}"
+                  "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert trained_runs(tok, r.tokenize(chat("qwen2_5", "Sort 312", "123"))) == ["123<|im_end|>"]

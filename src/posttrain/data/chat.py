@@ -291,12 +291,16 @@ class ChatRenderer:
     def _probe_end_of_turn(self) -> str:
         answer, user = _SENTINEL.format(1), _SENTINEL.format(2)  # digits: the same under | upper or | trim
         base = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        try:
-            last = self._render(base, None)
-            followed = self._render(base + [{"role": "user", "content": user}], None)
-        except DataError as err:
+        for opening in ([], [{"role": "system", "content": _SENTINEL.format(3)}]):  # some templates want a system
+            try:
+                last = self._render(opening + base, None)
+                followed = self._render(opening + base + [{"role": "user", "content": user}], None)
+                break
+            except DataError as err:
+                problem = err
+        else:
             log.warning("could not render a probe conversation to find the template's end-of-turn marker (%s); "
-                        "assistant turns are trained up to the end of their content", err)
+                        "assistant turns are trained up to the end of their content", problem)
             return ""
         if answer not in last or answer not in followed:
             return ""

@@ -149,11 +149,12 @@ def test_loss_weight_zero_leaves_a_turn_out():
     assert trained_runs(tok, ChatRenderer(tok).tokenize(conv)) == ["123<|im_end|>"]
 
 
+@pytest.mark.parametrize("turns", [("Sort 312",), ("Reverse abc", "cba", "Sort 312")], ids=["one-turn", "multi-turn"])
 @pytest.mark.parametrize("model", MODELS)
-def test_pairs_and_kto_rows_continue_the_generation_prompt(model):
+def test_pairs_and_kto_rows_continue_the_generation_prompt(model, turns):
     tok = model_tokenizer(model)
     r = response_renderer(tok, None)
-    prompt = chat(model, "Sort 312").messages
+    prompt = chat(model, *turns).messages
     pair = Preference(prompt, Message("assistant", "123"), Message("assistant", "321"), source="p.jsonl:1")
     (sample,), _ = tokenize_pairs([pair], r, cutoff_len=512)
     generation_prompt = reference_ids(tok, Conversation(prompt), add_generation_prompt=True)

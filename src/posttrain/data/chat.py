@@ -322,34 +322,46 @@ class ChatRenderer:
         if conv.is_text:
             ids = self.encode(conv.text + (self.tokenizer.eos_token or ""))
             return TokenizedSample(ids, list(ids), conv.source)
+        _, ids, _, labels = self._tokenized(conv)
+        return TokenizedSample(ids, labels, conv.source)
+
+    def _tokenized(self, conv: Conversation) -> tuple[str, list[int], list[tuple[int, int]], list[int]]:
+        """The rendering, its ids, their character offsets and their labels."""
         full, turns = self.turns(conv)
         ids, offsets = self._encode_with_offsets(full)
         spans = [(0, len(full))] if self.train_on_prompt else [(t.start, t.end) for t in turns]
-        return TokenizedSample(ids, _labels(ids, offsets, spans), conv.source)
+        return full, ids, offsets, _labels(ids, offsets, spans)
 
     def response_sample(self, prompt: list[Message], response: Message, tools, source: str = "") -> TokenizedSample:
         """A preference / KTO response after its prompt: the prompt's ids are what generation sees
-        (its generation prompt), the response's are the ones inference produces after them, and only
-        the response (with its end-of-turn marker) is trained."""
+        (its generation prompt), the response's are the ones inference produces after them, up to its
+        end-of-turn marker, and only the response is trained."""
         conv = Conversation(messages=[*prompt, response], tools=tools, source=source)
         full, turns = self.turns(conv, last_only=True)
         if not turns:
             raise DataError("the response is marked not to be trained (loss_weight 0)", source or None)
         turn = turns[-1]
+        # Usually the whole rendering up to the marker; Mistral's, whose prompt alone differs (system
+        # prompt), is the generation prompt followed by the turn as the template writes it.
         prompt_text = self._render([m.to_dict() for m in prompt], tools, True, source)
         text = prompt_text + full[turn.begin:turn.end]
-        start = len(prompt_text) + turn.start - turn.begin
+        ids, offsets = self._continue(prompt_text, text)
+        return TokenizedSample(ids, _labels(ids, offsets, [(len(prompt_text) + turn.start - turn.begin, len(text))]),
+                               source)
+
+    def _continue(self, prompt_text: str, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and offsets of `text`, whose first ids are exactly the prompt's: generation appends to the
+        prompt's ids and never merges its first token into the prompt's last (tokenizing the two in
+        one piece could, e.g. "\n" + "\n")."""
         ids, offsets = self._encode_with_offsets(text)
         prompt_ids = self.encode(prompt_text)
         cut = next((k for k, (a, _) in enumerate(offsets) if a >= len(prompt_text)), len(ids))
-        if ids[:cut] != prompt_ids:  # a token spans the prompt/response boundary: inference never merges them
-            rest_ids, rest_offsets = ids[cut:], offsets[cut:]
-            middle = text[len(prompt_text):rest_offsets[0][0] if rest_offsets else len(text)]
-            mid_ids, mid_offsets = self._encode_with_offsets(middle)
-            ids = prompt_ids + mid_ids + rest_ids
-            offsets = ([(0, 0)] * len(prompt_ids) + [(a + len(prompt_text), b + len(prompt_text)) for a, b in mid_offsets]
-                       + rest_offsets)
-        return TokenizedSample(ids, _labels(ids, offsets, [(start, len(text))]), source)
+        if ids[:cut] == prompt_ids:
+            return ids, offsets
+        resume = offsets[cut][0] if cut < len(ids) else len(text)
+        mid_ids, mid_offsets = self._encode_with_offsets(text[len(prompt_text):resume])
+        shifted = [(a + len(prompt_text), b + len(prompt_text)) for a, b in mid_offsets]
+        return prompt_ids + mid_ids + ids[cut:], [(0, 0)] * len(prompt_ids) + shifted + offsets[cut:]
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         """Token ids of the conversation up to (not including) its last assistant turn, ready to generate."""
@@ -361,25 +373,21 @@ class ChatRenderer:
         return self.encode(self.render(conv, generation_prompt=True))
 
     def pieces(self, conv: Conversation) -> list[tuple[str, bool]]:
-        """The rendered text cut into (text, trained) pieces by the trained tokens; their concatenation
-        is the full render."""
+        """The rendered text cut into (text, trained) pieces, a piece trained when its tokens are; their
+        concatenation is the full render."""
         if conv.is_text:
             return [(conv.text + (self.tokenizer.eos_token or ""), True)]
-        full = self.render(conv)
-        sample = self.tokenize(conv)
-        _, offsets = self._encode_with_offsets(full)
+        full, _, offsets, labels = self._tokenized(conv)
         out: list[tuple[str, bool]] = []
         pos = 0
-        for (a, b), label in zip(offsets, sample.labels):
-            if label == IGNORE_INDEX or b <= a:
+        for (a, b), label in zip(offsets, labels):
+            trained = label != IGNORE_INDEX
+            if b <= pos:
                 continue
-            a = max(a, pos)
-            if a > pos:
-                out.append((full[pos:a], False))
-            if out and out[-1][1] and a == pos:
-                out[-1] = (out[-1][0] + full[a:b], True)
+            if out and out[-1][1] == trained:
+                out[-1] = (out[-1][0] + full[pos:b], trained)
             else:
-                out.append((full[a:b], True))
+                out.append((full[pos:b], trained))
             pos = b
         if pos < len(full):
             out.append((full[pos:], False))

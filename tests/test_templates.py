@@ -192,7 +192,7 @@ def test_rl_prompts_are_the_generation_prompt(model):
 
 
 @pytest.mark.parametrize("model", ["qwen2_5", "phi3"])
-def test_mask_matches_transformers_generation_tags(model):
+def test_mask_matches_transformers_generation_tags(model, caplog):
     # The same template with {% generation %} around each answer + end-of-turn marker: transformers'
     # own assistant mask must be ours.
     source = (TEMPLATES / f"{model}.jinja").read_text()
@@ -208,11 +208,26 @@ def test_mask_matches_transformers_generation_tags(model):
     tok = model_tokenizer(model)
     tok.chat_template = source.replace(plain, tagged)
     conv = chat(model, "Reverse abc", "cba", "Sort 312", "123")
-    ours = ChatRenderer(tok).tokenize(conv)
+    with caplog.at_level("WARNING", logger="posttrain.data.chat"):
+        ours = ChatRenderer(tok).tokenize(conv)
+    assert "generation" not in caplog.text  # the renderer's own check agrees
     theirs = tok.apply_chat_template([m.to_dict() for m in conv.messages], tokenize=True, return_dict=True,
                                      return_assistant_tokens_mask=True)
     assert ours.input_ids == theirs["input_ids"]
     assert [lab != IGNORE_INDEX for lab in ours.labels] == [bool(m) for m in theirs["assistant_masks"]]
+
+
+def test_generation_tags_that_disagree_with_our_turns_are_reported(caplog):
+    tok = model_tokenizer("qwen2_5")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+                         "{% generation %}{{ m.content }}<|im_end|>\n{% endgeneration %}{% else %}{{ m.content }}"
+                         "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                         "{% endif %}")
+    r = ChatRenderer(tok)
+    with caplog.at_level("WARNING", logger="posttrain.data.chat"):
+        sample = r.tokenize(chat("qwen2_5", "Sort 312", "123"))
+    assert trained_runs(tok, sample) == ["123<|im_end|>"]  # the newline after the marker is not ours to train
+    assert "demo.jsonl:3: the chat template's {% generation %} tags mark" in caplog.text
 
 
 def test_gemma_system_role_is_a_one_line_error_naming_the_row():

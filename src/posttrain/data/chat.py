@@ -18,12 +18,15 @@ earlier turns differently from the last one, drop a system prompt, or insert sca
     after it is scaffolding, like the header.
 Every token overlapping a trained character span is trained (as transformers does for
 `return_assistant_tokens_mask`). A template where a turn cannot be located is refused with the row
-and the reason, never trained on a guess.
+and the reason, never trained on a guess. A template with `{% generation %}` tags has its author's
+mask (transformers' `return_assistant_tokens_mask`) checked against ours, with a warning where they
+differ.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +158,8 @@ class ChatRenderer:
         self.mask_history = mask_history
         self.mask_reasoning = mask_reasoning
         self._eot: str | None = None  # the template's end-of-turn marker, found on first use
+        # Checked until the first disagreement is reported (one warning is enough to act on).
+        self._check_generation_tags = bool(re.search(r"\{%-?\s*generation\s*-?%\}", self.template))
 
     # ---- rendering --------------------------------------------------------------------------------
 
@@ -323,7 +328,28 @@ class ChatRenderer:
             ids = self.encode(conv.text + (self.tokenizer.eos_token or ""))
             return TokenizedSample(ids, list(ids), conv.source)
         _, ids, _, labels = self._tokenized(conv)
+        if self._check_generation_tags and not (self.train_on_prompt or self.mask_history or self.mask_reasoning):
+            self._compare_with_generation_tags(conv, ids, labels)
         return TokenizedSample(ids, labels, conv.source)
+
+    def _compare_with_generation_tags(self, conv: Conversation, ids: list[int], labels: list[int]) -> None:
+        """Warn (once) where the template author's {% generation %} mask and ours disagree; ours is used."""
+        if not all(m.trained for m in conv.messages):
+            return
+        theirs = self.tokenizer.apply_chat_template(
+            [m.to_dict() for m in conv.messages], tools=conv.tools, chat_template=self.template, tokenize=True,
+            return_dict=True, return_assistant_tokens_mask=True)
+        ours = [int(x != IGNORE_INDEX) for x in labels]
+        if list(theirs["input_ids"]) == ids and list(theirs["assistant_masks"]) == ours:
+            return
+        self._check_generation_tags = False
+        k = next((k for k, (a, b) in enumerate(zip(ours, theirs["assistant_masks"])) if a != b), min(len(ours), len(
+            theirs["assistant_masks"])))
+        token = self.tokenizer.decode(ids[k:k + 1]) if k < len(ids) else "(end)"
+        log.warning("%s: the chat template's {%% generation %%} tags mark %d tokens, posttrain's assistant turns %d "
+                    "(first difference at token %d, %r); training on posttrain's: each assistant turn as rendered, "
+                    "with its end-of-turn marker", conv.source or "a row", sum(theirs["assistant_masks"]), sum(ours),
+                    k, token)
 
     def _tokenized(self, conv: Conversation) -> tuple[str, list[int], list[tuple[int, int]], list[int]]:
         """The rendering, its ids, their character offsets and their labels."""

@@ -276,8 +276,7 @@ def _parse_message(item: Any, what: str) -> Message:
 
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-_MEDIA_PARTS = ("image_url", "image", "input_image", "video_url", "video", "audio_url", "audio", "input_audio",
-                "file")
+_TEXT_PARTS = ("text", "reasoning", "tool_call")
 
 
 def _reasoning(item: dict, role: str, what: str) -> str | None:
@@ -302,7 +301,7 @@ def _parts(parts: list, what: str) -> tuple[str, str | None, list[dict[str, Any]
         if not isinstance(part, dict):
             raise _Invalid(f"{what} content part {j} must be an object with a type, got {type_name(part)}")
         kind = part.get("type", "text")
-        if kind in _MEDIA_PARTS or kind not in ("text", "reasoning", "tool_call"):
+        if kind not in _TEXT_PARTS:  # images, audio, video, files
             raise _Invalid(f"{what} content part {j} has type {kind!r}; posttrain trains on text only (text, "
                            "reasoning and tool_call parts), so remove that part or the row")
         key = "value" if "value" in part else "text"

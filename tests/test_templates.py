@@ -15,8 +15,9 @@ MODELS = ["qwen2_5", "qwen3", "llama3_2", "phi3", "mistral_v0_3", "gemma2"]
 END_OF_TURN = {"qwen2_5": "<|im_end|>", "qwen3": "<|im_end|>", "llama3_2": "<|eot_id|>", "phi3": "<|end|>",
                "mistral_v0_3": "</s>", "gemma2": "<end_of_turn>"}
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}, "id": "call00001"}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 # How each template writes that call, up to its end-of-turn marker (the trained text of the call turn).
 CALL_TEXT = {
     "qwen2_5": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
@@ -199,7 +200,8 @@ def test_mask_matches_transformers_generation_tags(model, caplog):
     if model == "qwen2_5":
         plain = "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
         tagged = ("{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{% generation %}"
-                  "{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}" + plain + "{%- endif %}")
+                  "{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}"
+                  + plain + "{%- endif %}")
     else:
         plain = "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}"
         tagged = ("{{'<|assistant|>\\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}"
@@ -311,7 +313,8 @@ def test_llamafactory_glaive_tool_call_row_trains_the_call_and_the_answer(model)
 def test_end_of_turn_is_found_for_a_template_that_needs_a_system_message():
     tok = model_tokenizer("qwen2_5")
     r = ChatRenderer(tok)
-    r.template = ("{% if messages[0].role != 'system' %}{{ raise_exception('a system message comes first') }}{% endif %}"
+    r.template = ("{% if messages[0].role != 'system' %}{{ raise_exception('a system message comes first') }}"
+                  "{% endif %}"
                   "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     assert trained_runs(tok, r.tokenize(chat("qwen2_5", "Sort 312", "123"))) == ["123<|im_end|>"]

@@ -83,14 +83,15 @@ def test_train_on_prompt_and_mask_history(tiny_tokenizer):
     assert trained_text(r, r.tokenize(c)) == ["d<|im_end|>"]
 
 
-def test_template_that_rewrites_history_trains_last_turn(tiny_tokenizer):
-    # Like templates that drop earlier reasoning: the last assistant turn renders differently.
+def test_template_that_rewrites_history_trains_every_turn_as_rendered(tiny_tokenizer):
+    # Like templates that drop earlier reasoning: the last assistant turn renders differently. Every
+    # turn is trained as it appears in the whole rendering, not only the last one.
     tpl = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
            "<a>{{ m['content'] | upper }}</a>{% elif m['role'] == 'assistant' %}<a>{{ m['content'] }}</a>"
            "{% else %}<u>{{ m['content'] }}</u>{% endif %}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}")
     r = ChatRenderer(tiny_tokenizer, template=None)
     r.template = tpl
-    assert trained_text(r, r.tokenize(conv("x", "yy", "z", "ww"))) == ["ww</a>"]
+    assert trained_text(r, r.tokenize(conv("x", "yy", "z", "ww"))) == ["YY</a>", "ww</a>"]
 
 
 def test_text_rows_are_fully_trained(tiny_tokenizer):

@@ -375,3 +375,54 @@ def test_missing_path_and_unsupported_type(tmp_path):
     (tmp_path / "d.txt").write_text("hi")
     msg = load_error(tmp_path / "d.txt")
     assert "unsupported file type '.txt'" in msg and ".jsonl" in msg and ".parquet" in msg
+
+
+# ---- content parts, reasoning, LLaMA-Factory v1 ---------------------------------------------------
+
+def test_openai_text_parts_and_reasoning_fields(tmp_path):
+    row = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Sort 312."}, {"type": "text", "text": "Be quick."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "123"}], "reasoning_content": "ascending"},
+        {"role": "user", "content": "and 21?"},
+        {"role": "assistant", "content": "12", "thinking": "again"}]}
+    [conv] = load_one(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert [m.content for m in conv.messages] == ["Sort 312.\nBe quick.", "123", "and 21?", "12"]
+    assert [m.reasoning for m in conv.messages] == [None, "ascending", None, "again"]
+    assert conv.messages[1].to_dict() == {"role": "assistant", "content": "123", "reasoning_content": "ascending"}
+
+
+def test_llamafactory_v1_rows(tmp_path):
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+    row = {"messages": [
+        {"role": "system", "content": [{"type": "text", "value": "Be brief."}], "loss_weight": 0.0},
+        {"role": "user", "content": [{"type": "text", "value": "Weather?"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "tool_call", "value": call}], "loss_weight": 1.0},
+        {"role": "tool", "content": [{"type": "text", "value": "sunny"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "it said sunny"},
+                                          {"type": "text", "value": "Sunny."}], "loss_weight": 1.0},
+        {"role": "user", "content": [{"type": "text", "value": "Thanks"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "text", "value": "You're welcome."}], "loss_weight": 0.0}],
+        "tools": json.dumps([{"name": "get_weather", "parameters": {"type": "object"}}])}
+    [conv] = load_one(write_jsonl(tmp_path / "v1.jsonl", [row]))
+    assert roles(conv) == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert conv.messages[2].tool_calls == [{"type": "function", "function": {"name": "get_weather",
+                                                                             "arguments": {"city": "Paris"}}}]
+    assert (conv.messages[4].content, conv.messages[4].reasoning) == ("Sunny.", "it said sunny")
+    assert [m.trained for m in conv.messages if m.role == "assistant"] == [True, True, False]
+    assert conv.tools[0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("part, problem", [
+    ({"type": "image_url", "image_url": {"url": "x.png"}}, "content part 1 has type 'image_url'"),
+    ({"type": "input_audio", "input_audio": {"data": ""}}, "content part 1 has type 'input_audio'"),
+    ({"type": "text", "text": 3}, "content part 1 (text) text must be a string"),
+])
+def test_non_text_parts_are_refused_with_row_and_type(tmp_path, part, problem):
+    row = {"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "ok"}]}
+    err = load_error(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert err.startswith(f"{tmp_path / 'd.jsonl'}:1: message 1 (user) ") and problem in err
+
+
+def test_loss_weight_other_than_0_or_1_is_refused(tmp_path):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "loss_weight": 0.5}]}
+    assert "loss_weight 0.5" in load_error(write_jsonl(tmp_path / "d.jsonl", [row]))

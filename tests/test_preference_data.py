@@ -36,7 +36,11 @@ USER, GOOD, BAD = Message("user", "reverse 123"), Message("assistant", "321"), M
     {"conversations": [{"from": "human", "value": "reverse 123"}], "chosen": {"from": "gpt", "value": "321"},
      "rejected": {"from": "gpt", "value": "123"}},
     {"instruction": "reverse 123", "input": "", "chosen": "321", "rejected": "123"},
-], ids=["standard", "conversational", "implicit-prompt", "sharegpt-ranking", "alpaca-ranking"])
+    {"chosen_messages": [{"role": "user", "content": [{"type": "text", "value": "reverse 123"}], "loss_weight": 0.0},
+                         {"role": "assistant", "content": [{"type": "text", "value": "321"}], "loss_weight": 1.0}],
+     "rejected_messages": [{"role": "user", "content": [{"type": "text", "value": "reverse 123"}], "loss_weight": 0.0},
+                           {"role": "assistant", "content": [{"type": "text", "value": "123"}], "loss_weight": 1.0}]},
+], ids=["standard", "conversational", "implicit-prompt", "sharegpt-ranking", "alpaca-ranking", "llamafactory-v1"])
 def test_every_preference_shape_gives_the_same_pair(tmp_path, row):
     [pair] = prefs(tmp_path, [row])
     assert (pair.prompt, pair.chosen, pair.rejected, pair.margin) == ([USER], GOOD, BAD, None)

@@ -173,7 +173,8 @@ def cmd_data_preview(a) -> None:
         raise ConfigError(f"--index {a.index}: rows count from 0")
     config = load_config("sft", a.config, a.overrides, defaults={"output_dir": "."})  # a preview writes nothing
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history)
+    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history,
+                            config.mask_reasoning)
     specs = [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
              for e in config.dataset_entries()]
     convs, report = load_conversations(specs, config.on_bad_rows, config.seed, max_samples=a.index + 1)

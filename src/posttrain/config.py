@@ -203,6 +203,7 @@ class SequenceArgs(_Strict):
 
     overlong: Literal["truncate", "drop"] = "truncate"  # longer than cutoff_len: keep its first tokens, or drop it
     group_by_length: bool = True  # batch similar lengths together: little padding
+    mask_reasoning: bool = False  # keep assistants' reasoning (reasoning_content / thinking) out of the loss
 
 
 class SFTDataArgs(_Strict):

@@ -17,6 +17,13 @@ Tool calls come out in OpenAI shape with `arguments` as a dict (what HF chat tem
 tools given as bare function schemas ({name, description, parameters}) are wrapped as
 {"type": "function", "function": schema}.
 
+A message's content may also be a list of parts: OpenAI's [{"type": "text", "text": ...}] or
+LLaMA-Factory v1's [{"type": "text" | "reasoning" | "tool_call", "value": ...}] (its per-message
+`loss_weight` 0 keeps an assistant turn out of the loss). Text parts are joined by newlines; image,
+audio and video parts are refused. An assistant's reasoning (`reasoning_content`, `thinking` or
+`reasoning`, or v1 reasoning parts) is kept apart from its content and handed to templates that
+render it.
+
 Detection is per file, from its first row that converts; every later row of that file must then
 be in the same format. Text is kept exactly as given (never stripped).
 """
@@ -41,7 +48,7 @@ REQUIRED_COLUMNS = {"prompt", "completion", "instruction", "output", "user", "as
 OPTIONAL_COLUMNS = {"system", "tools", "input", "history", "role", "content"}
 # Preference and unpaired (KTO) rows, read by data/preference.py with the same loader.
 PREFERENCE_COLUMNS = {"chosen", "rejected"}
-PREFERENCE_OPTIONAL_COLUMNS = {"margin", "label", "kto_tag"}
+PREFERENCE_OPTIONAL_COLUMNS = {"margin", "label", "kto_tag", "chosen_messages", "rejected_messages"}
 REQUIRED_COLUMNS |= PREFERENCE_COLUMNS
 OPTIONAL_COLUMNS |= PREFERENCE_OPTIONAL_COLUMNS
 COLUMNS = REQUIRED_COLUMNS | OPTIONAL_COLUMNS
@@ -237,21 +244,86 @@ def _parse_message(item: Any, what: str) -> Message:
     else:
         calls = None
 
+    reasoning = _reasoning(item, role, what)
+    value = item.get(text_key)
+    if isinstance(value, list):  # content parts (OpenAI, LLaMA-Factory v1)
+        value, part_reasoning, part_calls = _parts(value, f"{what} ({role})")
+        if part_calls:
+            if role != "assistant":
+                raise _Invalid(f"{what} ({role}) has a tool_call part; only assistant messages may call tools")
+            calls = (calls or []) + part_calls
+        if part_reasoning is not None:
+            if role != "assistant" or reasoning is not None:
+                raise _Invalid(f"{what} ({role}) has a reasoning part" + (
+                    " and a reasoning field; keep one" if reasoning is not None else "; only assistant messages may"))
+            reasoning = part_reasoning
     if text_key not in item:
         if not calls:
             raise _Invalid(f"{what} ({role}) has no {text_key!r}")
         content = ""
-    elif item[text_key] is None and calls:
+    elif value is None and calls:
         content = ""  # OpenAI: an assistant message that only calls tools has content null
     else:
-        content = _string(item[text_key], f"{what} ({role}) {text_key}")
+        content = _string(value, f"{what} ({role}) {text_key}")
     name, call_id = item.get("name"), item.get("tool_call_id")
     if role == "tool":
         name = None if name is None else _string(name, f"{what} (tool) name")
         call_id = None if call_id is None else _string(call_id, f"{what} (tool) tool_call_id")
     else:
         name = call_id = None
-    return Message(role, content, tool_calls=calls, name=name, tool_call_id=call_id)
+    return Message(role, content, tool_calls=calls, name=name, tool_call_id=call_id, reasoning=reasoning,
+                   trained=_trained(item, role, what))
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_TEXT_PARTS = ("text", "reasoning", "tool_call")
+
+
+def _reasoning(item: dict, role: str, what: str) -> str | None:
+    """An assistant's reasoning field (the names chat templates and APIs use); empty means none."""
+    given = [k for k in _REASONING_FIELDS if item.get(k) not in (None, "")]
+    if not given:
+        return None
+    if role != "assistant":
+        raise _Invalid(f"{what} ({role}) has {given[0]!r}; only assistant messages carry reasoning")
+    if len(given) > 1:
+        raise _Invalid(f"{what} has both {given[0]!r} and {given[1]!r}; keep one")
+    return _string(item[given[0]], f"{what} (assistant) {given[0]}")
+
+
+def _parts(parts: list, what: str) -> tuple[str, str | None, list[dict[str, Any]]]:
+    """Content parts -> (text, reasoning, tool calls). Text is under `text` (OpenAI) or `value` (v1)."""
+    texts, reasoning, calls = [], [], []
+    for j, part in enumerate(parts, 1):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise _Invalid(f"{what} content part {j} must be an object with a type, got {type_name(part)}")
+        kind = part.get("type", "text")
+        if kind not in _TEXT_PARTS:  # images, audio, video, files
+            raise _Invalid(f"{what} content part {j} has type {kind!r}; posttrain trains on text only (text, "
+                           "reasoning and tool_call parts), so remove that part or the row")
+        key = "value" if "value" in part else "text"
+        value = part.get(key)
+        if kind == "tool_call":
+            calls.append(_tool_call(_json_value(value, f"{what} content part {j} (tool_call) value"), what, j))
+            continue
+        text = _string(value, f"{what} content part {j} ({kind}) {key}")
+        (reasoning if kind == "reasoning" else texts).append(text)
+    return "\n".join(texts), ("\n".join(reasoning) if reasoning else None), calls
+
+
+def _trained(item: dict, role: str, what: str) -> bool:
+    """LLaMA-Factory v1's per-message loss_weight: 1 trains an assistant turn, 0 leaves it out. Other
+    roles are never trained (their weight is not read)."""
+    weight = item.get("loss_weight")
+    if weight is None or role != "assistant":
+        return True
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise _Invalid(f"{what} has loss_weight {weight!r}; posttrain trains an assistant turn fully or not at "
+                       "all, so use 1 or 0")
+    return weight == 1
 
 
 def _json_value(value: Any, what: str) -> Any:

@@ -1,8 +1,9 @@
 """Preference pairs and unpaired (KTO) rows to tokens, and batches of them to tensors.
 
-Each response is rendered after its prompt with the chat template and only the response (the last
-assistant turn, with its end-of-turn token) is trained, exactly as SFT masks it. The prompt is
-tokenized on its own, so both responses of a pair start from the same prompt tokens.
+Each response follows its prompt as generation sees them: the prompt's ids are its generation prompt
+(so both responses of a pair start from the same prompt tokens), the response's ids are the ones
+inference produces after it, and only the response (the last assistant turn, with its end-of-turn
+token) is trained, located in the template's rendering exactly as SFT locates turns (data/chat.py).
 
 A batch of B pairs is ONE tensor of 2B rows — the B chosen sequences, then the B rejected ones —
 so the model runs once per batch, not once per side.
@@ -18,7 +19,7 @@ import torch
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedSample
 from posttrain.data.prepare import PrepareReport, truncate
-from posttrain.data.schema import Conversation, Message, Preference, Unpaired
+from posttrain.data.schema import Message, Preference, Unpaired
 from posttrain.errors import DataError
 
 
@@ -64,22 +65,14 @@ class UnpairedSample:
         self.ref, self.ref_mismatched = completion, mismatched
 
 
-def response_renderer(tokenizer, template: str | None) -> ChatRenderer:
+def response_renderer(tokenizer, template: str | None, mask_reasoning: bool = False) -> ChatRenderer:
     """A renderer that trains only the last assistant turn: the response being judged."""
-    return ChatRenderer(tokenizer, template, train_on_prompt=False, mask_history=True)
+    return ChatRenderer(tokenizer, template, train_on_prompt=False, mask_history=True, mask_reasoning=mask_reasoning)
 
 
 def tokenize_response(renderer: ChatRenderer, prompt: list[Message], response: Message, tools, source: str
                       ) -> TokenizedSample:
-    conv = Conversation(messages=[*prompt, response], tools=tools, source=source)
-    try:
-        sample = renderer.tokenize(conv)
-    except DataError:
-        raise
-    except Exception as err:  # a template that cannot render this row: say which row
-        raise DataError(f"chat template failed to render this row: {err}", source or None) from None
-    sample.source = source
-    return sample
+    return renderer.response_sample(prompt, response, tools, source)
 
 
 def _trained(sample: TokenizedSample) -> int:

@@ -6,6 +6,7 @@ Preference formats (reward models, the DPO family), named by the fields a row ho
               conversational forms); system?, tools?, margin?
               Without `prompt` (TRL's implicit prompt), chosen and rejected are whole conversations
               that must share every message before their last one: that shared part is the prompt.
+              LLaMA-Factory v1's chosen_messages + rejected_messages are read the same way.
   sharegpt    conversations (or messages) + chosen + rejected, where chosen / rejected are one
               message object ({from: gpt, value} or {role: assistant, content}) or a string
               (LLaMA-Factory's ranking form); system?, tools?, margin?
@@ -40,7 +41,18 @@ _LABEL_KEYS = ("label", "kto_tag")
 
 # ---- preference pairs -------------------------------------------------------------------------
 
+_V1_PAIR = {"chosen_messages": "chosen", "rejected_messages": "rejected"}
+
+
+def _v1_pair(row: dict) -> dict:
+    """LLaMA-Factory v1 names whole chosen / rejected conversations chosen_messages / rejected_messages."""
+    if not set(_V1_PAIR) <= set(row) or {"chosen", "rejected"} & set(row):
+        return row
+    return {_V1_PAIR.get(k, k): v for k, v in row.items()}
+
+
 def detect_preference_format(keys: set[str]) -> str | None:
+    keys = set(_v1_pair(dict.fromkeys(keys)))
     if not {"chosen", "rejected"} <= keys:
         return None
     if "conversations" in keys or "messages" in keys:
@@ -52,6 +64,7 @@ def detect_preference_format(keys: set[str]) -> str | None:
 
 def to_preference(row: dict, fmt: str, source: str, rownum: int) -> Preference:
     """Normalize and validate one preference row; raises DataError naming source:rownum."""
+    row = _v1_pair(row)
     try:
         if fmt == "auto":
             fmt = detect_preference_format(set(row)) or _undetectable_pair(row)
@@ -148,7 +161,8 @@ def _check_pair(pair: Preference) -> None:
     for key, m in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         if _empty(m):
             raise _Invalid(f"the {key} response is empty")
-    if (pair.chosen.content, pair.chosen.tool_calls) == (pair.rejected.content, pair.rejected.tool_calls):
+    if ((pair.chosen.content, pair.chosen.tool_calls, pair.chosen.reasoning)
+            == (pair.rejected.content, pair.rejected.tool_calls, pair.rejected.reasoning)):
         raise _Invalid("chosen and rejected are identical; a pair must say which of two different responses is "
                        "better")
     if not pair.prompt or pair.prompt[-1].role not in ("user", "tool"):
@@ -196,7 +210,7 @@ def to_unpaired(row: dict, fmt: str, source: str, rownum: int) -> Unpaired:
 
 
 def _is_pair(keys: set[str]) -> bool:
-    return {"chosen", "rejected"} <= keys and not keys & set(_LABEL_KEYS)
+    return {"chosen", "rejected"} <= set(_v1_pair(dict.fromkeys(keys))) and not keys & set(_LABEL_KEYS)
 
 
 def detect_kto_format(keys: set[str]) -> str | None:

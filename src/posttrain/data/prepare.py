@@ -51,12 +51,7 @@ def tokenize_all(conversations: list[Conversation], renderer: ChatRenderer, cuto
     report = PrepareReport()
     out: list[TokenizedSample] = []
     for conv in conversations:
-        try:
-            sample = renderer.tokenize(conv)
-        except DataError:
-            raise
-        except Exception as err:  # a template that cannot render this row: say which row
-            raise DataError(f"chat template failed to render this row: {err}", conv.source or None) from None
+        sample = renderer.tokenize(conv)  # a row the template cannot render is a DataError naming it
         if len(sample.input_ids) > cutoff_len:
             if overlong == "drop":
                 report.dropped_overlong += 1

@@ -20,9 +20,14 @@ class Message:
     tool_calls: list[dict[str, Any]] | None = None  # assistant only, OpenAI shape
     name: str | None = None  # tool name on a tool message, when given
     tool_call_id: str | None = None  # tool message: which call it answers (some templates print it)
+    reasoning: str | None = None  # assistant only: its reasoning, for templates that render it (Qwen3's <think>)
+    trained: bool = True  # assistant only: False keeps this turn out of the loss (LLaMA-Factory's loss_weight 0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (OpenAI shape; reasoning as `reasoning_content`)."""
         d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning:
+            d["reasoning_content"] = self.reasoning
         if self.tool_calls:
             d["tool_calls"] = self.tool_calls
         if self.name is not None:

@@ -51,7 +51,8 @@ def count_trained(batch: dict) -> int:
 
 def load_samples(config: SFTConfig, tokenizer):
     """Read, normalize, render and tokenize the training (and eval) data, with a report."""
-    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history)
+    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history,
+                            config.mask_reasoning)
     convs, eval_convs = stage.load_rows(config, load_conversations)
     if not all(c.is_text for c in convs + eval_convs):  # text rows (continued pre-training) use no template
         check_template_encodes(tokenizer, renderer.template, config.template)

@@ -114,7 +114,7 @@ def load_rows(config, loader):
 
 def _tokenize_split(config, tokenizer, tokenize, rows: list, eval_rows: list):
     """Training and eval rows through `tokenize` (pairs or KTO rows; the response trained), cut to cutoff_len."""
-    renderer = response_renderer(tokenizer, config.template)
+    renderer = response_renderer(tokenizer, config.template, config.mask_reasoning)
     check_template_encodes(tokenizer, renderer.template, config.template)
     train, report = tokenize(rows, renderer, config.cutoff_len, config.overlong)
     evals = tokenize(eval_rows, renderer, config.cutoff_len, config.overlong)[0] if eval_rows else []

@@ -16,7 +16,7 @@ from posttrain.data.chat import ChatRenderer
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.data.schema import Conversation
 from posttrain.data.templates import check_template_encodes
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError
 from posttrain.model.loading import load_model
 from posttrain.model.reward import load_reward_model
 from posttrain.train import distributed as dist, stage
@@ -41,14 +41,8 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cut
     keeps its last tokens (the question and the assistant header are at the end)."""
     renderer = ChatRenderer(tokenizer, template)
     check_template_encodes(tokenizer, renderer.template, template)
-    out = []
-    for p in prompts:
-        try:
-            text = renderer.render(Conversation(messages=p.messages, tools=p.tools), generation_prompt=True)
-        except Exception as err:
-            raise DataError(f"chat template failed to render this prompt: {err}", p.source) from None
-        out.append((tokenizer(text, add_special_tokens=False)["input_ids"][-cutoff_len:], p))
-    return out
+    return [(renderer.generation_prompt_ids(Conversation(messages=p.messages, tools=p.tools, source=p.source))
+             [-cutoff_len:], p) for p in prompts]
 
 
 def run_rl(config: RLConfig) -> TrainResult:

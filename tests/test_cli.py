@@ -142,3 +142,25 @@ def test_missing_tracker_is_a_clear_error(tiny_model_dir, task_data, tmp_path, c
         pytest.skip("wandb is installed here")
     assert main(["sft", *sft_overrides(tiny_model_dir, task_data, tmp_path / "o", report_to="wandb")]) == 2
     assert "needs the 'wandb' package" in capsys.readouterr().err
+
+
+def test_data_preview_shows_each_stage_as_it_trains(tiny_model_dir, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "reverse 12", "chosen": "21", "rejected": "12"}) + "\n")
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text("".join(json.dumps({"prompt": f"reverse {n}", "completion": c, "label": ok}) + "\n"
+                           for n, c, ok in (("12", "21", True), ("13", "13", False))))
+    config = tmp_path / "dpo.yaml"  # the config's own stage picks the preview: no output_dir needed
+    config.write_text(yaml.safe_dump({"stage": "dpo", "model_name_or_path": str(tiny_model_dir),
+                                      "dataset": str(pairs)}))
+    assert main(["data", "preview", str(config), "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "--- chosen:" in out and "[[21<|im_end|>]]" in out and "--- rejected:" in out and "[[12<|im_end|>]]" in out
+    assert main(["data", "preview", f"model_name_or_path={tiny_model_dir}", f"dataset={kto}", "--stage", "kto",
+                 "--index", "1", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "undesirable (label: false)" in out and "[[13<|im_end|>]]" in out
+    assert main(["data", "preview", f"model_name_or_path={tiny_model_dir}", f"dataset={pairs}", "--stage", "grpo",
+                 "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "as generation sees it" in out and out.rstrip().endswith("<|im_start|>assistant") and "[[" not in out

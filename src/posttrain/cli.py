@@ -160,33 +160,32 @@ def cmd_serve(a) -> None:
 
 
 def cmd_data_preview(a) -> None:
-    from posttrain.config import load_config
-    from posttrain.errors import ConfigError
-    from posttrain.data.chat import preview
-    from posttrain.data.formats import DatasetSpec, load_conversations
-    from posttrain.data.chat import ChatRenderer
-    from posttrain.model.loading import load_tokenizer
+    from pathlib import Path
 
-    from posttrain.errors import DataError
+    import yaml
+
+    from posttrain.config import load_config
+    from posttrain.data.preview import STAGES, preview_row
+    from posttrain.errors import ConfigError
+    from posttrain.model.loading import load_tokenizer
 
     if a.index < 0:
         raise ConfigError(f"--index {a.index}: rows count from 0")
-    config = load_config("sft", a.config, a.overrides, defaults={"output_dir": "."})  # a preview writes nothing
+    stage = a.stage
+    if stage is None and a.config and Path(a.config).is_file():
+        try:
+            stage = (yaml.safe_load(Path(a.config).read_text()) or {}).get("stage")
+        except (yaml.YAMLError, AttributeError):
+            stage = None  # load_config below says what is wrong with the file
+    stage = stage or "sft"
+    if stage not in STAGES:
+        raise ConfigError(f"stage {stage!r} has no data to preview; use one of {', '.join(STAGES)}")
+    defaults = {"output_dir": "."}  # a preview writes nothing, and (RL) scores nothing
+    if stage in ("ppo", "grpo"):
+        defaults["reward_funcs"] = ["exact_match"]
+    config = load_config(stage, a.config, a.overrides, defaults=defaults)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history,
-                            config.mask_reasoning)
-    specs = [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
-             for e in config.dataset_entries()]
-    convs, report = load_conversations(specs, config.on_bad_rows, config.seed, max_samples=a.index + 1)
-    if a.index >= len(convs):
-        raise DataError(f"--index {a.index}: the data has only {len(convs)} usable rows (--index counts from 0)",
-                        ", ".join(s.path for s in specs))
-    conv = convs[a.index]
-    sample = renderer.tokenize(conv)
-    color = sys.stdout.isatty() and not a.no_color
-    print(f"--- {conv.source}: {len(sample.input_ids)} tokens, {sample.num_trained} trained "
-          f"({'highlighted' if color else 'inside [[ ]]'}) ---")
-    print(preview(renderer, conv, color=color))
+    print(preview_row(stage, config, tokenizer, a.index, color=sys.stdout.isatty() and not a.no_color))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="?")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--index", type=int, default=0, help="which sample (default 0)")
+    d.add_argument("--stage", choices=["sft", "rm", "dpo", "kto", "ppo", "grpo"],
+                   help="how the rows are read and trained (default: the config's stage key, else sft)")
     d.add_argument("--no-color", action="store_true")
     d.set_defaults(func=cmd_data_preview)
     return p

@@ -307,6 +307,12 @@ def _split_config_arg(a) -> None:
         a.config = None
 
 
+def _end_open_runs(status: str, error: str) -> None:
+    """A run this command started and did not finish says how it ended in its run_status.json (the board reads it)."""
+    if "posttrain.train.metrics" in sys.modules:  # no training started otherwise
+        sys.modules["posttrain.train.metrics"].end_open_runs(status, error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -320,9 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except PosttrainError as err:
+        _end_open_runs("failed", str(err))
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_open_runs("killed", "interrupted")
         print("interrupted", file=sys.stderr)
         return 130
     return 0

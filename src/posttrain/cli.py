@@ -157,6 +157,12 @@ def cmd_serve(a) -> None:
         trust_remote_code=a.trust_remote_code, seed=a.seed))
 
 
+def cmd_board(a) -> None:
+    from posttrain.board.app import run_board
+
+    run_board(a.runs_dir, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("POSTTRAIN_API_KEY"))
+
+
 def cmd_data_preview(a) -> None:
     from posttrain.config import load_config
     from posttrain.errors import ConfigError
@@ -288,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="seed for requests that do not give one")
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("board", help="web page over run folders: runs, live curves, RL rollouts, alarms, chat")
+    s.add_argument("runs_dir", nargs="?", default="runs", help="folder to find runs in (any folder below holding a "
+                                                                "metrics.jsonl; default: runs)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8001)
+    s.add_argument("--api-key", help="require this key on every route (also read from $POSTTRAIN_API_KEY)")
+    s.set_defaults(func=cmd_board)
 
     s = sub.add_parser("data", help="inspect data")
     dsub = s.add_subparsers(dest="data_command", required=True)

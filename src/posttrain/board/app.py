@@ -15,6 +15,7 @@ a `key` query parameter (the page's first load sets a cookie from it) or that co
 from __future__ import annotations
 
 import hmac
+import sys
 from pathlib import Path
 
 from posttrain.board.runs import Runs, UnknownRun
@@ -92,13 +93,28 @@ def create_app(runs_dir: str | Path, api_key: str | None = None, chat_models: in
 
 
 def run_board(runs_dir: str, host: str = "127.0.0.1", port: int = 8001, api_key: str | None = None) -> None:
-    import uvicorn
+    import importlib.util
+    import socket
 
     from posttrain.errors import ConfigError
 
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"the board needs {' and '.join(missing)}: pip install 'posttrain[board]'")
     if not Path(runs_dir).expanduser().is_dir():
         raise ConfigError(f"RUNS_DIR {runs_dir!r} is not a folder; give the folder your runs write into "
                           "(their output_dir's parent), e.g. `posttrain board runs`")
-    print(f"posttrain board over {Path(runs_dir).resolve()} at http://{host}:{port}/"
-          + ("?key=..." if api_key else ""), flush=True)
+    try:  # a clear line now rather than uvicorn's log after start-up
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); choose another "
+                          "--port") from None
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this port sees your runs and "
+              "can chat with their models", file=sys.stderr)
+    print(f"posttrain board over {Path(runs_dir).expanduser().resolve()} at http://{host}:{port}/"
+          + ("?key=KEY" if api_key else ""), flush=True)
     uvicorn.run(create_app(runs_dir, api_key), host=host, port=port, log_level="warning")

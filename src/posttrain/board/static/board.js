@@ -188,9 +188,10 @@ async function loadMetrics(force) {
   for (const n of state.selected) {
     const run = state.runs.find((r) => r.name === n);
     if (!run) continue;
-    if (force || state.updated[n] !== run.updated || !state.metrics[n]) {
+    const version = `${run.updated}/${run.step}`;  // metrics.jsonl changed since the page read it
+    if (force || state.updated[n] !== version || !state.metrics[n]) {
       state.metrics[n] = (await api(`api/metrics?run=${encodeURIComponent(n)}`)).records;
-      state.updated[n] = run.updated;
+      state.updated[n] = version;
       changed = true;
     }
   }

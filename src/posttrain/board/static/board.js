@@ -354,5 +354,8 @@ async function poll() {
   setTimeout(poll, POLL_MS);
 }
 
+// A link can carry the view: ?run=A&run=B&tab=rollouts&smooth=0.6&x=time
+if (params.get("smooth")) $("#smooth").value = $("#smooth-v").textContent = params.get("smooth");
+if (params.get("x")) $("#xaxis").value = params.get("x");
 refreshTab(true);
 poll();

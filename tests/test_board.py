@@ -137,6 +137,8 @@ def test_grpo_writes_a_bounded_sample_of_rollouts_and_alarms(runs_dir):
     # Completions of 8 tokens from an untrained model are cut: over the default threshold, the alarm is logged.
     steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"reward_mean"' in l]
     assert all(s.get("alarm/truncated") == 1 for s in steps if s["truncated"] > 0.5)
+    # The rollout engine samples the very policy being trained: the trainer's log-probs of its tokens agree.
+    assert all(0 <= s["logp_gap"] < 1e-3 for s in steps) and not any("alarm/logp_gap" in s for s in steps)
 
 
 def test_alarms_fire_on_drift_and_clear():

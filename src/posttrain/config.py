@@ -254,6 +254,8 @@ ALARM_DEFAULTS = {
     "length_ratio": 3.0,  # mean response length this many times above (or below 1/x) the first step's
     "clip_fraction": 0.3,  # share of tokens clipped above this: updates too large for the trust region
     "truncated": 0.5,  # share of completions cut at max_completion_length above this
+    "logp_gap": 0.1,  # mean |trainer - rollout engine| log-prob of the sampled tokens (at temperature 1) above
+    #   this: the sampler is not sampling the policy being trained (stale weights, precision mismatch)
 }
 
 

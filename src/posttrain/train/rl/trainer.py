@@ -144,9 +144,10 @@ class RLTrainer:
             first = seen.get(i, 0) * self.group
             seen[i] = seen.get(i, 0) + 1
             seeds += [self.sample_seed(step, i, first + j) for j in range(self.group)]
+        # The engine's log-probs are of the unscaled logits: comparable with the trainer's at temperature 1 only.
         rollouts = self.sampler.sample(ids, max_new_tokens=self.c.max_completion_length,
                                        temperature=self.c.temperature, top_p=self.c.top_p, top_k=self.c.top_k,
-                                       seeds=seeds)
+                                       seeds=seeds, logprobs=self.c.temperature == 1.0)
         return rollouts, rows
 
     def shape_rewards(self, raw: torch.Tensor) -> torch.Tensor:
@@ -212,6 +213,8 @@ class RLTrainer:
                 old = per["old_logp"] if "old_logp" in per else logp.detach()
                 weights = token_weights(mask, c.loss_agg_mode, max_len)
                 loss, clipped = policy_loss(logp, old, per["advantages"], c.cliprange, c.cliprange_high, c.dual_clip)
+                if "sampler_logp" in per:  # the sampler and the trainer disagree on the tokens' log-probs
+                    _add_metrics(metrics, {"logp_gap": (((old - per["sampler_logp"]).abs() * mask).sum(), count)})
                 _add_metrics(metrics, {"policy_loss": ((loss * weights).sum(), units),
                                        "clip_fraction": ((clipped * mask).sum(), count),
                                        "entropy": ((entropy.detach() * mask).sum(), count),

@@ -141,6 +141,15 @@ def test_grpo_writes_a_bounded_sample_of_rollouts_and_alarms(runs_dir):
     assert all(0 <= s["logp_gap"] < 1e-3 for s in steps) and not any("alarm/logp_gap" in s for s in steps)
 
 
+def test_a_resumed_run_keeps_the_rollouts_up_to_its_checkpoint(tmp_path):
+    from posttrain.train.rl.completions import CompletionLog
+
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps({"step": s, "completion": str(s)}) + "\n"
+                                                     for s in (1, 1, 2, 3, 4)))
+    CompletionLog(tmp_path, per_step=4, resume_step=2)
+    assert [json.loads(l)["step"] for l in (tmp_path / "rollouts.jsonl").read_text().splitlines()] == [1, 1, 2]
+
+
 def test_alarms_fire_on_drift_and_clear():
     from posttrain.train.rl.alarms import Alarms
 
@@ -162,16 +171,24 @@ def test_a_run_whose_process_is_gone_reads_as_killed(tmp_path):
     from posttrain.board.runs import Runs
     from posttrain.train.metrics import MetricsLogger, _OPEN
 
-    for name in ("live", "gone"):
+    for name in ("live", "gone", "remote", "remote-quiet"):
         logger = MetricsLogger(tmp_path / name)
         logger.log({"step": 1, "loss": 1.0})
         _OPEN.pop(logger.status_path)  # as if another process had started it
     dead = subprocess.Popen(["true"])
     dead.wait()
-    status = json.loads((tmp_path / "gone" / "run_status.json").read_text())
-    (tmp_path / "gone" / "run_status.json").write_text(json.dumps({**status, "pid": dead.pid}))
+
+    def edit_status(name, **change):
+        status = json.loads((tmp_path / name / "run_status.json").read_text())
+        (tmp_path / name / "run_status.json").write_text(json.dumps({**status, **change}))
+
+    edit_status("gone", pid=dead.pid)
+    edit_status("remote", host="another-node", pid=dead.pid)  # a pid there says nothing here
+    edit_status("remote-quiet", host="another-node")
+    old = time.time() - 2 * 3600
+    os.utime(tmp_path / "remote-quiet" / "metrics.jsonl", (old, old))
     states = {r["name"]: r["status"] for r in Runs(tmp_path).all()}
-    assert states == {"live": "running", "gone": "killed"}
+    assert states == {"live": "running", "gone": "killed", "remote": "running", "remote-quiet": "killed"}
 
 
 # ---- the API -----------------------------------------------------------------------------------

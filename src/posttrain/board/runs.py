@@ -7,8 +7,8 @@ A run is any folder holding a `metrics.jsonl`. Its status:
   failed    run_status.json records the error the process ended on
   killed    run_status.json says interrupted, or still says running but its process is gone (same
             host), or, without run_status.json, metrics stopped with no final model
-  running   run_status.json says running and its process lives (or, without one, metrics.jsonl was
-            written in the last STALE_S seconds)
+  running   run_status.json says running and its process lives (on another host: wrote metrics in the
+            last hour), or, without run_status.json, metrics.jsonl was written in the last STALE_S seconds
 
 Run ids are paths relative to RUNS_DIR; every lookup resolves inside RUNS_DIR or is refused.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 STALE_S = 120.0  # without a status file, a run whose metrics are older than this is no longer running
+REMOTE_STALE_S = 3600.0  # a run on another host (shared disk) whose metrics are this old is taken as gone
 SKIP_DIRS = ("checkpoint-", ".", "__pycache__", "wandb")
 HEADLINES = {  # the figure the runs list shows for each stage: the first of these the run has logged
     "sft": ("eval_loss", "loss"),
@@ -139,6 +140,9 @@ def run_status(folder: Path, status_file: dict | None, metrics_mtime: float) -> 
         if state == "running" and status_file.get("host") == socket.gethostname() \
                 and not _pid_alive(status_file.get("pid")):
             return {"status": "killed", "reason": f"process {status_file.get('pid')} is gone"}
+        if state == "running" and status_file.get("host") != socket.gethostname() \
+                and time.time() - metrics_mtime > REMOTE_STALE_S:
+            return {"status": "killed", "reason": f"no metrics for an hour from host {status_file.get('host')}"}
         if state in ("running", "finished", "failed", "killed"):
             return {"status": state, **({"reason": status_file["error"]} if status_file.get("error") else {})}
     if has_final:

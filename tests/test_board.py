@@ -38,7 +38,8 @@ def runs_dir(tiny_model_dir, task_data, tmp_path_factory):
     prompts = write_jsonl([{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in train],
                           data / "prompts.jsonl")
     (data / "length.py").write_text(LENGTH_REWARD)
-    assert main(["grpo", f"model_name_or_path={tiny_model_dir}", f"dataset={prompts}", f"output_dir={root / 'rl' / 'grpo'}",
+    assert main(["grpo", f"model_name_or_path={tiny_model_dir}", f"dataset={prompts}",
+                 f"output_dir={root / 'rl' / 'grpo'}",
                  f"reward_funcs=[{data / 'length.py'}:length,exact_match]", "max_completion_length=8",
                  "rollout_batch_size=3", "num_generations=2", "per_device_train_batch_size=6", "max_steps=3",
                  "log_completions_per_step=4", "disable_tqdm=true", "plot_loss=false"]) == 0
@@ -116,7 +117,7 @@ def test_runs_leave_their_status(runs_dir):
     failed = json.loads((runs_dir / "diverged" / "run_status.json").read_text())
     assert failed["status"] == "failed" and "training diverged" in failed["error"]
     records = [json.loads(l) for l in (runs_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert all(isinstance(r["time"], float) for r in records)  # the board's x axis by time
+    assert all(isinstance(r["wall_time_s"], float) for r in records)  # the board's x axis by time
 
 
 def test_grpo_writes_a_bounded_sample_of_rollouts_and_alarms(runs_dir):
@@ -133,7 +134,8 @@ def test_grpo_writes_a_bounded_sample_of_rollouts_and_alarms(runs_dir):
     for a, b in zip(rows[0::2], rows[1::2]):
         assert a["prompt"] == b["prompt"]
         if a["reward"] != b["reward"]:
-            assert (a["advantage"] > 0) == (a["reward"] > b["reward"]) and a["advantage"] == pytest.approx(-b["advantage"])
+            assert (a["advantage"] > 0) == (a["reward"] > b["reward"])
+            assert a["advantage"] == pytest.approx(-b["advantage"])
     # Completions of 8 tokens from an untrained model are cut: over the default threshold, the alarm is logged.
     steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"reward_mean"' in l]
     assert all(s.get("alarm/truncated") == 1 for s in steps if s["truncated"] > 0.5)
@@ -159,6 +161,8 @@ def test_alarms_fire_on_drift_and_clear():
     assert fired == {"alarm/kl": 1, "alarm/entropy_drop": 1, "alarm/length_ratio": 1, "alarm/clip_fraction": 1}
     assert alarms.check({"step": 3, "kl": 0.2, "entropy": 1.9, "response_length": 5, "clip_fraction": 0.1}) == \
         {"alarm/length_ratio": 1}  # 5 tokens is under a third of the first step's 20
+    resumed = Alarms(history=[{"step": 0, "eval_reward": 0.1}, {"step": 1, "entropy": 2.0, "response_length": 20}])
+    assert resumed.check({"step": 5, "entropy": 0.3, "response_length": 20}) == {"alarm/entropy_drop": 1}
 
 
 def test_an_unknown_alarm_is_a_config_error(tmp_path, capsys):

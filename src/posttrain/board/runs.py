@@ -183,7 +183,7 @@ class Runs:
             last.update({k: v for k, v in r.items() if isinstance(v, (int, float)) and not k.startswith("alarm/")})
         stage = config.get("stage") or "?"
         headline = next(((k, last[k]) for k in HEADLINES.get(stage, ("eval_loss", "loss")) if k in last), None)
-        times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
+        times = [r["wall_time_s"] for r in records if isinstance(r.get("wall_time_s"), (int, float))]
         started = (status_file or {}).get("started") or (times[0] if times else None)
         ended = (status_file or {}).get("ended") or (time.time() if state["status"] == "running" else
                                                      (times[-1] if times else mtime))
@@ -195,7 +195,7 @@ class Runs:
             else None, "duration_s": round(ended - started, 1) if started else None, "updated": mtime,
             "headline": {"name": headline[0], "value": headline[1]} if headline else None,
             "alarms": alarms, "has_rollouts": (folder / "rollouts.jsonl").is_file(),
-            "last": {k: v for k, v in last.items() if k not in ("time",)},
+            "last": {k: v for k, v in last.items() if k != "wall_time_s"},
         }
 
     def all(self) -> list[dict]:

@@ -55,7 +55,7 @@ class MetricsLogger:
             self._wandb = wandb.init(config=run_config or {}, dir=str(output_dir))
 
     def log(self, record: dict) -> None:
-        record = {**record, "time": round(time.time(), 3)}  # wall clock: the board's x axis by time
+        record = {**record, "wall_time_s": round(time.time(), 3)}  # the x axis by time (varies, as *_s do)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record.get("step", 0)

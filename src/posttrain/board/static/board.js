@@ -6,9 +6,9 @@ const POLL_MS = Number(params.get("poll")) || 2000;
 const COLORS = ["#2a7de1", "#e1572a", "#2e9e5b", "#9b4dca", "#d4a017", "#17a2b8", "#c2185b", "#607d8b"];
 // Curves worth seeing first; every other numeric metric follows, alphabetically.
 const ORDER = ["loss", "eval_loss", "reward_mean", "eval_reward", "rewards/", "kl", "entropy", "clip_fraction",
-  "response_length", "truncated", "lr", "actor_lr", "grad_norm", "actor_grad_norm", "tokens_per_second"];
+  "response_length", "truncated", "lr", "actor_lr", "grad_norm", "actor_grad_norm", "tokens_per_s"];
 // Facts about the run, not curves (logged once, at step 0 or at the end).
-const NOT_CURVES = new Set(["step", "epoch", "time", "trainable_params", "total_params", "trainable_percent",
+const NOT_CURVES = new Set(["step", "epoch", "wall_time_s", "trainable_params", "total_params", "trainable_percent",
   "output_weights_bytes"]);
 // Panels that overlay several metrics of one run (preference runs: chosen vs rejected).
 const COMBINED = [{title: "rewards/chosen vs rewards/rejected", keys: ["rewards/chosen", "rewards/rejected"]},
@@ -107,10 +107,10 @@ function seriesData(names, keys) {
   const points = [];
   for (const n of names) {
     const recs = state.metrics[n] || [];
-    const t0 = recs.find((r) => typeof r.time === "number")?.time;
+    const t0 = recs.find((r) => typeof r.wall_time_s === "number")?.wall_time_s;
     for (const k of keys) {
-      const pts = recs.filter((r) => typeof r[k] === "number" && (!byTime || typeof r.time === "number"))
-        .map((r) => [byTime ? r.time - t0 : r.step, r[k]]);
+      const pts = recs.filter((r) => typeof r[k] === "number" && (!byTime || typeof r.wall_time_s === "number"))
+        .map((r) => [byTime ? r.wall_time_s - t0 : r.step, r[k]]);
       if (pts.length) points.push({label: names.length > 1 ? (keys.length > 1 ? `${n} ${k}` : n) : k, pts});
     }
   }

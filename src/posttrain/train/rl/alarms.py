@@ -2,7 +2,8 @@
 
 A logged record whose metric drifts past its threshold (config.ALARM_DEFAULTS, overridden by the
 `alarms` key) gets `alarm/<name>: 1` in metrics.jsonl (the board shows it) and a warning in the log,
-once per alarm until it clears. Drifts are measured against the first logged step of the run:
+once per alarm until it clears. Drifts are measured against the first logged step of the run (a
+resumed run reads it back from metrics.jsonl):
 
   kl             kl > threshold
   entropy_drop   entropy < threshold x the first step's entropy
@@ -22,16 +23,21 @@ log = logging.getLogger(__name__)
 
 
 class Alarms:
-    def __init__(self, overrides: dict[str, float] | None = None):
+    def __init__(self, overrides: dict[str, float] | None = None, history: list[dict] = ()):
         self.limits = {**ALARM_DEFAULTS, **(overrides or {})}
         self.first: dict[str, float] = {}  # each metric's value at the first step that logged it
         self.raised: set[str] = set()
+        for record in history:
+            self._note_first(record)
 
-    def check(self, record: dict) -> dict[str, int]:
-        """The alarms this record sets, as `alarm/<name>: 1` entries to log with it."""
+    def _note_first(self, record: dict) -> None:
         for key in ("entropy", "response_length"):
             if key in record:
                 self.first.setdefault(key, record[key])
+
+    def check(self, record: dict) -> dict[str, int]:
+        """The alarms this record sets, as `alarm/<name>: 1` entries to log with it."""
+        self._note_first(record)
         fired = {name for name, why in self._tests(record) if why}
         for name in sorted(fired - self.raised):
             log.warning("alarm %s at step %s: %s", name, record.get("step"), self._describe(name, record))

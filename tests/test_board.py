@@ -332,6 +332,24 @@ def test_page_updates_live_while_a_run_writes(runs_dir, tmp_path):
 
 
 @needs_chromium
+def test_page_overlays_chosen_and_rejected_rewards_of_a_preference_run(tmp_path):
+    from posttrain.train.metrics import MetricsLogger
+
+    run = tmp_path / "runs" / "dpo"
+    logger = MetricsLogger(run)
+    for step in range(1, 6):  # the keys `posttrain dpo` logs
+        logger.log({"step": step, "loss": 0.7 - step / 20, "rewards/chosen": step / 10, "rewards/rejected": -step / 10,
+                    "rewards/margin": step / 5, "rewards/accuracy": 0.5 + step / 20})
+    logger.close()
+    (run / "posttrain_config.yaml").write_text("stage: dpo\nmodel_name_or_path: base\n")
+    with Board(tmp_path / "runs") as b:
+        dom = chromium(b.url("/?run=dpo"), tmp_path)
+    assert 'data-metric="rewards/chosen vs rewards/rejected" data-points="10"' in dom
+    assert 'data-metric="rewards/margin" data-points="5"' in dom
+    assert "rewards/accuracy 0.7500" in dom  # the stage's headline figure in the runs list
+
+
+@needs_chromium
 def test_screenshot_is_not_blank(board, tmp_path):
     from PIL import Image
 

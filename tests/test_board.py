@@ -51,12 +51,12 @@ def runs_dir(tiny_model_dir, task_data, tmp_path_factory):
 class Board:
     """The board's app served by uvicorn on a free local port, in a thread."""
 
-    def __init__(self, root: Path, api_key: str | None = None, middleware=None):
+    def __init__(self, root: Path, api_key: str | None = None, middleware=None, allow_launch: bool = False):
         import uvicorn
 
         from posttrain.board.app import create_app
 
-        app = create_app(root, api_key)
+        app = create_app(root, api_key, allow_launch=allow_launch)
         if middleware:
             app.middleware("http")(middleware)
         with socket.socket() as s:
@@ -253,13 +253,7 @@ def test_sft_samples_show_the_trained_spans(board):
 
 def test_chat_answers_from_a_finished_run_and_refuses_one_without_a_model(board):
     def post(payload):
-        req = urllib.request.Request(board.url("/api/chat"), data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+        return _post(board, "/api/chat", payload)
 
     status, body = post({"run": "sft", "messages": [{"role": "user", "content": "reverse 123"}], "max_new_tokens": 8})
     assert status == 200 and isinstance(body["text"], str)
@@ -267,7 +261,7 @@ def test_chat_answers_from_a_finished_run_and_refuses_one_without_a_model(board)
     assert status == 400 and "no final model" in body["detail"]
 
 
-def test_board_command_refuses_a_missing_folder_and_a_busy_port(runs_dir, tmp_path, capsys):
+def test_board_command_refuses_a_missing_folder_a_busy_port_and_an_open_launcher(runs_dir, tmp_path, capsys):
     assert main(["board", str(tmp_path / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     with socket.socket() as busy:
@@ -275,6 +269,49 @@ def test_board_command_refuses_a_missing_folder_and_a_busy_port(runs_dir, tmp_pa
         busy.listen()
         assert main(["board", str(runs_dir), "--port", str(busy.getsockname()[1])]) == 2
     assert "cannot listen there" in capsys.readouterr().err
+    assert main(["board", str(runs_dir), "--host", "0.0.0.0", "--allow-launch"]) == 2
+    assert "--allow-launch on --host 0.0.0.0" in capsys.readouterr().err
+
+
+def _post(board: Board, path: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(board.url(path), data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_launching_is_off_unless_asked(board):
+    status, body = _post(board, "/api/launch", {"stage": "sft", "name": "new", "config": "max_steps: 1"})
+    assert status == 403 and "--allow-launch" in body["detail"]
+    assert board.get("/api/launch")[1]["allowed"] is False
+
+
+def test_a_run_launched_from_the_board_trains_and_shows_up(runs_dir, tmp_path):
+    import yaml
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    config = yaml.safe_load((runs_dir / "sft" / "posttrain_config.yaml").read_text())
+    config.update(max_steps=3, logging_steps=1, output_dir="/elsewhere")  # the board sets output_dir itself
+    with Board(root, allow_launch=True) as b:
+        status, body = _post(b, "/api/launch", {"stage": "sft", "name": "bad", "config": "learning_rat: 1e-4"})
+        assert status == 400 and "learning_rat" in body["detail"] and not (root / "bad").exists()
+        status, body = _post(b, "/api/launch", {"stage": "sft", "name": "../out", "config": ""})
+        assert status == 400 and "run name" in body["detail"]
+        status, body = _post(b, "/api/launch", {"stage": "sft", "name": "again", "config": yaml.safe_dump(config)})
+        assert status == 200, body
+        deadline = time.time() + 120
+        while True:
+            runs = {r["name"]: r for r in b.get("/api/runs")[1]["runs"]}
+            if runs.get("again", {}).get("status") in ("finished", "failed", "killed"):
+                break
+            assert time.time() < deadline, Path(body["log"]).read_text()[-2000:]
+            time.sleep(0.5)
+    assert runs["again"]["status"] == "finished" and runs["again"]["step"] == 3, Path(body["log"]).read_text()[-2000:]
+    assert (root / "again" / "model.safetensors").is_file()
 
 
 # ---- the page, in a real browser ---------------------------------------------------------------

@@ -160,7 +160,8 @@ def cmd_serve(a) -> None:
 def cmd_board(a) -> None:
     from posttrain.board.app import run_board
 
-    run_board(a.runs_dir, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("POSTTRAIN_API_KEY"))
+    run_board(a.runs_dir, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("POSTTRAIN_API_KEY"),
+              allow_launch=a.allow_launch)
 
 
 def cmd_data_preview(a) -> None:
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8001)
     s.add_argument("--api-key", help="require this key on every route (also read from $POSTTRAIN_API_KEY)")
+    s.add_argument("--allow-launch", action="store_true",
+                   help="let the page start training runs into RUNS_DIR (off: the board only reads)")
     s.set_defaults(func=cmd_board)
 
     s = sub.add_parser("data", help="inspect data")

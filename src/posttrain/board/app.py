@@ -7,8 +7,10 @@
   GET  /api/config?run=&run=      the runs' configs and the keys where they differ
   GET  /api/samples?run=   an SFT run's first rows rendered with the trained spans marked
   POST /api/chat           {"run", "base"?, "messages", "max_new_tokens"?}: a reply from the run's model
+  GET|POST /api/launch     whether launching is on / {"stage", "name", "config"}: start a run (launch.py)
 
-Read-only: nothing here writes into RUNS_DIR. With an api key every route needs it, as a Bearer header,
+Read-only unless started with allow_launch: then only /api/launch writes, a new run folder and its
+config and log under RUNS_DIR/.launch. With an api key every route needs it, as a Bearer header,
 a `key` query parameter (the page's first load sets a cookie from it) or that cookie.
 """
 
@@ -24,15 +26,18 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "posttrain_board_key"
 
 
-def create_app(runs_dir: str | Path, api_key: str | None = None, chat_models: int = 2):
+def create_app(runs_dir: str | Path, api_key: str | None = None, chat_models: int = 2, allow_launch: bool = False):
     from fastapi import Body, FastAPI, HTTPException, Query, Request
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
     from posttrain.board.chat import ChatModels
+    from posttrain.board.launch import STAGES, Launcher
+    from posttrain.errors import ConfigError
 
     runs = Runs(runs_dir)
     chats = ChatModels(runs, capacity=chat_models)
+    launcher = Launcher(runs.root) if allow_launch else None
     app = FastAPI(title="posttrain board", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")
@@ -64,6 +69,8 @@ def create_app(runs_dir: str | Path, api_key: str | None = None, chat_models: in
 
     @app.get("/api/runs")
     def list_runs():
+        if launcher:
+            launcher.reap()
         return {"root": str(runs.root), "runs": runs.all()}
 
     @app.get("/api/metrics")
@@ -89,10 +96,24 @@ def create_app(runs_dir: str | Path, api_key: str | None = None, chat_models: in
              max_new_tokens: int = Body(64, ge=1, le=1024)):
         return {"run": run, "base": base, "text": chats.reply(folder(run), base, messages, max_new_tokens)}
 
+    @app.get("/api/launch")
+    def launch_info():
+        return {"allowed": launcher is not None, "stages": list(STAGES)}
+
+    @app.post("/api/launch")
+    def launch(stage: str = Body(...), name: str = Body(...), config: str = Body(...)):
+        if launcher is None:
+            raise HTTPException(403, "launching runs is off: start the board with --allow-launch")
+        try:
+            return launcher.launch(stage, name, config)
+        except ConfigError as err:
+            raise HTTPException(400, str(err)) from None
+
     return app
 
 
-def run_board(runs_dir: str, host: str = "127.0.0.1", port: int = 8001, api_key: str | None = None) -> None:
+def run_board(runs_dir: str, host: str = "127.0.0.1", port: int = 8001, api_key: str | None = None,
+              allow_launch: bool = False) -> None:
     import importlib.util
     import socket
 
@@ -112,9 +133,13 @@ def run_board(runs_dir: str, host: str = "127.0.0.1", port: int = 8001, api_key:
                           "--port") from None
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    local = host in ("127.0.0.1", "localhost", "::1")
+    if allow_launch and not local and not api_key:
+        raise ConfigError(f"--allow-launch on --host {host} lets anyone who reaches the port run code here: "
+                          "add --api-key KEY, or serve on 127.0.0.1")
+    if not local and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port sees your runs and "
               "can chat with their models", file=sys.stderr)
     print(f"posttrain board over {Path(runs_dir).expanduser().resolve()} at http://{host}:{port}/"
           + ("?key=KEY" if api_key else ""), flush=True)
-    uvicorn.run(create_app(runs_dir, api_key), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(runs_dir, api_key, allow_launch=allow_launch), host=host, port=port, log_level="warning")

@@ -314,6 +314,40 @@ $("#chat-input").addEventListener("keydown", (e) => {
 });
 $("#chat-reset").addEventListener("click", () => { Object.values(state.chat).forEach((c) => (c.history = [])); drawChat(); });
 
+// ---- launch (only when the board was started with --allow-launch) ----------------------------
+async function setupLaunch() {
+  const info = await api("api/launch").catch(() => ({allowed: false}));
+  if (!info.allowed) return;
+  document.querySelector('#tabs button[data-tab="launch"]').hidden = false;
+  $("#launch-stage").innerHTML = info.stages.map((s) => `<option>${esc(s)}</option>`).join("");
+}
+
+$("#launch-copy").addEventListener("click", async () => {
+  const n = focus();
+  if (!n) return;
+  const {configs} = await api("api/config?run=" + encodeURIComponent(n));
+  const config = {...configs[n]};
+  if (config.stage) $("#launch-stage").value = config.stage;
+  const lines = Object.entries(config).filter(([k]) => !["stage", "output_dir"].includes(k))
+    .map(([k, v]) => `${k}: ${JSON.stringify(v)}`);  // JSON values are YAML too
+  $("#launch-config").value = lines.join("\n");
+  $("#launch-name").value = n.split("/").pop() + "-2";
+});
+
+$("#launch-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const out = $("#launch-result");
+  try {
+    const r = await api("api/launch", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({stage: $("#launch-stage").value, name: $("#launch-name").value, config: $("#launch-config").value})});
+    out.className = "hint";
+    out.textContent = `started ${r.name} (pid ${r.pid}); it appears in the list once it logs; output in ${r.log}`;
+  } catch (err) {
+    out.className = "hint error";
+    out.textContent = err.message;
+  }
+});
+
 // ---- tabs and the poll -----------------------------------------------------------------------
 document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => {
   state.tab = b.dataset.tab;
@@ -358,4 +392,5 @@ async function poll() {
 if (params.get("smooth")) $("#smooth").value = $("#smooth-v").textContent = params.get("smooth");
 if (params.get("x")) $("#xaxis").value = params.get("x");
 refreshTab(true);
+setupLaunch();
 poll();

@@ -191,8 +191,13 @@ def test_a_run_whose_process_is_gone_reads_as_killed(tmp_path):
     edit_status("remote-quiet", host="another-node")
     old = time.time() - 2 * 3600
     os.utime(tmp_path / "remote-quiet" / "metrics.jsonl", (old, old))
-    states = {r["name"]: r["status"] for r in Runs(tmp_path).all()}
-    assert states == {"live": "running", "gone": "killed", "remote": "running", "remote-quiet": "killed"}
+    (tmp_path / "garbled").mkdir()  # a status file nobody could parse: the run still lists, by its files
+    (tmp_path / "garbled" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    (tmp_path / "garbled" / "run_status.json").write_text("{not json")
+    runs = {r["name"]: r for r in Runs(tmp_path).all()}
+    assert {n: r["status"] for n, r in runs.items()} == {"live": "running", "gone": "killed", "remote": "running",
+                                                         "remote-quiet": "killed", "garbled": "running"}
+    assert runs["garbled"]["step"] == 1  # the half-written last line is not read yet
 
 
 # ---- the API -----------------------------------------------------------------------------------

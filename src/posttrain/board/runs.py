@@ -115,6 +115,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
@@ -175,9 +183,9 @@ class Runs:
         """What the runs list shows and /api/runs returns for one run."""
         records = self.metrics(folder)
         config = self.config(folder)
-        status_file = self.cache.get(folder / "run_status.json", lambda p: json.loads(p.read_text() or "{}"))
+        status_file = self.cache.get(folder / "run_status.json", read_json)
         mtime = (folder / "metrics.jsonl").stat().st_mtime
-        state = run_status(folder, status_file if isinstance(status_file, dict) else None, mtime)
+        state = run_status(folder, status_file, mtime)
         last = {}
         for r in records:  # the latest value of each metric
             last.update({k: v for k, v in r.items() if isinstance(v, (int, float)) and not k.startswith("alarm/")})
@@ -199,7 +207,13 @@ class Runs:
         }
 
     def all(self) -> list[dict]:
-        return [self.summary(f) for f in find_runs(self.root)]
+        out = []
+        for folder in find_runs(self.root):
+            try:
+                out.append(self.summary(folder))
+            except OSError:  # deleted between the listing and the reading: gone from the list too
+                continue
+        return out
 
     def rollout_step(self, folder: Path, step: int | None) -> dict:
         rows = self.rollouts(folder)

@@ -359,7 +359,11 @@ async function refreshTab(force) {
   document.querySelectorAll(".tab").forEach((s) => (s.hidden = s.id !== "tab-" + state.tab));
   try {
     if (state.tab === "curves") { if ((await loadMetrics(false)) || force) drawCharts(); }
-    else if (state.tab === "rollouts") await loadRollouts();
+    else if (state.tab === "rollouts") {
+      const run = state.runs.find((r) => r.name === focus());
+      const version = run ? `${run.name}/${run.updated}` : "";  // redraw only when the run wrote more
+      if (force || version !== state.rolloutVersion) { state.rolloutVersion = version; await loadRollouts(); }
+    }
     else if (state.tab === "samples" && force) await loadSamples();
     else if (state.tab === "config" && force) await loadConfig();
     else if (state.tab === "chat" && force) drawChat();

@@ -308,7 +308,8 @@ class RLTrainer:
             if dist.is_main() else None
         completions = CompletionLog(self.output_dir, c.log_completions_per_step, done) \
             if dist.is_main() and c.log_completions else None
-        alarms = Alarms(c.alarms, read_metrics(logger.path) if logger and done else [])
+        # A resumed run's alarms compare with its first steps, as the uninterrupted run's would.
+        alarms = Alarms(c.alarms, read_metrics(logger.path) if logger and done and logger.path.exists() else [])
         eval_every = c.eval_steps or c.logging_steps * 10
         evals = {}
         if self.eval_prompts and not done:

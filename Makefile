@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,serve]"
+	$(BIN)/pip install -q -e ".[dev,serve,board]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,7 +19,10 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/posttrain quickstart
 
+# The board's tests drive Debian's chromium headless; they are skipped only where no chromium binary exists.
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "could not install chromium (needs root on Debian): the board's browser tests will be skipped"
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

@@ -159,6 +159,13 @@ def cmd_serve(a) -> None:
         trust_remote_code=a.trust_remote_code, seed=a.seed))
 
 
+def cmd_board(a) -> None:
+    from posttrain.board.app import run_board
+
+    run_board(a.runs_dir, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("POSTTRAIN_API_KEY"),
+              allow_launch=a.allow_launch)
+
+
 def cmd_data_preview(a) -> None:
     from pathlib import Path
 
@@ -299,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("board", help="web page over run folders: runs, live curves, RL rollouts, alarms, chat")
+    s.add_argument("runs_dir", nargs="?", default="runs", help="folder to find runs in (any folder below holding a "
+                                                                "metrics.jsonl; default: runs)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8001)
+    s.add_argument("--api-key", help="require this key on every route (also read from $POSTTRAIN_API_KEY)")
+    s.add_argument("--allow-launch", action="store_true",
+                   help="let the page start training runs into RUNS_DIR (off: the board only reads)")
+    s.set_defaults(func=cmd_board)
+
     s = sub.add_parser("data", help="inspect data")
     dsub = s.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser("preview", help="print one rendered sample with its trained tokens marked")
@@ -319,6 +336,12 @@ def _split_config_arg(a) -> None:
         a.config = None
 
 
+def _end_open_runs(status: str, error: str) -> None:
+    """A run this command started and did not finish says how it ended in its run_status.json (the board reads it)."""
+    if "posttrain.train.metrics" in sys.modules:  # no training started otherwise
+        sys.modules["posttrain.train.metrics"].end_open_runs(status, error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -332,9 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except PosttrainError as err:
+        _end_open_runs("failed", str(err))
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_open_runs("killed", "interrupted")
         print("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -269,6 +269,18 @@ ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinf
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
+# RL alarms (train/rl/alarms.py): when a logged step's metric drifts past its threshold.
+ALARM_DEFAULTS = {
+    "kl": 1.0,  # KL to the reference above this: the policy has wandered far (reward hacking, collapse)
+    "entropy_drop": 0.2,  # entropy below this fraction of the first step's: sampling collapsing to one answer
+    "length_ratio": 3.0,  # mean response length this many times above (or below 1/x) the first step's
+    "clip_fraction": 0.3,  # share of tokens clipped above this: updates too large for the trust region
+    "truncated": 0.5,  # share of completions cut at max_completion_length above this
+    "logp_gap": 0.1,  # mean |trainer - rollout engine| log-prob of the sampled tokens (at temperature 1) above
+    #   this: the sampler is not sampling the policy being trained (stale weights, precision mismatch)
+}
+
+
 class RLConfig(TrainArgs, DataArgs):
     """`posttrain ppo` / `posttrain grpo`: RL on prompts, one loop, the advantage estimator picks the algorithm.
 
@@ -343,6 +355,12 @@ class RLConfig(TrainArgs, DataArgs):
     cliprange_value: float = Field(0.2, gt=0)
     critic_warmup_steps: int = Field(0, ge=0)  # rollout steps that train the critic only
 
+    # what the run shows while it goes (`posttrain board`)
+    log_completions: bool = True  # write a sample of each step's rollouts to rollouts.jsonl (TRL's name)
+    log_completions_per_step: int = Field(8, ge=1)  # completions written per step (whole groups first)
+    alarms: dict[str, float] = Field(default_factory=dict)  # thresholds over ALARM_DEFAULTS' (a metric
+    #   drifting past one sets alarm/<name> in metrics.jsonl and logs a warning)
+
     @model_validator(mode="after")
     def _estimator_defaults(self):
         est = self.advantage_estimator or ("gae" if self.stage == "ppo" else "grpo")
@@ -365,6 +383,9 @@ class RLConfig(TrainArgs, DataArgs):
             if len(self.reward_weights) != n:
                 raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {n} rewards "
                                  "(reward_model first, then each of reward_funcs)")
+        unknown = sorted(set(self.alarms) - set(ALARM_DEFAULTS))
+        if unknown:
+            raise ValueError(f"alarms: unknown {', '.join(unknown)}; known: {', '.join(ALARM_DEFAULTS)}")
         if not self.reward_model and not self.reward_funcs:
             raise ValueError("no reward: set reward_model (a `posttrain rm` folder) and/or reward_funcs "
                              "(exact_match, numeric_match, format:REGEX, file.py:function, http://...)")

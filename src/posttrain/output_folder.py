@@ -23,7 +23,8 @@ EXPORT_MARKER = "posttrain_export.yaml"
 # an adapter and a tokenizer.
 CHECKPOINT_ENTRIES = ("checkpoint-[0-9]*", ".tmp-checkpoint-[0-9]*", ".tmp-final-[0-9]*", ".pissa-init-[0-9]*")
 OWN_ENTRIES = (
-    RUN_MARKER, EXPORT_MARKER, "metrics.jsonl", "training_*.png", "runs", "wandb", *CHECKPOINT_ENTRIES,
+    RUN_MARKER, EXPORT_MARKER, "metrics.jsonl", "run_status.json", "rollouts.jsonl", "training_*.png", "runs",
+    "wandb", *CHECKPOINT_ENTRIES,
     "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
     "adapter_config.json", "README.md", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",

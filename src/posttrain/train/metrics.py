@@ -1,9 +1,20 @@
-"""Where training numbers go: metrics.jsonl, an optional tracker, and a PNG of the curves."""
+"""Where training numbers go: metrics.jsonl, an optional tracker, and a PNG of the curves.
+
+Beside metrics.jsonl a run keeps `run_status.json` (read by `posttrain board`): "running" with the
+process id from its first line, then "finished" when the final model is in place, "failed" with the
+error when the process ends on one, "killed" when interrupted. A process killed outright writes
+nothing more: its status stays "running" with a pid that is gone, which the board reads as killed.
+"""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
+import os
+import socket
+import sys
+import time
 from pathlib import Path
 
 from posttrain.errors import ConfigError
@@ -28,6 +39,11 @@ class MetricsLogger:
             kept = [l for l in self.path.read_text().splitlines()
                     if l.strip() and json.loads(l).get("step", 0) <= resume_step]
             self.path.write_text("".join(l + "\n" for l in kept))
+        self.status_path = Path(output_dir) / STATUS_FILE
+        self._started = time.time()
+        write_status(self.status_path, {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                                        "started": self._started, "resumed_from_step": resume_step})
+        _OPEN[self.status_path] = self._started
         self._tb = self._wandb = None
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -39,6 +55,7 @@ class MetricsLogger:
             self._wandb = wandb.init(config=run_config or {}, dir=str(output_dir))
 
     def log(self, record: dict) -> None:
+        record = {**record, "wall_time_s": round(time.time(), 3)}  # the x axis by time (varies, as *_s do)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record.get("step", 0)
@@ -50,10 +67,44 @@ class MetricsLogger:
             self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
+        """The run is done: its final model is written (every stage closes its logger after that)."""
+        if _OPEN.pop(self.status_path, None) is not None:
+            write_status(self.status_path, {"status": "finished", "pid": os.getpid(), "host": socket.gethostname(),
+                                            "started": self._started, "ended": time.time()})
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+STATUS_FILE = "run_status.json"
+_OPEN: dict[Path, float] = {}  # run_status.json of every run this process has started and not finished
+
+
+def write_status(path: Path, status: dict) -> None:
+    """Temp file, then rename: a reader never sees half a status."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(status) + "\n")
+        os.replace(tmp, path)
+    except OSError:  # the folder went away (a test's temp dir, a user's rm): nothing left to describe
+        tmp.unlink(missing_ok=True)
+
+
+def end_open_runs(status: str, error: str | None = None) -> None:
+    """Record how the process ended for every run it left unfinished (the CLI calls this on an error
+    or Ctrl-C; an uncaught exception reaches it at exit)."""
+    for path, started in list(_OPEN.items()):
+        write_status(path, {"status": status, "pid": os.getpid(), "host": socket.gethostname(), "started": started,
+                            "ended": time.time(), **({"error": error} if error else {})})
+        _OPEN.pop(path, None)
+
+
+@atexit.register
+def _at_exit() -> None:
+    if _OPEN:  # a run still open at exit ended on an exception nobody caught (or sys.exit mid-run)
+        err = getattr(sys, "last_value", None)
+        end_open_runs("failed", f"{type(err).__name__}: {err}" if err is not None else "the process exited mid-run")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -115,12 +115,13 @@ class Experience:
     old_values: torch.Tensor | None  # None: no critic
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    sampler_logp: torch.Tensor | None = None  # the rollout engine's log-probs of the same tokens, where it gave them
 
     def rows(self, idx: list[int]) -> dict:
         """Per-token tensors of these rows, cut to their longest response."""
         length = max(len(self.rollouts[i].response_ids) for i in idx)  # from the host: no wait for the device
         out = {}
-        for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
+        for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns", "sampler_logp"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value[idx, :length]
@@ -169,4 +170,14 @@ def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id:
                 values[idx, :cols] = response_values(critic, batch).float()
     for m, mode in zip(models, modes):
         m.train(mode)
-    return Experience(rollouts, mask, old, ref, values)
+    return Experience(rollouts, mask, old, ref, values, sampler_logp=_sampler_logps(rollouts, length, device))
+
+
+def _sampler_logps(rollouts: list[Rollout], length: int, device: torch.device) -> torch.Tensor | None:
+    """[N, L] of the rollout engine's log-probs (zero past each response), or None where it gave none."""
+    if any(r.logprobs is None or len(r.logprobs) != len(r.response_ids) for r in rollouts):
+        return None
+    out = torch.zeros(len(rollouts), length)
+    for i, r in enumerate(rollouts):
+        out[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
+    return out.to(device)

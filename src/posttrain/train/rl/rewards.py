@@ -267,9 +267,16 @@ class Rewards:
             source.check(prompts)
 
     def __call__(self, batch: Scored) -> tuple[torch.Tensor, dict[str, float]]:
-        per_source = torch.tensor([source(batch) for source in self.sources], dtype=torch.float32)  # [S, N]
-        total = (torch.tensor(self.weights)[:, None] * per_source).sum(dim=0)
-        return total, {f"rewards/{n}": per_source[i].mean().item() for i, n in enumerate(self.names)}
+        total, per_source = self.score(batch)
+        return total, self.means(per_source)
+
+    def score(self, batch: Scored) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted total [N] and each source's own scores [S, N] (rows in the order of self.names)."""
+        per_source = torch.tensor([source(batch) for source in self.sources], dtype=torch.float32)
+        return (torch.tensor(self.weights)[:, None] * per_source).sum(dim=0), per_source
+
+    def means(self, per_source: torch.Tensor) -> dict[str, float]:
+        return {f"rewards/{n}": per_source[i].mean().item() for i, n in enumerate(self.names)}
 
 
 def build_rewards(config, device: torch.device) -> Rewards:

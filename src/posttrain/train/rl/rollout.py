@@ -28,6 +28,7 @@ class Rollout:
     response_ids: list[int]  # the generated tokens, with the stop token when the model stopped
     text: str  # the response decoded without special tokens: what the rewards read
     stopped: bool  # False: cut at max_completion_length
+    logprobs: list[float] | None = None  # the sampler's log-prob of each response token (engine, when asked)
 
 
 class RolloutSampler:
@@ -46,18 +47,20 @@ class RolloutSampler:
             self.engine = None
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-               top_k: int = 0, seeds: list[int] | None = None) -> list[Rollout]:
+               top_k: int = 0, seeds: list[int] | None = None, logprobs: bool = False) -> list[Rollout]:
         """One completion per prompt (repeat a prompt in the list for a group); temperature 0 is greedy.
         `seeds`: one per row, so a row's sample does not depend on which other rows share the batch
-        (or the process); without them the engine draws seeds in row order."""
+        (or the process); without them the engine draws seeds in row order. `logprobs`: keep the engine's
+        log-prob of each sampled token (of the unscaled logits; transformers' generate gives none)."""
         if self.engine is not None:
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    top_k=top_k, stop_token_ids=self.end_of_turn)
+                                    top_k=top_k, stop_token_ids=self.end_of_turn, logprobs=0 if logprobs else None)
             if seeds is not None:
                 params = [replace(params, seed=s) for s in seeds]
             self.engine.weights.refresh()  # a LoRA actor's merged copies follow its last update
             done = self.engine.generate(prompts, params)
-            return [Rollout(p, c.token_ids, c.text, c.finish_reason == "stop") for p, c in zip(prompts, done)]
+            return [Rollout(p, c.token_ids, c.text, c.finish_reason == "stop",
+                            [t.logprob for t in c.logprobs] if logprobs else None) for p, c in zip(prompts, done)]
         if seeds:  # transformers' sampling draws from the global generator: at least decorrelate the processes
             torch.manual_seed(seeds[0])
         return self._hf_sample(prompts, max_new_tokens, temperature, top_p, top_k)

@@ -6,7 +6,8 @@
 4. advantages  KL penalty in the reward or not, then GAE or a group baseline, whitening (advantages.py)
 5. update      `ppo_epochs` passes over the rollout in shuffled mini-batches, one optimizer step each
                for the actor and one for the critic (losses.py); the actor waits for `critic_warmup_steps`
-6. metrics     one metrics.jsonl line per step, held-out greedy reward every `eval_steps`
+6. metrics     one metrics.jsonl line per step (with alarms.py's flags), held-out greedy reward every
+               `eval_steps`; a sample of the step's completions in rollouts.jsonl (completions.py)
 
 Loss sums are divided by the units of the whole optimizer step over all micro-batches and all
 ranks, as in train/loop.py. Gradients are summed over ranks by an explicit all-reduce (the actor's
@@ -37,6 +38,8 @@ from posttrain.train.loop import (_add_metrics, _reduce_metrics, host_floats, au
                                   seed_everything, trainable_state, write_final)
 from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from posttrain.train.rl import advantages as adv
+from posttrain.train.rl.alarms import Alarms
+from posttrain.train.rl.completions import CompletionLog, token_means
 from posttrain.train.rl.experience import (Experience, collate_rollouts, response_logps, response_values, score_rollouts,
                                            shares_prompts)
 from posttrain.train.rl.losses import loss_units, policy_loss, token_weights, value_loss
@@ -146,9 +149,10 @@ class RLTrainer:
             first = seen.get(i, 0) * self.group
             seen[i] = seen.get(i, 0) + 1
             seeds += [self.sample_seed(step, i, first + j) for j in range(self.group)]
+        # The engine's log-probs are of the unscaled logits: comparable with the trainer's at temperature 1 only.
         rollouts = self.sampler.sample(ids, max_new_tokens=self.c.max_completion_length,
                                        temperature=self.c.temperature, top_p=self.c.top_p, top_k=self.c.top_k,
-                                       seeds=seeds)
+                                       seeds=seeds, logprobs=self.c.temperature == 1.0)
         return rollouts, rows
 
     def shape_rewards(self, raw: torch.Tensor) -> torch.Tensor:
@@ -214,6 +218,8 @@ class RLTrainer:
                 old = per["old_logp"] if "old_logp" in per else logp.detach()
                 weights = token_weights(mask, c.loss_agg_mode, max_len)
                 loss, clipped = policy_loss(logp, old, per["advantages"], c.cliprange, c.cliprange_high, c.dual_clip)
+                if "sampler_logp" in per:  # the sampler and the trainer disagree on the tokens' log-probs
+                    _add_metrics(metrics, {"logp_gap": (((old - per["sampler_logp"]).abs() * mask).sum(), count)})
                 _add_metrics(metrics, {"policy_loss": ((loss * weights).sum(), units),
                                        "clip_fraction": ((clipped * mask).sum(), count),
                                        "entropy": ((entropy.detach() * mask).sum(), count),
@@ -305,6 +311,10 @@ class RLTrainer:
         done = self.resume(trained, both_optimizers, both_schedulers, total)
         logger = MetricsLogger(self.output_dir, c.report_to, c.model_dump(mode="json"), resume_step=done) \
             if dist.is_main() else None
+        completions = CompletionLog(self.output_dir, c.log_completions_per_step, done) \
+            if dist.is_main() and c.log_completions else None
+        # A resumed run's alarms compare with its first steps, as the uninterrupted run's would.
+        alarms = Alarms(c.alarms, read_metrics(logger.path) if logger and done and logger.path.exists() else [])
         eval_every = c.eval_steps or c.logging_steps * 10
         evals = {}
         if self.eval_prompts and not done:
@@ -324,7 +334,8 @@ class RLTrainer:
             rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
             timings["generation_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            raw, parts = self.rewards(Scored(rows, [r.text for r in rollouts]))
+            raw, per_source = self.rewards.score(Scored(rows, [r.text for r in rollouts]))
+            parts = self.rewards.means(per_source)
             rewards = self.shape_rewards(raw)
             timings["reward_s"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -337,6 +348,10 @@ class RLTrainer:
             metrics: dict = {}
             self.advantages(exp, rewards, metrics)
             timings["experience_s"] = time.perf_counter() - t
+            if completions:  # before the update: the advantages it trains on
+                k = min(c.log_completions_per_step, len(rollouts))
+                completions.write(self.step, rows, rollouts, raw, per_source, self.rewards.names,
+                                  token_means(exp.advantages[:k], exp.mask[:k]))
             t = time.perf_counter()
             train_actor = self.step > c.critic_warmup_steps or self.critic is None
             info = self.update(exp, optimizers, schedulers, train_actor, metrics)
@@ -366,6 +381,7 @@ class RLTrainer:
                 record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
                           **_summarize(_reduce_metrics(window)), "kl_coef": round(self.kl.value, 6),
                           **{k: round(v, 6) for k, v in zip(info, host_floats(list(info.values())))}}
+                record.update(alarms.check(record))
                 window = {}
                 if logger:
                     logger.log(record)

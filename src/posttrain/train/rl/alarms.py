@@ -1,0 +1,62 @@
+"""Alarms: the signs of reward hacking or collapse, checked on every logged RL step.
+
+A logged record whose metric drifts past its threshold (config.ALARM_DEFAULTS, overridden by the
+`alarms` key) gets `alarm/<name>: 1` in metrics.jsonl (the board shows it) and a warning in the log,
+once per alarm until it clears. Drifts are measured against the first logged step of the run (a
+resumed run reads it back from metrics.jsonl):
+
+  kl             kl > threshold
+  entropy_drop   entropy < threshold x the first step's entropy
+  length_ratio   response_length > threshold x the first step's, or < the first step's / threshold
+  clip_fraction  clip_fraction > threshold
+  truncated      truncated (share of completions cut at max_completion_length) > threshold
+  logp_gap       logp_gap (mean |trainer - rollout engine| log-prob of the sampled tokens) > threshold
+"""
+
+from __future__ import annotations
+
+import logging
+
+from posttrain.config import ALARM_DEFAULTS
+
+log = logging.getLogger(__name__)
+
+
+class Alarms:
+    def __init__(self, overrides: dict[str, float] | None = None, history: list[dict] = ()):
+        self.limits = {**ALARM_DEFAULTS, **(overrides or {})}
+        self.first: dict[str, float] = {}  # each metric's value at the first step that logged it
+        self.raised: set[str] = set()
+        for record in history:
+            self._note_first(record)
+
+    def _note_first(self, record: dict) -> None:
+        for key in ("entropy", "response_length"):
+            if key in record:
+                self.first.setdefault(key, record[key])
+
+    def check(self, record: dict) -> dict[str, int]:
+        """The alarms this record sets, as `alarm/<name>: 1` entries to log with it."""
+        self._note_first(record)
+        fired = {name for name, why in self._tests(record) if why}
+        for name in sorted(fired - self.raised):
+            log.warning("alarm %s at step %s: %s", name, record.get("step"), self._describe(name, record))
+        self.raised = fired
+        return {f"alarm/{name}": 1 for name in sorted(fired)}
+
+    def _tests(self, r: dict):
+        lim, first = self.limits, self.first
+        yield "kl", "kl" in r and r["kl"] > lim["kl"]
+        yield "entropy_drop", "entropy" in r and first.get("entropy", 0) > 0 and \
+            r["entropy"] < lim["entropy_drop"] * first["entropy"]
+        if "response_length" in r and first.get("response_length", 0) > 0:
+            ratio = r["response_length"] / first["response_length"]
+            yield "length_ratio", ratio > lim["length_ratio"] or ratio < 1 / lim["length_ratio"]
+        yield "clip_fraction", "clip_fraction" in r and r["clip_fraction"] > lim["clip_fraction"]
+        yield "truncated", "truncated" in r and r["truncated"] > lim["truncated"]
+        yield "logp_gap", "logp_gap" in r and r["logp_gap"] > lim["logp_gap"]
+
+    def _describe(self, name: str, r: dict) -> str:
+        metric = {"entropy_drop": "entropy", "length_ratio": "response_length"}.get(name, name)
+        base = f" (first step: {self.first[metric]:.4g})" if metric in self.first else ""
+        return f"{metric} is {r.get(metric, float('nan')):.4g}{base}, threshold {self.limits[name]:g}"

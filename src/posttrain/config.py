@@ -32,7 +32,8 @@ _RL_ALIASES = {"beta": "kl_coef", "max_new_tokens": "max_completion_length", "nu
                "epsilon": "cliprange", "epsilon_high": "cliprange_high", "lambd": "lam"}
 ALIASES = {
     "sft": _COMMON_ALIASES, "rm": _COMMON_ALIASES,
-    "dpo": {**_COMMON_ALIASES, **_PREFERENCE_ALIASES, "loss_type": "pref_loss", "label_smoothing": "dpo_label_smoothing"},
+    "dpo": {**_COMMON_ALIASES, **_PREFERENCE_ALIASES, "loss_type": "pref_loss",
+            "label_smoothing": "dpo_label_smoothing"},
     "kto": {**_COMMON_ALIASES, **_PREFERENCE_ALIASES, "desirable_weight": "kto_chosen_weight",
             "undesirable_weight": "kto_rejected_weight"},
     "ppo": {**_COMMON_ALIASES, **_RL_ALIASES}, "grpo": {**_COMMON_ALIASES, **_RL_ALIASES},
@@ -459,7 +460,8 @@ def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "(config)"
         if e["type"] == "extra_forbidden":
-            elsewhere = [s for s, other in STAGES.items() if other is not cls and str(e["loc"][-1]) in other.model_fields]
+            elsewhere = [s for s, other in STAGES.items()
+                         if other is not cls and str(e["loc"][-1]) in other.model_fields]
             close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             if elsewhere and len(e["loc"]) == 1:
                 lines.append(f"config key {key!r} is for {' / '.join(elsewhere)}, not for "

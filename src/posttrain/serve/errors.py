@@ -39,7 +39,8 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 ERROR_STATUSES = {400: "Invalid request (body, field or value); `param` names the field",
                   401: "Missing or wrong API key",
                   403: "Not allowed on this server", 404: "Unknown model", 413: "Request body too large",
-                  429: "Too many concurrent requests", 500: "Server or adapter failure"}
+                  429: "Too many concurrent requests", 500: "Server or adapter failure",
+                  503: "The engine thread is not running"}
 
 
 def documented(*statuses: int) -> dict:

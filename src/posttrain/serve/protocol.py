@@ -14,7 +14,7 @@ and so are booleans where an integer is expected (bool is an int subclass to pyd
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -22,9 +22,18 @@ from pydantic_core import PydanticCustomError
 TokenId = Annotated[StrictInt, Field(ge=0)]  # the upper bound (the vocabulary) is the engine's check
 
 
-def _unsupported(why: str = "not supported by this server") -> PydanticCustomError:
+def _refused(why: str = "not supported by this server") -> PydanticCustomError:
     """A refusal pydantic reports at the field (`param`), with our words instead of its own."""
     return PydanticCustomError("unsupported", why)
+
+
+def _unless(accepted: Callable[[Any], bool], why: str = "not supported by this server"):
+    """A field validator refusing any value but the `accepted` ones: a feature this server does not implement."""
+    def check(value):
+        if not accepted(value):
+            raise _refused(why)
+        return value
+    return check
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -77,12 +86,7 @@ class _Sampling(BaseModel):
             raise PydanticCustomError("empty_stop", "stop strings must be non-empty")
         return value
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise _unsupported()
-        return value
+    _no_logit_bias = field_validator("logit_bias")(_unless(lambda v: not v))
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -107,7 +111,7 @@ class ChatMessage(BaseModel):
     def _text_only(cls, value):
         for part in value if isinstance(value, list) else ():
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _unsupported(f"message content parts of type {part.get('type')!r} are not supported; "
+                raise _refused(f"message content parts of type {part.get('type')!r} are not supported; "
                                    "this server takes text only")
         return value
 
@@ -135,26 +139,10 @@ class ChatCompletionRequest(_Sampling):
             raise PydanticCustomError("needs_logprobs", "top_logprobs needs logprobs: true")
         return value
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise _unsupported()
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value):
-        if value not in (None, "none"):
-            raise _unsupported()
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, value):
-        if value and value.get("type") != "text":
-            raise _unsupported("response formats other than text are not supported by this server")
-        return value
+    _no_tools = field_validator("tools")(_unless(lambda v: not v))
+    _no_tool_choice = field_validator("tool_choice")(_unless(lambda v: v in (None, "none")))
+    _text_format = field_validator("response_format")(_unless(lambda v: not v or v.get("type") == "text",
+                                                               "only text responses are supported by this server"))
 
     @property
     def asked_max_tokens(self) -> int | None:
@@ -197,26 +185,10 @@ class CompletionRequest(_Sampling):
         raise PydanticCustomError("prompt_shape", "prompt must be a string, a list of strings, a list of token ids "
                                   "(integers >= 0, not booleans) or a list of such lists")
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise _unsupported()
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise _unsupported()
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value):
-        if value not in (None, 1):
-            raise _unsupported("best_of > 1 is not supported by this server; use n")
-        return value
+    _no_echo = field_validator("echo")(_unless(lambda v: not v))
+    _no_suffix = field_validator("suffix")(_unless(lambda v: not v))
+    _no_best_of = field_validator("best_of")(_unless(lambda v: v in (None, 1),
+                                                     "best_of > 1 is not supported by this server; use n"))
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of the request: one string or token-id list each."""

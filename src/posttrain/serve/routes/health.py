@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from posttrain.serve.dependencies import State
-from posttrain.serve.errors import error_response
+from posttrain.serve.errors import documented, error_response
 
-router = APIRouter()
+router = APIRouter(responses=documented(503))
 
 
 @router.get("/health")

@@ -354,3 +354,58 @@ def test_posttrain_serve_command_end_to_end(lively_model_dir, adapter_root):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_metrics_time_to_first_token_and_queue_time(server, client):
+    label = frozenset({("model", "ptune4")})
+    names = ("posttrain_time_to_first_token_seconds", "posttrain_request_queue_time_seconds")
+    before = metric_samples(raw(server, "GET", "/metrics").text)
+    client.completions.create(model="ptune4", prompt="q", max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    list(client.completions.create(model="ptune4", prompt="q", max_tokens=2, temperature=0, stream=True,
+                                   extra_body={"ignore_eos": True}))
+    deadline = time.time() + 10
+    while True:  # a stream is counted when its handler ends, just after the client read the last chunk
+        after = metric_samples(raw(server, "GET", "/metrics").text)
+        if after.get((names[0] + "_count", label), 0) - before.get((names[0] + "_count", label), 0) >= 2:
+            break
+        assert time.time() < deadline, "the stream's timings were not recorded"
+        time.sleep(0.05)
+
+    def grew(sample: str) -> float:
+        return after[(sample, label)] - before.get((sample, label), 0)
+
+    for name in names:
+        assert grew(name + "_count") == 2, name
+    latency = grew("posttrain_request_latency_seconds_sum")
+    assert 0 <= grew(names[1] + "_sum") <= grew(names[0] + "_sum") <= latency  # queued, then a token, then done
+
+
+def test_prompt_tokens_count_a_prompt_once_whatever_n(server, client):
+    label = frozenset({("model", "all4")})
+    before = metric_samples(raw(server, "GET", "/metrics").text).get(("posttrain_prompt_tokens_total", label), 0)
+    reply = client.chat.completions.create(model="all4", messages=[{"role": "user", "content": "count me once"}],
+                                           max_tokens=2, n=3, temperature=1.0, seed=5)
+    after = metric_samples(raw(server, "GET", "/metrics").text)[("posttrain_prompt_tokens_total", label)]
+    assert after - before == reply.usage.prompt_tokens  # as usage (and streams) count it, not n times
+
+
+def test_a_prefix_adapter_without_max_tokens_fits_the_context(server):
+    # prefix3's virtual positions take context as the prompt does: the default max_tokens leaves room for them
+    r = raw(server, "POST", "/v1/completions", json_body={"model": "prefix3", "prompt": list(range(100, 200)),
+                                                          "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_unknown_paths_and_methods_answer_in_openai_shape(server):
+    for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/completions", 405)):
+        r = raw(server, method, path)
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json(server):
+    r = raw(server, "POST", "/v1/completions", chunks=[b'{"model": "base", "prompt": '])
+    assert r.status_code == 400 and r.json()["error"]["param"] is None, r.text
+    assert "not valid JSON" in r.json()["error"]["message"]
+    assert raw(server, "POST", "/v1/completions", key=None, chunks=[b"{oops"]).status_code == 401  # the key first

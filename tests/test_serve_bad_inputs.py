@@ -37,6 +37,13 @@ BAD_INPUTS = [
     ("a boolean among token ids", COMPLETIONS, {**ABC, "prompt": [True, 5]}, 400, "prompt"),
     ("a boolean stop token id", COMPLETIONS, {**ABC, "stop_token_ids": [True]}, 400, "stop_token_ids"),
     ("a boolean max_tokens", CHAT, {**HI, "max_tokens": True}, 400, "max_tokens"),
+    ("zero max_tokens", COMPLETIONS, {**ABC, "max_tokens": 0}, 400, "max_tokens"),
+    ("a negative top_k", COMPLETIONS, {**ABC, "top_k": -1}, 400, "top_k"),
+    ("an empty stop string", CHAT, {**HI, "stop": ["ok", ""]}, 400, "stop"),
+    ("top_logprobs without logprobs", CHAT, {**HI, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("echo", COMPLETIONS, {**ABC, "echo": True}, 400, "echo"),
+    ("an image content part", CHAT, {**HI, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, "text only"),
     ("adapter name ending in a newline", LOAD, {"lora_name": "qv8-again\n", "lora_path": "qv8"}, 400, "not allowed"),
     ("NUL byte in the adapter path", LOAD, {"lora_name": "nul", "lora_path": "qv8\x00"}, 400, "NUL byte"),
     ("over-long adapter path", LOAD, {"lora_name": "long", "lora_path": "a/" * 2500}, 400, "at most 4096"),
@@ -209,3 +216,51 @@ def test_serve_refuses_a_port_out_of_range(lively_model_dir, capsys):
     assert main(["serve", str(lively_model_dir), "--port", "70000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--port" in err and "65535" in err and len(err.strip().splitlines()) == 1
+
+
+class _DeniedTokenizer:
+    """The served tokenizer, except that it cannot read a file it needs (an OS permission error)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_permission_error_is_not_taken_for_disabled_runtime_loading(server):
+    state = server[0]
+    real = state.tokenizer
+    state.tokenizer = _DeniedTokenizer(real)
+    try:
+        r = raw(server, "POST", COMPLETIONS, json_body=ABC)
+    finally:
+        state.tokenizer = real
+    error = r.json()["error"]
+    assert r.status_code == 500 and error["type"] == "server_error", r.text
+    assert "PermissionError" in error["message"] and "runtime" not in error["message"], error
+
+
+def test_an_engine_failure_mid_stream_is_counted_as_a_server_error(server, client):
+    state = server[0]
+    key = ("posttrain_requests_total", frozenset({("model", "mlp16"), ("endpoint", "completions"), ("status", "500")}))
+    before = metric_samples(raw(server, "GET", "/metrics").text).get(key, 0)
+
+    def broken_decode(seqs):
+        raise RuntimeError("decode failed")
+
+    state.engine._decode = broken_decode  # the prefill's token streams, the first decode step fails
+    try:
+        with pytest.raises(openai.APIError, match="decode failed"):
+            list(client.completions.create(model="mlp16", prompt="x", max_tokens=8, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True}))
+    finally:
+        del state.engine._decode
+    deadline = time.time() + 10
+    while metric_samples(raw(server, "GET", "/metrics").text).get(key, 0) == before:  # counted as its handler ends
+        assert time.time() < deadline, "the failed stream was not counted as a 500"
+        time.sleep(0.05)
+    assert state.engine.running == [] and state.engine.waiting == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,10 @@ class Request:
     # The adapter's LoRA weights, read before the request reached the engine (the server does, off the step,
     # with registry.read_weights); None: read at admission if the adapter is not resident.
     lora_weights: LoraWeights | None = None
+    # When the engine took it from the queue and when its first token was chosen (time.perf_counter(), set by
+    # the engine thread): the server's queue-time and time-to-first-token metrics.
+    started_at: float | None = None
+    first_token_at: float | None = None
 
 
 @dataclass
@@ -146,10 +151,7 @@ class Engine:
 
     @staticmethod
     def _virtual_tokens(request: Request) -> int:
-        adapter = request.adapter
-        if adapter is None or adapter.kind == "lora":
-            return 0
-        return (adapter.prompt or adapter.prefix).num_virtual_tokens
+        return request.adapter.virtual_tokens if request.adapter is not None else 0
 
     def abort(self, request_id: str) -> None:
         self.waiting = [r for r in self.waiting if r.request_id != request_id]
@@ -192,6 +194,9 @@ class Engine:
             for group in self._padding_groups([self._width(s) for s in new[start:end]]):
                 self._prefill(new[start:start + group], first_slot=len(old) + start)
                 start += group
+        now = time.perf_counter()
+        for seq in new:
+            seq.request.first_token_at = now  # prefill chose it
         self.running = old + new
         outputs = self._failed + [out for seq in self.running if (out := self._report(seq)) is not None]
         self._failed = []
@@ -237,6 +242,7 @@ class Engine:
         seed = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        request.started_at = time.perf_counter()
         seq = _Sequence(request, list(request.prompt_ids), frozenset(stop_ids), tokenizer, seed, lora_slot)
         if request.stream or params.stop:
             seq.tracker = TextTracker(tokenizer, seq.prompt, params.stop)

@@ -59,6 +59,12 @@ class Adapter:
     given: str = ""  # the path as the operator or client wrote it: the only one error messages show
     runtime: bool = False  # loaded through the API (only these may be unloaded through it)
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Context positions its soft prompt or prefix takes before the prompt (0 for LoRA)."""
+        learned = self.prompt or self.prefix
+        return learned.num_virtual_tokens if learned is not None else 0
+
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):  # match() lets "x\n" through ($)

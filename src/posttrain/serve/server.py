@@ -26,7 +26,7 @@ def build_state(settings: ServeSettings):
     from posttrain.inference.engine import Engine
     from posttrain.inference.registry import AdapterRegistry
     from posttrain.model.loading import load_model, load_tokenizer, pick_device, resolve_model_path
-    from posttrain.serve.app import ServerState
+    from posttrain.serve.state import ServerState
     from posttrain.serve.metrics import Metrics
     from posttrain.serve.worker import EngineWorker
 

@@ -1,0 +1,1 @@
+"""The HTTP routes, one router per purpose; every router but health's requires the API key (app.py)."""

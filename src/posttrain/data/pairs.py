@@ -12,7 +12,7 @@ so the model runs once per batch, not once per side.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -83,7 +83,7 @@ def _pair_sample(seqs: list[TokenizedSample], p: Preference) -> PairSample:
     return PairSample(seqs[0], seqs[1], p.margin or 0.0, p.source)
 
 
-PAIRS = Kind("pairs", "pairs", _pair_sequences, _pair_sample, asdict, preference_from_dict)
+PAIRS = Kind("pairs", "pairs", _pair_sequences, _pair_sample, preference_from_dict)
 
 
 def tokenize_pairs(pairs: list[Preference], renderer: ChatRenderer, cutoff_len: int, overlong: str = "truncate"
@@ -121,7 +121,7 @@ def _unpaired_item_from_dict(d: dict) -> UnpairedItem:
     return UnpairedItem(unpaired_from_dict(d["row"]), Message(**d["other"]))
 
 
-UNPAIRED = Kind("unpaired", "rows", _unpaired_sequences, _unpaired_sample, asdict, _unpaired_item_from_dict)
+UNPAIRED = Kind("unpaired", "rows", _unpaired_sequences, _unpaired_sample, _unpaired_item_from_dict)
 
 
 def tokenize_unpaired(rows: list[Unpaired], renderer: ChatRenderer, cutoff_len: int, overlong: str = "truncate"

@@ -7,7 +7,7 @@ many samples were cut or dropped and why.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedSample
@@ -102,13 +102,12 @@ class Kind:
     """What one stage tokenizes, item by item, so the same steps run in this process, in `datasets`
     worker processes, or not at all when the tokenized cache has them (data/cache.py):
     `sequences(renderer, item)` tokenizes an item, `build(seqs, item)` makes the training sample of
-    the kept sequences, `to_dict` / `from_dict` carry an item to a worker as JSON (and hash it)."""
+    the kept sequences, `from_dict` makes the item again from its fields (it travels to a worker as JSON)."""
 
     name: str
     what: str  # what the report counts: samples, pairs, rows
     sequences: Callable[[ChatRenderer, Any], list[TokenizedSample]]
     build: Callable[[list[TokenizedSample], Any], Any]
-    to_dict: Callable[[Any], dict]
     from_dict: Callable[[dict], Any]
 
 
@@ -132,7 +131,7 @@ def _first(seqs: list[TokenizedSample], _item) -> TokenizedSample:
     return seqs[0]
 
 
-SFT = Kind("sft", "samples", _conversation_sequences, _first, asdict, conversation_from_dict)
+SFT = Kind("sft", "samples", _conversation_sequences, _first, conversation_from_dict)
 
 
 def tokenize_all(conversations: list[Conversation], renderer: ChatRenderer, cutoff_len: int,

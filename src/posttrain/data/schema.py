@@ -74,7 +74,7 @@ class Unpaired:
     source: str = ""
 
 
-# ---- back from `dataclasses.asdict` (how rows travel to tokenizing worker processes, as JSON) ---------
+# ---- back from their fields (how rows travel to tokenizing worker processes, as JSON) -----------------
 
 def conversation_from_dict(d: dict[str, Any]) -> Conversation:
     return Conversation(**{**d, "messages": [Message(**m) for m in d["messages"]]})

@@ -121,9 +121,9 @@ def tokenizer_key(tokenizer) -> str:
 # ---- tokenizing through datasets ------------------------------------------------------------------------
 
 def _features():
-    from datasets import Features, List, Value
+    from datasets import Features, Sequence, Value
 
-    tokens = List(List(Value("int32")))
+    tokens = Sequence(Sequence(Value("int32")))  # datasets >= 4 names it List; Sequence works in 3.x too
     return Features({"ids": tokens, "labels": tokens, "source": Value("string"), "truncated": Value("bool"),
                      "dropped": Value("string"), "error": Value("string")})
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "POSTTRAIN_CACHE" not in os.environ:  # tokenized data and reference log-probs: never the user's cache
+    os.environ["POSTTRAIN_CACHE"] = tempfile.mkdtemp(prefix="posttrain-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["POSTTRAIN_CACHE"], True)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 

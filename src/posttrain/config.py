@@ -205,6 +205,11 @@ class SequenceArgs(_Strict):
     overlong: Literal["truncate", "drop"] = "truncate"  # longer than cutoff_len: keep its first tokens, or drop it
     group_by_length: bool = True  # batch similar lengths together: little padding
     mask_reasoning: bool = False  # keep assistants' reasoning (reasoning_content / thinking) out of the loss
+    # Tokenize in this many processes (datasets' map, LLaMA-Factory's key); None: in this one.
+    preprocessing_num_workers: int | None = Field(None, ge=1)
+    # Keep the tokenized data on disk ($POSTTRAIN_CACHE or ~/.cache/posttrain, under tokenized/), keyed by the
+    # rows, tokenizer, template, cutoff and masking: a rerun reads it back instead of tokenizing again.
+    tokenized_cache: bool = True
 
 
 class SFTDataArgs(_Strict):

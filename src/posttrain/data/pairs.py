@@ -18,9 +18,8 @@ import torch
 
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedSample
-from posttrain.data.prepare import PrepareReport, truncate
-from posttrain.data.schema import Message, Preference, Unpaired
-from posttrain.errors import DataError
+from posttrain.data.prepare import Cutter, Kind, PrepareReport, tokenize_items  # noqa: F401 (Cutter: score.py's)
+from posttrain.data.schema import Message, Preference, Unpaired, preference_from_dict, unpaired_from_dict
 
 
 @dataclass
@@ -75,67 +74,60 @@ def tokenize_response(renderer: ChatRenderer, prompt: list[Message], response: M
     return renderer.response_sample(prompt, response, tools, source)
 
 
-def _trained(sample: TokenizedSample) -> int:
-    return sum(1 for x in sample.labels[1:] if x != IGNORE_INDEX)  # the first token is never predicted
+def _pair_sequences(renderer: ChatRenderer, p: Preference) -> list[TokenizedSample]:
+    return [tokenize_response(renderer, p.prompt, p.chosen, p.tools, p.source),
+            tokenize_response(renderer, p.prompt, p.rejected, p.tools, p.source)]
 
 
-class Cutter:
-    """Applies cutoff_len to the sequences of one item (a pair, a KTO row and its twin, a scored
-    row) with the shared rule (data/prepare.py `truncate`), and keeps the report: an item is
-    dropped whole when any of its sequences is overlong under overlong="drop", or has no trained
-    (response) token left."""
+def _pair_sample(seqs: list[TokenizedSample], p: Preference) -> PairSample:
+    return PairSample(seqs[0], seqs[1], p.margin or 0.0, p.source)
 
-    def __init__(self, cutoff_len: int, overlong: str):
-        self.cutoff_len, self.overlong = cutoff_len, overlong
-        self.report = PrepareReport()
 
-    def __call__(self, seqs: list[TokenizedSample]) -> list[TokenizedSample] | None:
-        if any(len(s.input_ids) > self.cutoff_len for s in seqs):
-            if self.overlong == "drop":
-                self.report.dropped_overlong += 1
-                return None
-            seqs = [truncate(s, self.cutoff_len) for s in seqs]
-            self.report.truncated += 1
-        if any(_trained(s) == 0 for s in seqs):
-            self.report.dropped_untrained += 1
-            return None
-        self.report.samples += 1
-        self.report.total_tokens += sum(len(s.input_ids) for s in seqs)
-        self.report.trained_tokens += sum(_trained(s) for s in seqs)
-        return seqs
-
-    def finish(self, out: list, what: str) -> PrepareReport:
-        if not out:
-            raise DataError(f"no trainable {what} left ({self.report.summary()}); raise cutoff_len or check the data")
-        return self.report
+PAIRS = Kind("pairs", "pairs", _pair_sequences, _pair_sample, preference_from_dict)
 
 
 def tokenize_pairs(pairs: list[Preference], renderer: ChatRenderer, cutoff_len: int, overlong: str = "truncate"
                    ) -> tuple[list[PairSample], PrepareReport]:
     """Both responses of every pair, cut to cutoff_len (a pair counts as one sample in the report)."""
-    cut = Cutter(cutoff_len, overlong)
-    out = []
-    for p in pairs:
-        seqs = cut([tokenize_response(renderer, p.prompt, p.chosen, p.tools, p.source),
-                    tokenize_response(renderer, p.prompt, p.rejected, p.tools, p.source)])
-        if seqs is not None:
-            out.append(PairSample(seqs[0], seqs[1], p.margin or 0.0, p.source))
-    return out, cut.finish(out, "pairs")
+    return tokenize_items(PAIRS, pairs, renderer, cutoff_len, overlong)
+
+
+@dataclass
+class UnpairedItem:
+    """A KTO row and the completion of the row after it, which follows its prompt in the mismatched
+    sequence (one item, so each row tokenizes on its own, in any process)."""
+
+    row: Unpaired
+    other: Message
+
+
+def unpaired_items(rows: list[Unpaired]) -> list[UnpairedItem]:
+    """Each row with the NEXT row's completion (a fixed pairing, so the reference log-probs of the
+    mismatched sequences can be computed once, like the others)."""
+    return [UnpairedItem(row, rows[(i + 1) % len(rows)].completion) for i, row in enumerate(rows)]
+
+
+def _unpaired_sequences(renderer: ChatRenderer, item: UnpairedItem) -> list[TokenizedSample]:
+    row = item.row
+    return [tokenize_response(renderer, row.prompt, row.completion, row.tools, row.source),
+            tokenize_response(renderer, row.prompt, item.other, row.tools, row.source)]
+
+
+def _unpaired_sample(seqs: list[TokenizedSample], item: UnpairedItem) -> UnpairedSample:
+    return UnpairedSample(seqs[0], item.row.label, seqs[1], item.row.source)
+
+
+def _unpaired_item_from_dict(d: dict) -> UnpairedItem:
+    return UnpairedItem(unpaired_from_dict(d["row"]), Message(**d["other"]))
+
+
+UNPAIRED = Kind("unpaired", "rows", _unpaired_sequences, _unpaired_sample, _unpaired_item_from_dict)
 
 
 def tokenize_unpaired(rows: list[Unpaired], renderer: ChatRenderer, cutoff_len: int, overlong: str = "truncate"
                       ) -> tuple[list[UnpairedSample], PrepareReport]:
-    """Each row, plus its prompt followed by the NEXT row's completion (a fixed pairing, so the
-    reference log-probs of these mismatched sequences can be computed once, like the others)."""
-    cut = Cutter(cutoff_len, overlong)
-    out = []
-    for i, row in enumerate(rows):
-        other = rows[(i + 1) % len(rows)]
-        seqs = cut([tokenize_response(renderer, row.prompt, row.completion, row.tools, row.source),
-                    tokenize_response(renderer, row.prompt, other.completion, row.tools, row.source)])
-        if seqs is not None:
-            out.append(UnpairedSample(seqs[0], row.label, seqs[1], row.source))
-    return out, cut.finish(out, "rows")
+    """Each row, plus its prompt followed by the NEXT row's completion (`unpaired_items`)."""
+    return tokenize_items(UNPAIRED, unpaired_items(rows), renderer, cutoff_len, overlong)
 
 
 def fingerprint(samples: list) -> str:

@@ -72,3 +72,18 @@ class Unpaired:
     label: bool  # True: desirable, False: undesirable
     tools: list[dict[str, Any]] | None = None
     source: str = ""
+
+
+# ---- back from their fields (how rows travel to tokenizing worker processes, as JSON) -----------------
+
+def conversation_from_dict(d: dict[str, Any]) -> Conversation:
+    return Conversation(**{**d, "messages": [Message(**m) for m in d["messages"]]})
+
+
+def preference_from_dict(d: dict[str, Any]) -> Preference:
+    return Preference(**{**d, "prompt": [Message(**m) for m in d["prompt"]], "chosen": Message(**d["chosen"]),
+                         "rejected": Message(**d["rejected"])})
+
+
+def unpaired_from_dict(d: dict[str, Any]) -> Unpaired:
+    return Unpaired(**{**d, "prompt": [Message(**m) for m in d["prompt"]], "completion": Message(**d["completion"])})

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from posttrain.data.batching import collate
+from posttrain.data.cache import cache_root
 from posttrain.data.chat import IGNORE_INDEX, TokenizedSample
 from posttrain.data.pairs import fingerprint
 from posttrain.model.loading import load_model
@@ -72,8 +73,7 @@ def compute_logps(model: nn.Module, sequences: list[TokenizedSample], *, pad_id:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("POSTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "posttrain"
-    return Path(root) / "reference_logps"
+    return cache_root() / "reference_logps"
 
 
 def model_key(path: str | Path) -> dict:

@@ -16,8 +16,9 @@ from torch import nn
 
 from posttrain.config import save_config
 from posttrain.data.formats import DatasetSpec
-from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_unpaired
-from posttrain.data.prepare import split_eval
+from posttrain.data.cache import TokenizeOptions, tokenize_rows
+from posttrain.data.pairs import PAIRS, UNPAIRED, response_renderer, unpaired_items
+from posttrain.data.prepare import Kind, split_eval
 from posttrain.data.preference import load_kto_records, load_preferences, unpair_preferences
 from posttrain.data.schema import Preference
 from posttrain.data.templates import carry_template, check_template_encodes
@@ -112,18 +113,21 @@ def load_rows(config, loader):
     return rows, evals
 
 
-def _tokenize_split(config, tokenizer, tokenize, rows: list, eval_rows: list):
-    """Training and eval rows through `tokenize` (pairs or KTO rows; the response trained), cut to cutoff_len."""
+def _tokenize_split(config, tokenizer, kind: Kind, rows: list, eval_rows: list):
+    """Training and eval items of `kind` (pairs or KTO rows; the response trained), cut to cutoff_len, in
+    `preprocessing_num_workers` processes or read back from the tokenized cache (data/cache.py)."""
     renderer = response_renderer(tokenizer, config.template, config.mask_reasoning)
     check_template_encodes(tokenizer, renderer.template, config.template)
-    train, report = tokenize(rows, renderer, config.cutoff_len, config.overlong)
-    evals = tokenize(eval_rows, renderer, config.cutoff_len, config.overlong)[0] if eval_rows else []
+    options = TokenizeOptions.from_config(config, main=dist.is_main())
+    train, report = tokenize_rows(kind, rows, renderer, config.cutoff_len, config.overlong, options)
+    evals = (tokenize_rows(kind, eval_rows, renderer, config.cutoff_len, config.overlong, options)[0]
+             if eval_rows else [])
     return train, evals, report
 
 
 def load_pairs(config, tokenizer):
     """Training and eval `PairSample`s (preference data), tokenized and cut to cutoff_len."""
-    train, evals, report = _tokenize_split(config, tokenizer, tokenize_pairs, *load_rows(config, load_preferences))
+    train, evals, report = _tokenize_split(config, tokenizer, PAIRS, *load_rows(config, load_preferences))
     if dist.is_main():
         log.info("data: %s", report.summary().replace("samples", "pairs", 1))
     return train, evals
@@ -137,8 +141,8 @@ def load_unpaired_samples(config, tokenizer):
         log.info("data: %d training and %d eval preference pairs (chosen/rejected, no label) unpaired for KTO: each "
                  "chosen response is a desirable row and each rejected one an undesirable row (TRL's "
                  "unpair_preference_dataset)", pairs, eval_pairs)
-    train, evals, report = _tokenize_split(config, tokenizer, tokenize_unpaired, unpair_preferences(records),
-                                           unpair_preferences(eval_records))
+    train, evals, report = _tokenize_split(config, tokenizer, UNPAIRED, unpaired_items(unpair_preferences(records)),
+                                           unpaired_items(unpair_preferences(eval_records)))
     labels = [s.label for s in train]
     missing = [name for name, n in (("desirable (label: true)", sum(labels)),
                                     ("undesirable (label: false)", len(labels) - sum(labels))) if n == 0]

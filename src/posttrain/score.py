@@ -18,8 +18,8 @@ import logging
 from pathlib import Path
 
 from posttrain.data.formats import DatasetSpec, load_conversations
-from posttrain.data.pairs import Cutter, response_renderer, tokenize_pairs, tokenize_response
-from posttrain.data.prepare import PrepareReport
+from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_response
+from posttrain.data.prepare import Cutter, PrepareReport
 from posttrain.data.preference import load_preferences
 from posttrain.data.sources import RawRow, read_rows
 from posttrain.data.templates import check_template_encodes

@@ -18,7 +18,7 @@ import torch
 
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedSample
-from posttrain.data.prepare import Cutter, Kind, PrepareReport, tokenize_items  # noqa: F401 (Cutter: score.py's)
+from posttrain.data.prepare import Kind, PrepareReport, tokenize_items
 from posttrain.data.schema import Message, Preference, Unpaired, preference_from_dict, unpaired_from_dict
 
 

@@ -16,6 +16,12 @@ a statistic taken over the whole step rather than one micro-batch (KTO's KL refe
 Under DDP a rank with no rows left in a partial last step runs a zero-weight pass on a batch marked
 `filler`, so that collective calls stay in step; running statistics skip it. An objective's own
 persistent buffers (not its model's) are such statistics: checkpoints save and restore them.
+
+The step itself is three functions every stage shares, the RL update too (rl/trainer.py, whose
+policy and value losses are objectives of this form, rl/objectives.py): `distribute` wraps an
+objective for several ranks (DDP), `accumulate` runs one micro-batch forward and backward (gradients
+sync on an optimizer step's last one), `optimizer_step` clips, steps and clears. What a run records
+(metrics.jsonl, cadences, checkpoints, the divergence watch, the final write) is run_log.RunRecorder's.
 """
 
 from __future__ import annotations
@@ -88,6 +94,35 @@ def distribute(objective: nn.Module, device: torch.device) -> nn.Module:
         return objective
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+
+
+def accumulate(module: nn.Module, batch, *, scale: float, sync: bool, scaler, precision) -> dict:
+    """One micro-batch through `module` (an objective, or its DDP wrapper) under `precision`, and the
+    backward of its loss sum times `scale`: 1 / the units of the whole optimizer step, times the world
+    size (DDP averages gradients over ranks; that makes it a sum). Under a wrapper the gradients sync
+    only where `sync` (an optimizer step's last micro-batch); the others accumulate locally. The
+    objective's output, for its metrics."""
+    with contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync():
+        with precision:
+            out = module(batch)
+        scaler.scale(out["loss_sum"] * scale).backward()
+    return out
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, max_grad_norm: float
+                   ) -> tuple[torch.Tensor | None, float]:
+    """Unscale (fp16), clip `model`'s gradients to max_grad_norm (when > 0), step the optimizer and the
+    scheduler, clear the gradients; (the norm before clipping, a device tensor or None; the step's lr)."""
+    scaler.unscale_(optimizer)
+    grad_norm = None
+    if max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
 
 
 def build_scheduler(optimizer, args: TrainArgs, total_steps: int):
@@ -168,14 +203,8 @@ class Trainer:
                 batch, weight = self.collate([self.train_examples[0]]), 0.0
                 batch["filler"] = True  # an objective's running statistics must not count it
             batch = _to(batch, self.device)
-            sync = k == len(batches) - 1 or self.world == 1
-            ctx = contextlib.nullcontext() if sync else module.no_sync()
-            with ctx:
-                with autocast(self.device, self.args):
-                    out = module(batch)
-                # DDP averages gradients over ranks; multiplying by world size makes that a sum.
-                loss = out["loss_sum"] * (weight * self.world / max(total, 1))
-                scaler.scale(loss).backward()
+            out = accumulate(module, batch, scale=weight * self.world / max(total, 1), sync=k == len(batches) - 1,
+                             scaler=scaler, precision=autocast(self.device, self.args))
             if weight:
                 loss_sum = loss_sum + out["loss_sum"].detach()  # read back once per logging window
                 tokens += int(batch["num_tokens"])
@@ -252,17 +281,9 @@ class Trainer:
             plan = self.epoch_plan(epoch)
             for micro in plan[offset:]:
                 loss_sum, units, tokens = self._step(module, micro, scaler, run.window)
-                grad_norm = None
-                scaler.unscale_(optimizer)
-                if args.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
+                grad_norm, lr = optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
                 # Under fp16 an infinite gradient is the loss scaler's business (it skips that step).
                 run.watch.note(step + 1, loss_sum, None if args.fp16 else grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window_loss += loss_sum
                 window_units += units

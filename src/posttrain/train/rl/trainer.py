@@ -18,7 +18,6 @@ watch and final write are run_log.RunRecorder's, as for every stage.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -34,8 +33,8 @@ from posttrain.data.prompts import Prompt
 from posttrain.data.templates import end_of_turn_ids
 from posttrain.errors import ConfigError
 from posttrain.train import distributed as dist
-from posttrain.train.loop import (autocast, build_optimizer, build_scheduler, distribute, seed_everything,
-                                  trainable_state)
+from posttrain.train.loop import (accumulate, autocast, build_optimizer, build_scheduler, distribute, optimizer_step,
+                                  seed_everything, trainable_state)
 from posttrain.train.metrics import read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.alarms import Alarms
@@ -109,6 +108,8 @@ class RLTrainer:
         self.kl = adv.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.moments = RunningMoments()
         self.precision = lambda: autocast(device, config)
+        # The loop's step functions take a loss scaler; the RL update has none (a no-op scaler).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         # Completions end where the template ends an assistant turn, as SFT trained them to (not only at EOS).
         end_of_turn = end_of_turn_ids(tokenizer, resolve_template(config.template, tokenizer))
         self.sampler = RolloutSampler(actor, tokenizer, max_batch_size=max(self.per_step, 1), seed=config.seed,
@@ -215,25 +216,17 @@ class RLTrainer:
                                      self.share_prompts, self.min_saved)
             micro = {"batch": batch, "per": exp.rows(idx), "count": sum(chunk), "units": units, "tokens": tokens,
                      "measure_kl": exp.old_logp is None}
-            # Gradients sync over ranks once per mini-batch, on its last micro-batch (as in loop.Trainer._step).
-            sync = k == len(chunks) - 1 or self.world == 1
-            for _, module, divisor in trained:
-                with contextlib.nullcontext() if sync else module.no_sync():
-                    with self.precision():
-                        out = module(micro)
-                    # DDP averages gradients over ranks; multiplying by world size makes that a sum.
-                    (out["loss_sum"] / divisor * self.world).backward()
+            for _, module, divisor in trained:  # each micro-batch through the actor, then the critic
+                out = accumulate(module, micro, scale=self.world / divisor, sync=k == len(chunks) - 1,
+                                 scaler=self.scaler, precision=self.precision())
                 add_metrics(metrics, out["metrics"])
         info = {}
         for name, _, _ in trained:
             model = self.actor if name == "actor" else self.critic
-            params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-            if c.max_grad_norm > 0:
-                info[f"{name}_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)  # read when logged
-            info[f"{name}_lr"] = schedulers[name].get_last_lr()[0]
-            optimizers[name].step()
-            schedulers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
+            norm, lr = optimizer_step(model, optimizers[name], schedulers[name], self.scaler, c.max_grad_norm)
+            if norm is not None:
+                info[f"{name}_grad_norm"] = norm  # a device tensor, read when logged
+            info[f"{name}_lr"] = lr
         return info
 
     # -- evaluation -------------------------------------------------------------------------------

@@ -258,7 +258,8 @@ class RLTrainer:
                               f"{plan[1]}; resume with the same prompts, batch sizes, max_steps and process count")
         self.kl.value = state["kl_coef"]
         vars(self.moments).update(state["reward_moments"])
-        log.info("resumed from %s (step %d of %d)", state["path"], state["step"], run.total_steps)
+        if dist.is_main():
+            log.info("resumed from %s (step %d of %d)", state["path"], state["step"], run.total_steps)
         return state["step"]
 
     def train(self) -> dict:
@@ -299,43 +300,7 @@ class RLTrainer:
         if self.critic is not None:
             self.critic.train()
         for self.step in range(done + 1, total + 1):
-            timings = {}
-            t = time.perf_counter()
-            rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
-            timings["generation_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            raw, per_source = self.rewards.score(Scored(rows, [r.text for r in rollouts]))
-            parts = self.rewards.means(per_source)
-            rewards = self.shape_rewards(raw)
-            timings["reward_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            # The KL needs the old log-probs before the update whenever it goes into the reward.
-            need_old = self.need_old or (self.reference is not None and not c.use_kl_loss)
-            exp = score_rollouts(rollouts, actor=self.actor, reference=self.reference, critic=self.critic,
-                                 pad_id=self.tokenizer.pad_token_id, device=self.device,
-                                 batch_size=self.score_batch, temperature=c.temperature,
-                                 need_old=need_old, precision=self.precision, min_saved=self.min_saved)
-            metrics: dict = {}
-            self.advantages(exp, rewards, metrics)
-            timings["experience_s"] = time.perf_counter() - t
-            if completions:  # before the update: the advantages it trains on
-                k = min(c.log_completions_per_step, len(rollouts))
-                completions.write(self.step, rows, rollouts, raw, per_source, self.rewards.names,
-                                  token_means(exp.advantages[:k], exp.mask[:k]))
-            t = time.perf_counter()
-            train_actor = self.step > c.critic_warmup_steps or self.critic is None
-            info = self.update(exp, optimizers, schedulers, train_actor, metrics)
-            timings["train_s"] = time.perf_counter() - t
-            # Checked every step: the next rollouts would sample from NaN weights.
-            run.watch.note(self.step, *(v for k, v in info.items() if k.endswith("_grad_norm")),
-                           *(metrics[k][0] for k in ("policy_loss", "value_loss") if k in metrics))
-            run.watch.check()
-            if "kl" in metrics and self.kl.target is not None:
-                kl_sum, kl_count = host_floats(metrics["kl"])
-                self.kl.update(kl_sum / max(kl_count, 1), self.per_step * self.world)
-            run.add(metrics)
-            run.add(self.rollout_metrics(rollouts, raw, parts, exp))
-            run.add({k: (v, 1) for k, v in timings.items()})  # logged as means per step
+            info = self.one_step(run, optimizers, schedulers, completions)
             if run.logs_at(self.step):
                 record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
                           **_summarize(run.take_window()), "kl_coef": round(self.kl.value, 6),
@@ -356,6 +321,48 @@ class RLTrainer:
                                    keys=("reward_mean", "eval_reward"), title="reward",
                                    extra_keys=("kl", "response_length", "entropy", "value_loss"))
         return {"steps": total, "output_dir": self.output_dir, "plot": plot, "metrics": metrics, "eval": evals}
+
+    def one_step(self, run: RunRecorder, optimizers: dict, schedulers: dict, completions) -> dict:
+        """Step `self.step`, top to bottom (the module docstring's 1-5); its metrics go into `run`'s window.
+        The update's learning rates and gradient norms, logged with the window."""
+        c, timings = self.c, {}
+        t = time.perf_counter()
+        rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
+        timings["generation_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        raw, per_source = self.rewards.score(Scored(rows, [r.text for r in rollouts]))
+        parts = self.rewards.means(per_source)
+        rewards = self.shape_rewards(raw)
+        timings["reward_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        # The KL needs the old log-probs before the update whenever it goes into the reward.
+        need_old = self.need_old or (self.reference is not None and not c.use_kl_loss)
+        exp = score_rollouts(rollouts, actor=self.actor, reference=self.reference, critic=self.critic,
+                             pad_id=self.tokenizer.pad_token_id, device=self.device,
+                             batch_size=self.score_batch, temperature=c.temperature,
+                             need_old=need_old, precision=self.precision, min_saved=self.min_saved)
+        metrics: dict = {}
+        self.advantages(exp, rewards, metrics)
+        timings["experience_s"] = time.perf_counter() - t
+        if completions:  # before the update: the advantages it trains on
+            k = min(c.log_completions_per_step, len(rollouts))
+            completions.write(self.step, rows, rollouts, raw, per_source, self.rewards.names,
+                              token_means(exp.advantages[:k], exp.mask[:k]))
+        t = time.perf_counter()
+        train_actor = self.step > c.critic_warmup_steps or self.critic is None
+        info = self.update(exp, optimizers, schedulers, train_actor, metrics)
+        timings["train_s"] = time.perf_counter() - t
+        # Checked every step: the next rollouts would sample from NaN weights.
+        run.watch.note(self.step, *(v for k, v in info.items() if k.endswith("_grad_norm")),
+                       *(metrics[k][0] for k in ("policy_loss", "value_loss") if k in metrics))
+        run.watch.check()
+        if "kl" in metrics and self.kl.target is not None:
+            kl_sum, kl_count = host_floats(metrics["kl"])
+            self.kl.update(kl_sum / max(kl_count, 1), self.per_step * self.world)
+        run.add(metrics)
+        run.add(self.rollout_metrics(rollouts, raw, parts, exp))
+        run.add({k: (v, 1) for k, v in timings.items()})  # logged as means per step
+        return info
 
     @staticmethod
     def rollout_metrics(rollouts: list[Rollout], raw: torch.Tensor, parts: dict, exp: Experience) -> dict:

@@ -258,8 +258,7 @@ class RLTrainer:
                               f"{plan[1]}; resume with the same prompts, batch sizes, max_steps and process count")
         self.kl.value = state["kl_coef"]
         vars(self.moments).update(state["reward_moments"])
-        if dist.is_main():
-            log.info("resumed from %s (step %d of %d)", state["path"], state["step"], run.total_steps)
+        log.info("resumed from %s (step %d of %d)", state["path"], state["step"], run.total_steps)
         return state["step"]
 
     def train(self) -> dict:

@@ -97,7 +97,7 @@ def test_accumulation_4x2_equals_batch_8(tiny_model_dir, task_data, tmp_path):
 def test_metric_sums_stay_on_the_device_until_reduced(monkeypatch):
     """Adding a micro-batch's metrics never reads a tensor back (on a GPU each read is a wait);
     reducing reads them all, tensors and plain numbers alike, into the same means."""
-    from posttrain.train.loop import _add_metrics, _reduce_metrics
+    from posttrain.train.run_log import add_metrics, reduce_metrics
 
     sums: dict = {}
     batches = [{"accuracy": (torch.tensor(3.0), 4), "margin": (torch.tensor(1.5), torch.tensor(4.0))},
@@ -110,8 +110,8 @@ def test_metric_sums_stay_on_the_device_until_reduced(monkeypatch):
         for name in ("item", "tolist", "__float__", "__int__", "cpu"):
             m.setattr(torch.Tensor, name, no_read)
         for metrics in batches:
-            _add_metrics(sums, metrics)
-    assert _reduce_metrics(sums, "eval_") == {"eval_accuracy": round(4 / 6, 6), "eval_margin": round(1 / 6, 6)}
+            add_metrics(sums, metrics)
+    assert reduce_metrics(sums, "eval_") == {"eval_accuracy": round(4 / 6, 6), "eval_margin": round(1 / 6, 6)}
 
 
 def test_adamw_is_fused_where_the_kernel_applies():

@@ -107,3 +107,5 @@ def test_lora_actor_uses_its_base_as_reference(rl_setup, tmp_path, caplog):
     steps = [r for r in records if "reward_mean" in r]
     assert steps[-1]["kl"] > 0  # the adapter moved the policy away from its base
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    # The run's end is logged as every stage logs it: the size of the weights written.
+    assert records[-1]["output_weights_bytes"] == (out / "adapter_model.safetensors").stat().st_size

@@ -33,7 +33,7 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
 FILES = ("model.safetensors", *TORCH_FILES, STATE_FILE)
-# The temp folders a run writes into its output folder (`_atomic_dir`, loop.write_final, adapters.save_pissa_initial),
+# The temp folders a run writes into its output folder (`_atomic_dir`, run_log.write_final, adapters.save_pissa_initial),
 # each ending in the writing process's id; a killed run leaves them behind.
 LEFTOVER = re.compile(r"\.tmp-(checkpoint-\d+|final)-\d+|\.pissa-init-\d+")
 

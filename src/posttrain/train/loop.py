@@ -16,6 +16,12 @@ a statistic taken over the whole step rather than one micro-batch (KTO's KL refe
 Under DDP a rank with no rows left in a partial last step runs a zero-weight pass on a batch marked
 `filler`, so that collective calls stay in step; running statistics skip it. An objective's own
 persistent buffers (not its model's) are such statistics: checkpoints save and restore them.
+
+The step itself is three functions every stage shares, the RL update too (rl/trainer.py, whose
+policy and value losses are objectives of this form, rl/objectives.py): `distribute` wraps an
+objective for several ranks (DDP), `accumulate` runs one micro-batch forward and backward (gradients
+sync on an optimizer step's last one), `optimizer_step` clips, steps and clears. What a run records
+(metrics.jsonl, cadences, checkpoints, the divergence watch, the final write) is run_log.RunRecorder's.
 """
 
 from __future__ import annotations
@@ -23,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +37,13 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from posttrain.config import TrainArgs
 from posttrain.data.batching import example_length, plan_epoch
 from posttrain.train import checkpoint, distributed as dist
-from posttrain.train.divergence import DivergenceWatch, check_finite_weights
 from posttrain.errors import ConfigError
-from posttrain.model.adapters import model_bytes, optimizer_groups
-from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
+from posttrain.model.adapters import optimizer_groups
+from posttrain.train.run_log import RunRecorder, add_metrics, host_floats, reduce_metrics
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,44 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**{k: p for k, p in model.named_parameters() if p.requires_grad}, **checkpoint.own_buffers(model)}
 
 
+def distribute(objective: nn.Module, device: torch.device) -> nn.Module:
+    """The objective as trained over several ranks: wrapped in DDP, which syncs its gradients in the
+    backward of a micro-batch run outside `no_sync`; the objective itself for one process."""
+    if dist.world_size() == 1:
+        return objective
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+
+
+def accumulate(module: nn.Module, batch, *, scale: float, sync: bool, scaler, precision) -> dict:
+    """One micro-batch through `module` (an objective, or its DDP wrapper) under `precision`, and the
+    backward of its loss sum times `scale`: 1 / the units of the whole optimizer step, times the world
+    size (DDP averages gradients over ranks; that makes it a sum). Under a wrapper the gradients sync
+    only where `sync` (an optimizer step's last micro-batch); the others accumulate locally. The
+    objective's output, for its metrics."""
+    with contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync():
+        with precision:
+            out = module(batch)
+        scaler.scale(out["loss_sum"] * scale).backward()
+    return out
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, max_grad_norm: float
+                   ) -> tuple[torch.Tensor | None, float]:
+    """Unscale (fp16), clip `model`'s gradients to max_grad_norm (when > 0), step the optimizer and the
+    scheduler, clear the gradients; (the norm before clipping, a device tensor or None; the step's lr)."""
+    scaler.unscale_(optimizer)
+    grad_norm = None
+    if max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def build_scheduler(optimizer, args: TrainArgs, total_steps: int):
     from transformers import get_scheduler
 
@@ -107,41 +147,6 @@ def autocast(device: torch.device, args: TrainArgs):
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _add_metrics(into: dict[str, list], metrics: dict) -> None:
-    """Adds each (sum, count) into `into`. A device tensor is added where it lives, never read back
-    here: every read waits for the GPU to finish, and one per metric per micro-batch leaves it idle
-    between small kernels; `_reduce_metrics` reads them all at once."""
-    for name, (total, count) in metrics.items():
-        acc = into.setdefault(name, [0.0, 0.0])
-        acc[0] = acc[0] + (total.detach() if torch.is_tensor(total) else total)
-        acc[1] = acc[1] + (count.detach() if torch.is_tensor(count) else count)
-
-
-def host_floats(values: list) -> list[float]:
-    """Python floats of numbers and one-element tensors, with one device-to-host copy per device."""
-    out = [v if torch.is_tensor(v) else float(v) for v in values]
-    by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        if torch.is_tensor(v):
-            by_device.setdefault(v.device, []).append(i)
-    for device, where in by_device.items():
-        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        host = torch.stack([values[i].reshape(()).to(dtype) for i in where]).cpu().tolist()
-        for i, h in zip(where, host):
-            out[i] = h
-    return out
-
-
-def _reduce_metrics(sums: dict[str, list], prefix: str = "") -> dict[str, float]:
-    """sum / count per name, over every rank (each rank reports the same names)."""
-    if not sums:
-        return {}
-    names = sorted(sums)
-    flat = host_floats([v for n in names for v in sums[n]])
-    totals = dist.all_reduce_sum(torch.tensor(flat, dtype=torch.float64).view(-1, 2))
-    return {prefix + n: round((t[0] / t[1]).item(), 6) for n, t in zip(names, totals) if t[1] > 0}
 
 
 class Trainer:
@@ -198,20 +203,14 @@ class Trainer:
                 batch, weight = self.collate([self.train_examples[0]]), 0.0
                 batch["filler"] = True  # an objective's running statistics must not count it
             batch = _to(batch, self.device)
-            sync = k == len(batches) - 1 or self.world == 1
-            ctx = contextlib.nullcontext() if sync else module.no_sync()
-            with ctx:
-                with autocast(self.device, self.args):
-                    out = module(batch)
-                # DDP averages gradients over ranks; multiplying by world size makes that a sum.
-                loss = out["loss_sum"] * (weight * self.world / max(total, 1))
-                scaler.scale(loss).backward()
+            out = accumulate(module, batch, scale=weight * self.world / max(total, 1), sync=k == len(batches) - 1,
+                             scaler=scaler, precision=autocast(self.device, self.args))
             if weight:
                 loss_sum = loss_sum + out["loss_sum"].detach()  # read back once per logging window
                 tokens += int(batch["num_tokens"])
-                _add_metrics(metrics, out.get("metrics", {}))
+                add_metrics(metrics, out.get("metrics", {}))
             else:  # the names with nothing counted: a window of filler passes only still reduces them with the others
-                _add_metrics(metrics, {name: (0.0, 0.0) for name in out.get("metrics", {})})
+                add_metrics(metrics, {name: (0.0, 0.0) for name in out.get("metrics", {})})
         end = getattr(self.objective, "end_step", None)
         if end is not None:
             end()
@@ -242,9 +241,9 @@ class Trainer:
             with autocast(self.device, self.args):
                 out = module(batch)
             loss_sum = loss_sum + out["loss_sum"].detach()
-            _add_metrics(metrics, out.get("metrics", {}))
+            add_metrics(metrics, out.get("metrics", {}))
         sums = dist.all_reduce_sum(torch.tensor([*host_floats([loss_sum]), units], dtype=torch.float64))
-        self.eval_metrics = _reduce_metrics(metrics, "eval_")
+        self.eval_metrics = reduce_metrics(metrics, "eval_")
         module.train()
         return (sums[0] / sums[1].clamp(min=1)).item()
 
@@ -256,61 +255,41 @@ class Trainer:
         optimizer = build_optimizer(model, args)
         total_steps = self.total_steps()
         scheduler = build_scheduler(optimizer, args, total_steps)
+        per_epoch = len(self.epoch_plan(0))
+        run = RunRecorder(args, total_steps=total_steps, desc="train", run_config=self.run_config)
+        state = run.resume(model=model, optimizer=optimizer, scheduler=scheduler, device=self.device)
         step = 0
-        if dist.is_main():
-            checkpoint.remove_leftovers(self.output_dir)
-        resume = checkpoint.resolve_resume(args.resume_from_checkpoint, self.output_dir)
-        if resume is not None:
-            state = checkpoint.load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler,
-                                               device=self.device)
+        if state is not None:
             step = state["step"]
-            if state.get("steps_per_epoch", len(self.epoch_plan(0))) != len(self.epoch_plan(0)):
-                raise ConfigError(f"{resume}: the checkpoint was written with another data size or global batch "
-                                  f"({state['steps_per_epoch']} steps per epoch, now {len(self.epoch_plan(0))}); "
+            if state.get("steps_per_epoch", per_epoch) != per_epoch:
+                raise ConfigError(f"{state['path']}: the checkpoint was written with another data size or global "
+                                  f"batch ({state['steps_per_epoch']} steps per epoch, now {per_epoch}); "
                                   "resume with the same data, batch size, accumulation and process count")
             if dist.is_main():
-                log.info("resumed from %s (step %d of %d)", resume, step, total_steps)
-        module = model
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        logger = MetricsLogger(self.output_dir, args.report_to, self.run_config, resume_step=step) \
-            if dist.is_main() else None
-        if logger and step == 0 and self.summary:
-            logger.log({"step": 0, **self.summary})
-        per_epoch = len(self.epoch_plan(0))
-        eval_every = args.eval_steps or args.logging_steps * 10
-        bar = tqdm(total=total_steps, initial=step, disable=args.disable_tqdm or not dist.is_main(),
-                   dynamic_ncols=True, desc="train")
+                log.info("resumed from %s (step %d of %d)", state["path"], step, total_steps)
+        module = distribute(model, self.device)
+        run.open(step)
+        if step == 0 and self.summary:
+            run.log({"step": 0, **self.summary})
         window_loss, window_units, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-        window_metrics: dict[str, list[float]] = {}
         last_loss = last_eval = None
         # fp16 needs loss scaling so small gradients do not flush to zero; a no-op otherwise.
         scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
-        watch = DivergenceWatch(args.learning_rate)
         module.train()
         while step < total_steps:
             epoch, offset = divmod(step, per_epoch)
             plan = self.epoch_plan(epoch)
             for micro in plan[offset:]:
-                loss_sum, units, tokens = self._step(module, micro, scaler, window_metrics)
-                grad_norm = None
-                scaler.unscale_(optimizer)
-                if args.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
+                loss_sum, units, tokens = self._step(module, micro, scaler, run.window)
+                grad_norm, lr = optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
                 # Under fp16 an infinite gradient is the loss scaler's business (it skips that step).
-                watch.note(step + 1, loss_sum, None if args.fp16 else grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.watch.note(step + 1, loss_sum, None if args.fp16 else grad_norm)
                 step += 1
                 window_loss += loss_sum
                 window_units += units
                 window_tokens += tokens
-                if step % args.logging_steps == 0 or step == total_steps:
-                    watch.check()
+                if run.logs_at(step):
+                    run.watch.check()
                     window_loss, *norm = host_floats([window_loss] + ([grad_norm] if grad_norm is not None else []))
                     stats = dist.all_reduce_sum(torch.tensor([window_loss, window_tokens], dtype=torch.float64))
                     elapsed = time.perf_counter() - window_start
@@ -320,56 +299,19 @@ class Trainer:
                               "trained_tokens": window_units}
                     if norm:
                         record["grad_norm"] = round(norm[0], 6)
-                    record.update(_reduce_metrics(window_metrics))
-                    window_metrics = {}
-                    if logger:
-                        logger.log(record)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    record.update(run.take_window())
+                    run.log(record)
+                    run.bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
                     window_loss, window_units, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-                if self.eval_examples and (step % eval_every == 0 or step == total_steps):
+                if self.eval_examples and run.evaluates_at(step):
                     last_eval = self.evaluate(module)
-                    if logger:
-                        logger.log({"step": step, "eval_loss": round(last_eval, 6), **self.eval_metrics})
-                if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                    watch.check()
-                    if dist.is_main():
-                        checkpoint.save_checkpoint(
-                            self.output_dir, step, model_state=trainable_state(model), optimizer=optimizer,
-                            scheduler=scheduler, trainer_state={"epoch": epoch, "steps_per_epoch": per_epoch},
-                            keep=args.save_total_limit)
-                    dist.barrier()
-                bar.update(1)
+                    run.log({"step": step, "eval_loss": round(last_eval, 6), **self.eval_metrics})
+                if run.saves_at(step):
+                    run.save(step, model_state=trainable_state(model), optimizer=optimizer, scheduler=scheduler,
+                             trainer_state={"epoch": epoch, "steps_per_epoch": per_epoch})
+                run.bar.update(1)
                 if step >= total_steps:
                     break
-        bar.close()
-        watch.check()
-        check_finite_weights(model)
-        plot = None
-        if dist.is_main():
-            self._write_final()
-            logger.log({"step": step, "output_weights_bytes": model_bytes(self.output_dir)})
-            logger.close()
-            if args.plot_loss:
-                plot = plot_metrics(logger.path, self.output_dir / "training_loss.png")
-        dist.barrier()
-        metrics = read_metrics(self.output_dir / "metrics.jsonl") if dist.is_main() else []
+        plot, metrics = run.finish(step, model, self.save_final, plot_name="training_loss.png")
         return TrainResult(step, last_loss, last_eval, self.output_dir, plot, metrics, self.objective)
-
-    def _write_final(self) -> None:
-        write_final(self.output_dir, self.save_final)
-
-
-def write_final(output_dir: Path, save_final: Callable[[Path], None]) -> None:
-    """Write the finished model next to a temp name, then move each file in; config.json (or
-    adapter_config.json) goes last so a folder without it was never finished."""
-    tmp = output_dir / f".tmp-final-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_final(tmp)
-    checkpoint.fsync_tree(tmp)  # on disk before any name moves: a crash leaves no empty model file in place
-    files = sorted(tmp.iterdir(), key=lambda p: p.name in ("config.json", "adapter_config.json"))
-    for f in files:
-        os.replace(f, output_dir / f.name)
-    tmp.rmdir()
-    checkpoint.fsync_dir(output_dir)

@@ -9,9 +9,11 @@
 6. metrics     one metrics.jsonl line per step (with alarms.py's flags), held-out greedy reward every
                `eval_steps`; a sample of the step's completions in rollouts.jsonl (completions.py)
 
-Loss sums are divided by the units of the whole optimizer step over all micro-batches and all
-ranks, as in train/loop.py. Gradients are summed over ranks by an explicit all-reduce (the actor's
-forward reads its body and head directly, which DDP's hooks would not see).
+The update runs two objectives of the loop's form (objectives.py: the actor's policy loss, the
+critic's value loss), each wrapped for several ranks as every stage's objective is (DDP syncs the
+gradients). Loss sums are divided by the units of the whole optimizer step over all micro-batches
+and all ranks, as in train/loop.py. The run's logging, evaluation cadence, checkpoints, divergence
+watch and final write are run_log.RunRecorder's, as for every stage.
 """
 
 from __future__ import annotations
@@ -25,27 +27,25 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from posttrain.data.chat import resolve_template
 from posttrain.data.prompts import Prompt
 from posttrain.data.templates import end_of_turn_ids
 from posttrain.errors import ConfigError
-from posttrain.train import checkpoint
 from posttrain.train import distributed as dist
-from posttrain.train.divergence import DivergenceWatch, check_finite_weights
-from posttrain.train.loop import (_add_metrics, _reduce_metrics, host_floats, autocast, build_optimizer, build_scheduler,
-                                  seed_everything, trainable_state, write_final)
-from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
+from posttrain.train.loop import (accumulate, autocast, build_optimizer, build_scheduler, distribute, optimizer_step,
+                                  seed_everything, trainable_state)
+from posttrain.train.metrics import read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.alarms import Alarms
 from posttrain.train.rl.completions import CompletionLog, token_means
-from posttrain.train.rl.experience import (Experience, collate_rollouts, response_logps, response_values, score_rollouts,
-                                           shares_prompts)
-from posttrain.train.rl.losses import loss_units, policy_loss, token_weights, value_loss
+from posttrain.train.rl.experience import Experience, collate_rollouts, score_rollouts, shares_prompts
+from posttrain.train.rl.losses import loss_units
+from posttrain.train.rl.objectives import PolicyObjective, ValueObjective
 from posttrain.train.rl.rewards import Rewards, Scored
 from posttrain.train.rl.rollout import Rollout, RolloutSampler
 from posttrain.train.rl.shared_prompt import min_saved_positions
+from posttrain.train.run_log import RunRecorder, add_metrics, host_floats, reduce_metrics
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ class RLTrainer:
         self.kl = adv.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.moments = RunningMoments()
         self.precision = lambda: autocast(device, config)
+        # The loop's step functions take a loss scaler; the RL update has none (a no-op scaler).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         # Completions end where the template ends an assistant turn, as SFT trained them to (not only at EOS).
         end_of_turn = end_of_turn_ids(tokenizer, resolve_template(config.template, tokenizer))
         self.sampler = RolloutSampler(actor, tokenizer, max_batch_size=max(self.per_step, 1), seed=config.seed,
@@ -201,58 +203,30 @@ class RLTrainer:
 
     def _minibatch(self, exp: Experience, chunks: list[list[int]], optimizers, schedulers, train_actor, metrics):
         c = self.c
-        pad = self.tokenizer.pad_token_id
-        batches = [(idx, collate_rollouts([exp.rollouts[i] for i in idx], pad, self.device, self.share_prompts,
-                                           self.min_saved), exp.rows(idx)) for idx in chunks]
-        max_len = c.max_completion_length
         # Token counts from the rollouts on the host: reading the device masks would wait for the GPU.
         lengths = [[len(exp.rollouts[i].response_ids) for i in idx] for idx in chunks]
         flat = [n for chunk in lengths for n in chunk]
         units, tokens = dist.all_reduce_sum(torch.tensor([loss_units(flat, c.loss_agg_mode), sum(flat)],
                                                          dtype=torch.float64)).tolist()
-        for (idx, batch, per), chunk in zip(batches, lengths):
-            mask, count = batch["mask"], sum(chunk)
-            if train_actor:
-                with self.precision():
-                    logp, entropy = response_logps(self.actor, batch, c.temperature, entropy=True)
-                old = per["old_logp"] if "old_logp" in per else logp.detach()
-                weights = token_weights(mask, c.loss_agg_mode, max_len)
-                loss, clipped = policy_loss(logp, old, per["advantages"], c.cliprange, c.cliprange_high, c.dual_clip)
-                if "sampler_logp" in per:  # the sampler and the trainer disagree on the tokens' log-probs
-                    _add_metrics(metrics, {"logp_gap": (((old - per["sampler_logp"]).abs() * mask).sum(), count)})
-                _add_metrics(metrics, {"policy_loss": ((loss * weights).sum(), units),
-                                       "clip_fraction": ((clipped * mask).sum(), count),
-                                       "entropy": ((entropy.detach() * mask).sum(), count),
-                                       "approx_kl": ((0.5 * (logp.detach() - old) ** 2 * mask).sum(), count)})
-                if c.use_kl_loss and "ref_logp" in per:
-                    kl = adv.kl_per_token(logp, per["ref_logp"], c.kl_estimator)
-                    loss = loss + self.kl.value * kl
-                    if exp.old_logp is None:  # the KL was not measured before the update: measure it here
-                        _add_metrics(metrics, {"kl": ((kl.detach() * mask).sum(), count)})
-                if c.entropy_coef:
-                    loss = loss - c.entropy_coef * entropy
-                ((loss * weights).sum() / units * 1.0).backward()
-            if self.critic is not None:
-                with self.precision():
-                    values = response_values(self.critic, batch)
-                vloss, vclipped = value_loss(values, per["old_values"], per["returns"], c.cliprange_value)
-                ((vloss * mask).sum() / tokens).backward()
-                _add_metrics(metrics, {"value_loss": ((vloss.detach() * mask).sum(), tokens),
-                                       "value_clip_fraction": ((vclipped * mask).sum(), count)})
+        # (name, the objective as trained (DDP-wrapped over several ranks), what its loss sum is divided by)
+        trained = ([("actor", self.objectives["actor"], units)] if train_actor else []) + \
+            ([("critic", self.objectives["critic"], tokens)] if self.critic is not None else [])
+        for k, (idx, chunk) in enumerate(zip(chunks, lengths)):
+            batch = collate_rollouts([exp.rollouts[i] for i in idx], self.tokenizer.pad_token_id, self.device,
+                                     self.share_prompts, self.min_saved)
+            micro = {"batch": batch, "per": exp.rows(idx), "count": sum(chunk), "units": units, "tokens": tokens,
+                     "measure_kl": exp.old_logp is None}
+            for _, module, divisor in trained:  # each micro-batch through the actor, then the critic
+                out = accumulate(module, micro, scale=self.world / divisor, sync=k == len(chunks) - 1,
+                                 scaler=self.scaler, precision=self.precision())
+                add_metrics(metrics, out["metrics"])
         info = {}
-        for name, model in (("actor", self.actor), ("critic", self.critic)):
-            if model is None or (name == "actor" and not train_actor):
-                continue
-            params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-            if self.world > 1:
-                for p in params:
-                    dist.all_reduce_sum(p.grad)
-            if c.max_grad_norm > 0:
-                info[f"{name}_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)  # read when logged
-            info[f"{name}_lr"] = schedulers[name].get_last_lr()[0]
-            optimizers[name].step()
-            schedulers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
+        for name, _, _ in trained:
+            model = self.actor if name == "actor" else self.critic
+            norm, lr = optimizer_step(model, optimizers[name], schedulers[name], self.scaler, c.max_grad_norm)
+            if norm is not None:
+                info[f"{name}_grad_norm"] = norm  # a device tensor, read when logged
+            info[f"{name}_lr"] = lr
         return info
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -266,27 +240,25 @@ class RLTrainer:
                                            temperature=0.0)
             total, parts = self.rewards(Scored([row for _, row in mine], [r.text for r in rollouts]))
             n = len(mine)
-            _add_metrics(sums, {"reward": (total.sum().item(), n), **{k: (v * n, n) for k, v in parts.items()},
+            add_metrics(sums, {"reward": (total.sum().item(), n), **{k: (v * n, n) for k, v in parts.items()},
                                 "response_length": (sum(len(r.response_ids) for r in rollouts), n)})
-        return _reduce_metrics(sums, "eval_")
+        return reduce_metrics(sums, "eval_")
 
     # -- the run ----------------------------------------------------------------------------------
-    def resume(self, trained: nn.Module, optimizers: _Together, schedulers: _Together, total: int) -> int:
+    def resume(self, run: RunRecorder, trained: nn.Module, optimizers: _Together, schedulers: _Together) -> int:
         """Load `resume_from_checkpoint` (if set and found) into the models, optimizers and schedulers;
         returns the number of steps already done (0 for a fresh run)."""
-        path = checkpoint.resolve_resume(self.c.resume_from_checkpoint, self.output_dir)
-        if path is None:
+        state = run.resume(model=trained, optimizer=optimizers, scheduler=schedulers, device=self.device)
+        if state is None:
             return 0
-        state = checkpoint.load_checkpoint(path, model=trained, optimizer=optimizers, scheduler=schedulers,
-                                           device=self.device)
-        plan = (self.steps_per_epoch(), total)
+        plan = (self.steps_per_epoch(), run.total_steps)
         if (state.get("steps_per_epoch"), state.get("total_steps")) != plan:
-            raise ConfigError(f"{path}: the checkpoint was written for {state.get('steps_per_epoch')} steps per epoch "
-                              f"and {state.get('total_steps')} steps in all, this run has {plan[0]} and {plan[1]}; "
-                              "resume with the same prompts, batch sizes, max_steps and process count")
+            raise ConfigError(f"{state['path']}: the checkpoint was written for {state.get('steps_per_epoch')} steps "
+                              f"per epoch and {state.get('total_steps')} steps in all, this run has {plan[0]} and "
+                              f"{plan[1]}; resume with the same prompts, batch sizes, max_steps and process count")
         self.kl.value = state["kl_coef"]
         vars(self.moments).update(state["reward_moments"])
-        log.info("resumed from %s (step %d of %d)", path, state["step"], total)
+        log.info("resumed from %s (step %d of %d)", state["path"], state["step"], run.total_steps)
         return state["step"]
 
     def train(self) -> dict:
@@ -306,114 +278,107 @@ class RLTrainer:
         # step (its prompts, its samples' seeds, the update's shuffles) follows from the seed and the step.
         trained = nn.ModuleDict({"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})})
         both_optimizers, both_schedulers = _Together(optimizers), _Together(schedulers)
-        if dist.is_main():
-            checkpoint.remove_leftovers(self.output_dir)
-        done = self.resume(trained, both_optimizers, both_schedulers, total)
-        logger = MetricsLogger(self.output_dir, c.report_to, c.model_dump(mode="json"), resume_step=done) \
-            if dist.is_main() else None
+        run = RunRecorder(c, total_steps=total, desc="rl", run_config=c.model_dump(mode="json"))
+        done = self.resume(run, trained, both_optimizers, both_schedulers)
+        # The update's objectives, each wrapped for the ranks (loop.distribute) as every stage's objective is.
+        self.objectives = {"actor": distribute(PolicyObjective(self.actor, c, self.kl), self.device)}
+        if self.critic is not None:
+            self.objectives["critic"] = distribute(ValueObjective(self.critic, c.cliprange_value), self.device)
+        run.open(done)
         completions = CompletionLog(self.output_dir, c.log_completions_per_step, done) \
             if dist.is_main() and c.log_completions else None
         # A resumed run's alarms compare with its first steps, as the uninterrupted run's would.
-        alarms = Alarms(c.alarms, read_metrics(logger.path) if logger and done and logger.path.exists() else [])
-        eval_every = c.eval_steps or c.logging_steps * 10
+        logged = run.logger.path if run.logger else None
+        alarms = Alarms(c.alarms, read_metrics(logged) if logged and done and logged.exists() else [])
         evals = {}
         if self.eval_prompts and not done:
             evals = self.evaluate()
-        if logger and not done:
-            logger.log({"step": 0, **self.summary, **evals})
-        bar = tqdm(total=total, initial=done, disable=c.disable_tqdm or not dist.is_main(), dynamic_ncols=True,
-                   desc="rl")
-        window: dict = {}
-        watch = DivergenceWatch(c.learning_rate)
+        if not done:
+            run.log({"step": 0, **self.summary, **evals})
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
         for self.step in range(done + 1, total + 1):
-            timings = {}
-            t = time.perf_counter()
-            rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
-            timings["generation_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            raw, per_source = self.rewards.score(Scored(rows, [r.text for r in rollouts]))
-            parts = self.rewards.means(per_source)
-            rewards = self.shape_rewards(raw)
-            timings["reward_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            # The KL needs the old log-probs before the update whenever it goes into the reward.
-            need_old = self.need_old or (self.reference is not None and not c.use_kl_loss)
-            exp = score_rollouts(rollouts, actor=self.actor, reference=self.reference, critic=self.critic,
-                                 pad_id=self.tokenizer.pad_token_id, device=self.device,
-                                 batch_size=self.score_batch, temperature=c.temperature,
-                                 need_old=need_old, precision=self.precision, min_saved=self.min_saved)
-            metrics: dict = {}
-            self.advantages(exp, rewards, metrics)
-            timings["experience_s"] = time.perf_counter() - t
-            if completions:  # before the update: the advantages it trains on
-                k = min(c.log_completions_per_step, len(rollouts))
-                completions.write(self.step, rows, rollouts, raw, per_source, self.rewards.names,
-                                  token_means(exp.advantages[:k], exp.mask[:k]))
-            t = time.perf_counter()
-            train_actor = self.step > c.critic_warmup_steps or self.critic is None
-            info = self.update(exp, optimizers, schedulers, train_actor, metrics)
-            timings["train_s"] = time.perf_counter() - t
-            # Checked every step: the next rollouts would sample from NaN weights.
-            watch.note(self.step, *(v for k, v in info.items() if k.endswith("_grad_norm")),
-                       *(metrics[k][0] for k in ("policy_loss", "value_loss") if k in metrics))
-            watch.check()
-            if "kl" in metrics and self.kl.target is not None:
-                kl_sum, kl_count = host_floats(metrics["kl"])
-                self.kl.update(kl_sum / max(kl_count, 1), self.per_step * self.world)
-            n = len(rollouts)
-            lengths = torch.tensor([float(len(r.response_ids)) for r in rollouts])
-            _add_metrics(metrics, {"reward": (raw.sum().item(), n), "reward_sq": ((raw ** 2).sum().item(), n),
-                                   **{k: (v * n, n) for k, v in parts.items()},
-                                   "response_length": (lengths.sum().item(), n),
-                                   "truncated": (sum(not r.stopped for r in rollouts), n)})
-            if exp.old_values is not None:
-                ret, val, m = exp.returns, exp.old_values, exp.mask
-                count = m.sum()
-                _add_metrics(metrics, {"returns": ((ret * m).sum(), count), "returns_sq": ((ret ** 2 * m).sum(), count),
-                                       "residual": (((ret - val) * m).sum(), count),
-                                       "residual_sq": (((ret - val) ** 2 * m).sum(), count)})
-            _add_metrics(window, metrics)
-            _add_metrics(window, {k: (v, 1) for k, v in timings.items()})  # logged as means per step
-            if self.step % c.logging_steps == 0 or self.step == total:
+            info = self.one_step(run, optimizers, schedulers, completions)
+            if run.logs_at(self.step):
                 record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
-                          **_summarize(_reduce_metrics(window)), "kl_coef": round(self.kl.value, 6),
+                          **_summarize(run.take_window()), "kl_coef": round(self.kl.value, 6),
                           **{k: round(v, 6) for k, v in zip(info, host_floats(list(info.values())))}}
                 record.update(alarms.check(record))
-                window = {}
-                if logger:
-                    logger.log(record)
-                bar.set_postfix(reward=f"{record.get('reward_mean', 0):.3f}", kl=f"{record.get('kl', 0):.4f}")
-            if self.eval_prompts and (self.step % eval_every == 0 or self.step == total):
+                run.log(record)
+                run.bar.set_postfix(reward=f"{record.get('reward_mean', 0):.3f}", kl=f"{record.get('kl', 0):.4f}")
+            if self.eval_prompts and run.evaluates_at(self.step):
                 evals = self.evaluate()
-                if logger:
-                    logger.log({"step": self.step, **evals})
-            if c.save_steps and self.step % c.save_steps == 0 and self.step < total:
-                if dist.is_main():
-                    checkpoint.save_checkpoint(
-                        self.output_dir, self.step, model_state=trainable_state(trained),
-                        optimizer=both_optimizers, scheduler=both_schedulers,
-                        trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
-                                       "kl_coef": self.kl.value, "reward_moments": vars(self.moments)},
-                        keep=c.save_total_limit)
-                dist.barrier()
-            bar.update(1)
-        bar.close()
-        check_finite_weights(trained)
-        plot = None
-        if dist.is_main():
-            write_final(self.output_dir, self.save_final)
-            logger.close()
-            if c.plot_loss:
-                plot = plot_metrics(logger.path, self.output_dir / "training_reward.png",
-                                    keys=("reward_mean", "eval_reward"), title="reward",
-                                    extra_keys=("kl", "response_length", "entropy", "value_loss"))
-        dist.barrier()
-        metrics = read_metrics(self.output_dir / "metrics.jsonl") if dist.is_main() else []
-        return {"steps": total, "output_dir": self.output_dir, "plot": plot, "metrics": metrics,
-                "eval": evals}
+                run.log({"step": self.step, **evals})
+            if run.saves_at(self.step):
+                run.save(self.step, model_state=trainable_state(trained), optimizer=both_optimizers,
+                         scheduler=both_schedulers,
+                         trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
+                                        "kl_coef": self.kl.value, "reward_moments": vars(self.moments)})
+            run.bar.update(1)
+        plot, metrics = run.finish(total, trained, self.save_final, plot_name="training_reward.png",
+                                   keys=("reward_mean", "eval_reward"), title="reward",
+                                   extra_keys=("kl", "response_length", "entropy", "value_loss"))
+        return {"steps": total, "output_dir": self.output_dir, "plot": plot, "metrics": metrics, "eval": evals}
+
+    def one_step(self, run: RunRecorder, optimizers: dict, schedulers: dict, completions) -> dict:
+        """Step `self.step`, top to bottom (the module docstring's 1-5); its metrics go into `run`'s window.
+        The update's learning rates and gradient norms, logged with the window."""
+        c, timings = self.c, {}
+        t = time.perf_counter()
+        rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
+        timings["generation_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        raw, per_source = self.rewards.score(Scored(rows, [r.text for r in rollouts]))
+        parts = self.rewards.means(per_source)
+        rewards = self.shape_rewards(raw)
+        timings["reward_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        # The KL needs the old log-probs before the update whenever it goes into the reward.
+        need_old = self.need_old or (self.reference is not None and not c.use_kl_loss)
+        exp = score_rollouts(rollouts, actor=self.actor, reference=self.reference, critic=self.critic,
+                             pad_id=self.tokenizer.pad_token_id, device=self.device,
+                             batch_size=self.score_batch, temperature=c.temperature,
+                             need_old=need_old, precision=self.precision, min_saved=self.min_saved)
+        metrics: dict = {}
+        self.advantages(exp, rewards, metrics)
+        timings["experience_s"] = time.perf_counter() - t
+        if completions:  # before the update: the advantages it trains on
+            k = min(c.log_completions_per_step, len(rollouts))
+            completions.write(self.step, rows, rollouts, raw, per_source, self.rewards.names,
+                              token_means(exp.advantages[:k], exp.mask[:k]))
+        t = time.perf_counter()
+        train_actor = self.step > c.critic_warmup_steps or self.critic is None
+        info = self.update(exp, optimizers, schedulers, train_actor, metrics)
+        timings["train_s"] = time.perf_counter() - t
+        # Checked every step: the next rollouts would sample from NaN weights.
+        run.watch.note(self.step, *(v for k, v in info.items() if k.endswith("_grad_norm")),
+                       *(metrics[k][0] for k in ("policy_loss", "value_loss") if k in metrics))
+        run.watch.check()
+        if "kl" in metrics and self.kl.target is not None:
+            kl_sum, kl_count = host_floats(metrics["kl"])
+            self.kl.update(kl_sum / max(kl_count, 1), self.per_step * self.world)
+        run.add(metrics)
+        run.add(self.rollout_metrics(rollouts, raw, parts, exp))
+        run.add({k: (v, 1) for k, v in timings.items()})  # logged as means per step
+        return info
+
+    @staticmethod
+    def rollout_metrics(rollouts: list[Rollout], raw: torch.Tensor, parts: dict, exp: Experience) -> dict:
+        """The step's samples as (sum, count) metrics: rewards, lengths, and the critic's fit to the returns."""
+        n = len(rollouts)
+        lengths = torch.tensor([float(len(r.response_ids)) for r in rollouts])
+        out = {"reward": (raw.sum().item(), n), "reward_sq": ((raw ** 2).sum().item(), n),
+               **{k: (v * n, n) for k, v in parts.items()},
+               "response_length": (lengths.sum().item(), n),
+               "truncated": (sum(not r.stopped for r in rollouts), n)}
+        if exp.old_values is not None:
+            ret, val, m = exp.returns, exp.old_values, exp.mask
+            count = m.sum()
+            out.update({"returns": ((ret * m).sum(), count), "returns_sq": ((ret ** 2 * m).sum(), count),
+                        "residual": (((ret - val) * m).sum(), count),
+                        "residual_sq": (((ret - val) ** 2 * m).sum(), count)})
+        return out
 
 
 def _summarize(m: dict) -> dict:

@@ -94,3 +94,20 @@ def model_tokenizer(name: str):
         return _wrap(_sentencepiece("never"), name, bos_in_encoder="<bos>", bos_token="<bos>", eos_token="<eos>",
                      pad_token="<pad>", unk_token="<unk>")
     raise KeyError(name)
+
+
+def trained_runs(tokenizer, sample) -> list[str]:
+    """Decoded runs of consecutive trained tokens (each trained label must be its input token)."""
+    from posttrain.data.chat import IGNORE_INDEX
+
+    runs, cur = [], []
+    for tok, lab in zip(sample.input_ids, sample.labels):
+        if lab != IGNORE_INDEX:
+            assert lab == tok
+            cur.append(tok)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tokenizer.decode(r) for r in runs]

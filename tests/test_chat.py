@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from template_fixtures import trained_runs
 
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer, preview
 from posttrain.data.schema import Conversation, Message
@@ -24,17 +25,7 @@ def conv(*turns, system=None):
 
 
 def trained_text(renderer, sample) -> list[str]:
-    """Decoded runs of consecutive trained tokens."""
-    runs, cur = [], []
-    for tok, lab in zip(sample.input_ids, sample.labels):
-        if lab != IGNORE_INDEX:
-            cur.append(tok)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return [renderer.tokenizer.decode(r) for r in runs]
+    return trained_runs(renderer.tokenizer, sample)
 
 
 @pytest.fixture

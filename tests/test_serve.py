@@ -5,8 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import pytest
 from inference_fixtures import (CPU, adapter_root, lively_model_dir, make_lora, one_torch_thread,  # noqa: F401
                                 reference_greedy)
 from child_env import child_env
+from serve_fixtures import free_port, running_server
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -22,18 +21,8 @@ openai = pytest.importorskip("openai")
 KEYS = ["test-key-1", "test-key-2"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(lively_model_dir, adapter_root):
-    import uvicorn
-
-    from posttrain.serve.app import create_app
-    from posttrain.serve.server import build_state
     from posttrain.serve.settings import ServeSettings
 
     port = free_port()
@@ -41,19 +30,8 @@ def server(lively_model_dir, adapter_root):
                              adapter_dirs=[str(adapter_root)], allow_runtime_adapters=True, api_keys=KEYS,
                              max_loras=2, max_model_len=160, max_prompt_tokens=128, max_tokens_limit=64,
                              max_body_bytes=32_000)
-    state = build_state(settings)
-    state.worker.start()
-    uv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield state, f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=10)
-    state.worker.stop()
+    with running_server(settings) as running:
+        yield running
 
 
 @pytest.fixture

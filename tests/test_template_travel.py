@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from inference_fixtures import one_torch_thread  # noqa: F401  (autouse: tiny models run single-threaded)
+from serve_fixtures import free_port, running_server
 
 from posttrain.cli import main
 from posttrain.config import SFTConfig, build_config
@@ -192,29 +190,11 @@ def test_rollouts_stop_at_the_end_of_turn_marker(chatml_run):
 @contextmanager
 def serving(**settings):
     import openai
-    import uvicorn
 
-    from posttrain.serve.app import create_app
-    from posttrain.serve.server import build_state
     from posttrain.serve.settings import ServeSettings
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    state = build_state(ServeSettings(port=port, served_model_name="base", **settings))
-    state.worker.start()
-    uv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-        state.worker.stop()
+
+    with running_server(ServeSettings(port=free_port(), served_model_name="base", **settings)) as (_, url):
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
 def ask(client, model: str):

@@ -4,7 +4,7 @@ trained as rendered (content, tool calls, end-of-turn), nothing else; for SFT, p
 from __future__ import annotations
 
 import pytest
-from template_fixtures import TEMPLATES, model_tokenizer
+from template_fixtures import TEMPLATES, model_tokenizer, trained_runs
 
 from posttrain.data.chat import IGNORE_INDEX, ChatRenderer, preview
 from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_unpaired
@@ -27,19 +27,6 @@ CALL_TEXT = {
 }
 
 
-def trained_runs(tokenizer, sample) -> list[str]:
-    """Decoded runs of consecutive trained tokens."""
-    runs, cur = [], []
-    for tok, lab in zip(sample.input_ids, sample.labels):
-        if lab != IGNORE_INDEX:
-            assert lab == tok
-            cur.append(tok)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return [tokenizer.decode(r) for r in runs]
 
 
 def reference_ids(tokenizer, conv: Conversation, **kw) -> list[int]:

@@ -53,19 +53,20 @@ def child_posttrain(stage: str, spec: dict, extra: dict) -> dict:
     t_setup = time.perf_counter()
     from posttrain.config import load_config
     from posttrain.train.loop import Trainer
+    from posttrain.train.run_log import RunRecorder
 
     marks: dict = {}
-    orig_train, orig_write = Trainer.train, Trainer._write_final
+    orig_train, orig_write = Trainer.train, RunRecorder.finish
 
     def train(self):
         marks["start"] = time.perf_counter()
         return orig_train(self)
 
-    def write_final(self):
+    def finish(self, *a, **kw):  # the loop's end: the final model is written from here
         marks.setdefault("end", time.perf_counter())
-        return orig_write(self)
+        return orig_write(self, *a, **kw)
 
-    Trainer.train, Trainer._write_final = train, write_final
+    Trainer.train, RunRecorder.finish = train, finish
     overrides = [
         f"model_name_or_path={spec['model']}", f"dataset={spec['train']}", f"output_dir={spec['out']}",
         f"per_device_train_batch_size={spec['batch']}", "gradient_accumulation_steps=1",

@@ -69,19 +69,20 @@ def child_posttrain(spec: dict) -> dict:
     import posttrain.train.rl.trainer as rl_trainer
     from posttrain.config import load_config
     from posttrain.train.rl.stage import run_rl
+    from posttrain.train.run_log import RunRecorder
 
     marks: dict = {}
-    orig_train, orig_write = rl_trainer.RLTrainer.train, rl_trainer.write_final
+    orig_train, orig_write = rl_trainer.RLTrainer.train, RunRecorder.finish
 
     def train(self):
         marks["start"] = time.perf_counter()
         return orig_train(self)
 
-    def write_final(*a, **kw):
+    def finish(*a, **kw):  # the loop's end: the final model is written from here
         marks.setdefault("end", time.perf_counter())
         return orig_write(*a, **kw)
 
-    rl_trainer.RLTrainer.train, rl_trainer.write_final = train, write_final
+    rl_trainer.RLTrainer.train, RunRecorder.finish = train, finish
     per_step = spec["prompts"] * spec["group"]
     overrides = [
         f"model_name_or_path={spec['model']}", f"dataset={spec['train']}", f"output_dir={spec['out']}",

@@ -79,27 +79,28 @@ def child_posttrain(spec: dict, extra: dict) -> dict:
     import posttrain.train.sft as sft_mod
     from posttrain.config import load_config
     from posttrain.train.loop import Trainer
+    from posttrain.train.run_log import RunRecorder
     from posttrain.train.sft import run_sft
 
     # Time the training loop alone: from Trainer.train() until it starts writing the final model.
     # Also count batch cells (rows x width) to see how much padding each side computes.
     marks: dict = {"cells": 0}
-    orig_train, orig_write, orig_collate = Trainer.train, Trainer._write_final, sft_mod.collate
+    orig_train, orig_write, orig_collate = Trainer.train, RunRecorder.finish, sft_mod.collate
 
     def train(self):
         marks["start"] = time.perf_counter()
         return orig_train(self)
 
-    def write_final(self):
+    def finish(self, *a, **kw):  # the loop's end: the final model is written from here
         marks.setdefault("end", time.perf_counter())
-        return orig_write(self)
+        return orig_write(self, *a, **kw)
 
     def collate(examples, pad_id):
         batch = orig_collate(examples, pad_id)
         marks["cells"] += batch["input_ids"].numel()
         return batch
 
-    Trainer.train, Trainer._write_final, sft_mod.collate = train, write_final, collate
+    Trainer.train, RunRecorder.finish, sft_mod.collate = train, finish, collate
 
     overrides = [
         f"model_name_or_path={spec['model']}", f"dataset={spec['train']}", f"output_dir={spec['out']}",

@@ -9,14 +9,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import openai
 import pytest
 from inference_fixtures import (CPU, adapter_root, lively_model_dir, make_lora, one_torch_thread,  # noqa: F401
                                 reference_greedy)
 from child_env import child_env
 from serve_fixtures import free_port, running_server
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
 
 KEYS = ["test-key-1", "test-key-2"]
 

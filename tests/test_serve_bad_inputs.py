@@ -13,11 +13,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from inference_fixtures import adapter_root, lively_model_dir, one_torch_thread  # noqa: F401
 from test_serve import client, metric_samples, raw, server  # noqa: F401
-
-openai = pytest.importorskip("openai")
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

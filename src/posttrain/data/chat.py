@@ -143,6 +143,41 @@ def _diff(full: str, variant: str) -> tuple[int, int, str] | None:
     return p, len(full) - s, variant[p:len(variant) - s]
 
 
+def end_of_turn_marker(tokenizer, source: str) -> str:
+    """The text template `source` writes after every assistant answer, whatever follows it: what a
+    one-turn conversation ends with when it is last and when a user message follows, in common
+    (e.g. `<|im_end|>`), without a special token cut in half or trailing whitespace; "" if none."""
+    answer, user = _SENTINEL.format(1), _SENTINEL.format(2)  # digits: the same under | upper or | trim
+    base = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False)
+
+    for opening in ([], [{"role": "system", "content": _SENTINEL.format(3)}]):  # some templates want a system
+        try:
+            last = render(opening + base)
+            followed = render(opening + base + [{"role": "user", "content": user}])
+            break
+        except Exception as err:  # the template's own raise_exception(...) or a jinja error
+            problem = err
+    else:
+        log.warning("could not render a probe conversation to find the template's end-of-turn marker (%s); "
+                    "assistant turns are trained up to the end of their content", problem)
+        return ""
+    if answer not in last or answer not in followed:
+        return ""
+    after_last = last[last.index(answer) + len(answer):]
+    after_followed = followed[followed.index(answer) + len(answer):]
+    n = _common_prefix(after_last, after_followed)
+    for token in tokenizer.get_added_vocab():  # never end inside a special token
+        at = after_last.find(token)
+        while 0 <= at < n:
+            if at + len(token) > n:
+                n = at
+            at = after_last.find(token, at + 1)
+    return after_last[:n].rstrip()
+
+
 class ChatRenderer:
     """Turns `Conversation`s into token ids plus a per-token trained mask."""
 
@@ -290,35 +325,8 @@ class ChatRenderer:
         one-turn conversation ends with when it is last and when a user message follows, in common
         (e.g. `<|im_end|>`), without a special token cut in half or trailing whitespace."""
         if self._eot is None:
-            self._eot = self._probe_end_of_turn()
+            self._eot = end_of_turn_marker(self.tokenizer, self.template)
         return self._eot
-
-    def _probe_end_of_turn(self) -> str:
-        answer, user = _SENTINEL.format(1), _SENTINEL.format(2)  # digits: the same under | upper or | trim
-        base = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        for opening in ([], [{"role": "system", "content": _SENTINEL.format(3)}]):  # some templates want a system
-            try:
-                last = self._render(opening + base, None)
-                followed = self._render(opening + base + [{"role": "user", "content": user}], None)
-                break
-            except DataError as err:
-                problem = err
-        else:
-            log.warning("could not render a probe conversation to find the template's end-of-turn marker (%s); "
-                        "assistant turns are trained up to the end of their content", problem)
-            return ""
-        if answer not in last or answer not in followed:
-            return ""
-        after_last = last[last.index(answer) + len(answer):]
-        after_followed = followed[followed.index(answer) + len(answer):]
-        n = _common_prefix(after_last, after_followed)
-        for token in self.tokenizer.get_added_vocab():  # never end inside a special token
-            at = after_last.find(token)
-            while 0 <= at < n:
-                if at + len(token) > n:
-                    n = at
-                at = after_last.find(token, at + 1)
-        return after_last[:n].rstrip()
 
     # ---- tokens and masks -------------------------------------------------------------------------
 

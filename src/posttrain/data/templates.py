@@ -9,16 +9,16 @@ its end-of-turn marker for generation.
 - `end_of_turn_ids`: where an assistant turn ends. A base whose EOS is `</s>`, trained with ChatML,
   ends its answers with `<|im_end|>`; generation must stop there, not run on into a new turn.
 
-All three read the template through one probe conversation, so they agree on what it renders.
+The end-of-turn marker is the one the trained masks use (data/chat.py `end_of_turn_marker`).
 """
 
 from __future__ import annotations
 
-from posttrain.data.chat import builtin_templates, resolve_template
+from posttrain.data.chat import builtin_templates, end_of_turn_marker, resolve_template
 from posttrain.errors import ConfigError
 
 # Plain lowercase words every chat vocabulary holds: what does not survive is the template's own text.
-PROBE_USER, PROBE_ANSWER = "hi", "hello"
+PROBE_USER, PROBE_ANSWER = "hi", "hello"  # for check_template_encodes
 
 
 def _render(tokenizer, source: str, with_answer: bool) -> str:
@@ -88,23 +88,16 @@ def check_chat_template(tokenizer, template: str | None) -> str:
 
 
 def end_of_turn_ids(tokenizer, source: str) -> list[int]:
-    """The token that ends an assistant turn in `source`: the added (special) token the template writes right
-    after the answer (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>` ...); none when what follows the
-    answer is not one such token (plain text, or a marker this tokenizer splits into pieces)."""
-    probes = _probes(tokenizer, source)
-    if not probes:
-        return []
-    full, prompt = probes
-    rest = full[len(prompt):] if full.startswith(prompt) else full
-    at = rest.rfind(PROBE_ANSWER)
-    if at < 0:
-        return []
-    after = rest[at + len(PROBE_ANSWER):].lstrip()
+    """The token that ends an assistant turn in `source`: the added (special) token the template's
+    end-of-turn marker (data/chat.py, the same probe the trained masks use) starts with (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`, `</s>` ...); none when the marker is plain text or a token this
+    tokenizer splits into pieces."""
+    marker = end_of_turn_marker(tokenizer, source)
     added = tokenizer.get_added_vocab()
-    marker = max((t for t in added if t and after.startswith(t)), key=len, default=None)
-    if marker is None or tokenizer(marker, add_special_tokens=False)["input_ids"] != [added[marker]]:
+    token = max((t for t in added if t and marker.startswith(t)), key=len, default=None)
+    if token is None or tokenizer(token, add_special_tokens=False)["input_ids"] != [added[token]]:
         return []
-    return [added[marker]]
+    return [added[token]]
 
 
 def chat_stop_ids(tokenizer, source: str | None) -> list[int]:

@@ -21,7 +21,10 @@ EXPORT_MARKER = "posttrain_export.yaml"
 # Everything a run or an export writes at the top of its folder: the marker, the logs and plots,
 # checkpoints and temp folders, and what transformers / PEFT `save_pretrained` write for a model,
 # an adapter and a tokenizer.
-CHECKPOINT_ENTRIES = ("checkpoint-[0-9]*", ".tmp-checkpoint-[0-9]*", ".tmp-final-[0-9]*", ".pissa-init-[0-9]*")
+# The temp folders a run writes beside its results, each named with the writing process's id
+# (checkpoint._atomic_dir, run_log.write_final, adapters.save_pissa_initial); a killed run leaves them.
+TEMP_ENTRIES = (".tmp-checkpoint-[0-9]*", ".tmp-final-[0-9]*", ".pissa-init-[0-9]*")
+CHECKPOINT_ENTRIES = ("checkpoint-[0-9]*", *TEMP_ENTRIES)
 OWN_ENTRIES = (
     RUN_MARKER, EXPORT_MARKER, "metrics.jsonl", "run_status.json", "rollouts.jsonl", "training_*.png", "runs",
     "wandb", *CHECKPOINT_ENTRIES,

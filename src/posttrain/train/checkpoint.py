@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import ConfigError
+from posttrain.output_folder import TEMP_ENTRIES, is_own
 from posttrain.train import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,6 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
 FILES = ("model.safetensors", *TORCH_FILES, STATE_FILE)
-# The temp folders a run writes into its output folder (`_atomic_dir`, run_log.write_final, adapters.save_pissa_initial),
-# each ending in the writing process's id; a killed run leaves them behind.
-LEFTOVER = re.compile(r"\.tmp-(checkpoint-\d+|final)-\d+|\.pissa-init-\d+")
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -84,7 +82,7 @@ def remove_leftovers(output_dir: str | Path) -> None:
     if not out.is_dir():
         return
     for path in out.iterdir():
-        if LEFTOVER.fullmatch(path.name) and path.is_dir() and not path.is_symlink() \
+        if is_own(path.name, TEMP_ENTRIES) and path.is_dir() and not path.is_symlink() \
                 and not path.name.endswith(f"-{os.getpid()}"):
             log.info("removing %s, left behind by a run that was stopped", path)
             shutil.rmtree(path, ignore_errors=True)

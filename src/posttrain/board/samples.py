@@ -19,8 +19,7 @@ def preview_samples(folder: Path, count: int) -> list[dict] | dict:
 @lru_cache(maxsize=16)
 def _preview(folder: str, mtime: int, count: int):
     from posttrain.config import load_config
-    from posttrain.data.chat import ChatRenderer, preview
-    from posttrain.data.formats import DatasetSpec, load_conversations
+    from posttrain.data.preview import sft_samples
     from posttrain.model.loading import load_tokenizer
 
     path = Path(folder) / "posttrain_config.yaml"
@@ -29,15 +28,6 @@ def _preview(folder: str, mtime: int, count: int):
     try:
         config = load_config("sft", str(path))
         tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-        renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history)
-        specs = [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
-                 for e in config.dataset_entries()]
-        convs, _ = load_conversations(specs, config.on_bad_rows, config.seed, max_samples=count)
-        out = []
-        for conv in convs[:count]:
-            sample = renderer.tokenize(conv)
-            out.append({"source": conv.source, "tokens": len(sample.input_ids), "trained": sample.num_trained,
-                        "text": preview(renderer, conv, color=False)})
-        return out
+        return sft_samples(config, tokenizer, count)
     except PosttrainError as err:
         return {"error": str(err)}

@@ -415,6 +415,12 @@ class DatasetSpec:
     columns: dict[str, str] | None = None
 
 
+def dataset_specs(config, which: str = "dataset") -> list[DatasetSpec]:
+    """The sources a config's `dataset` (or `eval_dataset`) key names, as the loaders take them."""
+    return [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
+            for e in config.dataset_entries(which)]
+
+
 @dataclass
 class LoadReport:
     per_source: dict[str, int]  # spec path -> rows it contributes (after weight and max_samples)

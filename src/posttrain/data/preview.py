@@ -11,7 +11,7 @@ The stage comes from the config's own `stage:` key (or `--stage`), so a DPO conf
 from __future__ import annotations
 
 from posttrain.data.chat import ChatRenderer, preview
-from posttrain.data.formats import DatasetSpec, load_conversations
+from posttrain.data.formats import DatasetSpec, dataset_specs, load_conversations
 from posttrain.data.pairs import response_renderer
 from posttrain.data.preference import load_kto_records, load_preferences, unpair_preferences
 from posttrain.data.prompts import load_prompts
@@ -26,6 +26,20 @@ def _mark(renderer: ChatRenderer, conv: Conversation, color: bool) -> tuple[str,
     return f"{len(sample.input_ids)} tokens, {sample.num_trained} trained", preview(renderer, conv, color=color)
 
 
+def sft_samples(config, tokenizer, count: int, color: bool = False) -> list[dict]:
+    """The first `count` rows of an SFT config's data: {"source", "tokens", "trained", "text"} with the
+    trained spans marked (`posttrain data preview`, and the board's samples tab)."""
+    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history,
+                            config.mask_reasoning)
+    convs = load_conversations(dataset_specs(config), config.on_bad_rows, config.seed, max_samples=count)[0]
+    out = []
+    for conv in convs[:count]:
+        sample = renderer.tokenize(conv)
+        out.append({"source": conv.source, "tokens": len(sample.input_ids), "trained": sample.num_trained,
+                    "text": preview(renderer, conv, color=color)})
+    return out
+
+
 def _nth(rows: list, index: int, specs: list[DatasetSpec], what: str):
     if index >= len(rows):
         raise DataError(f"--index {index}: the data has only {len(rows)} usable {what} (--index counts from 0)",
@@ -35,16 +49,11 @@ def _nth(rows: list, index: int, specs: list[DatasetSpec], what: str):
 
 def preview_row(stage: str, config, tokenizer, index: int, color: bool) -> str:
     """The text `posttrain data preview` prints for row `index` of the config's training data."""
-    specs = [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
-             for e in config.dataset_entries()]
+    specs = dataset_specs(config)
     marked = "highlighted" if color else "inside [[ ]]"
     if stage == "sft":
-        renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history,
-                                config.mask_reasoning)
-        conv = _nth(load_conversations(specs, config.on_bad_rows, config.seed, max_samples=index + 1)[0], index,
-                    specs, "rows")
-        counts, text = _mark(renderer, conv, color)
-        return f"--- {conv.source}: {counts} ({marked}) ---\n{text}"
+        row = _nth(sft_samples(config, tokenizer, index + 1, color), index, specs, "rows")
+        return f"--- {row['source']}: {row['tokens']} tokens, {row['trained']} trained ({marked}) ---\n{row['text']}"
     if stage in ("ppo", "grpo"):
         prompt = _nth(load_prompts(specs, config.on_bad_rows, config.seed, max_samples=index + 1)[0], index, specs,
                       "prompts")

@@ -69,11 +69,6 @@ def check_finetuning(args, device: torch.device, *, packing: bool = False) -> No
     check_attn_implementation(getattr(args, "attn_implementation", "sdpa"))
 
 
-def read_adapter_config(path: str | Path) -> dict:
-    """adapter_config.json, checked (model/files.py: the check every command shares)."""
-    return files.read_adapter_config(path)
-
-
 
 # -- applying a finetuning type -------------------------------------------------------------------
 

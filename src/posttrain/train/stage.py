@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from posttrain.config import save_config
-from posttrain.data.formats import DatasetSpec
+from posttrain.data.formats import dataset_specs
 from posttrain.data.cache import TokenizeOptions, tokenize_rows
 from posttrain.data.pairs import PAIRS, UNPAIRED, response_renderer, unpaired_items
 from posttrain.data.prepare import Kind, split_eval
@@ -95,19 +95,14 @@ def load_stage_tokenizer(config):
     return load_tokenizer(adapter if ships_own else config.model_name_or_path, config.trust_remote_code)
 
 
-def _specs(config, which: str) -> list[DatasetSpec]:
-    return [DatasetSpec(path=e.path, weight=e.weight, formatting=e.formatting, columns=e.columns)
-            for e in config.dataset_entries(which)]
-
-
 def load_rows(config, loader):
     """Training and eval rows through `loader` (conversations, pairs, prompts...), bad rows reported."""
-    rows, report = loader(_specs(config, "dataset"), config.on_bad_rows, config.seed, config.max_samples)
+    rows, report = loader(dataset_specs(config, "dataset"), config.on_bad_rows, config.seed, config.max_samples)
     if report.bad_rows:
         log.warning("skipped %d bad rows; first reasons:\n  %s", report.bad_rows, "\n  ".join(report.bad_reasons))
     evals = []
     if config.eval_dataset:
-        evals = loader(_specs(config, "eval_dataset"), config.on_bad_rows, config.seed)[0]
+        evals = loader(dataset_specs(config, "eval_dataset"), config.on_bad_rows, config.seed)[0]
     elif config.val_size:
         rows, evals = split_eval(rows, config.val_size, config.seed)
     return rows, evals

@@ -35,8 +35,10 @@ class DivergenceWatch:
         device = tensors[-1].device
         bad = ~torch.isfinite(torch.stack([t.to(device) for t in tensors])).all()
         self.bad_steps = self.bad_steps + bad.to(torch.float64)
-        mark = torch.where(bad, torch.tensor(step, device=device), torch.tensor(-1, device=device))
-        self.first_bad = mark if self.first_bad is None else torch.where(self.first_bad >= 0, self.first_bad, mark)
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        # A Python step number, not a new device tensor each step (each would be a host-to-device copy).
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
 
     def check(self) -> None:
         """Raise `TrainingDiverged` if any rank saw a non-finite step since the run began."""

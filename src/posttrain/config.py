@@ -165,6 +165,10 @@ class TrainArgs(FinetuningArgs):
     fp16: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Several processes (torchrun): how the model is split over them (train/parallel.py). As in HF TrainingArguments.
+    fsdp: str | None = None  # full_shard | shard_grad_op | hybrid_shard | no_shard, optionally followed by " offload"
+    fsdp_config: dict[str, Any] | None = None  # cpu_offload, reshard_after_forward, activation_checkpointing, ...
+    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage 0-3, offload); "auto" values filled
 
     @model_validator(mode="after")
     def _check_precision(self):
@@ -487,7 +491,7 @@ def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
 
 # Keys that name files or folders: checked for what the OS cannot take, before anything opens them.
 PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "output_dir", "export_dir", "template", "ref_model",
-             "ref_cache_dir", "reward_model", "critic_model", "resume_from_checkpoint")
+             "ref_cache_dir", "reward_model", "critic_model", "resume_from_checkpoint", "deepspeed")
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 
 

@@ -282,8 +282,11 @@ def optimizer_groups(model: nn.Module, args) -> list[dict]:
     return out
 
 
-def save_trained(model: nn.Module, folder: Path, args, pissa_initial: Path | None = None) -> None:
-    """The finished model or adapter into `folder` (PEFT format for adapters)."""
+def save_trained(model: nn.Module, folder: Path, args, pissa_initial: Path | None = None,
+                 state_dict: dict | None = None) -> None:
+    """The finished model or adapter into `folder` (PEFT format for adapters); `state_dict`: the model's
+    whole weights when they were gathered from shards (the model's own parameters are only this rank's)."""
+    weights = {} if state_dict is None else {"state_dict": state_dict}
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
@@ -292,10 +295,14 @@ def save_trained(model: nn.Module, folder: Path, args, pissa_initial: Path | Non
             # gives an ordinary LoRA adapter (rank doubled) for the original base.
             model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(pissa_initial))
         else:
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, **weights)
         _set_base_path(folder, args.model_name_or_path)
         return
-    model.save_pretrained(folder)
+    if state_dict is not None and getattr(model.config, "tie_word_embeddings", False):
+        # Gathered from shards, a tied head is a second copy; the saved model re-ties it from its source.
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        weights["state_dict"] = {k: v for k, v in state_dict.items() if k not in tied}
+    model.save_pretrained(folder, **weights)
 
 
 def _set_base_path(folder: Path, base: str) -> None:

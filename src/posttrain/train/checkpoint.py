@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from posttrain.errors import ConfigError
 from posttrain.output_folder import TEMP_ENTRIES, is_own
 from posttrain.train import distributed as dist
+from posttrain.train.parallel import ENGINE_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,9 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from (a file missing, cut short or unreadable), or
     None. Reads headers only: a truncated safetensors file no longer covers its header's offsets, and
     a truncated torch file (a zip archive) has lost its directory, which is at the end."""
+    engine = (path / ENGINE_FOLDER).is_dir()  # a DeepSpeed run's optimizer is in the engine's own files
     for name in FILES:
-        if not (path / name).is_file():
+        if not (path / name).is_file() and not (engine and name == "optimizer.pt"):
             return f"{name} is missing"
     try:
         state = json.loads((path / STATE_FILE).read_text())
@@ -120,6 +122,8 @@ def checkpoint_problem(path: Path) -> str | None:
     except (OSError, SafetensorError) as err:
         return f"model.safetensors is unreadable ({err})"
     for name in TORCH_FILES:
+        if engine and name == "optimizer.pt":
+            continue
         try:
             zipfile.ZipFile(path / name).close()
         except (OSError, zipfile.BadZipFile) as err:
@@ -134,13 +138,23 @@ def rng_state() -> dict:
     return state
 
 
+def temp_checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The temporary folder checkpoint `step` is written into before it is renamed into place (rank 0
+    makes it; under DeepSpeed every rank writes its partitions there first)."""
+    return _atomic_dir(Path(output_dir) / f"{PREFIX}{step}")
+
+
 def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
-                    optimizer, scheduler, trainer_state: dict, keep: int | None) -> Path:
+                    optimizer_state: dict | None, scheduler, trainer_state: dict, keep: int | None,
+                    tmp: Path | None = None) -> Path:
+    """Checkpoint `step` written whole or not at all. `optimizer_state` None: the optimizer is in an
+    engine's own files, already written into `tmp` by every rank."""
     final = Path(output_dir) / f"{PREFIX}{step}"
-    tmp = _atomic_dir(final)
+    tmp = tmp or _atomic_dir(final)
     # Tied weights share storage; safetensors wants each tensor once and contiguous.
     save_file({k: v.detach().contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     state = dict(trainer_state, step=step, python_rng=_py_rng_to_json(random.getstate()))
@@ -204,23 +218,34 @@ def own_buffers(module) -> dict[str, torch.Tensor]:
     return {k: b for k, b in module.named_buffers(recurse=False) if k not in module._non_persistent_buffers_set}
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.device) -> dict:
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.device, parallel=None,
+                    module=None) -> dict:
+    """Restore a checkpoint into `model` (the objective), its optimizer and scheduler, and the RNGs;
+    the checkpoint's trainer state. `parallel` (train/parallel.py) loads the whole weights and optimizer
+    state into a sharded `module`; without it they load as they are."""
     try:  # `checkpoint_problem` reads headers only; damage inside a file shows here
         state = json.loads((path / STATE_FILE).read_text())
         weights = load_file(path / "model.safetensors", device=str(device))
-        optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True) \
+            if (path / "optimizer.pt").is_file() else None
         scheduler_state = torch.load(path / "scheduler.pt", weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
     except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         raise ConfigError(f"{path}: checkpoint is unreadable ({err}); resume from an older one") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if parallel is not None:
+        missing, unexpected = parallel.load_trainable_state(model, weights)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     # Checkpoints hold the trainable parameters and the objective's statistics; every one must come back.
     required = {k for k, p in model.named_parameters() if p.requires_grad} | set(own_buffers(model))
     missing = [k for k in missing if k in required and k not in _tied_keys(model)]
     if unexpected or missing:
         raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(optimizer_state)
+    if parallel is not None:
+        parallel.load_optimizer_state(module if module is not None else model, optimizer, optimizer_state, path)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -13,6 +13,7 @@ import torch
 
 from posttrain.errors import PosttrainError
 from posttrain.train import distributed as dist
+from posttrain.train.parallel import local
 
 
 class TrainingDiverged(PosttrainError):
@@ -56,7 +57,8 @@ class DivergenceWatch:
 def check_finite_weights(model: torch.nn.Module) -> None:
     """The trained parameters are all finite (one read for all of them): the last guard before a save.
     Collective: every rank calls it and all raise together."""
-    flags = [(~torch.isfinite(p.detach())).any() for p in model.parameters() if p.requires_grad]
+    # Each rank checks the part of a sharded parameter it holds; the sum over ranks covers them all.
+    flags = [(~torch.isfinite(local(p).detach())).any() for p in model.parameters() if p.requires_grad]
     bad = torch.stack([f.to(flags[0].device) for f in flags]).sum().item() if flags else 0.0
     if dist.all_reduce_sum(torch.tensor([bad], dtype=torch.float64))[0].item() > 0:
         raise TrainingDiverged("training diverged: some trained weights are NaN or infinite; stopped without "

@@ -17,11 +17,11 @@ Under DDP a rank with no rows left in a partial last step runs a zero-weight pas
 `filler`, so that collective calls stay in step; running statistics skip it. An objective's own
 persistent buffers (not its model's) are such statistics: checkpoints save and restore them.
 
-The step itself is three functions every stage shares, the RL update too (rl/trainer.py, whose
-policy and value losses are objectives of this form, rl/objectives.py): `distribute` wraps an
-objective for several ranks (DDP), `accumulate` runs one micro-batch forward and backward (gradients
-sync on an optimizer step's last one), `optimizer_step` clips, steps and clears. What a run records
-(metrics.jsonl, cadences, checkpoints, the divergence watch, the final write) is run_log.RunRecorder's.
+How the objective runs over several processes (DDP, FSDP2, DeepSpeed ZeRO: wrap, one micro-batch's
+backward, the optimizer step, checkpoint states) is train/parallel.py's, the same for every stage and
+the RL update (rl/trainer.py, whose policy and value losses are objectives of this form). What a run
+records (metrics.jsonl, cadences, checkpoints, the divergence watch, the final write) is
+run_log.RunRecorder's.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from torch import nn
 
 from posttrain.config import TrainArgs
 from posttrain.data.batching import example_length, plan_epoch
-from posttrain.train import checkpoint, distributed as dist
+from posttrain.train import distributed as dist
 from posttrain.errors import ConfigError
 from posttrain.model.adapters import optimizer_groups
+from posttrain.train.parallel import Parallel, local_numel
 from posttrain.train.run_log import RunRecorder, add_metrics, host_floats, reduce_metrics
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, args: TrainArgs, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; fused where every parameter allows it (unless `fused` says)."""
     groups = optimizer_groups(model, args)
+    if fused is None:
+        fused = _fusable([p for g in groups for p in g["params"]])
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon, fused=_fusable([p for g in groups for p in g["params"]]))
+                             eps=args.adam_epsilon, fused=fused or None)
 
 
 # The fused AdamW kernel updates every parameter in one pass: 5x faster than the default on a CPU
@@ -79,50 +83,6 @@ FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _fusable(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.dtype in FUSED_ADAMW_DTYPES
                                 for p in params) and len({p.device for p in params}) == 1
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint must hold: the parameters that train (frozen ones come back from the base)
-    and the objective's own running statistics."""
-    return {**{k: p for k, p in model.named_parameters() if p.requires_grad}, **checkpoint.own_buffers(model)}
-
-
-def distribute(objective: nn.Module, device: torch.device) -> nn.Module:
-    """The objective as trained over several ranks: wrapped in DDP, which syncs its gradients in the
-    backward of a micro-batch run outside `no_sync`; the objective itself for one process."""
-    if dist.world_size() == 1:
-        return objective
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-
-
-def accumulate(module: nn.Module, batch, *, scale: float, sync: bool, scaler, precision) -> dict:
-    """One micro-batch through `module` (an objective, or its DDP wrapper) under `precision`, and the
-    backward of its loss sum times `scale`: 1 / the units of the whole optimizer step, times the world
-    size (DDP averages gradients over ranks; that makes it a sum). Under a wrapper the gradients sync
-    only where `sync` (an optimizer step's last micro-batch); the others accumulate locally. The
-    objective's output, for its metrics."""
-    with contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync():
-        with precision:
-            out = module(batch)
-        scaler.scale(out["loss_sum"] * scale).backward()
-    return out
-
-
-def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, max_grad_norm: float
-                   ) -> tuple[torch.Tensor | None, float]:
-    """Unscale (fp16), clip `model`'s gradients to max_grad_norm (when > 0), step the optimizer and the
-    scheduler, clear the gradients; (the norm before clipping, a device tensor or None; the step's lr)."""
-    scaler.unscale_(optimizer)
-    grad_norm = None
-    if max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    lr = scheduler.get_last_lr()[0]
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
 
 
 def build_scheduler(optimizer, args: TrainArgs, total_steps: int):
@@ -158,8 +118,8 @@ class Trainer:
 
     def __init__(self, args: TrainArgs, objective: nn.Module, *, train_examples: list, eval_examples: list,
                  collate: Callable[[list], dict], count: Callable[[dict], int],
-                 save_final: Callable[[Path], None], device: torch.device, run_config: dict | None = None,
-                 summary: dict | None = None):
+                 save_final: Callable[..., None], device: torch.device, run_config: dict | None = None,
+                 summary: dict | None = None, saved_model: nn.Module | None = None):
         self.args = args
         self.objective = objective
         self.train_examples = train_examples
@@ -167,6 +127,7 @@ class Trainer:
         self.collate = collate
         self.count = count
         self.save_final = save_final
+        self.saved_model = saved_model  # the model save_final writes (gathered whole first when sharded)
         self.device = device
         self.run_config = run_config or {}
         self.summary = summary or {}  # logged once at step 0 (e.g. trainable parameter counts)
@@ -203,8 +164,9 @@ class Trainer:
                 batch, weight = self.collate([self.train_examples[0]]), 0.0
                 batch["filler"] = True  # an objective's running statistics must not count it
             batch = _to(batch, self.device)
-            out = accumulate(module, batch, scale=weight * self.world / max(total, 1), sync=k == len(batches) - 1,
-                             scaler=scaler, precision=autocast(self.device, self.args))
+            out = self.parallel.backward(module, batch, scale=weight * self.world / max(total, 1),
+                                         sync=k == len(batches) - 1, scaler=scaler,
+                                         precision=autocast(self.device, self.args))
             if weight:
                 loss_sum = loss_sum + out["loss_sum"].detach()  # read back once per logging window
                 tokens += int(batch["num_tokens"])
@@ -252,12 +214,20 @@ class Trainer:
         args = self.args
         seed_everything(args.seed)
         model = self.objective
-        optimizer = build_optimizer(model, args)
         total_steps = self.total_steps()
-        scheduler = build_scheduler(optimizer, args, total_steps)
+        # Wrapped for the ranks (DDP, FSDP2 or ZeRO) before the optimizer is built: sharding replaces parameters.
+        self.parallel = parallel = Parallel(args, self.device)
+        module, optimizer, scheduler = parallel.prepare(model, total_steps)
         per_epoch = len(self.epoch_plan(0))
         run = RunRecorder(args, total_steps=total_steps, desc="train", run_config=self.run_config)
-        state = run.resume(model=model, optimizer=optimizer, scheduler=scheduler, device=self.device)
+        if parallel.kind != "single":
+            # Measured, not assumed: the parameters this rank holds after sharding, logged at step 0.
+            self.summary = {**self.summary, "parallel": parallel.describe(), "rank0_params": local_numel(model)}
+            if dist.is_main():
+                log.info("training: %s; rank 0 holds %s parameters", parallel.describe(),
+                         f"{self.summary['rank0_params']:,}")
+        state = run.resume(model=model, optimizer=optimizer, scheduler=scheduler, device=self.device,
+                           parallel=parallel, module=module)
         step = 0
         if state is not None:
             step = state["step"]
@@ -267,7 +237,6 @@ class Trainer:
                                   "resume with the same data, batch size, accumulation and process count")
             if dist.is_main():
                 log.info("resumed from %s (step %d of %d)", state["path"], step, total_steps)
-        module = distribute(model, self.device)
         run.open(step)
         if step == 0 and self.summary:
             run.log({"step": 0, **self.summary})
@@ -281,7 +250,7 @@ class Trainer:
             plan = self.epoch_plan(epoch)
             for micro in plan[offset:]:
                 loss_sum, units, tokens = self._step(module, micro, scaler, run.window)
-                grad_norm, lr = optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+                grad_norm, lr = parallel.step(module, model, optimizer, scheduler, scaler, args.max_grad_norm)
                 # Under fp16 an infinite gradient is the loss scaler's business (it skips that step).
                 run.watch.note(step + 1, loss_sum, None if args.fp16 else grad_norm)
                 step += 1
@@ -308,10 +277,13 @@ class Trainer:
                     last_eval = self.evaluate(module)
                     run.log({"step": step, "eval_loss": round(last_eval, 6), **self.eval_metrics})
                 if run.saves_at(step):
-                    run.save(step, model_state=trainable_state(model), optimizer=optimizer, scheduler=scheduler,
+                    run.save(step, model_state=parallel.trainable_state(model),
+                             optimizer_state=parallel.optimizer_state(module, optimizer), scheduler=scheduler,
+                             engine_writer=parallel.engine_writer(module),
                              trainer_state={"epoch": epoch, "steps_per_epoch": per_epoch})
                 run.bar.update(1)
                 if step >= total_steps:
                     break
-        plot, metrics = run.finish(step, model, self.save_final, plot_name="training_loss.png")
+        plot, metrics = run.finish(step, model, self.save_final, plot_name="training_loss.png", parallel=parallel,
+                                   saved_model=self.saved_model)
         return TrainResult(step, last_loss, last_eval, self.output_dir, plot, metrics, self.objective)

@@ -116,6 +116,9 @@ def run_rm(config: RMConfig) -> TrainResult:
     if config.finetuning_type not in RM_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for rm; use one of "
                           f"{', '.join(RM_FINETUNING)} (a LoRA adapter is merged into the saved reward model)")
+    if (config.fsdp and not config.fsdp.startswith("no_shard")) or config.deepspeed:
+        raise ConfigError("rm: fsdp/deepspeed sharding is not available for reward models yet (the saved model's "
+                          "reward statistics are computed on the whole model); train the RM with plain torchrun (DDP)")
     device = stage.begin(config)
     tokenizer = stage.load_stage_tokenizer(config)
     train, evals = stage.load_pairs(config, tokenizer)

@@ -100,13 +100,16 @@ class RunRecorder:
             checkpoint.remove_leftovers(self.output_dir)
 
     # -- resume and open --------------------------------------------------------------------------
-    def resume(self, *, model, optimizer, scheduler, device: torch.device) -> dict | None:
-        """Load `resume_from_checkpoint` (if set and found) into the model, optimizer and scheduler;
-        the checkpoint's trainer state (with its `step` and `path`), or None for a fresh run."""
+    def resume(self, *, model, optimizer, scheduler, device: torch.device, parallel=None, module=None
+               ) -> dict | None:
+        """Load `resume_from_checkpoint` (if set and found) into the model, optimizer and scheduler
+        (through `parallel` into a sharded `module`); the checkpoint's trainer state (with its `step` and
+        `path`), or None for a fresh run."""
         path = checkpoint.resolve_resume(self.args.resume_from_checkpoint, self.output_dir)
         if path is None:
             return None
-        state = checkpoint.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, device=device)
+        state = checkpoint.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, device=device,
+                                           parallel=parallel, module=module)
         return {**state, "path": path}
 
     def open(self, step: int) -> None:
@@ -138,26 +141,40 @@ class RunRecorder:
     def saves_at(self, step: int) -> bool:
         return bool(self.args.save_steps) and step % self.args.save_steps == 0 and step < self.total_steps
 
-    def save(self, step: int, *, model_state: dict, optimizer, scheduler, trainer_state: dict) -> None:
-        """A checkpoint of a run that has not diverged (collective: every rank checks and waits)."""
+    def save(self, step: int, *, model_state: dict, optimizer_state: dict | None, scheduler, trainer_state: dict,
+             engine_writer: Callable[[Path], None] | None = None) -> None:
+        """A checkpoint of a run that has not diverged (collective: every rank checks and waits). The
+        states are whole on rank 0 (gathered from a sharded model by train/parallel.py); `engine_writer`
+        (DeepSpeed) writes every rank's own part into the checkpoint's temporary folder first."""
         self.watch.check()
+        tmp = None
+        if engine_writer is not None:
+            tmp = dist.broadcast_object(checkpoint.temp_checkpoint_dir(self.output_dir, step) if dist.is_main()
+                                        else None)
+            engine_writer(tmp)
+            dist.barrier()
         if dist.is_main():
-            checkpoint.save_checkpoint(self.output_dir, step, model_state=model_state, optimizer=optimizer,
+            checkpoint.save_checkpoint(self.output_dir, step, model_state=model_state, optimizer_state=optimizer_state,
                                        scheduler=scheduler, trainer_state=trainer_state,
-                                       keep=self.args.save_total_limit)
+                                       keep=self.args.save_total_limit, tmp=tmp)
         dist.barrier()
 
     # -- the end ----------------------------------------------------------------------------------
-    def finish(self, step: int, model: torch.nn.Module, save_final: Callable[[Path], None], *, plot_name: str,
-               **plot_options) -> tuple[Path | None, list[dict]]:
+    def finish(self, step: int, model: torch.nn.Module, save_final: Callable[..., None], *, plot_name: str,
+               parallel=None, saved_model: torch.nn.Module | None = None, **plot_options
+               ) -> tuple[Path | None, list[dict]]:
         """Check the run and its weights, write the final model, log its size, close the log, plot
-        (`plot_options` go to plot_metrics); (the plot or None, metrics.jsonl's records on rank 0)."""
+        (`plot_options` go to plot_metrics); (the plot or None, metrics.jsonl's records on rank 0).
+        A sharded `saved_model` is gathered whole first (every rank takes part) and handed to
+        `save_final(folder, state_dict=...)`; otherwise `save_final(folder)` saves the model as it is."""
         self.bar.close()
         self.watch.check()
         check_finite_weights(model)
+        whole = parallel.full_model_state(saved_model) if parallel is not None and saved_model is not None else None
         plot = None
         if dist.is_main():
-            write_final(self.output_dir, save_final)
+            write_final(self.output_dir, save_final if whole is None else lambda folder: save_final(folder,
+                                                                                                   state_dict=whole))
             self.logger.log({"step": step, "output_weights_bytes": model_bytes(self.output_dir)})
             self.logger.close()
             if self.args.plot_loss:

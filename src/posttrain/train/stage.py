@@ -31,6 +31,7 @@ from posttrain.train import distributed as dist
 from posttrain.train.logps import fill_reference
 from posttrain.train.loop import Trainer, TrainResult, seed_everything
 from posttrain.train.metrics import check_tracker
+from posttrain.train.parallel import check_parallel, parse_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ def begin(config) -> torch.device:
     if config.fp16 and device.type == "cpu":
         raise ConfigError("fp16 autocast is for CUDA; on CPU use bf16: true or neither")
     check_finetuning(config, device, packing=bool(getattr(config, "packing", False)))
+    check_parallel(config)
+    fsdp = parse_fsdp(getattr(config, "fsdp", None), getattr(config, "fsdp_config", None))
+    if fsdp and fsdp.activation_checkpointing:  # FSDP's name for it: the model loads with checkpointing on
+        config.gradient_checkpointing = True
     return device
 
 
@@ -78,10 +83,11 @@ def adapt(config, model, task_type: str = "CAUSAL_LM"):
     return model, summary
 
 
-def save_model(model, tokenizer, config, folder: Path, pissa_initial: Path | None = None) -> None:
+def save_model(model, tokenizer, config, folder: Path, pissa_initial: Path | None = None,
+               state_dict: dict | None = None) -> None:
     """The trained model (or PEFT adapter), tokenizer (with the chat template trained with) and resolved config
-    into `folder`."""
-    save_trained(model, folder, config, pissa_initial)
+    into `folder`; `state_dict`: the model's weights gathered whole from a sharded run."""
+    save_trained(model, folder, config, pissa_initial, state_dict=state_dict)
     carry_template(tokenizer, config.template)
     tokenizer.save_pretrained(folder)
     save_config(config, folder / "posttrain_config.yaml")
@@ -173,12 +179,12 @@ def run_trainer(config, model, tokenizer, objective: nn.Module, train: list, eva
     pissa_initial = save_pissa_initial(model, config.output_dir) if dist.is_main() else None
     dist.barrier()
 
-    def save_final(folder: Path) -> None:
-        save_model(model, tokenizer, config, folder, pissa_initial)
+    def save_final(folder: Path, state_dict: dict | None = None) -> None:
+        save_model(model, tokenizer, config, folder, pissa_initial, state_dict)
 
     trainer = Trainer(config, objective, train_examples=train, eval_examples=evals, collate=collate, count=count,
                       save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
-                      summary=summary)
+                      summary=summary, saved_model=model)
     try:
         return trainer.train()
     finally:  # also when training stops on an error: no temp folder outlives the run

@@ -1,0 +1,450 @@
+"""How a training objective runs over several processes: the one home of DDP, FSDP2 and DeepSpeed ZeRO.
+
+Every stage trains objectives (train/loop.py) through the four calls here, one process or many:
+
+- `Parallel.prepare(objective, args, total_steps)`: the objective wrapped for the ranks, with its
+  optimizer and scheduler, built after the wrap (FSDP2 and ZeRO replace the parameters they shard);
+- `Parallel.backward(module, batch, scale, sync, ...)`: one micro-batch forward and backward; the
+  gradients sync across ranks on an optimizer step's last micro-batch only;
+- `Parallel.step(...)`: clip, step, schedule, clear; the gradient norm before clipping;
+- `Parallel.state(...)` / `Parallel.load(...)`: what a checkpoint holds, and the full weights
+  gathered for the final save, which is always an ordinary HF folder or PEFT adapter.
+
+The strategies (the keys users write in HF `TrainingArguments`, LLaMA-Factory and TRL):
+- one process, or several without `fsdp`/`deepspeed`: plain, or DDP (each rank holds everything);
+- `fsdp: full_shard | shard_grad_op | hybrid_shard | no_shard` with `fsdp_config`: torch FSDP2
+  (`fully_shard` on each decoder layer, then on the objective); `no_shard` is DDP;
+- `deepspeed: ds_config.json`: a DeepSpeed engine, ZeRO stage 0-3, with the run's own optimizer.
+
+Loss sums are scaled by world / (units of the whole optimizer step): each engine averages gradients
+over ranks, which that turns into the sum the loop's divisor expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from posttrain.errors import ConfigError
+from posttrain.train import distributed as dist
+
+log = logging.getLogger(__name__)
+
+ENGINE_FOLDER, ENGINE_TAG = "deepspeed", "state"  # where DeepSpeed's own checkpoint goes inside checkpoint-N
+FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
+FSDP_WORDS = ("offload", "auto_wrap")  # HF also accepts these after the strategy: "full_shard auto_wrap offload"
+FSDP_CONFIG_KEYS = {"cpu_offload": bool, "offload_params": bool, "reshard_after_forward": bool,
+                    "activation_checkpointing": bool, "transformer_layer_cls_to_wrap": (list, str),
+                    "fsdp_version": int}
+
+
+@dataclass
+class FSDPSettings:
+    strategy: str
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
+    wrap: list[str] = field(default_factory=list)  # decoder layer class names; empty: the model's own
+
+
+def parse_fsdp(value: str | None, options: dict | None) -> FSDPSettings | None:
+    """`fsdp` and `fsdp_config` as HF `TrainingArguments` reads them, checked; None when not set."""
+    if not value:
+        if options:
+            raise ConfigError("fsdp_config is set but fsdp is not; add fsdp: full_shard (or shard_grad_op, "
+                              "hybrid_shard, no_shard), or remove fsdp_config")
+        return None
+    words = value.split() if isinstance(value, str) else list(value)
+    strategy, extra = words[0], words[1:]
+    if strategy not in FSDP_STRATEGIES:
+        raise ConfigError(f"fsdp: {strategy!r} is not a sharding strategy; use one of {', '.join(FSDP_STRATEGIES)}")
+    unknown = [w for w in extra if w not in FSDP_WORDS]
+    if unknown:
+        raise ConfigError(f"fsdp: {unknown[0]!r} is not understood; after the strategy only "
+                          f"{' and '.join(FSDP_WORDS)} may follow (e.g. fsdp: full_shard offload)")
+    settings = FSDPSettings(strategy, cpu_offload="offload" in extra,
+                            reshard_after_forward=strategy != "shard_grad_op")
+    for raw_key, v in (options or {}).items():
+        key = raw_key[len("fsdp_"):] if raw_key.startswith("fsdp_") and raw_key != "fsdp_version" else raw_key
+        if key not in FSDP_CONFIG_KEYS:
+            raise ConfigError(f"fsdp_config: {raw_key!r} is not a key posttrain honours; it reads "
+                              f"{', '.join(FSDP_CONFIG_KEYS)}")
+        if not isinstance(v, FSDP_CONFIG_KEYS[key]):
+            raise ConfigError(f"fsdp_config: {raw_key} must be a {FSDP_CONFIG_KEYS[key]}, got {v!r}")
+        if key == "fsdp_version" and v != 2:
+            raise ConfigError(f"fsdp_config: fsdp_version {v} is not supported; posttrain shards with FSDP2 "
+                              "(torch fully_shard): set fsdp_version: 2 or leave it out")
+        if key in ("cpu_offload", "offload_params"):
+            settings.cpu_offload = v
+        elif key == "transformer_layer_cls_to_wrap":
+            settings.wrap = [v] if isinstance(v, str) else list(v)
+        elif key != "fsdp_version":
+            setattr(settings, key, v)
+    if strategy == "no_shard" and settings.cpu_offload:
+        raise ConfigError("fsdp: no_shard keeps the whole model on every rank, so there is nothing to offload; "
+                          "use fsdp: full_shard offload (or shard_grad_op) to offload parameters")
+    return settings
+
+
+def read_deepspeed_config(path: str | None) -> dict | None:
+    """The DeepSpeed config file, read and its ZeRO section checked against DeepSpeed's own schema
+    (an unknown or misspelled key is refused there), before anything loads."""
+    if not path:
+        return None
+    file = Path(path)
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed: {path} does not exist; name a DeepSpeed JSON config "
+                          "(e.g. LLaMA-Factory's examples/deepspeed/ds_z3_config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"deepspeed: {path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"deepspeed: {path} must hold a JSON object, not {type(config).__name__}")
+    zero = config.get("zero_optimization", {})
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        raise ConfigError("deepspeed is set but DeepSpeed is not installed; pip install 'posttrain[scale]' "
+                          "(or pip install deepspeed)") from None
+    from pydantic import ValidationError
+    try:
+        checked = DeepSpeedZeroConfig(**zero)
+    except (ValidationError, TypeError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"deepspeed: {path}: zero_optimization{'.' + where if where else ''}: {first['msg']}"
+                          ) from None
+    if checked.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed: {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {checked.stage}")
+    return config
+
+
+def check_parallel(args) -> None:
+    """The sharding keys agree with each other and with the rest of the config (before anything loads)."""
+    fsdp = parse_fsdp(getattr(args, "fsdp", None), getattr(args, "fsdp_config", None))
+    ds = read_deepspeed_config(getattr(args, "deepspeed", None))
+    if fsdp and ds is not None:
+        raise ConfigError("fsdp and deepspeed are both set; choose one way to shard (FSDP2 or DeepSpeed ZeRO)")
+    if (fsdp or ds is not None) and getattr(args, "quantization_bit", None):
+        raise ConfigError("quantization_bit (QLoRA) cannot be sharded here; train QLoRA without fsdp/deepspeed")
+    if (fsdp or ds is not None) and getattr(args, "pissa_init", False):
+        raise ConfigError("pissa_init cannot be combined with fsdp/deepspeed yet (its final conversion needs the "
+                          "whole adapter in one process); use plain LoRA init or train without sharding")
+    if ds is not None:
+        _fill_auto(ds, args, check_only=True)
+
+
+def _fill_auto(ds: dict, args, check_only: bool = False) -> dict:
+    """DeepSpeed's "auto" values from the run's own keys, as transformers fills them; a value that
+    contradicts the run's keys is refused (DeepSpeed would otherwise train with a different batch)."""
+    world = dist.world_size()
+    micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * world, "gradient_clipping": args.max_grad_norm}
+    out = json.loads(json.dumps(ds))
+    for key, value in want.items():
+        given = out.get(key, "auto")
+        if given == "auto":
+            out[key] = value
+        elif key != "gradient_clipping" and given != value and not check_only:
+            raise ConfigError(f"deepspeed: {key} is {given} in the DeepSpeed config but the run's keys make it "
+                              f"{value}; set it to \"auto\" or match per_device_train_batch_size, "
+                              "gradient_accumulation_steps and the process count")
+    for section, enabled in (("bf16", args.bf16), ("fp16", args.fp16)):
+        part = out.get(section)
+        if isinstance(part, dict) and part.get("enabled") == "auto":
+            part["enabled"] = enabled
+    if out.get("fp16", {}).get("enabled") and not args.fp16 or out.get("bf16", {}).get("enabled") and not args.bf16:
+        if not check_only:
+            raise ConfigError("deepspeed: the DeepSpeed config enables bf16/fp16 but the run's bf16/fp16 keys do not; "
+                              "set them the same way (or \"enabled\": \"auto\")")
+    zero = out.setdefault("zero_optimization", {})
+    for key, value in list(zero.items()):
+        if value == "auto":  # sizes transformers derives from the hidden size; DeepSpeed's defaults serve here
+            del zero[key]
+    if "optimizer" in out or "scheduler" in out:
+        if not check_only:
+            log.warning("deepspeed: the config's optimizer/scheduler sections are ignored: posttrain builds AdamW "
+                        "and the schedule from learning_rate, weight_decay, adam_* and lr_scheduler_type")
+        out.pop("optimizer", None)
+        out.pop("scheduler", None)
+    # posttrain sums each step's micro-batch losses itself and calls step() once per optimizer step.
+    out["managed_gradient_accumulation"] = False
+    out.setdefault("steps_per_print", 10 ** 9)
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+def decoder_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one: each decoder layer (the classes in `names`, or the classes
+    the HF model lists in `_no_split_modules`, as accelerate's transformer wrap policy does)."""
+    if not names:
+        for m in model.modules():
+            names = list(getattr(m, "_no_split_modules", None) or [])
+            if names:
+                break
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"fsdp: no decoder layer of class {names or '(none listed by the model)'} found in "
+                          f"{type(model).__name__}; set fsdp_config.transformer_layer_cls_to_wrap to its layer class")
+    return layers
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (FSDP2's DTensor shard, ZeRO-3's partition), or the tensor itself."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class Parallel:
+    """The run's strategy, chosen from its config and the process count."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.world = dist.world_size()
+        self.fsdp = parse_fsdp(getattr(args, "fsdp", None), getattr(args, "fsdp_config", None))
+        self.ds_config = read_deepspeed_config(getattr(args, "deepspeed", None))
+        if self.fsdp and self.fsdp.strategy == "no_shard":
+            self.fsdp = None  # every rank keeps everything: DDP
+        self.kind = ("deepspeed" if self.ds_config is not None else "fsdp" if self.fsdp
+                     else "ddp" if self.world > 1 else "single")
+        if self.kind == "fsdp" and self.world == 1 and not self.fsdp.cpu_offload:
+            log.info("fsdp: one process has nothing to shard with; training unsharded")
+            self.kind = "single"
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind in ("fsdp", "deepspeed")
+
+    # -- wrap ------------------------------------------------------------------------------------
+    def prepare(self, objective: nn.Module, total_steps: int, optimizer_args=None):
+        """(module to run, optimizer, scheduler) for `objective`; `optimizer_args` (default the run's args)
+        carries the learning rate (the RL critic has its own)."""
+        from posttrain.train.loop import build_optimizer, build_scheduler
+
+        opt_args = optimizer_args or self.args
+        if self.kind == "deepspeed":
+            return self._deepspeed(objective, total_steps, opt_args)
+        if self.kind == "fsdp":
+            self._shard(objective)
+            module = objective
+        elif self.kind == "ddp":
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        else:
+            module = objective
+        optimizer = build_optimizer(objective, opt_args)
+        return module, optimizer, build_scheduler(optimizer, opt_args, total_steps)
+
+    def _shard(self, objective: nn.Module) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        s = self.fsdp
+        options = {"reshard_after_forward": s.reshard_after_forward}
+        if s.strategy == "hybrid_shard":  # replicate across nodes, shard within one
+            from torch.distributed.device_mesh import init_device_mesh
+
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            options["mesh"] = init_device_mesh(self.device.type, (self.world // per_node, per_node),
+                                               mesh_dim_names=("replicate", "shard"))
+        if self.args.bf16:  # weights gathered and computed in bf16, gradients reduced in fp32
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if s.cpu_offload:  # pinned memory needs an accelerator
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        for layer in decoder_layers(objective, s.wrap):
+            fully_shard(layer, **options)
+        fully_shard(objective, **options)
+
+    def _deepspeed(self, objective: nn.Module, total_steps: int, opt_args):
+        import deepspeed
+
+        from posttrain.train.loop import build_optimizer, build_scheduler
+
+        config = _fill_auto(self.ds_config, self.args)
+        optimizer = build_optimizer(objective, opt_args, fused=False)  # DeepSpeed steps it on flat partitions
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config,
+                                                          dist_init_required=False)
+        # The schedule is posttrain's own, on the same parameter groups DeepSpeed's optimizer updates.
+        return engine, ds_optimizer, build_scheduler(optimizer, opt_args, total_steps)
+
+    # -- one micro-batch, one step ------------------------------------------------------------------
+    def backward(self, module: nn.Module, batch, *, scale: float, sync: bool, scaler, precision) -> dict:
+        """One micro-batch through `module` under `precision` and the backward of its loss sum times
+        `scale`; gradients sync across ranks only where `sync`. The objective's output, for its metrics."""
+        if self.kind == "deepspeed":
+            with precision:
+                out = module(batch)
+            module.backward(out["loss_sum"] * scale, scale_wrt_gas=False)
+            return out
+        if self.kind == "fsdp":
+            module.set_requires_gradient_sync(sync)
+            quiet = contextlib.nullcontext()
+        else:
+            quiet = contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
+        with quiet:
+            with precision:
+                out = module(batch)
+            scaler.scale(out["loss_sum"] * scale).backward()
+        return out
+
+    def step(self, module: nn.Module, model: nn.Module, optimizer, scheduler, scaler, max_grad_norm: float
+             ) -> tuple[torch.Tensor | float | None, float]:
+        """Unscale (fp16), clip `model`'s gradients to max_grad_norm (when > 0), step the optimizer and
+        the scheduler, clear the gradients; (the norm before clipping, or None; the step's lr)."""
+        lr = scheduler.get_last_lr()[0]
+        if self.kind == "deepspeed":
+            module.step()  # clips to gradient_clipping (= max_grad_norm), steps, clears
+            scheduler.step()
+            norm = module.get_global_grad_norm() if max_grad_norm > 0 else None
+            return (float(norm) if norm is not None else None), lr
+        scaler.unscale_(optimizer)
+        grad_norm = None
+        if max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every rank's shard
+                grad_norm = grad_norm.full_tensor()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr
+
+    # -- checkpoints and the final save ---------------------------------------------------------------
+    def trainable_state(self, objective: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable parameters and the objective's own statistics, whole, on rank 0 (collective
+        under FSDP2 and ZeRO-3: every rank takes part in gathering them; others get {})."""
+        from posttrain.train.checkpoint import own_buffers
+
+        names = {k for k, p in objective.named_parameters() if p.requires_grad} | set(own_buffers(objective))
+        if self.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k: v for k, v in full.items() if k in names}
+        if self.kind == "deepspeed":
+            return self._gathered(objective, names)
+        return {k: v for k, v in objective.state_dict(keep_vars=True).items() if k in names}
+
+    def _gathered(self, module: nn.Module, names: set[str] | None) -> dict[str, torch.Tensor]:
+        """ZeRO-3 parameters gathered whole one module at a time; rank 0 keeps CPU copies."""
+        import deepspeed
+
+        if names is None:  # the persistent state, as state_dict() names it
+            names = set(module.state_dict().keys())
+        out = {}
+        for key, p in module.named_parameters():
+            if names is not None and key not in names:
+                continue
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
+                if dist.is_main():
+                    out[key] = p.detach().to("cpu", copy=True)
+        if dist.is_main():
+            out.update({k: b.detach().cpu() for k, b in module.named_buffers() if k in names})
+        return out
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """`model`'s whole state dict on rank 0 for the final save (collective), or None when the model is
+        not sharded (then it saves itself)."""
+        if self.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.kind == "deepspeed" and self.zero_stage == 3:
+            return self._gathered(model, None)
+        return None
+
+    @property
+    def zero_stage(self) -> int:
+        return int((self.ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+    def optimizer_state(self, module: nn.Module, optimizer) -> dict | None:
+        """The optimizer's state as a checkpoint keeps it. Under FSDP2 whole and keyed by parameter name
+        (gathered on rank 0), so a run resumes on any number of processes. None under DeepSpeed, whose
+        engine writes its partitions itself (`engine_writer`)."""
+        if self.kind == "deepspeed":
+            return None
+        if self.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(module, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return optimizer.state_dict()
+
+    def engine_writer(self, module: nn.Module):
+        """What every rank writes into a checkpoint folder itself (DeepSpeed: its engine's partitioned
+        optimizer and weights, in DeepSpeed's own layout under `deepspeed/`), or None."""
+        if self.kind != "deepspeed":
+            return None
+        return lambda folder: module.save_checkpoint(str(folder / ENGINE_FOLDER), tag=ENGINE_TAG,
+                                                     exclude_frozen_parameters=True)
+
+    def load_optimizer_state(self, module: nn.Module, optimizer, state: dict | None, folder: Path | None = None
+                             ) -> None:
+        if self.kind == "deepspeed":
+            if folder is None or not (folder / ENGINE_FOLDER).is_dir():
+                raise ConfigError(f"{folder}: this checkpoint holds no DeepSpeed state ({ENGINE_FOLDER}/); resume a "
+                                  "DeepSpeed run from a checkpoint a DeepSpeed run wrote")
+            module.load_checkpoint(str(folder / ENGINE_FOLDER), tag=ENGINE_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+            return
+        if state is None:
+            raise ConfigError(f"{folder}: this checkpoint was written by a DeepSpeed run (its optimizer state is in "
+                              f"{ENGINE_FOLDER}/); resume it with the same deepspeed config")
+        if self.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+            return
+        optimizer.load_state_dict(state)
+
+    def load_trainable_state(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """Load whole trainable weights (every rank read them) into a possibly sharded module;
+        (missing, unexpected) keys as `load_state_dict` reports them."""
+        if self.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            result = set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True,
+                                                                                   strict=False))
+            return list(result.missing_keys), list(result.unexpected_keys)
+        if self.kind == "deepspeed":
+            import deepspeed
+
+            params = dict(module.named_parameters())
+            unexpected = [k for k in weights if k not in params and k not in dict(module.named_buffers())]
+            for key, p in params.items():
+                if key in weights:
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                        with torch.no_grad():
+                            p.copy_(weights[key].to(p.device, p.dtype))
+            for key, b in module.named_buffers():
+                if key in weights:
+                    b.copy_(weights[key])
+            missing = [k for k in params if k not in weights]
+            return missing, unexpected
+        result = module.load_state_dict(weights, strict=False)
+        return list(result.missing_keys), list(result.unexpected_keys)
+
+    # -- what the plan and the log show --------------------------------------------------------------
+    def describe(self) -> str:
+        if self.kind == "fsdp":
+            s = self.fsdp
+            return (f"FSDP2 {s.strategy} over {self.world} processes"
+                    + (", parameters offloaded to CPU" if s.cpu_offload else ""))
+        if self.kind == "deepspeed":
+            return f"DeepSpeed ZeRO-{self.zero_stage} over {self.world} processes"
+        return f"DDP over {self.world} processes" if self.kind == "ddp" else "one process"
+
+
+def local_numel(module: nn.Module) -> int:
+    """Parameters this rank holds (its shards under FSDP2 and ZeRO-3), for checking that sharding shards."""
+    return sum(local(p).numel() for p in module.parameters())
+

@@ -120,7 +120,7 @@ def cmd_init_model(a) -> None:
 
 
 def cmd_chat(a) -> None:
-    from posttrain.chat import run_chat
+    from posttrain.chat_command import run_chat
 
     run_chat(a.model, prompt=a.prompt, system=a.system, template=a.template, max_new_tokens=a.max_new_tokens,
              temperature=a.temperature, trust_remote_code=a.trust_remote_code, adapter=a.adapter)

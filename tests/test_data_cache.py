@@ -20,10 +20,10 @@ from posttrain.data.chat import BUILTIN_TEMPLATES_DIR, ChatRenderer
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import PAIRS, UNPAIRED, response_renderer, unpaired_items
 from posttrain.data.prepare import SFT, tokenize_items
-from posttrain.data.preference import load_preferences, load_unpaired
+from posttrain.data.preference_formats import load_preferences, load_unpaired
 from posttrain.data.synthetic import preference_pairs, task_examples
 from posttrain.errors import DataError
-from posttrain.train import sft, stage
+from posttrain.train import sft, stage_steps
 
 LONG = "1 " * 30  # over the cutoff below: cut, or dropped under overlong=drop
 
@@ -206,7 +206,7 @@ def test_the_config_keys_reach_every_stage(tmp_path, tiny_model_dir, tiny_tokeni
     assert f"data: {len(off[0])} samples from the cache at {entry}" in caplog.text
 
     pairs = write(tmp_path / "pairs.jsonl", pair_rows())
-    for name, load in (("dpo", stage.load_pairs), ("kto", stage.load_unpaired_samples)):
+    for name, load in (("dpo", stage_steps.load_pairs), ("kto", stage_steps.load_unpaired_samples)):
         plain = load(stage_config(name, tmp_path, tiny_model_dir, pairs, "tokenized_cache=false"), tiny_tokenizer)
         workers = load(stage_config(name, tmp_path, tiny_model_dir, pairs, "preprocessing_num_workers=2"),
                        tiny_tokenizer)

@@ -20,7 +20,7 @@ from pathlib import Path
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_response
 from posttrain.data.prepare import Cutter, PrepareReport
-from posttrain.data.preference import load_preferences
+from posttrain.data.preference_formats import load_preferences
 from posttrain.data.sources import RawRow, read_rows
 from posttrain.data.templates import check_template_encodes
 from posttrain.errors import DataError

@@ -29,7 +29,7 @@ from torch import nn
 
 from posttrain.config import KTOConfig
 from posttrain.data.pairs import collate_unpaired
-from posttrain.train import distributed as dist, stage
+from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.logps import sequence_logps
 from posttrain.train.loop import TrainResult
 
@@ -106,5 +106,6 @@ def count_rows(batch: dict) -> int:
 
 
 def run_kto(config: KTOConfig) -> TrainResult:
-    """Unpaired rows in, the policy trained against its reference (train/stage.py `run_preference_stage`)."""
-    return stage.run_preference_stage(config, stage.load_unpaired_samples, KTOObjective, collate_unpaired, count_rows)
+    """Unpaired rows in, the policy trained against its reference (train/stage_steps.py `run_preference_stage`)."""
+    return stage_steps.run_preference_stage(config, stage_steps.load_unpaired_samples, KTOObjective,
+                                            collate_unpaired, count_rows)

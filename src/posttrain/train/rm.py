@@ -37,9 +37,9 @@ from posttrain.errors import ConfigError
 from posttrain.model.reward import (
     language_model_head, last_hidden_states, load_reward_model, reward_head, rewards_from_hidden, sequence_rewards,
     set_reward_stats)
-from posttrain.train import stage
+from posttrain.train import stage_steps
 from posttrain.train.loop import Trainer, TrainResult, autocast
-from posttrain.train.preference import count_pairs
+from posttrain.train.dpo import count_pairs
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +116,20 @@ def run_rm(config: RMConfig) -> TrainResult:
     if config.finetuning_type not in RM_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for rm; use one of "
                           f"{', '.join(RM_FINETUNING)} (a LoRA adapter is merged into the saved reward model)")
-    device = stage.begin(config)
-    tokenizer = stage.load_stage_tokenizer(config)
-    train, evals = stage.load_pairs(config, tokenizer)
+    device = stage_steps.begin(config)
+    tokenizer = stage_steps.load_stage_tokenizer(config)
+    train, evals = stage_steps.load_pairs(config, tokenizer)
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                               attn_implementation=config.attn_implementation,
                               gradient_checkpointing=config.gradient_checkpointing,
                               pad_token_id=tokenizer.pad_token_id)
     # SEQ_CLS: PEFT trains and saves the new `score` head beside the adapter.
-    model, summary = stage.adapt(config, model, task_type="SEQ_CLS")
+    model, summary = stage_steps.adapt(config, model, task_type="SEQ_CLS")
     if config.finetuning_type == "freeze":
         reward_head(model).requires_grad_(True)  # the head is new: it always trains
     lm_head = language_model_head(model, config.model_name_or_path, device=device,
                                   trust_remote_code=config.trust_remote_code) if config.lm_coefficient else None
-    stage.open_output_dir(config)
+    stage_steps.open_output_dir(config)
     pad_id = tokenizer.pad_token_id
 
     def save_final(folder: Path) -> None:

@@ -19,7 +19,7 @@ from posttrain.data.cache import TokenizeOptions, tokenize_rows
 from posttrain.data.prepare import SFT
 from posttrain.data.templates import check_template_encodes
 from posttrain.model.parts import selected_logits
-from posttrain.train import distributed as dist, stage
+from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def load_samples(config: SFTConfig, tokenizer):
     `preprocessing_num_workers` processes, or read back from the tokenized cache: data/cache.py)."""
     renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history,
                             config.mask_reasoning)
-    convs, eval_convs = stage.load_rows(config, load_conversations)
+    convs, eval_convs = stage_steps.load_rows(config, load_conversations)
     if not all(c.is_text for c in convs + eval_convs):  # text rows (continued pre-training) use no template
         check_template_encodes(tokenizer, renderer.template, config.template)
     options = TokenizeOptions.from_config(config, main=dist.is_main())
@@ -66,8 +66,8 @@ def load_samples(config: SFTConfig, tokenizer):
 
 
 def run_sft(config: SFTConfig) -> TrainResult:
-    device = stage.begin(config)
-    tokenizer = stage.load_stage_tokenizer(config)
+    device = stage_steps.begin(config)
+    tokenizer = stage_steps.load_stage_tokenizer(config)
     train, evals, report, _ = load_samples(config, tokenizer)
     if dist.is_main():
         log.info("data: %s", report.summary())
@@ -75,8 +75,8 @@ def run_sft(config: SFTConfig) -> TrainResult:
         train, evals = pack(train, config.cutoff_len), (pack(evals, config.cutoff_len) if evals else [])
         if dist.is_main():
             log.info("packing: %d rows of up to %d tokens", len(train), config.cutoff_len)
-    model = stage.load_trainable_model(config, device)
-    model, summary = stage.adapt(config, model)
+    model = stage_steps.load_trainable_model(config, device)
+    model, summary = stage_steps.adapt(config, model)
     pad_id = tokenizer.pad_token_id
 
     def collate_fn(examples):
@@ -84,5 +84,5 @@ def run_sft(config: SFTConfig) -> TrainResult:
         batch["num_tokens"] = sum(example_length(e) for e in examples)
         return batch
 
-    return stage.run_trainer(config, model, tokenizer, CausalLMLoss(model), train, evals, collate=collate_fn,
+    return stage_steps.run_trainer(config, model, tokenizer, CausalLMLoss(model), train, evals, collate=collate_fn,
                              count=count_trained, device=device, summary=summary)

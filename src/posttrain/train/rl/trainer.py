@@ -35,7 +35,7 @@ from posttrain.errors import ConfigError
 from posttrain.train import distributed as dist
 from posttrain.train.loop import (accumulate, autocast, build_optimizer, build_scheduler, distribute, optimizer_step,
                                   seed_everything, trainable_state)
-from posttrain.train.metrics import read_metrics
+from posttrain.train.reporting import read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.alarms import Alarms
 from posttrain.train.rl.completions import CompletionLog, token_means

@@ -19,7 +19,7 @@ from posttrain.data.formats import dataset_specs
 from posttrain.data.cache import TokenizeOptions, tokenize_rows
 from posttrain.data.pairs import PAIRS, UNPAIRED, response_renderer, unpaired_items
 from posttrain.data.prepare import Kind, split_eval
-from posttrain.data.preference import load_kto_records, load_preferences, unpair_preferences
+from posttrain.data.preference_formats import load_kto_records, load_preferences, unpair_preferences
 from posttrain.data.schema import Preference
 from posttrain.data.templates import carry_template, check_template_encodes
 from posttrain.errors import ConfigError, DataError
@@ -30,7 +30,7 @@ from posttrain.output_folder import RUN_MARKER, check_output_folder, clear_own_e
 from posttrain.train import distributed as dist
 from posttrain.train.logps import fill_reference
 from posttrain.train.loop import Trainer, TrainResult, seed_everything
-from posttrain.train.metrics import check_tracker
+from posttrain.train.reporting import check_tracker
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from posttrain.config import DPOConfig
 from posttrain.data.pairs import collate_pairs
-from posttrain.train import distributed as dist, stage
+from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.logps import sequence_logps
 from posttrain.train.loop import TrainResult
 
@@ -194,7 +194,7 @@ def count_pairs(batch: dict) -> int:
 # ---- the stage ----------------------------------------------------------------------------------
 
 def run_dpo(config: DPOConfig) -> TrainResult:
-    """Pairs in, the policy trained against its reference (train/stage.py `run_preference_stage`):
+    """Pairs in, the policy trained against its reference (train/stage_steps.py `run_preference_stage`):
     SimPO and ORPO need no reference, so they skip the reference pass."""
-    return stage.run_preference_stage(config, stage.load_pairs, PreferenceObjective, collate_pairs, count_pairs,
-                                      reference=config.pref_loss not in REFERENCE_FREE)
+    return stage_steps.run_preference_stage(config, stage_steps.load_pairs, PreferenceObjective, collate_pairs,
+                                            count_pairs, reference=config.pref_loss not in REFERENCE_FREE)

@@ -22,6 +22,7 @@ from torch import nn
 
 from posttrain.config import DPOConfig
 from posttrain.data.pairs import collate_pairs
+from posttrain.data.stage_samples import load_pair_samples
 from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.logps import sequence_logps
 from posttrain.train.loop import TrainResult
@@ -196,5 +197,5 @@ def count_pairs(batch: dict) -> int:
 def run_dpo(config: DPOConfig) -> TrainResult:
     """Pairs in, the policy trained against its reference (train/stage_steps.py `run_preference_stage`):
     SimPO and ORPO need no reference, so they skip the reference pass."""
-    return stage_steps.run_preference_stage(config, stage_steps.load_pairs, PreferenceObjective, collate_pairs,
+    return stage_steps.run_preference_stage(config, load_pair_samples, PreferenceObjective, collate_pairs,
                                             count_pairs, reference=config.pref_loss not in REFERENCE_FREE)

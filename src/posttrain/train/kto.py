@@ -29,6 +29,7 @@ from torch import nn
 
 from posttrain.config import KTOConfig
 from posttrain.data.pairs import collate_unpaired
+from posttrain.data.stage_samples import load_unpaired_samples
 from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.logps import sequence_logps
 from posttrain.train.loop import TrainResult
@@ -107,5 +108,5 @@ def count_rows(batch: dict) -> int:
 
 def run_kto(config: KTOConfig) -> TrainResult:
     """Unpaired rows in, the policy trained against its reference (train/stage_steps.py `run_preference_stage`)."""
-    return stage_steps.run_preference_stage(config, stage_steps.load_unpaired_samples, KTOObjective,
+    return stage_steps.run_preference_stage(config, load_unpaired_samples, KTOObjective,
                                             collate_unpaired, count_rows)

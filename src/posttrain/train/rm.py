@@ -32,12 +32,13 @@ from posttrain.config import RMConfig, save_config
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX
 from posttrain.data.pairs import collate_pairs
+from posttrain.data.stage_samples import load_pair_samples
 from posttrain.data.templates import carry_template
 from posttrain.errors import ConfigError
 from posttrain.model.reward import (
     language_model_head, last_hidden_states, load_reward_model, reward_head, rewards_from_hidden, sequence_rewards,
     set_reward_stats)
-from posttrain.train import stage_steps
+from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import Trainer, TrainResult, autocast
 from posttrain.train.dpo import count_pairs
 
@@ -118,7 +119,7 @@ def run_rm(config: RMConfig) -> TrainResult:
                           f"{', '.join(RM_FINETUNING)} (a LoRA adapter is merged into the saved reward model)")
     device = stage_steps.begin(config)
     tokenizer = stage_steps.load_stage_tokenizer(config)
-    train, evals = stage_steps.load_pairs(config, tokenizer)
+    train, evals = load_pair_samples(config, tokenizer, main=dist.is_main())
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                               attn_implementation=config.attn_implementation,
                               gradient_checkpointing=config.gradient_checkpointing,

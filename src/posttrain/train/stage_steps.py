@@ -1,8 +1,8 @@
-"""Steps the training stages (sft, rm, dpo, kto) share: checks, data, the output folder, the
-Trainer and the save; and the whole body of the stages that train against a reference (dpo, kto).
+"""Steps the training stages (sft, rm, dpo, kto) share: checks, the output folder, the Trainer and
+the save; and the whole body of the stages that train against a reference (dpo, kto).
 
-Every check runs here, before a model loads; the output folder is only cleared once the data has
-been read and tokenized without error.
+Every check runs before a model loads (the data's in data/stage_samples.py); the output folder is
+only cleared once the data has been read and tokenized without error.
 """
 
 from __future__ import annotations
@@ -15,14 +15,8 @@ import torch
 from torch import nn
 
 from posttrain.config import save_config
-from posttrain.data.formats import dataset_specs
-from posttrain.data.cache import TokenizeOptions, tokenize_rows
-from posttrain.data.pairs import PAIRS, UNPAIRED, response_renderer, unpaired_items
-from posttrain.data.prepare import Kind, split_eval
-from posttrain.data.preference_formats import load_kto_records, load_preferences, unpair_preferences
-from posttrain.data.schema import Preference
-from posttrain.data.templates import carry_template, check_template_encodes
-from posttrain.errors import ConfigError, DataError
+from posttrain.data.templates import carry_template
+from posttrain.errors import ConfigError
 from posttrain.model.adapters import (
     apply_finetuning, check_finetuning, remove_pissa_initial, save_pissa_initial, save_trained, trainable_summary)
 from posttrain.model.loading import load_model, load_tokenizer, pick_device
@@ -95,62 +89,6 @@ def load_stage_tokenizer(config):
     return load_tokenizer(adapter if ships_own else config.model_name_or_path, config.trust_remote_code)
 
 
-def load_rows(config, loader):
-    """Training and eval rows through `loader` (conversations, pairs, prompts...), bad rows reported."""
-    rows, report = loader(dataset_specs(config, "dataset"), config.on_bad_rows, config.seed, config.max_samples)
-    if report.bad_rows:
-        log.warning("skipped %d bad rows; first reasons:\n  %s", report.bad_rows, "\n  ".join(report.bad_reasons))
-    evals = []
-    if config.eval_dataset:
-        evals = loader(dataset_specs(config, "eval_dataset"), config.on_bad_rows, config.seed)[0]
-    elif config.val_size:
-        rows, evals = split_eval(rows, config.val_size, config.seed)
-    return rows, evals
-
-
-def _tokenize_split(config, tokenizer, kind: Kind, rows: list, eval_rows: list):
-    """Training and eval items of `kind` (pairs or KTO rows; the response trained), cut to cutoff_len, in
-    `preprocessing_num_workers` processes or read back from the tokenized cache (data/cache.py)."""
-    renderer = response_renderer(tokenizer, config.template, config.mask_reasoning)
-    check_template_encodes(tokenizer, renderer.template, config.template)
-    options = TokenizeOptions.from_config(config, main=dist.is_main())
-    train, report = tokenize_rows(kind, rows, renderer, config.cutoff_len, config.overlong, options)
-    evals = (tokenize_rows(kind, eval_rows, renderer, config.cutoff_len, config.overlong, options)[0]
-             if eval_rows else [])
-    return train, evals, report
-
-
-def load_pairs(config, tokenizer):
-    """Training and eval `PairSample`s (preference data), tokenized and cut to cutoff_len."""
-    train, evals, report = _tokenize_split(config, tokenizer, PAIRS, *load_rows(config, load_preferences))
-    if dist.is_main():
-        log.info("data: %s", report.summary().replace("samples", "pairs", 1))
-    return train, evals
-
-
-def load_unpaired_samples(config, tokenizer):
-    """Training and eval `UnpairedSample`s (KTO data); preference pairs among them are unpaired."""
-    records, eval_records = load_rows(config, load_kto_records)
-    pairs, eval_pairs = (sum(isinstance(r, Preference) for r in rs) for rs in (records, eval_records))
-    if (pairs or eval_pairs) and dist.is_main():
-        log.info("data: %d training and %d eval preference pairs (chosen/rejected, no label) unpaired for KTO: each "
-                 "chosen response is a desirable row and each rejected one an undesirable row (TRL's "
-                 "unpair_preference_dataset)", pairs, eval_pairs)
-    train, evals, report = _tokenize_split(config, tokenizer, UNPAIRED, unpaired_items(unpair_preferences(records)),
-                                           unpaired_items(unpair_preferences(eval_records)))
-    labels = [s.label for s in train]
-    missing = [name for name, n in (("desirable (label: true)", sum(labels)),
-                                    ("undesirable (label: false)", len(labels) - sum(labels))) if n == 0]
-    if missing:
-        raise DataError(f"KTO weighs desirable against undesirable responses, but the training data has no "
-                        f"{' and no '.join(missing)} rows; add some, or train on preference pairs with "
-                        "`posttrain dpo`", ", ".join(e.path for e in config.dataset_entries()))
-    if dist.is_main():
-        log.info("data: %s; %d desirable, %d undesirable", report.summary().replace("samples", "rows", 1),
-                 sum(labels), len(labels) - sum(labels))
-    return train, evals
-
-
 def open_output_dir(config) -> Path:
     """Clear an earlier run's entries (when asked) and create the output folder, with the resolved config in it."""
     out = Path(config.output_dir)
@@ -188,12 +126,12 @@ def run_trainer(config, model, tokenizer, objective: nn.Module, train: list, eva
 def run_preference_stage(config, load_samples, objective_class, collate, count, reference: bool = True
                          ) -> TrainResult:
     """The body of `posttrain dpo` and `posttrain kto`, top to bottom: checks, tokenizer, samples
-    (`load_samples`), the model with its finetuning type, the reference log-probs filled in once
+    (`load_samples`, data/stage_samples.py), the model with its finetuning type, the reference log-probs filled in once
     (when `reference`; train/logps.py), then `objective_class(model, config)` trained on batches
     made by `collate(samples, pad_id)`, `count(batch)` units each."""
     device = begin(config)
     tokenizer = load_stage_tokenizer(config)
-    train, evals = load_samples(config, tokenizer)
+    train, evals = load_samples(config, tokenizer, main=dist.is_main())
     model, summary = adapt(config, load_trainable_model(config, device))
     pad_id = tokenizer.pad_token_id
     if reference:

@@ -15,6 +15,7 @@ from posttrain.config import RLConfig
 from posttrain.data.chat import ChatRenderer
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.data.schema import Conversation
+from posttrain.data.stage_samples import load_rows
 from posttrain.data.templates import check_template_encodes
 from posttrain.errors import ConfigError
 from posttrain.model.loading import load_model
@@ -50,7 +51,7 @@ def run_rl(config: RLConfig) -> TrainResult:
     device = stage_steps.begin(config)
     rewards = build_rewards(config, device)  # function files and endpoints fail here, before anything big
     tokenizer = stage_steps.load_stage_tokenizer(config)
-    rows, eval_rows = stage_steps.load_rows(config, load_prompts)
+    rows, eval_rows = load_rows(config, load_prompts)
     rewards.check(rows + eval_rows)
     prompts = tokenize_prompts(rows, tokenizer, config.template, config.cutoff_len)
     evals = tokenize_prompts(eval_rows, tokenizer, config.template, config.cutoff_len)

@@ -117,7 +117,7 @@ def run_rm(config: RMConfig) -> TrainResult:
     if config.finetuning_type not in RM_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for rm; use one of "
                           f"{', '.join(RM_FINETUNING)} (a LoRA adapter is merged into the saved reward model)")
-    device = stage_steps.begin(config)
+    device = stage_steps.start_run(config)
     tokenizer = stage_steps.load_stage_tokenizer(config)
     train, evals = load_pair_samples(config, tokenizer, main=dist.is_main())
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
@@ -125,7 +125,7 @@ def run_rm(config: RMConfig) -> TrainResult:
                               gradient_checkpointing=config.gradient_checkpointing,
                               pad_token_id=tokenizer.pad_token_id)
     # SEQ_CLS: PEFT trains and saves the new `score` head beside the adapter.
-    model, summary = stage_steps.adapt(config, model, task_type="SEQ_CLS")
+    model, summary = stage_steps.apply_finetuning_type(config, model, task_type="SEQ_CLS")
     if config.finetuning_type == "freeze":
         reward_head(model).requires_grad_(True)  # the head is new: it always trains
     lm_head = language_model_head(model, config.model_name_or_path, device=device,

@@ -48,7 +48,7 @@ def count_trained(batch: dict) -> int:
 
 
 def run_sft(config: SFTConfig) -> TrainResult:
-    device = stage_steps.begin(config)
+    device = stage_steps.start_run(config)
     tokenizer = stage_steps.load_stage_tokenizer(config)
     train, evals, report = load_sft_samples(config, tokenizer, main=dist.is_main())
     if dist.is_main():
@@ -58,7 +58,7 @@ def run_sft(config: SFTConfig) -> TrainResult:
         if dist.is_main():
             log.info("packing: %d rows of up to %d tokens", len(train), config.cutoff_len)
     model = stage_steps.load_trainable_model(config, device)
-    model, summary = stage_steps.adapt(config, model)
+    model, summary = stage_steps.apply_finetuning_type(config, model)
     pad_id = tokenizer.pad_token_id
 
     def collate_fn(examples):
@@ -66,5 +66,5 @@ def run_sft(config: SFTConfig) -> TrainResult:
         batch["num_tokens"] = sum(example_length(e) for e in examples)
         return batch
 
-    return stage_steps.run_trainer(config, model, tokenizer, CausalLMLoss(model), train, evals, collate=collate_fn,
-                             count=count_trained, device=device, summary=summary)
+    return stage_steps.train_and_save(config, model, tokenizer, CausalLMLoss(model), train, evals,
+                                      collate=collate_fn, count=count_trained, device=device, summary=summary)

@@ -39,7 +39,7 @@ def check_output_dir(config) -> None:
                         inputs=inputs)
 
 
-def begin(config) -> torch.device:
+def start_run(config) -> torch.device:
     """Device and process group, the seed, and the checks that need nothing loaded."""
     device = pick_device(config.device)
     dist.init(device)
@@ -56,13 +56,13 @@ def begin(config) -> torch.device:
 
 def load_trainable_model(config, device: torch.device, name_or_path: str | None = None):
     """The causal LM a stage trains, loaded with the config's model settings (attention, checkpointing,
-    quantization for QLoRA), before `adapt` applies its finetuning type."""
+    quantization for QLoRA), before `apply_finetuning_type`."""
     return load_model(name_or_path or config.model_name_or_path, device=device,
                       trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
                       gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit)
 
 
-def adapt(config, model, task_type: str = "CAUSAL_LM"):
+def apply_finetuning_type(config, model, task_type: str = "CAUSAL_LM"):
     """`finetuning_type` applied to the loaded model (model/adapters.py), with its parameter counts."""
     model = apply_finetuning(model, config, task_type=task_type)
     summary = trainable_summary(model)
@@ -101,9 +101,9 @@ def open_output_dir(config) -> Path:
     return out
 
 
-def run_trainer(config, model, tokenizer, objective: nn.Module, train: list, evals: list, *,
-                collate: Callable[[list], dict], count: Callable[[dict], int], device: torch.device,
-                summary: dict) -> TrainResult:
+def train_and_save(config, model, tokenizer, objective: nn.Module, train: list, evals: list, *,
+                   collate: Callable[[list], dict], count: Callable[[dict], int], device: torch.device,
+                   summary: dict) -> TrainResult:
     """The tail every causal-LM stage shares (sft, dpo, kto): the output folder (cleared only now,
     after every check), PiSSA's initial adapter kept for the save, the Trainer, and the model,
     tokenizer and config saved into the folder when training ends."""
@@ -129,15 +129,15 @@ def run_preference_stage(config, load_samples, objective_class, collate, count, 
     (`load_samples`, data/stage_samples.py), the model with its finetuning type, the reference log-probs filled in once
     (when `reference`; train/logps.py), then `objective_class(model, config)` trained on batches
     made by `collate(samples, pad_id)`, `count(batch)` units each."""
-    device = begin(config)
+    device = start_run(config)
     tokenizer = load_stage_tokenizer(config)
     train, evals = load_samples(config, tokenizer, main=dist.is_main())
-    model, summary = adapt(config, load_trainable_model(config, device))
+    model, summary = apply_finetuning_type(config, load_trainable_model(config, device))
     pad_id = tokenizer.pad_token_id
     if reference:
         fill_reference(config, model, train, evals, pad_id, device)
     what = "pairs" if config.stage == "dpo" else "rows"
     log.info("%s: %d training %s, %d eval %s -> %s", getattr(config, "pref_loss", config.stage), len(train), what,
              len(evals), what, config.output_dir)
-    return run_trainer(config, model, tokenizer, objective_class(model, config), train, evals,
+    return train_and_save(config, model, tokenizer, objective_class(model, config), train, evals,
                        collate=lambda samples: collate(samples, pad_id), count=count, device=device, summary=summary)

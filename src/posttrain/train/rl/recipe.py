@@ -48,7 +48,7 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cut
 
 def run_rl(config: RLConfig) -> TrainResult:
     check_rl(config)
-    device = stage_steps.begin(config)
+    device = stage_steps.start_run(config)
     rewards = build_rewards(config, device)  # function files and endpoints fail here, before anything big
     tokenizer = stage_steps.load_stage_tokenizer(config)
     rows, eval_rows = load_rows(config, load_prompts)
@@ -67,7 +67,7 @@ def run_rl(config: RLConfig) -> TrainResult:
         raise ConfigError(f"the longest prompt ({longest - config.max_completion_length} tokens) plus "
                           f"max_completion_length ({config.max_completion_length}) exceeds the model's "
                           f"{limit} positions; lower cutoff_len or max_completion_length")
-    actor, summary = stage_steps.adapt(config, actor)
+    actor, summary = stage_steps.apply_finetuning_type(config, actor)
     reference = None
     if config.kl_coef > 0 or config.kl_target:
         if config.finetuning_type == "lora" and not config.ref_model:

@@ -31,7 +31,7 @@ from torch import nn
 from posttrain.config import RMConfig, save_config
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX
-from posttrain.data.pairs import collate_pairs
+from posttrain.data.pairs import collate_pairs, count_pairs
 from posttrain.data.stage_samples import load_pair_samples
 from posttrain.data.templates import carry_template
 from posttrain.errors import ConfigError
@@ -40,7 +40,6 @@ from posttrain.model.reward import (
     set_reward_stats)
 from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import Trainer, TrainResult, autocast
-from posttrain.train.dpo import count_pairs
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""Steps the training stages (sft, rm, dpo, kto) share: checks, the output folder, the Trainer and
-the save; and the whole body of the stages that train against a reference (dpo, kto).
+"""Steps the training stages (sft, rm, dpo, kto, ppo/grpo) share: checks, the tokenizer, the model
+with its finetuning type, the output folder, the Trainer and the save. Each stage's file calls them
+in order, top to bottom.
 
 Every check runs before a model loads (the data's in data/stage_samples.py); the output folder is
 only cleared once the data has been read and tokenized without error.
@@ -22,7 +23,6 @@ from posttrain.model.adapters import (
 from posttrain.model.loading import load_model, load_tokenizer, pick_device
 from posttrain.output_folder import RUN_MARKER, check_output_folder, clear_own_entries
 from posttrain.train import distributed as dist
-from posttrain.train.logps import fill_reference
 from posttrain.train.loop import Trainer, TrainResult, seed_everything
 from posttrain.train.reporting import check_tracker
 
@@ -121,23 +121,3 @@ def train_and_save(config, model, tokenizer, objective: nn.Module, train: list, 
         return trainer.train()
     finally:  # also when training stops on an error: no temp folder outlives the run
         remove_pissa_initial(pissa_initial)
-
-
-def run_preference_stage(config, load_samples, objective_class, collate, count, reference: bool = True
-                         ) -> TrainResult:
-    """The body of `posttrain dpo` and `posttrain kto`, top to bottom: checks, tokenizer, samples
-    (`load_samples`, data/stage_samples.py), the model with its finetuning type, the reference log-probs filled in once
-    (when `reference`; train/logps.py), then `objective_class(model, config)` trained on batches
-    made by `collate(samples, pad_id)`, `count(batch)` units each."""
-    device = start_run(config)
-    tokenizer = load_stage_tokenizer(config)
-    train, evals = load_samples(config, tokenizer, main=dist.is_main())
-    model, summary = apply_finetuning_type(config, load_trainable_model(config, device))
-    pad_id = tokenizer.pad_token_id
-    if reference:
-        fill_reference(config, model, train, evals, pad_id, device)
-    what = "pairs" if config.stage == "dpo" else "rows"
-    log.info("%s: %d training %s, %d eval %s -> %s", getattr(config, "pref_loss", config.stage), len(train), what,
-             len(evals), what, config.output_dir)
-    return train_and_save(config, model, tokenizer, objective_class(model, config), train, evals,
-                       collate=lambda samples: collate(samples, pad_id), count=count, device=device, summary=summary)

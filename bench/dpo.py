@@ -76,7 +76,7 @@ def child_posttrain(stage: str, spec: dict, extra: dict) -> dict:
         "plot_loss=false", f"max_steps={spec['steps']}", "overwrite_output_dir=true",
     ]
     if stage == "dpo":
-        from posttrain.train.preference import run_dpo
+        from posttrain.train.dpo import run_dpo
 
         overrides += [f"pref_beta={spec['beta']}", f"ref_cache_dir={spec['out']}-cache"]
         result = run_dpo(load_config("dpo", None, overrides))
@@ -178,7 +178,7 @@ def heldout_scores(stage: str, model_dir: str, base_dir: str, path: str, max_len
 
     from posttrain.data.formats import DatasetSpec
     from posttrain.data.pairs import response_renderer, tokenize_pairs
-    from posttrain.data.preference import load_preferences
+    from posttrain.data.preference_formats import load_preferences
     from posttrain.model.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(base_dir)

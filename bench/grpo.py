@@ -68,7 +68,7 @@ def child_posttrain(spec: dict) -> dict:
     t_setup = time.perf_counter()
     import posttrain.train.rl.trainer as rl_trainer
     from posttrain.config import load_config
-    from posttrain.train.rl.stage import run_rl
+    from posttrain.train.rl.recipe import run_rl
     from posttrain.train.run_log import RunRecorder
 
     marks: dict = {}
@@ -216,7 +216,7 @@ def check_same_prompts(model_dir: str, rows: list[dict]) -> None:
     apply_chat_template, which TRL uses."""
     from posttrain.data.prompts import to_prompt
     from posttrain.model.loading import load_tokenizer
-    from posttrain.train.rl.stage import tokenize_prompts
+    from posttrain.train.rl.recipe import tokenize_prompts
 
     tokenizer = load_tokenizer(model_dir)
     for i, r in enumerate(rows):

@@ -175,7 +175,7 @@ def test_an_unknown_alarm_is_a_config_error(tmp_path, capsys):
 
 def test_a_run_whose_process_is_gone_reads_as_killed(tmp_path):
     from posttrain.board.runs import Runs
-    from posttrain.train.metrics import MetricsLogger, _OPEN
+    from posttrain.train.reporting import MetricsLogger, _OPEN
 
     for name in ("live", "gone", "remote", "remote-quiet"):
         logger = MetricsLogger(tmp_path / name)
@@ -348,7 +348,7 @@ def test_page_shows_the_rollout_table_of_a_grpo_run(board, runs_dir, tmp_path):
 
 @needs_chromium
 def test_page_updates_live_while_a_run_writes(runs_dir, tmp_path):
-    from posttrain.train.metrics import MetricsLogger, _OPEN
+    from posttrain.train.reporting import MetricsLogger, _OPEN
 
     root = tmp_path / "runs"
     logger = MetricsLogger(root / "live")
@@ -377,7 +377,7 @@ def test_page_updates_live_while_a_run_writes(runs_dir, tmp_path):
 
 @needs_chromium
 def test_page_overlays_chosen_and_rejected_rewards_of_a_preference_run(tmp_path):
-    from posttrain.train.metrics import MetricsLogger
+    from posttrain.train.reporting import MetricsLogger
 
     run = tmp_path / "runs" / "dpo"
     logger = MetricsLogger(run)

@@ -20,10 +20,10 @@ from posttrain.data.chat import BUILTIN_TEMPLATES_DIR, ChatRenderer
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import PAIRS, UNPAIRED, response_renderer, unpaired_items
 from posttrain.data.prepare import SFT, tokenize_items
-from posttrain.data.preference import load_preferences, load_unpaired
+from posttrain.data.stage_samples import load_pair_samples, load_sft_samples, load_unpaired_samples
+from posttrain.data.preference_formats import load_preferences, load_unpaired
 from posttrain.data.synthetic import preference_pairs, task_examples
 from posttrain.errors import DataError
-from posttrain.train import sft, stage
 
 LONG = "1 " * 30  # over the cutoff below: cut, or dropped under overlong=drop
 
@@ -194,19 +194,19 @@ def stage_config(name, tmp_path, model_dir, data, *overrides):
 def test_the_config_keys_reach_every_stage(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch, caplog):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "home_cache"))
     chat = write(tmp_path / "chat.jsonl", chat_rows())
-    off = sft.load_samples(stage_config("sft", tmp_path, tiny_model_dir, chat, "tokenized_cache=false"),
+    off = load_sft_samples(stage_config("sft", tmp_path, tiny_model_dir, chat, "tokenized_cache=false"),
                            tiny_tokenizer)
     assert not (tmp_path / "home_cache").exists()
     on = stage_config("sft", tmp_path, tiny_model_dir, chat)  # the default: cached
-    cold = sft.load_samples(on, tiny_tokenizer)
+    cold = load_sft_samples(on, tiny_tokenizer)
     with caplog.at_level(logging.INFO, logger="posttrain.data.cache"):
-        warm = sft.load_samples(on, tiny_tokenizer)
-    assert cold[:3] == off[:3] and warm[:3] == off[:3]  # training and eval samples, and the report
+        warm = load_sft_samples(on, tiny_tokenizer)
+    assert cold == off and warm == off  # training and eval samples, and the report
     (entry,) = (tmp_path / "home_cache" / "tokenized").iterdir()
     assert f"data: {len(off[0])} samples from the cache at {entry}" in caplog.text
 
     pairs = write(tmp_path / "pairs.jsonl", pair_rows())
-    for name, load in (("dpo", stage.load_pairs), ("kto", stage.load_unpaired_samples)):
+    for name, load in (("dpo", load_pair_samples), ("kto", load_unpaired_samples)):
         plain = load(stage_config(name, tmp_path, tiny_model_dir, pairs, "tokenized_cache=false"), tiny_tokenizer)
         workers = load(stage_config(name, tmp_path, tiny_model_dir, pairs, "preprocessing_num_workers=2"),
                        tiny_tokenizer)

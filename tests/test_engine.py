@@ -13,7 +13,7 @@ from inference_fixtures import (CPU, adapter_root, lively_model_dir, make_lively
 
 from posttrain.errors import ConfigError
 from posttrain.inference.engine import Engine, Request
-from posttrain.inference.errors import AdapterError, RequestError, RequestTooLarge
+from posttrain.inference.request_errors import AdapterError, RequestError, RequestTooLarge
 from posttrain.inference.registry import AdapterRegistry
 from posttrain.inference.sampling import SamplingParams, choose_tokens, row_uniforms
 

@@ -9,7 +9,7 @@ import pytest
 from posttrain.data.chat import IGNORE_INDEX
 from posttrain.data.formats import DatasetSpec
 from posttrain.data.pairs import collate_pairs, collate_unpaired, response_renderer, tokenize_pairs, tokenize_unpaired
-from posttrain.data.preference import load_preferences, load_unpaired
+from posttrain.data.preference_formats import load_preferences, load_unpaired
 from posttrain.data.schema import Message
 from posttrain.errors import DataError
 

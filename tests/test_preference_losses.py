@@ -12,7 +12,7 @@ from posttrain.config import build_config, DPOConfig, KTOConfig
 from posttrain.data.formats import DatasetSpec
 from posttrain.data.pairs import collate_pairs, collate_unpaired, response_renderer, tokenize_pairs
 from posttrain.train.kto import KTOObjective, kto_loss
-from posttrain.train.preference import PreferenceObjective, preference_loss
+from posttrain.train.dpo import PreferenceObjective, preference_loss
 from posttrain.train.rm import bradley_terry_loss
 
 # Three pairs: policy and reference summed log-probs, and response lengths.
@@ -103,7 +103,7 @@ def pair_batch(tmp_path_factory, tiny_tokenizer):
     path = tmp_path_factory.mktemp("pairs") / "p.jsonl"
     path.write_text('{"prompt": "reverse 123", "chosen": "321", "rejected": "32"}\n'
                     '{"prompt": "reverse 4567 please", "chosen": "7654", "rejected": "7645111"}\n')
-    from posttrain.data.preference import load_preferences
+    from posttrain.data.preference_formats import load_preferences
 
     pairs, _ = load_preferences([DatasetSpec(path=str(path))])
     samples, _ = tokenize_pairs(pairs, response_renderer(tiny_tokenizer, None), cutoff_len=64)

@@ -83,7 +83,7 @@ def test_bco_running_mean_is_checkpointed_and_restored_on_resume(tiny_model_dir,
     from safetensors.torch import load_file
 
     from posttrain.config import load_config
-    from posttrain.train.preference import run_dpo
+    from posttrain.train.dpo import run_dpo
 
     def run(out, **extra):  # in process: the result holds the trained objective and its statistics
         return run_dpo(load_config("dpo", None, overrides(

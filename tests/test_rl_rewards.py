@@ -13,7 +13,8 @@ from posttrain.cli import main
 from posttrain.data.prompts import Prompt
 from posttrain.data.schema import Message
 from posttrain.errors import ConfigError
-from posttrain.train.rl.rewards import BuiltinReward, FunctionReward, RemoteReward, RewardError, Rewards, Scored
+from posttrain.train.rl.rewards import (
+    BuiltinReward, CompletionBatch, FunctionReward, RemoteReward, RewardError, Rewards)
 
 
 def _prompts(*answers):
@@ -23,7 +24,7 @@ def _prompts(*answers):
 
 def test_builtins():
     prompts = _prompts("123", "4.5", "7")
-    batch = Scored(prompts, [" 123\n", "the answer is 4.50", "no"])
+    batch = CompletionBatch(prompts, [" 123\n", "the answer is 4.50", "no"])
     exact, numeric, fmt = BuiltinReward("exact_match"), BuiltinReward("numeric_match"), BuiltinReward(r"format:\d+")
     for r in (exact, numeric, fmt):
         r.check(prompts)
@@ -42,14 +43,14 @@ def test_function_reward_gets_prompts_completions_and_columns(tmp_path):
                  "    return [len(c) / 10 + (c == a) for c, a in zip(completions, answer)]\n"
                  "def broken(prompts, completions, **kw):\n    return [1.0]\n")
     r = FunctionReward(f"{f}:length_bonus")
-    assert r(Scored(_prompts("ab", "c"), ["ab", "xyz"])) == [pytest.approx(1.2), pytest.approx(0.3)]
+    assert r(CompletionBatch(_prompts("ab", "c"), ["ab", "xyz"])) == [pytest.approx(1.2), pytest.approx(0.3)]
     combined = Rewards([r, BuiltinReward("exact_match")], [0.5, 2.0])
     combined.check(_prompts("ab", "c"))
-    total, parts = combined(Scored(_prompts("ab", "c"), ["ab", "xyz"]))
+    total, parts = combined(CompletionBatch(_prompts("ab", "c"), ["ab", "xyz"]))
     assert total.tolist() == pytest.approx([0.5 * 1.2 + 2.0, 0.5 * 0.3])
     assert set(parts) == {"rewards/length_bonus", "rewards/exact_match"}
     with pytest.raises(RewardError, match="expected a list of 2 numbers"):
-        FunctionReward(f"{f}:broken")(Scored(_prompts("a", "b"), ["a", "b"]))
+        FunctionReward(f"{f}:broken")(CompletionBatch(_prompts("a", "b"), ["a", "b"]))
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -98,12 +99,12 @@ def server():
 def test_remote_endpoint(server):
     r = RemoteReward(server + "/score", timeout=5)
     r.check(_prompts("1"))
-    assert r(Scored(_prompts("1", "2"), ["1", "3"])) == [1.0, 0.0]
+    assert r(CompletionBatch(_prompts("1", "2"), ["1", "3"])) == [1.0, 0.0]
     with pytest.raises(ConfigError, match="must answer"):
         RemoteReward(server + "/bad", timeout=5).check(_prompts("1"))
     start = time.perf_counter()
     with pytest.raises(RewardError, match="did not answer within 0.3s"):
-        RemoteReward(server + "/slow", timeout=0.3)(Scored(_prompts("1"), ["1"]))
+        RemoteReward(server + "/slow", timeout=0.3)(CompletionBatch(_prompts("1"), ["1"]))
     assert time.perf_counter() - start < 1.5  # the timeout holds: no hang
 
 

@@ -221,7 +221,7 @@ def test_ppo_reward_renders_and_cuts_as_the_reward_model_was_trained(tiny_model_
     from posttrain.data.prompts import Prompt
     from posttrain.data.schema import Message
     from posttrain.score import run_score
-    from posttrain.train.rl.rewards import ModelReward, Scored
+    from posttrain.train.rl.rewards import CompletionBatch, ModelReward
 
     out = tmp_path / "rm-llama3"
     assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, out, max_steps=4, template="llama3", cutoff_len=160)]) == 0
@@ -230,5 +230,5 @@ def test_ppo_reward_renders_and_cuts_as_the_reward_model_was_trained(tiny_model_
     expected = [r["normalized"] for r in run_score(str(out), str(data))["scores"]]
     reward = ModelReward(str(out), torch.device("cpu"), batch_size=2)
     prompts = [Prompt(messages=[Message("user", p)], raw=p, source=f"row{i}") for i, (p, _) in enumerate(rows)]
-    got = reward(Scored(prompts, [c for _, c in rows]))
+    got = reward(CompletionBatch(prompts, [c for _, c in rows]))
     assert got == pytest.approx(expected, abs=1e-5)

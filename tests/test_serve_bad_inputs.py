@@ -197,7 +197,7 @@ def test_openapi_publishes_the_400_error_model(server):
 
 
 def test_metric_label_values_are_escaped():
-    from posttrain.serve.metrics import Metrics
+    from posttrain.serve.prometheus_metrics import Metrics
 
     odd = 'odd"name\\with\nnewline'
     metrics = Metrics()

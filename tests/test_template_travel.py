@@ -150,7 +150,7 @@ def test_score_finds_the_template_in_the_folder_when_the_recorded_file_is_gone(c
 # ---- generation stops at the template's end of turn ------------------------------------------------
 
 def test_chat_stops_at_the_end_of_turn_marker_not_only_at_eos(chatml_run, capsys):
-    from posttrain.chat import run_chat
+    from posttrain.chat_command import run_chat
 
     run_chat(str(chatml_run), prompt=PROMPT, template="chatml", max_new_tokens=24)
     assert capsys.readouterr().out == chatml_answer(chatml_run) + "\n"
@@ -253,7 +253,7 @@ def test_a_template_the_tokenizer_cannot_encode_is_refused_before_training(no_un
 
 
 def test_serve_and_chat_refuse_a_template_the_tokenizer_cannot_encode(no_underscore_base):
-    from posttrain.chat import run_chat
+    from posttrain.chat_command import run_chat
     from posttrain.serve.server import build_state
     from posttrain.serve.settings import ServeSettings
 

@@ -171,7 +171,7 @@ def test_pair_response_ids_are_the_whole_conversations_where_the_prompt_is_a_pre
 @pytest.mark.parametrize("model", MODELS)
 def test_rl_prompts_are_the_generation_prompt(model):
     from posttrain.data.prompts import Prompt
-    from posttrain.train.rl.stage import tokenize_prompts
+    from posttrain.train.rl.recipe import tokenize_prompts
 
     tok = model_tokenizer(model)
     messages = chat(model, "Sort 312").messages

@@ -44,7 +44,7 @@ def _train_stage(stage: str, a) -> None:
     if stage == "rm":
         from posttrain.train.rm import run_rm as run
     elif stage == "dpo":
-        from posttrain.train.preference import run_dpo as run
+        from posttrain.train.dpo import run_dpo as run
     else:
         from posttrain.train.kto import run_kto as run
     result = run(load_config(stage, a.config, a.overrides))
@@ -62,7 +62,7 @@ def _train_stage(stage: str, a) -> None:
 def cmd_rl(stage: str, a) -> None:
     """ppo / grpo: the RL stage; prints the reward before and after and where everything went."""
     from posttrain.config import load_config
-    from posttrain.train.rl.stage import run_rl
+    from posttrain.train.rl.recipe import run_rl
 
     result = run_rl(load_config(stage, a.config, a.overrides))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -120,7 +120,7 @@ def cmd_init_model(a) -> None:
 
 
 def cmd_chat(a) -> None:
-    from posttrain.chat import run_chat
+    from posttrain.chat_command import run_chat
 
     run_chat(a.model, prompt=a.prompt, system=a.system, template=a.template, max_new_tokens=a.max_new_tokens,
              temperature=a.temperature, trust_remote_code=a.trust_remote_code, adapter=a.adapter)
@@ -338,8 +338,8 @@ def _split_config_arg(a) -> None:
 
 def _end_open_runs(status: str, error: str) -> None:
     """A run this command started and did not finish says how it ended in its run_status.json (the board reads it)."""
-    if "posttrain.train.metrics" in sys.modules:  # no training started otherwise
-        sys.modules["posttrain.train.metrics"].end_open_runs(status, error)
+    if "posttrain.train.reporting" in sys.modules:  # no training started otherwise
+        sys.modules["posttrain.train.reporting"].end_open_runs(status, error)
 
 
 def main(argv: list[str] | None = None) -> int:

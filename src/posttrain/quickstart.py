@@ -173,7 +173,7 @@ def preference_accuracy(model_path: str | Path, pairs_path: Path) -> float:
     """Fraction of pairs whose chosen response the model finds likelier than the rejected one."""
     from posttrain.data.formats import DatasetSpec
     from posttrain.data.pairs import response_renderer, tokenize_pairs
-    from posttrain.data.preference import load_preferences
+    from posttrain.data.preference_formats import load_preferences
     from posttrain.model.loading import load_model, load_tokenizer, pick_device
     from posttrain.train.logps import compute_logps
 
@@ -194,7 +194,7 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
     train a reward model on the SFT model, then run DPO from the SFT model; held-out pair accuracy and
     exact match before and after."""
     from posttrain.config import DPOConfig, RMConfig
-    from posttrain.train.preference import run_dpo
+    from posttrain.train.dpo import run_dpo
     from posttrain.train.rm import run_rm
 
     n = PREFERENCE_PAIRS[fast]
@@ -266,7 +266,7 @@ RL_STEPS = {"PPO": {False: 24, True: 6}, "GRPO": {False: 40, True: 12}}  # by `f
 def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, out: Path, steps: int, **settings):
     """One `posttrain ppo|grpo` run; held-out exact match (greedy) before and after, and the reward it
     maximizes before and after, from its eval."""
-    from posttrain.train.rl.stage import run_rl
+    from posttrain.train.rl.recipe import run_rl
 
     result = run_rl(build_config(config_cls, dict(
         model_name_or_path=str(sft_dir), dataset=str(prompts), eval_dataset=str(held_path), output_dir=str(out),

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from posttrain.data.formats import DatasetSpec, load_conversations
 from posttrain.data.pairs import response_renderer, tokenize_pairs, tokenize_response
-from posttrain.data.prepare import Cutter, PrepareReport
-from posttrain.data.preference import load_preferences
+from posttrain.data.prepare import CutoffCounter, PrepareReport
+from posttrain.data.preference_formats import load_preferences
 from posttrain.data.sources import RawRow, read_rows
 from posttrain.data.templates import check_template_encodes
 from posttrain.errors import DataError
@@ -69,11 +69,11 @@ def run_score(model_path: str, data: str, output: str | None = None, *, template
         convs, _ = load_conversations([DatasetSpec(path=data)])
         if any(c.is_text for c in convs):
             raise DataError("text rows have no response to score; give prompt/response rows", data)
-        cut = Cutter(cutoff_len, "truncate")
-        kept = [(c.source, cut([tokenize_response(renderer, c.messages[:-1], c.messages[-1], c.tools, c.source)]))
+        cutoff = CutoffCounter(cutoff_len, "truncate")
+        kept = [(c.source, cutoff([tokenize_response(renderer, c.messages[:-1], c.messages[-1], c.tools, c.source)]))
                 for c in convs]
         kept = [(source, seqs[0]) for source, seqs in kept if seqs is not None]
-        report = cut.finish(kept, "rows")
+        report = cutoff.finish(kept, "rows")
         read = [c.source for c in convs]
         sources, sequences = [k[0] for k in kept], [k[1] for k in kept]
     _warn_cut(report, cutoff_len, sorted(set(read) - set(sources)))

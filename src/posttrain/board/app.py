@@ -31,7 +31,7 @@ def create_app(runs_dir: str | Path, api_key: str | None = None, chat_models: in
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
-    from posttrain.board.chat import ChatModels
+    from posttrain.board.chat_models import ChatModels
     from posttrain.board.launch import STAGES, Launcher
     from posttrain.errors import ConfigError
 

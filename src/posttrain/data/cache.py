@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.data.chat import ChatRenderer, TokenizedSample
-from posttrain.data.prepare import Cutter, Kind, PrepareReport, cut, tokenize_items
+from posttrain.data.prepare import CutoffCounter, Kind, PrepareReport, cut, tokenize_items
 from posttrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -245,13 +245,13 @@ def _alive(pid: int) -> bool:
 def _samples(kind: Kind, items: list, table, cutoff_len: int, overlong: str) -> tuple[list, PrepareReport]:
     """The training samples of the kept items, and the report, exactly as `tokenize_items` makes them."""
     columns = table.select_columns(["ids", "labels", "source", "truncated", "dropped"])[:]
-    cutter = Cutter(cutoff_len, overlong)
+    cutoff = CutoffCounter(cutoff_len, overlong)
     out = []
     for item, ids, labels, source, truncated, dropped in zip(items, columns["ids"], columns["labels"],
                                                              columns["source"], columns["truncated"],
                                                              columns["dropped"]):
         seqs = [TokenizedSample(i, l, source) for i, l in zip(ids, labels)]
-        kept = cutter.record(seqs, truncated, dropped)
+        kept = cutoff.record(seqs, truncated, dropped)
         if kept is not None:
             out.append(kind.build(kept, item))
-    return out, cutter.finish(out, kind.what)
+    return out, cutoff.finish(out, kind.what)

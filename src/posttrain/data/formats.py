@@ -46,7 +46,7 @@ FORMATS = ("auto", "prompt_completion", "alpaca", "role", "openai", "sharegpt", 
 REQUIRED_COLUMNS = {"prompt", "completion", "instruction", "output", "user", "assistant",
                     "messages", "conversations", "text"}
 OPTIONAL_COLUMNS = {"system", "tools", "input", "history", "role", "content"}
-# Preference and unpaired (KTO) rows, read by data/preference.py with the same loader.
+# Preference and unpaired (KTO) rows, read by data/preference_formats.py with the same loader.
 PREFERENCE_COLUMNS = {"chosen", "rejected"}
 PREFERENCE_OPTIONAL_COLUMNS = {"margin", "label", "kto_tag", "chosen_messages", "rejected_messages"}
 REQUIRED_COLUMNS |= PREFERENCE_COLUMNS

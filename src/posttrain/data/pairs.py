@@ -161,9 +161,19 @@ def collate_pairs(samples: list[PairSample], pad_id: int) -> dict:
     return batch
 
 
+def count_pairs(batch: dict) -> int:
+    """What a batch of pairs counts in the loop's mean: its pairs."""
+    return int(batch["num_pairs"])
+
+
 def collate_unpaired(samples: list[UnpairedSample], pad_id: int) -> dict:
     """2B rows (the B completions, then the B mismatched ones) + labels and reference log-probs."""
     batch = _collate_two_sides(samples, "sample", "mismatched", ("ref", "ref_mismatched"), pad_id)
     batch["label"] = torch.tensor([s.label for s in samples], dtype=torch.bool)
     batch["num_rows"] = len(samples)
     return batch
+
+
+def count_rows(batch: dict) -> int:
+    """What a batch of KTO rows counts in the loop's mean: its rows."""
+    return int(batch["num_rows"])

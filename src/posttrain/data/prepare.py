@@ -67,7 +67,7 @@ def _trained(sample: TokenizedSample) -> int:
     return sum(1 for x in sample.labels[1:] if x != IGNORE_INDEX)  # the first token is never predicted
 
 
-class Cutter:
+class CutoffCounter:
     """Applies cutoff_len to the sequences of one item with the shared rule (`cut`), and keeps the
     report. `record` adds an item already cut elsewhere (another process, or the tokenized cache)."""
 
@@ -114,13 +114,13 @@ class Kind:
 def tokenize_items(kind: Kind, items: list, renderer: ChatRenderer, cutoff_len: int, overlong: str = "truncate"
                    ) -> tuple[list, PrepareReport]:
     """Every item tokenized and cut in this process, in order, with the report."""
-    cutter = Cutter(cutoff_len, overlong)
+    cutoff = CutoffCounter(cutoff_len, overlong)
     out = []
     for item in items:
-        seqs = cutter(kind.sequences(renderer, item))  # a row the template cannot render is a DataError naming it
+        seqs = cutoff(kind.sequences(renderer, item))  # a row the template cannot render is a DataError naming it
         if seqs is not None:
             out.append(kind.build(seqs, item))
-    return out, cutter.finish(out, kind.what)
+    return out, cutoff.finish(out, kind.what)
 
 
 def _conversation_sequences(renderer: ChatRenderer, conv: Conversation) -> list[TokenizedSample]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from posttrain.data.chat import ChatRenderer, preview
 from posttrain.data.formats import DatasetSpec, dataset_specs, load_conversations
 from posttrain.data.pairs import response_renderer
-from posttrain.data.preference import load_kto_records, load_preferences, unpair_preferences
+from posttrain.data.preference_formats import load_kto_records, load_preferences, unpair_preferences
 from posttrain.data.prompts import load_prompts
 from posttrain.data.schema import Conversation
 from posttrain.errors import DataError

@@ -26,7 +26,7 @@ from posttrain.errors import PosttrainError
 from posttrain.inference import forward
 from posttrain.inference.cuda_graphs import DecodeGraphs
 from posttrain.inference.detokenize import TextTracker, decode_continuation
-from posttrain.inference.errors import RequestError, RequestTooLarge
+from posttrain.inference.request_errors import RequestError, RequestTooLarge
 from posttrain.inference.kv_cache import KVCache
 from posttrain.inference.lora import LoraWeights
 from posttrain.inference.registry import Adapter, AdapterRegistry

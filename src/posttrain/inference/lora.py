@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.inference.errors import AdapterError
+from posttrain.inference.request_errors import AdapterError
 from posttrain.model import files
 from posttrain.inference.weights import ModelDims
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.inference.errors import AdapterError
+from posttrain.inference.request_errors import AdapterError
 from posttrain.inference.lora import read_adapter_tensors
 from posttrain.inference.weights import ModelDims
 

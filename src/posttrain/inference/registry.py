@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.inference.errors import AdapterError, ProtectedAdapter, UnknownModel
+from posttrain.inference.request_errors import AdapterError, ProtectedAdapter, UnknownModel
 from posttrain.inference.lora import LoraBank, LoraWeights, check_base_model, read_adapter_config, read_lora
 from posttrain.inference.prompt_tuning import (PREFIX_TYPES, PROMPT_TYPES, PrefixKV, PromptEmbeddings,
                                                read_prefix_adapter, read_prompt_adapter)

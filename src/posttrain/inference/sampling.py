@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.inference.errors import RequestError
+from posttrain.inference.request_errors import RequestError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over the engine worker: the routers put together.
 
 Every router but /health's requires the API key (auth.py); bodies over --max-body-bytes are refused
-before any of them (body_limit.py). Errors use OpenAI's shape (errors.py), published as such in
+before any of them (body_limit.py). Errors use OpenAI's shape (error_responses.py), published as such in
 /openapi.json (400 for a bad body, never FastAPI's 422). A generation request goes: the API key ->
 a concurrency slot (429) -> the body's fields (400) -> prepare.py (404, 400, 500 for a broken adapter)
 -> the engine's check (400) -> the worker -> one JSON body, or SSE chunks as the tokens come.
@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 
 from posttrain.serve.auth import require_api_key
 from posttrain.serve.body_limit import BodySizeLimit
-from posttrain.serve.errors import HANDLERS
+from posttrain.serve.error_responses import HANDLERS
 from posttrain.serve.routes import adapters, generation, health, metrics, models
 from posttrain.serve.state import ServerState
 

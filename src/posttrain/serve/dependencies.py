@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from posttrain.serve.errors import RuntimeAdaptersDisabled, TooManyRequests
+from posttrain.serve.error_responses import RuntimeAdaptersDisabled, TooManyRequests
 from posttrain.serve.state import ServerState
 
 

@@ -5,7 +5,7 @@ whether prompt plus completion fit the context is the engine's own check (`Engin
 
 from __future__ import annotations
 
-from posttrain.inference.errors import RequestError
+from posttrain.inference.request_errors import RequestError
 from posttrain.serve.protocol import ChatCompletionRequest
 from posttrain.serve.state import ServerState
 

@@ -8,11 +8,11 @@ stall the event loop that answers every other client.
 
 from __future__ import annotations
 
-from posttrain.inference.errors import AdapterError, RequestError
+from posttrain.inference.request_errors import AdapterError, RequestError
 from posttrain.inference.registry import Adapter
 from posttrain.inference.sampling import SamplingParams
 from posttrain.serve import limits
-from posttrain.serve.errors import AdapterUnavailable
+from posttrain.serve.error_responses import AdapterUnavailable
 from posttrain.serve.protocol import ChatCompletionRequest, CompletionRequest
 from posttrain.serve.responses import Prepared
 from posttrain.serve.state import ServerState

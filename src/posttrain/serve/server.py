@@ -27,7 +27,7 @@ def build_state(settings: ServeSettings):
     from posttrain.inference.registry import AdapterRegistry
     from posttrain.model.loading import load_model, load_tokenizer, pick_device, resolve_model_path
     from posttrain.serve.state import ServerState
-    from posttrain.serve.metrics import Metrics
+    from posttrain.serve.prometheus_metrics import Metrics
     from posttrain.serve.worker import EngineWorker
 
     settings.check()

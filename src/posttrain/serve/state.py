@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from posttrain.inference.engine import Engine
 from posttrain.inference.registry import AdapterRegistry
-from posttrain.serve.metrics import Metrics
+from posttrain.serve.prometheus_metrics import Metrics
 from posttrain.serve.settings import ServeSettings
 from posttrain.serve.worker import EngineWorker
 

@@ -1,5 +1,9 @@
 """`posttrain kto`: KTO on unpaired rows (a prompt, a response, and whether the response is good).
 
+The loss first, then the objective that runs it, then the stage read top to bottom: checks ->
+tokenizer -> rows -> the model with its finetuning type -> the reference's log-probs -> the
+objective -> the Trainer -> the save.
+
 KTO — Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8.
 With r(x, y) = log π(y|x) - log π_ref(y|x) and z0 a batch estimate of KL(π || π_ref),
 
@@ -28,9 +32,10 @@ import torch
 from torch import nn
 
 from posttrain.config import KTOConfig
-from posttrain.data.pairs import collate_unpaired
-from posttrain.train import distributed as dist, stage
-from posttrain.train.logps import sequence_logps
+from posttrain.data.pairs import collate_unpaired, count_rows
+from posttrain.data.stage_samples import load_unpaired_samples
+from posttrain.train import distributed as dist, stage_steps
+from posttrain.train.logps import fill_reference, sequence_logps
 from posttrain.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
@@ -101,10 +106,19 @@ class KTOObjective(nn.Module):
         return {"loss_sum": loss.sum(), "metrics": metrics}
 
 
-def count_rows(batch: dict) -> int:
-    return int(batch["num_rows"])
-
-
 def run_kto(config: KTOConfig) -> TrainResult:
-    """Unpaired rows in, the policy trained against its reference (train/stage.py `run_preference_stage`)."""
-    return stage.run_preference_stage(config, stage.load_unpaired_samples, KTOObjective, collate_unpaired, count_rows)
+    """Unpaired rows in, the policy trained against its frozen reference, the result in output_dir."""
+    # Device, process group and seed; every check that needs nothing loaded.
+    device = stage_steps.start_run(config)
+    tokenizer = stage_steps.load_stage_tokenizer(config)
+    train, evals = load_unpaired_samples(config, tokenizer, main=dist.is_main())
+    model, summary = stage_steps.apply_finetuning_type(config, stage_steps.load_trainable_model(config, device))
+    pad_id = tokenizer.pad_token_id
+    # The reference's log-probs of every row and its mismatched twin, once, before the first step
+    # (train/logps.py): no reference model stays in memory while training.
+    fill_reference(config, model, train, evals, pad_id, device)
+    log.info("kto: %d training rows, %d eval rows -> %s", len(train), len(evals), config.output_dir)
+    objective = KTOObjective(model, config)
+    return stage_steps.train_and_save(config, model, tokenizer, objective, train, evals,
+                                      collate=lambda samples: collate_unpaired(samples, pad_id), count=count_rows,
+                                      device=device, summary=summary)

@@ -31,15 +31,15 @@ from torch import nn
 from posttrain.config import RMConfig, save_config
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX
-from posttrain.data.pairs import collate_pairs
+from posttrain.data.pairs import collate_pairs, count_pairs
+from posttrain.data.stage_samples import load_pair_samples
 from posttrain.data.templates import carry_template
 from posttrain.errors import ConfigError
 from posttrain.model.reward import (
     language_model_head, last_hidden_states, load_reward_model, reward_head, rewards_from_hidden, sequence_rewards,
     set_reward_stats)
-from posttrain.train import stage
+from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import Trainer, TrainResult, autocast
-from posttrain.train.preference import count_pairs
 
 log = logging.getLogger(__name__)
 
@@ -119,20 +119,20 @@ def run_rm(config: RMConfig) -> TrainResult:
     if (config.fsdp and not config.fsdp.startswith("no_shard")) or config.deepspeed:
         raise ConfigError("rm: fsdp/deepspeed sharding is not available for reward models yet (the saved model's "
                           "reward statistics are computed on the whole model); train the RM with plain torchrun (DDP)")
-    device = stage.begin(config)
-    tokenizer = stage.load_stage_tokenizer(config)
-    train, evals = stage.load_pairs(config, tokenizer)
+    device = stage_steps.start_run(config)
+    tokenizer = stage_steps.load_stage_tokenizer(config)
+    train, evals = load_pair_samples(config, tokenizer, main=dist.is_main())
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                               attn_implementation=config.attn_implementation,
                               gradient_checkpointing=config.gradient_checkpointing,
                               pad_token_id=tokenizer.pad_token_id)
     # SEQ_CLS: PEFT trains and saves the new `score` head beside the adapter.
-    model, summary = stage.adapt(config, model, task_type="SEQ_CLS")
+    model, summary = stage_steps.apply_finetuning_type(config, model, task_type="SEQ_CLS")
     if config.finetuning_type == "freeze":
         reward_head(model).requires_grad_(True)  # the head is new: it always trains
     lm_head = language_model_head(model, config.model_name_or_path, device=device,
                                   trust_remote_code=config.trust_remote_code) if config.lm_coefficient else None
-    stage.open_output_dir(config)
+    stage_steps.open_output_dir(config)
     pad_id = tokenizer.pad_token_id
 
     def save_final(folder: Path) -> None:

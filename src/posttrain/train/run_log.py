@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from posttrain.model.adapters import model_bytes
 from posttrain.train import checkpoint, distributed as dist
 from posttrain.train.divergence import DivergenceWatch, check_finite_weights
-from posttrain.train.metrics import MetricsLogger, plot_metrics, read_metrics
+from posttrain.train.reporting import MetricsLogger, plot_metrics, read_metrics
 
 
 def add_metrics(into: dict[str, list], metrics: dict) -> None:

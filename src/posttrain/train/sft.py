@@ -13,13 +13,10 @@ from torch import nn
 
 from posttrain.config import SFTConfig
 from posttrain.data.batching import collate, example_length, pack
-from posttrain.data.chat import IGNORE_INDEX, ChatRenderer
-from posttrain.data.formats import load_conversations
-from posttrain.data.cache import TokenizeOptions, tokenize_rows
-from posttrain.data.prepare import SFT
-from posttrain.data.templates import check_template_encodes
+from posttrain.data.chat import IGNORE_INDEX
+from posttrain.data.stage_samples import load_sft_samples
 from posttrain.model.parts import selected_logits
-from posttrain.train import distributed as dist, stage
+from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
@@ -50,33 +47,18 @@ def count_trained(batch: dict) -> int:
     return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
-def load_samples(config: SFTConfig, tokenizer):
-    """Read, normalize, render and tokenize the training (and eval) data, with a report (tokenized in
-    `preprocessing_num_workers` processes, or read back from the tokenized cache: data/cache.py)."""
-    renderer = ChatRenderer(tokenizer, config.template, config.train_on_prompt, config.mask_history,
-                            config.mask_reasoning)
-    convs, eval_convs = stage.load_rows(config, load_conversations)
-    if not all(c.is_text for c in convs + eval_convs):  # text rows (continued pre-training) use no template
-        check_template_encodes(tokenizer, renderer.template, config.template)
-    options = TokenizeOptions.from_config(config, main=dist.is_main())
-    train, report = tokenize_rows(SFT, convs, renderer, config.cutoff_len, config.overlong, options)
-    evals = (tokenize_rows(SFT, eval_convs, renderer, config.cutoff_len, config.overlong, options)[0]
-             if eval_convs else [])
-    return train, evals, report, renderer
-
-
 def run_sft(config: SFTConfig) -> TrainResult:
-    device = stage.begin(config)
-    tokenizer = stage.load_stage_tokenizer(config)
-    train, evals, report, _ = load_samples(config, tokenizer)
+    device = stage_steps.start_run(config)
+    tokenizer = stage_steps.load_stage_tokenizer(config)
+    train, evals, report = load_sft_samples(config, tokenizer, main=dist.is_main())
     if dist.is_main():
         log.info("data: %s", report.summary())
     if config.packing:
         train, evals = pack(train, config.cutoff_len), (pack(evals, config.cutoff_len) if evals else [])
         if dist.is_main():
             log.info("packing: %d rows of up to %d tokens", len(train), config.cutoff_len)
-    model = stage.load_trainable_model(config, device)
-    model, summary = stage.adapt(config, model)
+    model = stage_steps.load_trainable_model(config, device)
+    model, summary = stage_steps.apply_finetuning_type(config, model)
     pad_id = tokenizer.pad_token_id
 
     def collate_fn(examples):
@@ -84,5 +66,5 @@ def run_sft(config: SFTConfig) -> TrainResult:
         batch["num_tokens"] = sum(example_length(e) for e in examples)
         return batch
 
-    return stage.run_trainer(config, model, tokenizer, CausalLMLoss(model), train, evals, collate=collate_fn,
-                             count=count_trained, device=device, summary=summary)
+    return stage_steps.train_and_save(config, model, tokenizer, CausalLMLoss(model), train, evals,
+                                      collate=collate_fn, count=count_trained, device=device, summary=summary)

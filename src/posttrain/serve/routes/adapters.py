@@ -7,10 +7,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
-from posttrain.inference.errors import AdapterError, RequestError
+from posttrain.inference.request_errors import AdapterError, RequestError
 from posttrain.inference.registry import validate_name
 from posttrain.serve.dependencies import State, runtime_adapters_allowed
-from posttrain.serve.errors import documented
+from posttrain.serve.error_responses import documented
 from posttrain.serve.protocol import LoadAdapterRequest, UnloadAdapterRequest
 
 router = APIRouter(dependencies=[Depends(runtime_adapters_allowed)], responses=documented(400, 401, 403, 404, 413))

@@ -9,9 +9,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from posttrain.errors import ConfigError
-from posttrain.inference.errors import RequestError, UnknownModel
+from posttrain.inference.request_errors import RequestError, UnknownModel
 from posttrain.serve.dependencies import GenerationSlot, State
-from posttrain.serve.errors import AdapterUnavailable, documented, status_of
+from posttrain.serve.error_responses import AdapterUnavailable, documented, status_of
 from posttrain.serve.generation import complete, engine_requests, record, submit
 from posttrain.serve.prepare import prepare_chat, prepare_completion
 from posttrain.serve.protocol import ChatCompletionRequest, CompletionRequest

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from posttrain.serve.dependencies import State
-from posttrain.serve.errors import documented, error_response
+from posttrain.serve.error_responses import documented, error_response
 
 router = APIRouter(responses=documented(503))
 

@@ -1,4 +1,4 @@
-"""GET /metrics in Prometheus' text format: the counters and histograms of serve/metrics.py, and the
+"""GET /metrics in Prometheus' text format: the counters and histograms of serve/prometheus_metrics.py, and the
 engine's and server's current counts as gauges."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from posttrain.serve.dependencies import State
-from posttrain.serve.errors import documented
+from posttrain.serve.error_responses import documented
 
 router = APIRouter(responses=documented(401))
 

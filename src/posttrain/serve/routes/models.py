@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from posttrain.serve.dependencies import State
-from posttrain.serve.errors import documented
+from posttrain.serve.error_responses import documented
 
 router = APIRouter(responses=documented(401))
 

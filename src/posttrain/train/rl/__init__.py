@@ -6,5 +6,5 @@ advantages.py  KL estimators and penalties, GAE, group baselines, returns, white
 losses.py      the clipped policy loss, the clipped value loss, entropy, loss aggregation
 experience.py  a rollout turned into training tensors (old / reference log-probs, values, advantages)
 trainer.py     the loop: rollout -> experience -> several PPO epochs of mini-batch updates -> metrics
-stage.py       `posttrain ppo` / `posttrain grpo`: config -> rewards -> data -> models -> trainer -> save
+recipe.py      `posttrain ppo` / `posttrain grpo`: config -> rewards -> data -> models -> trainer -> save
 """

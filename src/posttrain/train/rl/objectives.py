@@ -27,11 +27,11 @@ class PolicyObjective(nn.Module):
     def __init__(self, actor: nn.Module, config, kl: adv.AdaptiveKLController):
         super().__init__()
         self.actor = actor
-        self.c = config
+        self.config = config
         self.kl = kl
 
     def forward(self, micro: dict) -> dict:
-        c, batch, per = self.c, micro["batch"], micro["per"]
+        c, batch, per = self.config, micro["batch"], micro["per"]
         mask, count = batch["mask"], micro["count"]
         logp, entropy = response_logps(self.actor, batch, c.temperature, entropy=True)
         old = per["old_logp"] if "old_logp" in per else logp.detach()

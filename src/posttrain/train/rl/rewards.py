@@ -46,7 +46,7 @@ class RewardError(PosttrainError):
 
 
 @dataclass
-class Scored:
+class CompletionBatch:
     """What a source scores: completions and the prompts (with their rows) they answer."""
 
     prompts: list[Prompt]
@@ -111,7 +111,7 @@ class BuiltinReward:
         if self.kind != "format":
             self.column = reference_column(prompts, self.name)
 
-    def __call__(self, batch: Scored) -> list[float]:
+    def __call__(self, batch: CompletionBatch) -> list[float]:
         if self.kind == "format":
             return [float(self.pattern.fullmatch(c.strip()) is not None) for c in batch.completions]
         refs = [p.extra[self.column] for p in batch.prompts]
@@ -156,7 +156,7 @@ class FunctionReward:
     def check(self, prompts: list[Prompt]) -> None:
         pass  # the function decides what it needs; it gets every column
 
-    def __call__(self, batch: Scored) -> list[float]:
+    def __call__(self, batch: CompletionBatch) -> list[float]:
         try:
             values = self.fn(prompts=[p.raw for p in batch.prompts], completions=batch.completions, **batch.columns())
         except Exception as err:
@@ -173,11 +173,11 @@ class RemoteReward:
     def check(self, prompts: list[Prompt]) -> None:
         """One request with one row before training: an unreachable or wrong endpoint fails now."""
         try:
-            self(Scored(prompts[:1], [""]))
+            self(CompletionBatch(prompts[:1], [""]))
         except RewardError as err:
             raise ConfigError(f"reward_funcs: {err}") from None
 
-    def __call__(self, batch: Scored) -> list[float]:
+    def __call__(self, batch: CompletionBatch) -> list[float]:
         body = json.dumps({"prompts": [p.raw for p in batch.prompts], "completions": batch.completions,
                            **batch.columns()}).encode()
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
@@ -224,7 +224,7 @@ class ModelReward:
     def check(self, prompts: list[Prompt]) -> None:
         pass
 
-    def __call__(self, batch: Scored) -> list[float]:
+    def __call__(self, batch: CompletionBatch) -> list[float]:
         from posttrain.data.pairs import tokenize_response
         from posttrain.data.prepare import truncate
         from posttrain.train.rm import score_sequences
@@ -266,11 +266,11 @@ class Rewards:
         for source in self.sources:
             source.check(prompts)
 
-    def __call__(self, batch: Scored) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, batch: CompletionBatch) -> tuple[torch.Tensor, dict[str, float]]:
         total, per_source = self.score(batch)
         return total, self.means(per_source)
 
-    def score(self, batch: Scored) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, batch: CompletionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The weighted total [N] and each source's own scores [S, N] (rows in the order of self.names)."""
         per_source = torch.tensor([source(batch) for source in self.sources], dtype=torch.float32)
         return (torch.tensor(self.weights)[:, None] * per_source).sum(dim=0), per_source

@@ -35,14 +35,14 @@ from posttrain.errors import ConfigError
 from posttrain.train import distributed as dist
 from posttrain.train.loop import (accumulate, autocast, build_optimizer, build_scheduler, distribute, optimizer_step,
                                   seed_everything, trainable_state)
-from posttrain.train.metrics import read_metrics
+from posttrain.train.reporting import read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.alarms import Alarms
 from posttrain.train.rl.completions import CompletionLog, token_means
 from posttrain.train.rl.experience import Experience, collate_rollouts, score_rollouts, shares_prompts
 from posttrain.train.rl.losses import loss_units
 from posttrain.train.rl.objectives import PolicyObjective, ValueObjective
-from posttrain.train.rl.rewards import Rewards, Scored
+from posttrain.train.rl.rewards import CompletionBatch, Rewards
 from posttrain.train.rl.rollout import Rollout, RolloutSampler
 from posttrain.train.rl.shared_prompt import min_saved_positions
 from posttrain.train.run_log import RunRecorder, add_metrics, host_floats, reduce_metrics
@@ -64,7 +64,7 @@ class RunningMoments:
         self.count = merged
 
 
-class _Together:
+class _CombinedState:
     """The actor's and the critic's optimizers (or schedulers) saved to and restored from one state."""
 
     def __init__(self, parts: dict):
@@ -82,7 +82,7 @@ class RLTrainer:
     def __init__(self, config, *, actor: nn.Module, critic: nn.Module | None, reference, rewards: Rewards,
                  tokenizer, prompts: list[tuple[list[int], Prompt]], eval_prompts: list[tuple[list[int], Prompt]],
                  device: torch.device, save_final: Callable[[Path], None], summary: dict | None = None):
-        self.c = config
+        self.config = config
         self.actor, self.critic, self.reference = actor, critic, reference
         self.rewards, self.tokenizer, self.device = rewards, tokenizer, device
         self.prompts, self.eval_prompts = prompts, eval_prompts
@@ -118,28 +118,28 @@ class RLTrainer:
     # -- the plan ---------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
         mine = len(self.prompts) // self.world
-        return max(1, mine // self.c.rollout_batch_size)
+        return max(1, mine // self.config.rollout_batch_size)
 
     def total_steps(self) -> int:
-        if self.c.max_steps > 0:
-            return self.c.max_steps
-        return max(1, math.ceil(self.c.num_train_epochs * self.steps_per_epoch()))
+        if self.config.max_steps > 0:
+            return self.config.max_steps
+        return max(1, math.ceil(self.config.num_train_epochs * self.steps_per_epoch()))
 
     def step_prompts(self, step: int) -> list[int]:
         """This rank's prompts for `step` (indices into self.prompts): a seeded shuffle per epoch, split
         across ranks. The step's prompts over all ranks are the same for any number of processes."""
         epoch, k = divmod(step, self.steps_per_epoch())
         order = list(range(len(self.prompts)))
-        random.Random(f"{self.c.seed}/{epoch}").shuffle(order)
+        random.Random(f"{self.config.seed}/{epoch}").shuffle(order)
         mine = order[self.rank::self.world]
-        size = self.c.rollout_batch_size
+        size = self.config.rollout_batch_size
         return [mine[(k * size + j) % len(mine)] for j in range(size)]
 
     def sample_seed(self, step: int, prompt: int, j: int) -> int:
         """The seed of completion j of prompt `prompt` at `step`: set by the sample itself, not by its row
         or its process, so ranks never share random streams and a run's samples do not depend on how
         many processes share the batch."""
-        return random.Random(f"{self.c.seed}/{step}/{prompt}/{j}").getrandbits(63)
+        return random.Random(f"{self.config.seed}/{step}/{prompt}/{j}").getrandbits(63)
 
     # -- one step ---------------------------------------------------------------------------------
     def rollout(self, step: int, picked: list[int]) -> tuple[list[Rollout], list[Prompt]]:
@@ -152,24 +152,24 @@ class RLTrainer:
             seen[i] = seen.get(i, 0) + 1
             seeds += [self.sample_seed(step, i, first + j) for j in range(self.group)]
         # The engine's log-probs are of the unscaled logits: comparable with the trainer's at temperature 1 only.
-        rollouts = self.sampler.sample(ids, max_new_tokens=self.c.max_completion_length,
-                                       temperature=self.c.temperature, top_p=self.c.top_p, top_k=self.c.top_k,
-                                       seeds=seeds, logprobs=self.c.temperature == 1.0)
+        c = self.config
+        rollouts = self.sampler.sample(ids, max_new_tokens=c.max_completion_length, temperature=c.temperature,
+                                       top_p=c.top_p, top_k=c.top_k, seeds=seeds, logprobs=c.temperature == 1.0)
         return rollouts, rows
 
     def shape_rewards(self, raw: torch.Tensor) -> torch.Tensor:
         rewards = raw
-        if self.c.normalize_reward:  # over every rank's rewards, then this batch scaled by the running stats
+        if self.config.normalize_reward:  # over every rank's rewards, then this batch scaled by the running stats
             stats = dist.all_reduce_sum(torch.tensor([raw.sum().item(), (raw ** 2).sum().item(), float(raw.numel())],
                                                      dtype=torch.float64))
             self.moments.update(*stats.tolist())
             rewards = (raw - self.moments.mean) / math.sqrt(self.moments.var + 1e-8)
-        if self.c.reward_clip is not None:
-            rewards = rewards.clamp(-self.c.reward_clip, self.c.reward_clip)
+        if self.config.reward_clip is not None:
+            rewards = rewards.clamp(-self.config.reward_clip, self.config.reward_clip)
         return rewards
 
     def advantages(self, exp: Experience, rewards: torch.Tensor, metrics: dict) -> None:
-        c, mask = self.c, exp.mask
+        c, mask = self.config, exp.mask
         kl_penalty = None
         if exp.ref_logp is not None and exp.old_logp is not None:
             kl = adv.kl_per_token(exp.old_logp, exp.ref_logp, c.kl_estimator) * mask
@@ -185,7 +185,7 @@ class RLTrainer:
             exp.advantages = adv.masked_whiten(a, mask, stats=tuple(s.float() for s in stats))
 
     def update(self, exp: Experience, optimizers: dict, schedulers: dict, train_actor: bool, metrics: dict) -> dict:
-        c = self.c
+        c = self.config
         info = {}
         n = len(exp.rollouts)
         micro = c.per_device_train_batch_size
@@ -202,7 +202,7 @@ class RLTrainer:
         return info
 
     def _minibatch(self, exp: Experience, chunks: list[list[int]], optimizers, schedulers, train_actor, metrics):
-        c = self.c
+        c = self.config
         # Token counts from the rollouts on the host: reading the device masks would wait for the GPU.
         lengths = [[len(exp.rollouts[i].response_ids) for i in idx] for idx in chunks]
         flat = [n for chunk in lengths for n in chunk]
@@ -236,16 +236,17 @@ class RLTrainer:
         mine = self.eval_prompts[self.rank::self.world]
         sums: dict = {}
         if mine:
-            rollouts = self.sampler.sample([p for p, _ in mine], max_new_tokens=self.c.max_completion_length,
-                                           temperature=0.0)
-            total, parts = self.rewards(Scored([row for _, row in mine], [r.text for r in rollouts]))
+            rollouts = self.sampler.sample([p for p, _ in mine],
+                                           max_new_tokens=self.config.max_completion_length, temperature=0.0)
+            total, parts = self.rewards(CompletionBatch([row for _, row in mine], [r.text for r in rollouts]))
             n = len(mine)
             add_metrics(sums, {"reward": (total.sum().item(), n), **{k: (v * n, n) for k, v in parts.items()},
                                 "response_length": (sum(len(r.response_ids) for r in rollouts), n)})
         return reduce_metrics(sums, "eval_")
 
     # -- the run ----------------------------------------------------------------------------------
-    def resume(self, run: RunRecorder, trained: nn.Module, optimizers: _Together, schedulers: _Together) -> int:
+    def resume(self, run: RunRecorder, trained: nn.Module, optimizers: _CombinedState, schedulers: _CombinedState
+               ) -> int:
         """Load `resume_from_checkpoint` (if set and found) into the models, optimizers and schedulers;
         returns the number of steps already done (0 for a fresh run)."""
         state = run.resume(model=trained, optimizer=optimizers, scheduler=schedulers, device=self.device)
@@ -262,7 +263,7 @@ class RLTrainer:
         return state["step"]
 
     def train(self) -> dict:
-        c = self.c
+        c = self.config
         seed_everything(c.seed)
         total = self.total_steps()
         updates = total * c.ppo_epochs * self.minibatches
@@ -277,7 +278,7 @@ class RLTrainer:
         # optimizers and schedulers, and below the KL coefficient and the reward statistics. The rest of a
         # step (its prompts, its samples' seeds, the update's shuffles) follows from the seed and the step.
         trained = nn.ModuleDict({"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})})
-        both_optimizers, both_schedulers = _Together(optimizers), _Together(schedulers)
+        both_optimizers, both_schedulers = _CombinedState(optimizers), _CombinedState(schedulers)
         run = RunRecorder(c, total_steps=total, desc="rl", run_config=c.model_dump(mode="json"))
         done = self.resume(run, trained, both_optimizers, both_schedulers)
         # The update's objectives, each wrapped for the ranks (loop.distribute) as every stage's objective is.
@@ -324,12 +325,12 @@ class RLTrainer:
     def one_step(self, run: RunRecorder, optimizers: dict, schedulers: dict, completions) -> dict:
         """Step `self.step`, top to bottom (the module docstring's 1-5); its metrics go into `run`'s window.
         The update's learning rates and gradient norms, logged with the window."""
-        c, timings = self.c, {}
+        c, timings = self.config, {}
         t = time.perf_counter()
         rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
         timings["generation_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        raw, per_source = self.rewards.score(Scored(rows, [r.text for r in rollouts]))
+        raw, per_source = self.rewards.score(CompletionBatch(rows, [r.text for r in rollouts]))
         parts = self.rewards.means(per_source)
         rewards = self.shape_rewards(raw)
         timings["reward_s"] = time.perf_counter() - t

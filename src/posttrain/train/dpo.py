@@ -1,4 +1,8 @@
-"""`posttrain dpo`: the DPO family, SimPO and ORPO on preference pairs. The losses first, then the stage.
+"""`posttrain dpo`: the DPO family, SimPO and ORPO on preference pairs.
+
+The losses first, then the objective that runs them, then the stage read top to bottom: checks ->
+tokenizer -> pairs -> the model with its finetuning type -> the reference's log-probs -> the
+objective -> the Trainer -> the save.
 
 Notation, per pair: x the prompt, y_w the chosen and y_l the rejected response; log π(y|x) the
 policy's summed log-probability of a response's tokens, log π_ref(y|x) the reference's; |y| the
@@ -21,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from posttrain.config import DPOConfig
-from posttrain.data.pairs import collate_pairs
-from posttrain.train import distributed as dist, stage
-from posttrain.train.logps import sequence_logps
+from posttrain.data.pairs import collate_pairs, count_pairs
+from posttrain.data.stage_samples import load_pair_samples
+from posttrain.train import distributed as dist, stage_steps
+from posttrain.train.logps import fill_reference, sequence_logps
 from posttrain.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
@@ -187,14 +192,22 @@ class PreferenceObjective(nn.Module):
             "logps/chosen": (d(chosen), b), "logps/rejected": (d(rejected), b)}}
 
 
-def count_pairs(batch: dict) -> int:
-    return int(batch["num_pairs"])
-
-
 # ---- the stage ----------------------------------------------------------------------------------
 
 def run_dpo(config: DPOConfig) -> TrainResult:
-    """Pairs in, the policy trained against its reference (train/stage.py `run_preference_stage`):
-    SimPO and ORPO need no reference, so they skip the reference pass."""
-    return stage.run_preference_stage(config, stage.load_pairs, PreferenceObjective, collate_pairs, count_pairs,
-                                      reference=config.pref_loss not in REFERENCE_FREE)
+    """Preference pairs in, the policy trained against its frozen reference, the result in output_dir."""
+    # Device, process group and seed; every check that needs nothing loaded.
+    device = stage_steps.start_run(config)
+    tokenizer = stage_steps.load_stage_tokenizer(config)
+    train, evals = load_pair_samples(config, tokenizer, main=dist.is_main())
+    model, summary = stage_steps.apply_finetuning_type(config, stage_steps.load_trainable_model(config, device))
+    pad_id = tokenizer.pad_token_id
+    # The reference's log-probs of every response, once, before the first step (train/logps.py): no reference
+    # model stays in memory while training. SimPO and ORPO have no reference.
+    if config.pref_loss not in REFERENCE_FREE:
+        fill_reference(config, model, train, evals, pad_id, device)
+    log.info("%s: %d training pairs, %d eval pairs -> %s", config.pref_loss, len(train), len(evals), config.output_dir)
+    objective = PreferenceObjective(model, config)
+    return stage_steps.train_and_save(config, model, tokenizer, objective, train, evals,
+                                      collate=lambda samples: collate_pairs(samples, pad_id), count=count_pairs,
+                                      device=device, summary=summary)

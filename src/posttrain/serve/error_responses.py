@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from posttrain.errors import ConfigError
-from posttrain.inference.errors import ProtectedAdapter, RequestError, RequestTooLarge, UnknownModel
+from posttrain.inference.request_errors import ProtectedAdapter, RequestError, RequestTooLarge, UnknownModel
 from posttrain.serve.auth import Unauthorized, bearer, key_accepted
 from posttrain.serve.protocol import ErrorResponse, error_body
 from posttrain.serve.worker import EngineFailed

@@ -15,11 +15,12 @@ from posttrain.config import RLConfig
 from posttrain.data.chat import ChatRenderer
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.data.schema import Conversation
+from posttrain.data.stage_samples import load_rows
 from posttrain.data.templates import check_template_encodes
 from posttrain.errors import ConfigError
 from posttrain.model.loading import load_model
 from posttrain.model.reward import load_reward_model
-from posttrain.train import distributed as dist, stage
+from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import TrainResult
 from posttrain.train.rl.rewards import build_rewards
 from posttrain.train.rl.trainer import RLTrainer
@@ -47,10 +48,10 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cut
 
 def run_rl(config: RLConfig) -> TrainResult:
     check_rl(config)
-    device = stage.begin(config)
+    device = stage_steps.start_run(config)
     rewards = build_rewards(config, device)  # function files and endpoints fail here, before anything big
-    tokenizer = stage.load_stage_tokenizer(config)
-    rows, eval_rows = stage.load_rows(config, load_prompts)
+    tokenizer = stage_steps.load_stage_tokenizer(config)
+    rows, eval_rows = load_rows(config, load_prompts)
     rewards.check(rows + eval_rows)
     prompts = tokenize_prompts(rows, tokenizer, config.template, config.cutoff_len)
     evals = tokenize_prompts(eval_rows, tokenizer, config.template, config.cutoff_len)
@@ -59,14 +60,14 @@ def run_rl(config: RLConfig) -> TrainResult:
                  config.stage, config.advantage_estimator, config.rollout_batch_size, config.num_generations,
                  len(evals), ", ".join(rewards.names))
 
-    actor = stage.load_trainable_model(config, device)
+    actor = stage_steps.load_trainable_model(config, device)
     limit = getattr(actor.config, "max_position_embeddings", None)
     longest = max(len(p) for p, _ in prompts + evals) + config.max_completion_length
     if limit and longest > limit:
         raise ConfigError(f"the longest prompt ({longest - config.max_completion_length} tokens) plus "
                           f"max_completion_length ({config.max_completion_length}) exceeds the model's "
                           f"{limit} positions; lower cutoff_len or max_completion_length")
-    actor, summary = stage.adapt(config, actor)
+    actor, summary = stage_steps.apply_finetuning_type(config, actor)
     reference = None
     if config.kl_coef > 0 or config.kl_target:
         if config.finetuning_type == "lora" and not config.ref_model:
@@ -85,10 +86,10 @@ def run_rl(config: RLConfig) -> TrainResult:
                                    pad_token_id=tokenizer.pad_token_id)
         if dist.is_main():
             log.info("critic: a value head on %s", critic_path)
-    stage.open_output_dir(config)
+    stage_steps.open_output_dir(config)
 
     def save_final(folder: Path) -> None:
-        stage.save_model(actor, tokenizer, config, folder)
+        stage_steps.save_model(actor, tokenizer, config, folder)
 
     trainer = RLTrainer(config, actor=actor, critic=critic, reference=reference, rewards=rewards,
                         tokenizer=tokenizer, prompts=prompts, eval_prompts=evals, device=device,

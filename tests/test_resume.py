@@ -273,7 +273,8 @@ def test_a_broken_checkpoint_above_the_run_does_not_push_its_checkpoints_out(tmp
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     (tmp_path / "checkpoint-9").mkdir()  # a stopped run's newest, broken: resumed from an older one
     for step in (2, 4):
-        checkpoint.save_checkpoint(tmp_path, step, model_state=dict(model.named_parameters()), optimizer=optimizer,
+        checkpoint.save_checkpoint(tmp_path, step, model_state=dict(model.named_parameters()),
+                                   optimizer_state=optimizer.state_dict(),
                                    scheduler=scheduler, trainer_state={}, keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-9"]
     assert checkpoint.resolve_resume("auto", tmp_path) == tmp_path / "checkpoint-4"

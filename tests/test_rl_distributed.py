@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,28 +24,29 @@ from child_env import child_env
 REWARD = "def length_mod(prompts, completions, **kw):\n    return [float(len(c) % 5) for c in completions]\n"
 
 
-def _grpo(model, prompts, reward, out, procs: int, prompts_per_proc: int) -> list[dict]:
+def _grpo(model, prompts, reward, out, procs: int, prompts_per_proc: int, **extra) -> list[dict]:
     env = child_env()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [sys.executable]
     args = dict(model_name_or_path=model, dataset=prompts, output_dir=out, reward_funcs=f"[{reward}:length_mod]",
                 rollout_batch_size=prompts_per_proc, num_generations=4, per_device_train_batch_size=4 * prompts_per_proc,
                 max_completion_length=8, kl_coef=0.05, learning_rate=1e-3, max_steps=3, disable_tqdm=True,
-                plot_loss=False, seed=0)
+                plot_loss=False, seed=0, **extra)
     res = subprocess.run([*launch, "-m", "posttrain", "grpo", *[f"{k}={v}" for k, v in args.items()]],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sharding", [{}, {"fsdp": "full_shard"}], ids=["ddp", "fsdp"])
+def test_two_processes_match_one(sharding, tiny_model_dir, tmp_path):
     train, _ = split_task(32, 0, seed=3)
     prompts = write_jsonl([{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in train],
                           tmp_path / "prompts.jsonl")
     reward = tmp_path / "reward.py"
     reward.write_text(REWARD)
     one = _grpo(tiny_model_dir, prompts, reward, tmp_path / "one", procs=1, prompts_per_proc=4)
-    two = _grpo(tiny_model_dir, prompts, reward, tmp_path / "two", procs=2, prompts_per_proc=2)
+    two = _grpo(tiny_model_dir, prompts, reward, tmp_path / "two", procs=2, prompts_per_proc=2, **sharding)
     steps_one = [r for r in one if "reward_mean" in r]
     steps_two = [r for r in two if "reward_mean" in r]
     assert len(steps_one) == len(steps_two) == 3  # rank 0 alone writes the log
@@ -56,5 +58,8 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     moved = max((a[k] - start[k]).abs().max().item() for k in a)
     assert moved > 1e-3  # the steps changed the weights...
-    for k in a:  # ...and both layouts changed them the same way
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)
+    # ...and both layouts changed them the same way (FSDP2 runs each prompt with its response, not once per
+    # group, and reduces gradients in another order: float rounding apart)
+    atol = 5e-5 if sharding else 2e-5
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol)

@@ -433,6 +433,34 @@ class Parallel:
         result = module.load_state_dict(weights, strict=False)
         return list(result.missing_keys), list(result.unexpected_keys)
 
+    # -- calls that bypass the wrapped forward (RL scoring and rollouts) -------------------------------
+    @contextlib.contextmanager
+    def gathered(self, objective: nn.Module | None):
+        """The objective's own parameters whole for calls into its model that bypass its forward (FSDP2
+        gathers the root's parameters only in the root's forward; each layer gathers its own in its own)."""
+        if self.kind != "fsdp" or objective is None:
+            yield
+            return
+        objective.unshard()
+        try:
+            yield
+        finally:
+            objective.reshard()
+
+    def copy_trainable(self, source: nn.Module, into: nn.Module) -> None:
+        """`source`'s trainable weights, gathered whole on every rank, copied in place into `into`, a plain
+        model of the same layout (the RL rollout copy, whose tensors the engine holds)."""
+        if self.kind != "fsdp":
+            raise ConfigError(f"copy_trainable is for FSDP2-sharded models, not {self.describe()}")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = get_model_state_dict(source, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+        params = dict(into.named_parameters())
+        with torch.no_grad():
+            for key, value in whole.items():
+                if key in params:  # a tied head is the embedding's parameter, listed once
+                    params[key].copy_(value)
+
     # -- what the plan and the log show --------------------------------------------------------------
     def describe(self) -> str:
         if self.kind == "fsdp":

@@ -34,6 +34,9 @@ def check_rl(config: RLConfig) -> None:
     if config.finetuning_type not in RL_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for RL; use one of "
                           f"{', '.join(RL_FINETUNING)}")
+    if config.deepspeed:
+        raise ConfigError("deepspeed is not available for ppo/grpo yet (the actor and critic are two engines); shard "
+                          "RL with fsdp: full_shard, or train it with plain torchrun (DDP)")
 
 
 def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cutoff_len: int
@@ -88,8 +91,8 @@ def run_rl(config: RLConfig) -> TrainResult:
             log.info("critic: a value head on %s", critic_path)
     stage_steps.open_output_dir(config)
 
-    def save_final(folder: Path) -> None:
-        stage_steps.save_model(actor, tokenizer, config, folder)
+    def save_final(folder: Path, state_dict: dict | None = None) -> None:
+        stage_steps.save_model(actor, tokenizer, config, folder, state_dict=state_dict)
 
     trainer = RLTrainer(config, actor=actor, critic=critic, reference=reference, rewards=rewards,
                         tokenizer=tokenizer, prompts=prompts, eval_prompts=evals, device=device,

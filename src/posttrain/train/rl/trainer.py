@@ -18,6 +18,7 @@ watch and final write are run_log.RunRecorder's, as for every stage.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -33,8 +34,8 @@ from posttrain.data.prompts import Prompt
 from posttrain.data.templates import end_of_turn_ids
 from posttrain.errors import ConfigError
 from posttrain.train import distributed as dist
-from posttrain.train.loop import (accumulate, autocast, build_optimizer, build_scheduler, distribute, optimizer_step,
-                                  seed_everything, trainable_state)
+from posttrain.train.loop import autocast, seed_everything
+from posttrain.train.parallel import Parallel
 from posttrain.train.reporting import read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.alarms import Alarms
@@ -65,17 +66,23 @@ class RunningMoments:
 
 
 class _CombinedState:
-    """The actor's and the critic's optimizers (or schedulers) saved to and restored from one state."""
+    """The actor's and the critic's optimizers (or schedulers) saved to and restored from one state; an
+    optimizer's through `parallel` with its wrapped objective in `modules` (gathered whole when sharded)."""
 
-    def __init__(self, parts: dict):
-        self.parts = parts
+    def __init__(self, parts: dict, parallel: Parallel | None = None, modules: dict | None = None):
+        self.parts, self.parallel, self.modules = parts, parallel, modules
 
     def state_dict(self) -> dict:
-        return {name: part.state_dict() for name, part in self.parts.items()}
+        if self.parallel is None:
+            return {name: part.state_dict() for name, part in self.parts.items()}
+        return {name: self.parallel.optimizer_state(self.modules[name], part) for name, part in self.parts.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            if self.parallel is None:
+                part.load_state_dict(state[name])
+            else:
+                self.parallel.load_optimizer_state(self.modules[name], part, state[name])
 
 
 class RLTrainer:
@@ -96,9 +103,12 @@ class RLTrainer:
         # Fully on-policy (one optimizer step per rollout): the log-probs of the update's own forward ARE the
         # old ones, so the separate no-grad pass is skipped (ratio 1, the clip is inactive).
         self.need_old = not (config.ppo_epochs == 1 and self.minibatches == 1)
+        self.parallel = Parallel(config, device)
         # The update's forward runs each prompt of a micro-batch once where the models allow it (shared_prompt.py).
+        # Not under FSDP2: gradients through the prompt's cached keys and values reach a layer's weights outside
+        # the hooks that gather them for the backward.
         self.share_prompts = shares_prompts(actor, with_grad=True) and (
-            critic is None or shares_prompts(critic, with_grad=True, critic=True))
+            critic is None or shares_prompts(critic, with_grad=True, critic=True)) and self.parallel.kind != "fsdp"
         # On a GPU only where the skipped prompt positions outweigh the second pass's launches (scoring and update;
         # measured with a backward, taken as is for scoring's forward-only passes).
         self.min_saved = min_saved_positions(actor, device)
@@ -112,8 +122,11 @@ class RLTrainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         # Completions end where the template ends an assistant turn, as SFT trained them to (not only at EOS).
         end_of_turn = end_of_turn_ids(tokenizer, resolve_template(config.template, tokenizer))
-        self.sampler = RolloutSampler(actor, tokenizer, max_batch_size=max(self.per_step, 1), seed=config.seed,
-                                      end_of_turn=end_of_turn)
+        # Sharded, the actor's parameters are only this rank's parts: rollouts and the old log-probs come from a
+        # whole copy, refreshed from the shards before each step's rollouts (`sync_rollout_actor`).
+        self.rollout_actor = copy.deepcopy(actor) if self.parallel.sharded else actor
+        self.sampler = RolloutSampler(self.rollout_actor, tokenizer, max_batch_size=max(self.per_step, 1),
+                                      seed=config.seed, end_of_turn=end_of_turn)
 
     # -- the plan ---------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -217,22 +230,30 @@ class RLTrainer:
             micro = {"batch": batch, "per": exp.rows(idx), "count": sum(chunk), "units": units, "tokens": tokens,
                      "measure_kl": exp.old_logp is None}
             for _, module, divisor in trained:  # each micro-batch through the actor, then the critic
-                out = accumulate(module, micro, scale=self.world / divisor, sync=k == len(chunks) - 1,
-                                 scaler=self.scaler, precision=self.precision())
+                out = self.parallel.backward(module, micro, scale=self.world / divisor, sync=k == len(chunks) - 1,
+                                             scaler=self.scaler, precision=self.precision())
                 add_metrics(metrics, out["metrics"])
         info = {}
         for name, _, _ in trained:
             model = self.actor if name == "actor" else self.critic
-            norm, lr = optimizer_step(model, optimizers[name], schedulers[name], self.scaler, c.max_grad_norm)
+            norm, lr = self.parallel.step(self.objectives[name], model, optimizers[name], schedulers[name],
+                                          self.scaler, c.max_grad_norm)
             if norm is not None:
                 info[f"{name}_grad_norm"] = norm  # a device tensor, read when logged
             info[f"{name}_lr"] = lr
         return info
 
+    def sync_rollout_actor(self) -> None:
+        """The rollout copy of a sharded actor brought up to its latest weights (collective); nothing to do
+        when the actor is whole on every rank."""
+        if self.rollout_actor is not self.actor:
+            self.parallel.copy_trainable(self.actor, self.rollout_actor)
+
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean reward of greedy completions on the held-out prompts (every rank scores its share)."""
+        self.sync_rollout_actor()
         mine = self.eval_prompts[self.rank::self.world]
         sums: dict = {}
         if mine:
@@ -249,7 +270,8 @@ class RLTrainer:
                ) -> int:
         """Load `resume_from_checkpoint` (if set and found) into the models, optimizers and schedulers;
         returns the number of steps already done (0 for a fresh run)."""
-        state = run.resume(model=trained, optimizer=optimizers, scheduler=schedulers, device=self.device)
+        state = run.resume(model=trained, optimizer=optimizers, scheduler=schedulers, device=self.device,
+                           parallel=self.parallel)
         if state is None:
             return 0
         plan = (self.steps_per_epoch(), run.total_steps)
@@ -267,24 +289,24 @@ class RLTrainer:
         seed_everything(c.seed)
         total = self.total_steps()
         updates = total * c.ppo_epochs * self.minibatches
-        optimizers, schedulers = {}, {}
-        optimizers["actor"] = build_optimizer(self.actor, c)
-        schedulers["actor"] = build_scheduler(optimizers["actor"], c, updates)
+        # The update's objectives, each wrapped for the ranks (DDP or FSDP2, train/parallel.py) as every stage's
+        # objective is, with its optimizer and schedule (the critic's at its own learning rate).
+        self.objectives, optimizers, schedulers = {}, {}, {}
+        parts = {"actor": (PolicyObjective(self.actor, c, self.kl), c)}
         if self.critic is not None:
-            critic_args = c.model_copy(update={"learning_rate": c.critic_learning_rate})
-            optimizers["critic"] = build_optimizer(self.critic, critic_args)
-            schedulers["critic"] = build_scheduler(optimizers["critic"], critic_args, updates)
+            parts["critic"] = (ValueObjective(self.critic, c.cliprange_value),
+                               c.model_copy(update={"learning_rate": c.critic_learning_rate}))
+        for name, (objective, args) in parts.items():
+            self.objectives[name], optimizers[name], schedulers[name] = self.parallel.prepare(objective, updates,
+                                                                                              args)
         # What a checkpoint holds: the trainable weights of both models (as "actor.*" / "critic.*"), both
         # optimizers and schedulers, and below the KL coefficient and the reward statistics. The rest of a
         # step (its prompts, its samples' seeds, the update's shuffles) follows from the seed and the step.
         trained = nn.ModuleDict({"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})})
-        both_optimizers, both_schedulers = _CombinedState(optimizers), _CombinedState(schedulers)
+        both_optimizers = _CombinedState(optimizers, self.parallel, self.objectives)
+        both_schedulers = _CombinedState(schedulers)
         run = RunRecorder(c, total_steps=total, desc="rl", run_config=c.model_dump(mode="json"))
         done = self.resume(run, trained, both_optimizers, both_schedulers)
-        # The update's objectives, each wrapped for the ranks (loop.distribute) as every stage's objective is.
-        self.objectives = {"actor": distribute(PolicyObjective(self.actor, c, self.kl), self.device)}
-        if self.critic is not None:
-            self.objectives["critic"] = distribute(ValueObjective(self.critic, c.cliprange_value), self.device)
         run.open(done)
         completions = CompletionLog(self.output_dir, c.log_completions_per_step, done) \
             if dist.is_main() and c.log_completions else None
@@ -312,12 +334,13 @@ class RLTrainer:
                 evals = self.evaluate()
                 run.log({"step": self.step, **evals})
             if run.saves_at(self.step):
-                run.save(self.step, model_state=trainable_state(trained), optimizer=both_optimizers,
-                         scheduler=both_schedulers,
+                run.save(self.step, model_state=self.parallel.trainable_state(trained),
+                         optimizer_state=both_optimizers.state_dict(), scheduler=both_schedulers,
                          trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
                                         "kl_coef": self.kl.value, "reward_moments": vars(self.moments)})
             run.bar.update(1)
         plot, metrics = run.finish(total, trained, self.save_final, plot_name="training_reward.png",
+                                   parallel=self.parallel, saved_model=self.actor,
                                    keys=("reward_mean", "eval_reward"), title="reward",
                                    extra_keys=("kl", "response_length", "entropy", "value_loss"))
         return {"steps": total, "output_dir": self.output_dir, "plot": plot, "metrics": metrics, "eval": evals}
@@ -327,6 +350,7 @@ class RLTrainer:
         The update's learning rates and gradient norms, logged with the window."""
         c, timings = self.config, {}
         t = time.perf_counter()
+        self.sync_rollout_actor()
         rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
         timings["generation_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -337,10 +361,11 @@ class RLTrainer:
         t = time.perf_counter()
         # The KL needs the old log-probs before the update whenever it goes into the reward.
         need_old = self.need_old or (self.reference is not None and not c.use_kl_loss)
-        exp = score_rollouts(rollouts, actor=self.actor, reference=self.reference, critic=self.critic,
-                             pad_id=self.tokenizer.pad_token_id, device=self.device,
-                             batch_size=self.score_batch, temperature=c.temperature,
-                             need_old=need_old, precision=self.precision, min_saved=self.min_saved)
+        with self.parallel.gathered(self.objectives.get("critic")):
+            exp = score_rollouts(rollouts, actor=self.rollout_actor, reference=self.reference, critic=self.critic,
+                                 pad_id=self.tokenizer.pad_token_id, device=self.device,
+                                 batch_size=self.score_batch, temperature=c.temperature,
+                                 need_old=need_old, precision=self.precision, min_saved=self.min_saved)
         metrics: dict = {}
         self.advantages(exp, rewards, metrics)
         timings["experience_s"] = time.perf_counter() - t

@@ -1,7 +1,9 @@
-"""One typed config per stage, read from YAML plus `key=value` overrides.
+"""One typed config per command, read from YAML plus `key=value` overrides (and `--flags` for the
+commands that had them: serve, score, chat, compare).
 
-Key names follow LLaMA-Factory / Hugging Face TrainingArguments, so a user's existing YAML mostly
-works as it is. Unknown keys and invalid values are refused with the key's name and what is allowed.
+Key names follow LLaMA-Factory / Hugging Face TrainingArguments (and `vllm serve` for serve), so a user's
+existing YAML mostly works as it is. Unknown keys and invalid values are refused with the key's name and
+what is allowed. `posttrain config COMMAND` prints every key with its default and description.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError
 
@@ -30,6 +32,7 @@ _COMMON_ALIASES = {"max_length": "cutoff_len", "max_seq_length": "cutoff_len", "
 _PREFERENCE_ALIASES = {"beta": "pref_beta", "rpo_alpha": "pref_ftx"}
 _RL_ALIASES = {"beta": "kl_coef", "max_new_tokens": "max_completion_length", "num_ppo_epochs": "ppo_epochs",
                "epsilon": "cliprange", "epsilon_high": "cliprange_high", "lambd": "lam"}
+_MODEL_ALIASES = {"model_name_or_path": "model"}
 ALIASES = {
     "sft": _COMMON_ALIASES, "rm": _COMMON_ALIASES,
     "dpo": {**_COMMON_ALIASES, **_PREFERENCE_ALIASES, "loss_type": "pref_loss",
@@ -38,6 +41,13 @@ ALIASES = {
             "undesirable_weight": "kto_rejected_weight"},
     "ppo": {**_COMMON_ALIASES, **_RL_ALIASES}, "grpo": {**_COMMON_ALIASES, **_RL_ALIASES},
     "export": {},
+    # serve: the names `vllm serve` gives these keys, and the singular its own repeatable flags use
+    "serve": {**_MODEL_ALIASES, "chat_template": "template", "lora_modules": "adapters", "adapter": "adapters",
+              "adapter_dir": "adapter_dirs", "api_keys": "api_key", "max_num_seqs": "max_batch_size"},
+    "score": {**_MODEL_ALIASES, "dataset": "data", "max_length": "cutoff_len"},
+    "chat": {**_MODEL_ALIASES, "adapter_name_or_path": "adapter"},
+    "compare": {"model_name_or_path": "base", "dataset": "data", "max_steps": "steps",
+                "per_device_train_batch_size": "batch_size"},
 }
 
 
@@ -490,10 +500,175 @@ class ExportConfig(_Strict):
     trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
 
 
+def _one_or_list(value: Any) -> Any:
+    """A single value where a list is expected (`api_key: KEY`, one --flag) is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+class ServeConfig(_Strict):
+    """`posttrain serve`: an OpenAI-compatible server of one base model and many adapters.
+
+    Keys that `vllm serve` also has carry its names (model, served_model_name, host, port, api_key,
+    max_model_len, max_loras, dtype, seed); its chat_template, lora_modules and max_num_seqs are aliases.
+    """
+
+    model: str = Field(description="the base model folder")
+    served_model_name: str | None = Field(None, description="the base model's name in the API; null: its folder's")
+    template: str | None = Field(
+        None, description="chat template of the base and of adapters that ship none: a built-in name or a .jinja "
+                          "path; null: the model's own (a posttrain stage saves it with its output)")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="serve these PEFT adapter folders as models: {name: path}, or NAME=PATH "
+                                          "items (--adapter NAME=PATH)")
+    adapter_dirs: list[str] = Field(
+        default_factory=list, description="serve every adapter folder inside these, named after its folder; runtime "
+                                          "loads may only come from them")
+    allow_runtime_adapters: bool = Field(
+        False, description="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    max_loras: int = Field(8, ge=1, description="LoRA adapters resident at once (the least recently used leave)")
+    max_runtime_adapters: int = Field(
+        16, ge=1, description="adapters loaded through the API at once; more are refused until one is unloaded")
+    api_key: list[str] = Field(
+        default_factory=list, description="require 'Authorization: Bearer KEY' on every route but /health: a key or "
+                                          "a list ($POSTTRAIN_API_KEY adds one); empty: no key")
+    host: str = Field("127.0.0.1", description="the address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="the port to listen on; 0: any free port")
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together")
+    max_model_len: int | None = Field(None, ge=1, description="context length in tokens; null: the model's")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; null: max_model_len - 1")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="largest max_tokens a request may ask for; null: max_model_len")
+    max_n: int = Field(8, ge=1, description="most completions one request may ask for (n)")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body in bytes")
+    max_concurrent_requests: int = Field(256, ge=1, description="requests generating at once; more get HTTP 429")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda (auto: cuda if present)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
+    seed: int | None = Field(None, description="seed of the sampled requests that give none; null: unseeded")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapters_from_pairs(cls, value: Any) -> Any:
+        if not isinstance(value, (str, list)):
+            return value  # a mapping, or something pydantic refuses with the type it wants
+        adapters: dict[str, str] = {}
+        for item in _one_or_list(value):
+            name, sep, path = item.partition("=") if isinstance(item, str) else ("", "", "")
+            if not (sep and name and path):
+                raise ValueError(f"{item!r}: an adapter is given as NAME=PATH")
+            if name in adapters:
+                raise ValueError(f"adapter {name!r} is given twice")
+            adapters[name] = path
+        return adapters
+
+    @field_validator("adapter_dirs", "api_key", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        return _one_or_list(value)
+
+    @model_validator(mode="after")
+    def _check_serve(self):
+        if any(not key for key in self.api_key):
+            raise ValueError("api_key (--api-key) must not be empty")
+        if self.allow_runtime_adapters and not self.adapter_dirs:
+            raise ValueError("allow_runtime_adapters needs at least one folder in adapter_dirs (--adapter-dir DIR): "
+                             "runtime loads may only come from folders you allowed")
+        return self
+
+
+class ScoreConfig(_Strict):
+    """`posttrain score`: score prompt/response rows, or chosen/rejected pairs, with a reward model."""
+
+    model: str = Field(description="a reward-model folder written by `posttrain rm`")
+    data: str = Field(description="rows in any SFT format (the last assistant message is scored), or preference "
+                                  "pairs (the pair accuracy is reported)")
+    output: str | None = Field(None, description="write one JSON line per row here; null: print them")
+    template: str | None = Field(
+        None, description="chat template; null: the one the model was trained with, else the tokenizer's")
+    batch_size: int = Field(16, ge=1, description="rows scored together")
+    cutoff_len: int | None = Field(
+        None, ge=2, description="longer rows keep their first tokens, as `posttrain rm` trains (a warning counts "
+                                "them); null: the model's training cutoff_len, else 4096")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+
+
+class ChatConfig(_Strict):
+    """`posttrain chat`: talk to a model folder, interactively or one-shot (prompt)."""
+
+    model: str = Field(description="a model folder, or an adapter folder (its base loads under it)")
+    adapter: str | None = Field(None, description="a PEFT adapter folder to apply on top of model")
+    prompt: str | None = Field(None, description="answer this one message and exit; null: interactive")
+    system: str | None = Field(None, description="a system message in front of the conversation")
+    template: str | None = Field(
+        None, description="chat template: a built-in name or a .jinja path; null: the folder's own")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="longest answer in tokens; null (and at most): what the context leaves after the "
+                                "prompt")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature; 0: greedy")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+
+
+def _default_compare_methods() -> list[str]:
+    from posttrain.compare import DEFAULT_METHODS
+
+    return list(DEFAULT_METHODS)
+
+
+class CompareConfig(_Strict):
+    """`posttrain compare`: full vs LoRA vs P-tuning (or other methods) on the embedded task or your own data,
+    one measured table."""
+
+    output_dir: str = Field("runs/compare", description="where each method's run and the table go")
+    methods: list[str] = Field(
+        default_factory=_default_compare_methods, description="full | lora | ptuning | prompt_tuning | "
+                                                              "prefix_tuning | freeze: a list, or comma-separated")
+    steps: int = Field(400, ge=1, description="optimizer steps, the same for every method")
+    batch_size: int = Field(32, ge=1, description="rows per step, the same for every method")
+    base: str | None = Field(None, description="a local model folder to start from; null: a fresh tiny model")
+    data: str | None = Field(
+        None, description="SFT rows in any SFT format, a tenth (at most 200) held out and scored by exact match of "
+                          "the last assistant turn; null: the embedded task")
+    template: str | None = Field(
+        None, description="chat template every method trains and answers with: a built-in name or a .jinja path; "
+                          "null: the base's own")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _split_methods(cls, value: Any) -> Any:
+        if not isinstance(value, (str, list)):
+            return value
+        return [part.strip() for item in _one_or_list(value)
+                for part in (item.split(",") if isinstance(item, str) else [item])]
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        from posttrain.compare import METHODS
+
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}" if unknown
+                             else f"no method to compare; choose from {', '.join(METHODS)}")
+        return methods
+
+
 STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "export": ExportConfig}
 
 STAGES.update({"rm": RMConfig, "dpo": DPOConfig, "kto": KTOConfig})
 STAGES.update({"ppo": PPOConfig, "grpo": GRPOConfig})
+
+# The commands that also take each key as a --flag (their options before they took config files:
+# `posttrain serve MODEL --port 8001` keeps working), and every command with a config.
+FLAG_COMMANDS: dict[str, type[BaseModel]] = {"serve": ServeConfig, "score": ScoreConfig, "chat": ChatConfig,
+                                             "compare": CompareConfig}
+COMMANDS: dict[str, type[BaseModel]] = {**STAGES, **FLAG_COMMANDS}
+_FLAG_NAMES = {"adapters": "--adapter", "adapter_dirs": "--adapter-dir"}  # given once per item
+
+
+def flag_name(key: str) -> str:
+    """The --flag that sets `key`: its name with dashes (singular for the lists given once per item)."""
+    return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -522,9 +697,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _apply_aliases(raw: dict[str, Any], stage: str) -> dict[str, Any]:
+def _apply_aliases(raw: dict[str, Any], command: str) -> dict[str, Any]:
     out = dict(raw)
-    for alias, key in ALIASES.get(stage, _COMMON_ALIASES).items():
+    for alias, key in ALIASES.get(command, _COMMON_ALIASES).items():
         if alias in out:
             if key in out and out[key] != out[alias]:
                 raise ConfigError(f"config sets both {alias!r} and {key!r} (same setting); keep one")
@@ -548,19 +723,28 @@ def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 lines.append(f"unknown config key {key!r}{hint}")
         elif e["type"] == "missing":
-            lines.append(f"config key {key!r} is required")
+            lines.append(f"config key {_key_label(cls, key)} is required")
         elif not e["loc"]:  # a check across keys: its message names them
             lines.append(e["msg"].removeprefix("Value error, "))
         else:
-            lines.append(f"config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"config key {_key_label(cls, key)}: {e['msg'].removeprefix('Value error, ')} "
+                         f"(got {e.get('input')!r})")
     if len(lines) == 1:
         return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def _key_label(cls: type[BaseModel], key: str) -> str:
+    """A key as its user may have typed it: with its --flag, for the commands that take flags."""
+    if _stage_name(cls) in FLAG_COMMANDS and key in cls.model_fields:
+        return f"{key!r} ({flag_name(key)})"
+    return repr(key)
+
+
 # Keys that name files or folders: checked for what the OS cannot take, before anything opens them.
 PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "output_dir", "export_dir", "template", "ref_model",
-             "ref_cache_dir", "reward_model", "critic_model", "resume_from_checkpoint", "deepspeed")
+             "ref_cache_dir", "reward_model", "critic_model", "resume_from_checkpoint", "deepspeed",
+             "model", "adapter", "adapters", "adapter_dirs", "data", "output", "base")
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 
 
@@ -577,8 +761,9 @@ def check_path_value(key: str, value: str) -> None:
 def _check_paths(config: BaseModel) -> None:
     for key in PATH_KEYS:
         value = getattr(config, key, None)
-        if isinstance(value, str):
-            check_path_value(key, value)
+        for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                check_path_value(key, item)
     if isinstance(config, DataArgs):
         for which in ("dataset", "eval_dataset"):
             for entry in config.dataset_entries(which):
@@ -586,11 +771,14 @@ def _check_paths(config: BaseModel) -> None:
 
 
 def _stage_name(cls: type[BaseModel]) -> str:
-    return next((s for s, c in STAGES.items() if c is cls), cls.__name__)
+    return next((s for s, c in COMMANDS.items() if c is cls), cls.__name__)
 
 
 def build_config(cls: type[BaseModel], raw: dict[str, Any]):
     raw = _apply_aliases(raw, _stage_name(cls))
+    # `key: null` for a required key (as `posttrain config` prints one not yet set) is the key not given.
+    raw = {k: v for k, v in raw.items() if v is not None or k not in cls.model_fields or
+           not cls.model_fields[k].is_required()}
     try:
         config = cls.model_validate(raw)
     except ValidationError as err:
@@ -612,9 +800,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(stage: str, path: str | None, overrides: list[str] | None = None,
-                defaults: dict[str, Any] | None = None):
-    """Read YAML (optional) + overrides into the stage's typed config; `defaults` fill keys neither sets."""
+def load_config(command: str, path: str | None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None, values: dict[str, Any] | None = None):
+    """Read YAML (optional), then `values` (keys the command line set by --flag or position) and `key=value`
+    overrides, into the command's typed config; `defaults` fill keys none of them sets."""
     raw: dict[str, Any] = dict(defaults or {})
     if path:
         p = Path(path)
@@ -631,11 +820,17 @@ def load_config(stage: str, path: str | None, overrides: list[str] | None = None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         raw.update(loaded)
-    raw.update(parse_overrides(overrides or []))
-    file_stage = raw.pop("stage", stage)
-    if file_stage != stage:
-        raise ConfigError(f"{path}: stage is {file_stage!r} but the command is {stage!r}")
-    return build_config(STAGES[stage], raw)
+    given = parse_overrides(overrides or [])
+    twice = sorted(set(values or {}) & set(given))
+    if twice:
+        raise ConfigError(f"{twice[0]} is given twice on the command line (as {flag_name(twice[0])} or by position, "
+                          f"and as {twice[0]}=...); keep one")
+    raw.update(values or {})
+    raw.update(given)
+    file_stage = raw.pop("stage", command)
+    if file_stage != command:
+        raise ConfigError(f"{path}: stage is {file_stage!r} but the command is {command!r}")
+    return build_config(COMMANDS[command], raw)
 
 
 def save_config(config: BaseModel, path: str | Path) -> None:

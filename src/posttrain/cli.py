@@ -172,6 +172,12 @@ def cmd_serve(a) -> None:
     run_server(config)
 
 
+def cmd_config(a) -> None:
+    from posttrain.config_reference import reference_yaml
+
+    sys.stdout.write(reference_yaml(a.of, a.config, a.overrides))
+
+
 def cmd_board(a) -> None:
     from posttrain.board.app import run_board
 
@@ -288,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _add_flag_command(sub, "serve", "OpenAI-compatible server: one base model, many adapters", ("model",))
     s.set_defaults(func=cmd_serve)
+
+    from posttrain.config import COMMANDS
+
+    s = sub.add_parser("config", help="print every key of a command with its default (or its value in a config) "
+                                      "and what it does, as YAML")
+    s.add_argument("of", metavar="COMMAND", choices=list(COMMANDS), help=", ".join(COMMANDS))
+    s.add_argument("config", nargs="?", help="a config file of that command: its values instead of the defaults, "
+                                             "under its leading comments")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("board", help="web page over run folders: runs, live curves, RL rollouts, alarms, chat")
     s.add_argument("runs_dir", nargs="?", default="runs", help="folder to find runs in (any folder below holding a "

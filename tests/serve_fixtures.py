@@ -16,7 +16,7 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(settings):
-    """Yields (state, base URL) while a server built from `settings` (a ServeSettings) answers."""
+    """Yields (state, base URL) while a server built from `settings` (a config.ServeConfig) answers."""
     import uvicorn
 
     from posttrain.serve.app import create_app

@@ -164,3 +164,74 @@ def test_data_preview_shows_each_stage_as_it_trains(tiny_model_dir, tmp_path, ca
                  "--no-color"]) == 0
     out = capsys.readouterr().out
     assert "as generation sees it" in out and out.rstrip().endswith("<|im_start|>assistant") and "[[" not in out
+
+
+# ---- serve / score / chat / compare: `[config.yaml] [POSITIONAL ...] [key=value ...]` and their --flags ------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _record(monkeypatch, target: str, returns=None) -> list:
+    """Replace the function at `target` with one that records each call's arguments."""
+    calls = []
+    monkeypatch.setattr(target, lambda *args, **kwargs: calls.append((args, kwargs)) or returns)
+    return calls
+
+
+def test_serve_takes_a_config_file_key_values_and_its_flags(monkeypatch):
+    calls = _record(monkeypatch, "posttrain.serve.server.run_server")
+    monkeypatch.delenv("POSTTRAIN_API_KEY", raising=False)
+    assert main(["serve", str(EXAMPLES / "serve.yaml"), "port=9001", "--max-model-len", "64", "--api-key", "k"]) == 0
+    config = calls[-1][0][0]
+    assert (config.model, config.adapters, config.port, config.max_model_len, config.api_key) == (
+        "runs/quickstart/base-model", {"reverse": "runs/quickstart/sft-lora"}, 9001, 64, ["k"])
+
+    # The README's form: MODEL and flags, the repeatable ones once per item; vLLM's names as aliases.
+    monkeypatch.setenv("POSTTRAIN_API_KEY", "env-key")
+    assert main(["serve", "models/base", "--adapter-dir", "runs/adapters", "--adapter", "math=runs/lora-math",
+                 "--api-key", "k", "--port", "8000", "--adapter", "b=y", "max_num_seqs=4"]) == 0
+    config = calls[-1][0][0]
+    assert config.adapters == {"math": "runs/lora-math", "b": "y"} and config.adapter_dirs == ["runs/adapters"]
+    assert (config.model, config.port, config.max_batch_size, config.api_key) == ("models/base", 8000, 4,
+                                                                                  ["k", "env-key"])
+
+
+def test_score_chat_and_compare_take_positionals_key_values_and_flags(monkeypatch, tmp_path):
+    scored = _record(monkeypatch, "posttrain.score.run_score", {"rows": 0, "reward_mean": 0.0, "scores": []})
+    assert main(["score", "runs/rm", "rows.jsonl", "--output", "scores.jsonl"]) == 0
+    assert main(["score", "runs/rm", "--batch-size", "4", "rows.jsonl", "cutoff_len=64"]) == 0
+    assert [call[0] for call in scored] == [("runs/rm", "rows.jsonl", "scores.jsonl"), ("runs/rm", "rows.jsonl", None)]
+    assert scored[-1][1] == dict(template=None, batch_size=4, cutoff_len=64, trust_remote_code=False)
+
+    chatted = _record(monkeypatch, "posttrain.chat_command.run_chat")
+    config = tmp_path / "chat.yaml"  # LLaMA-Factory's names for the model and adapter
+    config.write_text("model_name_or_path: models/base\nadapter_name_or_path: runs/lora\ntemperature: 0.5\n")
+    assert main(["chat", str(config), "--prompt", "reverse 12345", "max_new_tokens=8"]) == 0
+    assert main(["chat", "models/base", "--adapter", "runs/lora"]) == 0
+    assert chatted[0] == (("models/base",), dict(prompt="reverse 12345", system=None, template=None,
+                                                 max_new_tokens=8, temperature=0.5, trust_remote_code=False,
+                                                 adapter="runs/lora"))
+    assert chatted[1][1]["adapter"] == "runs/lora" and chatted[1][1]["prompt"] is None
+
+    compared = _record(monkeypatch, "posttrain.compare.run_compare")
+    assert main(["compare", "--base", "models/base", "--data", "my_data.jsonl", "--template", "chatml",
+                 "--methods", "full,lora", "steps=3"]) == 0
+    assert compared[-1] == (("runs/compare",), dict(methods=["full", "lora"], steps=3, base="models/base",
+                                                   batch_size=32, data="my_data.jsonl", template="chatml"))
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["serve", "m", "--port", "70000"], "config key 'port' (--port): Input should be less than or equal to 65535"),
+    (["serve", "m", "--port", "1", "port=2"], "port is given twice on the command line"),
+    (["serve", "m", "other"], "unexpected argument 'other'"),
+    (["serve", "m", "--dtype", "int8"], "config key 'dtype' (--dtype): Input should be 'auto', 'float32'"),
+    (["serve", "--port", "1"], "config key 'model' (--model) is required"),
+    (["serve", "m", "max_loras=0"], "config key 'max_loras' (--max-loras): Input should be greater than or equal"),
+    (["chat", "m", "tempreature=1"], "unknown config key 'tempreature' (did you mean 'temperature'?)"),
+    (["compare", "--methods", "full,qlora"], "unknown method(s) qlora; choose from full, lora"),
+    (["score", "rm", "rows.jsonl", "--batch-size", "0"], "config key 'batch_size' (--batch-size)"),
+])
+def test_serve_score_chat_compare_refuse_bad_settings_in_one_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines

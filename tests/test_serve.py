@@ -22,11 +22,11 @@ KEYS = ["test-key-1", "test-key-2"]
 
 @pytest.fixture(scope="module")
 def server(lively_model_dir, adapter_root):
-    from posttrain.serve.settings import ServeSettings
+    from posttrain.config import ServeConfig
 
     port = free_port()
-    settings = ServeSettings(model=str(lively_model_dir), served_model_name="base", port=port,
-                             adapter_dirs=[str(adapter_root)], allow_runtime_adapters=True, api_keys=KEYS,
+    settings = ServeConfig(model=str(lively_model_dir), served_model_name="base", port=port,
+                             adapter_dirs=[str(adapter_root)], allow_runtime_adapters=True, api_key=KEYS,
                              max_loras=2, max_model_len=160, max_prompt_tokens=128, max_tokens_limit=64,
                              max_body_bytes=32_000)
     with running_server(settings) as running:

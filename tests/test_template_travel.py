@@ -191,9 +191,9 @@ def test_rollouts_stop_at_the_end_of_turn_marker(chatml_run):
 def serving(**settings):
     import openai
 
-    from posttrain.serve.settings import ServeSettings
+    from posttrain.config import ServeConfig
 
-    with running_server(ServeSettings(port=free_port(), served_model_name="base", **settings)) as (_, url):
+    with running_server(ServeConfig(port=free_port(), served_model_name="base", **settings)) as (_, url):
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
@@ -255,10 +255,10 @@ def test_a_template_the_tokenizer_cannot_encode_is_refused_before_training(no_un
 def test_serve_and_chat_refuse_a_template_the_tokenizer_cannot_encode(no_underscore_base):
     from posttrain.chat_command import run_chat
     from posttrain.serve.server import build_state
-    from posttrain.serve.settings import ServeSettings
+    from posttrain.config import ServeConfig
 
     with pytest.raises(ConfigError, match="template 'chatml' renders text this tokenizer cannot encode"):
-        build_state(ServeSettings(model=str(no_underscore_base), template="chatml"))
+        build_state(ServeConfig(model=str(no_underscore_base), template="chatml"))
     with pytest.raises(ConfigError, match="template 'chatml' renders text this tokenizer cannot encode"):
         run_chat(str(no_underscore_base), prompt="hi", template="chatml")
 

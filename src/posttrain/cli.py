@@ -78,18 +78,45 @@ def cmd_rl(stage: str, a) -> None:
               + (f"\nplot: {result.plot}" if result.plot else ""))
 
 
+def _flag_command_config(command: str, a):
+    """serve / score / chat / compare: `[config.yaml] [POSITIONAL ...] [key=value ...] [--flags]` into the
+    command's typed config. A positional or a --flag sets its key as key=value would."""
+    from posttrain.config import FLAG_COMMANDS, load_config
+    from posttrain.errors import ConfigError
+
+    words = ([a.config] if a.config else []) + list(a.overrides)
+    path = words.pop(0) if words and words[0].endswith((".yaml", ".yml")) else None
+    positional, overrides, values = list(a.positional_keys), [], {}
+    for word in words:
+        if "=" in word:
+            overrides.append(word)
+        elif positional:
+            values[positional.pop(0)] = word
+        else:
+            raise ConfigError(f"unexpected argument {word!r}: posttrain {command} takes "
+                              f"{' '.join(k.upper() for k in a.positional_keys) or 'no positional'} and key=value")
+    for key in FLAG_COMMANDS[command].model_fields:
+        flagged = getattr(a, key, None)
+        if flagged is not None:
+            if key in values:
+                raise ConfigError(f"{key} is given twice on the command line; keep one")
+            values[key] = flagged
+    return load_config(command, path, overrides, values=values)
+
+
 def cmd_score(a) -> None:
     from posttrain.score import run_score
 
-    summary = run_score(a.model, a.data, a.output, template=a.template, batch_size=a.batch_size,
-                        cutoff_len=a.cutoff_len, trust_remote_code=a.trust_remote_code)
-    if not a.output:
+    c = _flag_command_config("score", a)
+    summary = run_score(c.model, c.data, c.output, template=c.template, batch_size=c.batch_size,
+                        cutoff_len=c.cutoff_len, trust_remote_code=c.trust_remote_code)
+    if not c.output:
         for row in summary["scores"]:
             print(json.dumps(row))
     line = f"scored {summary['rows']} rows: mean reward {summary['reward_mean']:.4f}"
     if "pair_accuracy" in summary:
         line += f", pair accuracy {summary['pair_accuracy']:.1%} (chosen scored above rejected)"
-    print(line + (f"; scores in {a.output}" if a.output else ""), file=sys.stderr)
+    print(line + (f"; scores in {c.output}" if c.output else ""), file=sys.stderr)
 
 
 def cmd_quickstart(a) -> None:
@@ -101,8 +128,9 @@ def cmd_quickstart(a) -> None:
 def cmd_compare(a) -> None:
     from posttrain.compare import run_compare
 
-    run_compare(a.output_dir, methods=a.methods.split(","), steps=a.steps, base=a.base, batch_size=a.batch_size,
-                data=a.data, template=a.template)
+    c = _flag_command_config("compare", a)
+    run_compare(c.output_dir, methods=c.methods, steps=c.steps, base=c.base, batch_size=c.batch_size, data=c.data,
+                template=c.template)
 
 
 def cmd_init_model(a) -> None:
@@ -122,8 +150,9 @@ def cmd_init_model(a) -> None:
 def cmd_chat(a) -> None:
     from posttrain.chat_command import run_chat
 
-    run_chat(a.model, prompt=a.prompt, system=a.system, template=a.template, max_new_tokens=a.max_new_tokens,
-             temperature=a.temperature, trust_remote_code=a.trust_remote_code, adapter=a.adapter)
+    c = _flag_command_config("chat", a)
+    run_chat(c.model, prompt=c.prompt, system=c.system, template=c.template, max_new_tokens=c.max_new_tokens,
+             temperature=c.temperature, trust_remote_code=c.trust_remote_code, adapter=c.adapter)
 
 
 def cmd_export(a) -> None:
@@ -135,28 +164,18 @@ def cmd_export(a) -> None:
 
 
 def cmd_serve(a) -> None:
-    from posttrain.errors import ConfigError
     from posttrain.serve.server import run_server
-    from posttrain.serve.settings import ServeSettings
 
-    adapters = {}
-    for item in a.adapter:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--adapter {item!r}: expected NAME=PATH")
-        if name in adapters:
-            raise ConfigError(f"--adapter {name!r} is given twice")
-        adapters[name] = path
-    run_server(ServeSettings(
-        model=a.model, served_model_name=a.served_model_name, template=a.template, host=a.host, port=a.port,
-        adapters=adapters,
-        adapter_dirs=a.adapter_dir, allow_runtime_adapters=a.allow_runtime_adapters, max_loras=a.max_loras,
-        max_runtime_adapters=a.max_runtime_adapters,
-        api_keys=a.api_key + ([os.environ["POSTTRAIN_API_KEY"]] if os.environ.get("POSTTRAIN_API_KEY") else []),
-        max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, max_prompt_tokens=a.max_prompt_tokens,
-        max_tokens_limit=a.max_tokens_limit, max_body_bytes=a.max_body_bytes,
-        max_concurrent_requests=a.max_concurrent_requests, device=a.device, dtype=a.dtype,
-        trust_remote_code=a.trust_remote_code, seed=a.seed))
+    config = _flag_command_config("serve", a)
+    if os.environ.get("POSTTRAIN_API_KEY"):
+        config.api_key = [*config.api_key, os.environ["POSTTRAIN_API_KEY"]]
+    run_server(config)
+
+
+def cmd_config(a) -> None:
+    from posttrain.config_reference import reference_yaml
+
+    sys.stdout.write(reference_yaml(a.of, a.config, a.overrides))
 
 
 def cmd_board(a) -> None:
@@ -195,6 +214,33 @@ def cmd_data_preview(a) -> None:
     print(preview_row(stage, config, tokenizer, a.index, color=sys.stdout.isatty() and not a.no_color))
 
 
+def _add_flag_command(sub, command: str, text: str, positional_keys: tuple[str, ...] = ()):
+    """A subcommand taking `[config.yaml] [POSITIONAL ...] [key=value ...]`, and each key of its config as a
+    --flag (help from the key's description; values are checked by the config, like key=value ones)."""
+    from typing import get_origin
+
+    from posttrain.config import FLAG_COMMANDS, flag_name
+
+    cls = FLAG_COMMANDS[command]
+    shown = " ".join(f"[{k.upper()}]" for k in positional_keys)
+    s = sub.add_parser(command, help=text, description=text,
+                       usage=f"posttrain {command} [config.yaml] {shown + ' ' if shown else ''}[key=value ...] "
+                             f"[--KEY VALUE ...]")
+    s.add_argument("config", nargs="?", help="YAML config (optional: every key can be given as key=value or --flag)")
+    s.add_argument("overrides", nargs="*", help=f"{shown + ', then ' if shown else ''}key=value overrides")
+    for key, field in cls.model_fields.items():
+        flag, description = flag_name(key), (field.description or "").replace("%", "%%")
+        metavar = flag[2:].upper().replace("-", "_")
+        if field.annotation is bool:
+            s.add_argument(flag, dest=key, action="store_true", default=None, help=description)
+        elif get_origin(field.annotation) in (list, dict):
+            s.add_argument(flag, dest=key, action="append", metavar=metavar, help=description + " (repeatable)")
+        else:
+            s.add_argument(flag, dest=key, metavar=metavar, help=description)
+    s.set_defaults(positional_keys=positional_keys)
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,17 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reward_funcs=[exact_match]")
         s.set_defaults(func=lambda a, stage=stage: cmd_rl(stage, a))
 
-    s = sub.add_parser("score", help="score prompt/response rows (or chosen/rejected pairs) with a reward model")
-    s.add_argument("model", help="a reward-model folder written by `posttrain rm`")
-    s.add_argument("data", help="rows in any SFT format (the last assistant message is scored) or preference pairs")
-    s.add_argument("--output", help="write one JSON line per row here (default: print them)")
-    s.add_argument("--template", help="chat template (default: the one the model was trained with, else the "
-                                      "tokenizer's)")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--cutoff-len", type=int,
-                   help="longer rows keep their first tokens, as `posttrain rm` trains; a warning counts them "
-                        "(default: the model's training cutoff_len, else 4096)")
-    s.add_argument("--trust-remote-code", action="store_true")
+    s = _add_flag_command(sub, "score", "score prompt/response rows (or chosen/rejected pairs) with a reward model",
+                          ("model", "data"))
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("quickstart", help="teach a tiny local model a task end to end (no downloads)")
@@ -237,18 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast", action="store_true", help="a much shorter run (for smoke tests)")
     s.set_defaults(func=cmd_quickstart)
 
-    s = sub.add_parser("compare", help="full vs LoRA vs P-tuning on the embedded task or your own data: one "
-                                       "measured table")
-    s.add_argument("--output-dir", default="runs/compare")
-    s.add_argument("--methods", default="full,lora,ptuning",
-                   help="comma-separated: full, lora, ptuning, prompt_tuning, prefix_tuning, freeze")
-    s.add_argument("--steps", type=int, default=400, help="optimizer steps, the same for every method")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--base", help="a local model folder to start from (default: a fresh tiny model)")
-    s.add_argument("--data", help="SFT rows to train on, in any SFT format (default: the embedded task); a tenth "
-                                  "(at most 200) is held out and scored by exact match of the last assistant turn")
-    s.add_argument("--template", help="chat template every method trains and answers with: a built-in name or a "
-                                      ".jinja path (default: the base's own)")
+    s = _add_flag_command(sub, "compare", "full vs LoRA vs P-tuning on the embedded task or your own data: one "
+                                          "measured table")
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("init-model", help="write the tiny default model + tokenizer as an HF folder")
@@ -262,49 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="adapter_name_or_path=... export_dir=... [model_name_or_path=...]")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("chat", help="chat with a model folder (interactive, or one-shot with --prompt)")
-    s.add_argument("model", help="a model folder, or an adapter folder (its base is loaded under it)")
-    s.add_argument("--adapter", help="a PEFT adapter folder to apply on top of MODEL")
-    s.add_argument("--prompt", help="answer this one message and exit")
-    s.add_argument("--system")
-    s.add_argument("--template", help="built-in chat template name or .jinja path (default: the tokenizer's)")
-    s.add_argument("--max-new-tokens", type=int,
-                   help="longest answer in tokens (default and most: what the model's context leaves after the prompt)")
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--trust-remote-code", action="store_true")
+    s = _add_flag_command(sub, "chat", "chat with a model folder (interactive, or one-shot with --prompt)", ("model",))
     s.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters")
-    s.add_argument("model", help="the base model folder")
-    s.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="serve the PEFT adapter at PATH as model NAME (repeatable)")
-    s.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
-                   help="serve every adapter folder inside DIR; runtime loads may only come from these (repeatable)")
-    s.add_argument("--allow-runtime-adapters", action="store_true",
-                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
-    s.add_argument("--max-loras", type=int, default=8, help="LoRA adapters resident at once (LRU)")
-    s.add_argument("--max-runtime-adapters", type=int, default=16,
-                   help="adapters loaded through the API at once; more are refused until one is unloaded")
-    s.add_argument("--api-key", action="append", default=[],
-                   help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
-                        "also read from $POSTTRAIN_API_KEY)")
-    s.add_argument("--served-model-name", help="the base model's name in the API (default: its folder's name)")
-    s.add_argument("--template", help="chat template for the base model and for adapters that ship none: a built-in "
-                                      "name or a .jinja path (default: the model's own, which a posttrain stage "
-                                      "saves with its output)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
-    s.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    s.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: max-model-len - 1)")
-    s.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
-    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    s.add_argument("--max-concurrent-requests", type=int, default=256, help="more get HTTP 429")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    s.add_argument("--seed", type=int, help="seed for requests that do not give one")
-    s.add_argument("--trust-remote-code", action="store_true")
+    s = _add_flag_command(sub, "serve", "OpenAI-compatible server: one base model, many adapters", ("model",))
     s.set_defaults(func=cmd_serve)
+
+    from posttrain.config import COMMANDS
+
+    s = sub.add_parser("config", help="print every key of a command with its default (or its value in a config) "
+                                      "and what it does, as YAML")
+    s.add_argument("of", metavar="COMMAND", choices=list(COMMANDS), help=", ".join(COMMANDS))
+    s.add_argument("config", nargs="?", help="a config file of that command: its values instead of the defaults, "
+                                             "under its leading comments")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("board", help="web page over run folders: runs, live curves, RL rollouts, alarms, chat")
     s.add_argument("runs_dir", nargs="?", default="runs", help="folder to find runs in (any folder below holding a "
@@ -345,8 +344,11 @@ def _end_open_runs(status: str, error: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come after options (`data preview cfg.yaml --index 2 template=llama3`).
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    # key=value overrides (and serve's / score's / chat's positionals) may come after options
+    # (`data preview cfg.yaml --index 2 template=llama3`, `score --batch-size 4 RM DATA`).
+    positional = bool(getattr(args, "positional_keys", ()))
+    if extra and hasattr(args, "overrides") and all(("=" in e or positional) and not e.startswith("-")
+                                                    for e in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -1,7 +1,9 @@
-"""One typed config per stage, read from YAML plus `key=value` overrides.
+"""One typed config per command, read from YAML plus `key=value` overrides (and `--flags` for the
+commands that had them: serve, score, chat, compare).
 
-Key names follow LLaMA-Factory / Hugging Face TrainingArguments, so a user's existing YAML mostly
-works as it is. Unknown keys and invalid values are refused with the key's name and what is allowed.
+Key names follow LLaMA-Factory / Hugging Face TrainingArguments (and `vllm serve` for serve), so a user's
+existing YAML mostly works as it is. Unknown keys and invalid values are refused with the key's name and
+what is allowed. `posttrain config COMMAND` prints every key with its default and description.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError
 
@@ -30,6 +32,7 @@ _COMMON_ALIASES = {"max_length": "cutoff_len", "max_seq_length": "cutoff_len", "
 _PREFERENCE_ALIASES = {"beta": "pref_beta", "rpo_alpha": "pref_ftx"}
 _RL_ALIASES = {"beta": "kl_coef", "max_new_tokens": "max_completion_length", "num_ppo_epochs": "ppo_epochs",
                "epsilon": "cliprange", "epsilon_high": "cliprange_high", "lambd": "lam"}
+_MODEL_ALIASES = {"model_name_or_path": "model"}
 ALIASES = {
     "sft": _COMMON_ALIASES, "rm": _COMMON_ALIASES,
     "dpo": {**_COMMON_ALIASES, **_PREFERENCE_ALIASES, "loss_type": "pref_loss",
@@ -38,6 +41,13 @@ ALIASES = {
             "undesirable_weight": "kto_rejected_weight"},
     "ppo": {**_COMMON_ALIASES, **_RL_ALIASES}, "grpo": {**_COMMON_ALIASES, **_RL_ALIASES},
     "export": {},
+    # serve: the names `vllm serve` gives these keys, and the singular its own repeatable flags use
+    "serve": {**_MODEL_ALIASES, "chat_template": "template", "lora_modules": "adapters", "adapter": "adapters",
+              "adapter_dir": "adapter_dirs", "api_keys": "api_key", "max_num_seqs": "max_batch_size"},
+    "score": {**_MODEL_ALIASES, "dataset": "data", "max_length": "cutoff_len"},
+    "chat": {**_MODEL_ALIASES, "adapter_name_or_path": "adapter"},
+    "compare": {"model_name_or_path": "base", "dataset": "data", "max_steps": "steps",
+                "per_device_train_batch_size": "batch_size"},
 }
 
 
@@ -62,33 +72,48 @@ class FinetuningArgs(_Strict):
     ...) and PEFT (num_virtual_tokens, encoder_hidden_size, modules_to_save, ...).
     """
 
-    finetuning_type: Literal[FINETUNING_TYPES] = "full"
-    adapter_name_or_path: str | None = None  # start from (or, for chat/export, apply) this PEFT adapter
+    finetuning_type: Literal[FINETUNING_TYPES] = Field(
+        "full", description="full | freeze | lora | qlora | ptuning | prompt_tuning | prefix_tuning")
+    adapter_name_or_path: str | None = Field(None, description="start from this PEFT adapter folder and train it on")
 
     # freeze: train the last N decoder layers (negative: the first N), optionally only some modules in them
-    freeze_trainable_layers: int = 2
-    freeze_trainable_modules: Union[str, list[str]] = "all"  # "all" or module names, e.g. [mlp] / "mlp,self_attn"
-    freeze_extra_modules: Union[str, list[str], None] = None  # also train these (e.g. embed_tokens, norm)
+    freeze_trainable_layers: int = Field(
+        2, description="freeze: train the last N decoder layers (negative: the first N)")
+    freeze_trainable_modules: Union[str, list[str]] = Field(
+        "all", description='freeze: in those layers, "all" or these modules, e.g. [mlp] or "mlp,self_attn"')
+    freeze_extra_modules: Union[str, list[str], None] = Field(
+        None, description="freeze: also train these modules, e.g. [embed_tokens, norm]")
 
     # lora / qlora
-    lora_rank: int = Field(8, gt=0)
-    lora_alpha: float | None = Field(None, gt=0)  # default: 2 * lora_rank
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target: Union[str, list[str]] = "all"  # "all" = every linear layer but the output head
-    modules_to_save: Union[str, list[str], None] = None  # trained in full and saved too (alias additional_target)
-    use_dora: bool = False
-    use_rslora: bool = False
-    pissa_init: bool = False  # initialise A/B from the principal singular vectors (PiSSA)
-    pissa_iter: int = 16  # fast-SVD iterations for PiSSA; -1 = exact SVD
-    loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B matrices learn this many times faster
-    quantization_bit: Literal[4, 8, None] = None  # qlora: 4-bit (or 8-bit) base via bitsandbytes (CUDA only)
+    lora_rank: int = Field(8, gt=0, description="LoRA rank r")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scaling alpha; null: 2 * lora_rank")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    lora_target: Union[str, list[str]] = Field(
+        "all", description='modules that get LoRA: "all" (every linear layer but the output head) or e.g. '
+                           "[q_proj, v_proj]")
+    modules_to_save: Union[str, list[str], None] = Field(
+        None, description="also trained in full and saved with the adapter, e.g. [embed_tokens, lm_head]")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r")
+    pissa_init: bool = Field(False, description="initialise A/B from the principal singular vectors (PiSSA); "
+                                                "saved as plain LoRA for the original base")
+    pissa_iter: int = Field(16, description="fast-SVD iterations for PiSSA; -1: exact SVD")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: B matrices learn this many times faster (e.g. 16); null: off")
+    quantization_bit: Literal[4, 8, None] = Field(
+        None, description="QLoRA: a 4- or 8-bit base via bitsandbytes (CUDA only); finetuning_type qlora implies 4")
 
     # ptuning / prompt_tuning / prefix_tuning
-    num_virtual_tokens: int = Field(20, gt=0)
-    encoder_hidden_size: int | None = Field(None, gt=0)  # ptuning's prompt encoder; default: the model's hidden size
-    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
-    prompt_tuning_init_text: str | None = None  # prompt_tuning: initialise the soft prompt from this text
-    prefix_projection: bool = False  # prefix_tuning: reparameterise prefixes through an MLP
+    num_virtual_tokens: int = Field(20, gt=0, description="ptuning / prompt_tuning / prefix_tuning: the virtual "
+                                                          "tokens")
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="ptuning / prefix_tuning: the prompt encoder's (or prefix MLP's) width; null: the "
+                                "model's hidden size")
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field(
+        "MLP", description="ptuning: the prompt encoder, MLP | LSTM")
+    prompt_tuning_init_text: str | None = Field(
+        None, description="prompt_tuning: initialise the soft prompt from this text; null: at random")
+    prefix_projection: bool = Field(False, description="prefix_tuning: reparameterise the prefixes through an MLP")
 
     @model_validator(mode="after")
     def _check_finetuning(self):
@@ -130,45 +155,57 @@ KEYS_OF_TYPES = {
 class TrainArgs(FinetuningArgs):
     """Keys every training stage shares (the loop's settings)."""
 
-    model_name_or_path: str
-    output_dir: str
-    trust_remote_code: bool = False
-    overwrite_output_dir: bool = False
+    model_name_or_path: str = Field(description="the model to start from: a local HF folder (nothing is downloaded)")
+    output_dir: str = Field(description="where the trained model, its config, metrics and checkpoints go")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+    overwrite_output_dir: bool = Field(False, description="replace an output_dir that holds an earlier run")
 
-    learning_rate: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 turns clipping off
-    per_device_train_batch_size: int = Field(4, ge=1)
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    num_train_epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1  # > 0 overrides num_train_epochs; -1: not set
-    lr_scheduler_type: Literal[SCHEDULERS] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0)  # > 0 overrides warmup_ratio
+    learning_rate: float = Field(2e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0: no clipping")
+    per_device_train_batch_size: int = Field(4, ge=1, description="rows per micro-batch, per process")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="rows per evaluation batch, per process")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    num_train_epochs: float = Field(3.0, gt=0, description="passes over the training data (when max_steps is -1)")
+    max_steps: int = Field(-1, description="optimizer steps; > 0 overrides num_train_epochs, -1: not set")
+    lr_scheduler_type: Literal[SCHEDULERS] = Field(
+        "cosine", description="linear | cosine | cosine_with_min_lr | constant | constant_with_warmup | polynomial "
+                              "| inverse_sqrt")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps that warm the learning rate up")
+    warmup_steps: int = Field(0, ge=0, description="warm-up steps; > 0 overrides warmup_ratio")
 
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1)  # default: logging_steps * 10, and at the end
-    save_steps: int = Field(500, ge=0)  # 0: only the final model
-    save_total_limit: int | None = Field(2, ge=1)
-    resume_from_checkpoint: str | None = None  # "auto" (latest in output_dir) or a checkpoint folder
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    plot_loss: bool = True
-    disable_tqdm: bool = False
+    logging_steps: int = Field(10, ge=1, description="log metrics every this many steps")
+    eval_steps: int | None = Field(
+        None, ge=1, description="evaluate every this many steps, and at the end; null: logging_steps * 10")
+    save_steps: int = Field(500, ge=0, description="checkpoint every this many steps; 0: only the final model")
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept (the oldest go); null: all")
+    resume_from_checkpoint: str | None = Field(
+        None, description="auto (the newest checkpoint in output_dir) or a checkpoint folder; null: start afresh")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="none | tensorboard | wandb (metrics.jsonl is always written)")
+    plot_loss: bool = Field(True, description="write the loss curve as a PNG in output_dir")
+    disable_tqdm: bool = Field(False, description="no progress bar")
 
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = False
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    seed: int = Field(42, description="seed for initialisation, data order and sampling")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda (auto: cuda if present)")
+    bf16: bool = Field(False, description="bfloat16 autocast")
+    fp16: bool = Field(False, description="float16 autocast with loss scaling")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                                            "memory, more time")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="sdpa | eager | flash_attention_2 (CUDA)")
     # Several processes (torchrun): how the model is split over them (train/parallel.py). As in HF TrainingArguments.
-    fsdp: str | None = None  # full_shard | shard_grad_op | hybrid_shard | no_shard, optionally followed by " offload"
-    fsdp_config: dict[str, Any] | None = None  # cpu_offload, reshard_after_forward, activation_checkpointing, ...
-    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage 0-3, offload); "auto" values filled
+    fsdp: str | None = Field(
+        None, description="torchrun: FSDP2, full_shard | shard_grad_op | hybrid_shard | no_shard, optionally "
+                          "followed by ' offload'; null: each rank holds everything (DDP)")
+    fsdp_config: dict[str, Any] | None = Field(
+        None, description="fsdp's settings: cpu_offload, reshard_after_forward, activation_checkpointing, ...")
+    deepspeed: str | None = Field(
+        None, description="torchrun: a DeepSpeed JSON config (ZeRO stage 0-3, offload), its \"auto\" values filled "
+                          "from these keys; null: not DeepSpeed")
 
     @model_validator(mode="after")
     def _check_precision(self):
@@ -183,15 +220,25 @@ class TrainArgs(FinetuningArgs):
 class DataArgs(_Strict):
     """Keys for reading and rendering data, every training stage."""
 
-    dataset: Union[str, list[Union[str, DatasetEntry]]]
-    eval_dataset: Union[str, list[Union[str, DatasetEntry]], None] = None
-    val_size: float = Field(0.0, ge=0)  # < 1: a fraction of the training rows; >= 1: a row count
-    formatting: Literal[FORMATTINGS] = "auto"  # default for entries that do not set their own
-    columns: dict[str, str] | None = None
-    template: str | None = None  # built-in name, .jinja path, or None for the tokenizer's own
-    cutoff_len: int = Field(1024, ge=2)
-    on_bad_rows: Literal["error", "skip"] = "error"
-    max_samples: int | None = Field(None, ge=1)
+    dataset: Union[str, list[Union[str, DatasetEntry]]] = Field(
+        description="jsonl/json/parquet/csv, a folder, a save_to_disk dataset, or a list: "
+                    "[{path: a.jsonl, weight: 2.0}, b.parquet]")
+    eval_dataset: Union[str, list[Union[str, DatasetEntry]], None] = Field(
+        None, description="held-out rows, as dataset; null: val_size of the training rows")
+    val_size: float = Field(
+        0.0, ge=0, description="rows held out for evaluation: < 1 a share of the training rows, >= 1 a count")
+    formatting: Literal[FORMATTINGS] = Field(
+        "auto", description="auto | prompt_completion | alpaca | role | openai | sharegpt | text | preference (for "
+                            "entries that set none)")
+    columns: dict[str, str] | None = Field(
+        None, description="other column names for the standard ones, e.g. {prompt: question, completion: answer}")
+    template: str | None = Field(
+        None, description="chat template: chatml | llama3 | path/to/template.jinja; null: the tokenizer's own")
+    cutoff_len: int = Field(1024, ge=2, description="longest sequence in tokens")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="error | skip: a row that cannot be read stops the run, or is skipped and counted")
+    max_samples: int | None = Field(
+        None, ge=1, description="use at most this many rows (of the weighted mix); null: all")
 
     def dataset_entries(self, which: str = "dataset") -> list[DatasetEntry]:
         value = getattr(self, which)
@@ -206,56 +253,67 @@ class SequenceArgs(_Strict):
     """Keys of the stages that train on whole tokenized sequences in the one loop (sft, rm, dpo, kto);
     RL prompts keep their last cutoff_len tokens instead, and its batches are rollouts."""
 
-    overlong: Literal["truncate", "drop"] = "truncate"  # longer than cutoff_len: keep its first tokens, or drop it
-    group_by_length: bool = True  # batch similar lengths together: little padding
-    mask_reasoning: bool = False  # keep assistants' reasoning (reasoning_content / thinking) out of the loss
-    # Tokenize in this many processes (datasets' map, LLaMA-Factory's key); None: in this one.
-    preprocessing_num_workers: int | None = Field(None, ge=1)
-    # Keep the tokenized data on disk ($POSTTRAIN_CACHE or ~/.cache/posttrain, under tokenized/), keyed by the
-    # rows, tokenizer, template, cutoff and masking: a rerun reads it back instead of tokenizing again.
-    tokenized_cache: bool = True
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="a sample longer than cutoff_len: truncate (keep its first tokens) | drop")
+    group_by_length: bool = Field(True, description="batch similar lengths together: little padding")
+    mask_reasoning: bool = Field(
+        False, description="keep assistants' reasoning (reasoning_content / thinking) out of the loss")
+    preprocessing_num_workers: int | None = Field(
+        None, ge=1, description="tokenize in this many processes; null: in this one")
+    # Keyed by the rows, tokenizer, template, cutoff and masking: a rerun reads it back instead of tokenizing again.
+    tokenized_cache: bool = Field(
+        True, description="keep the tokenized data on disk ($POSTTRAIN_CACHE or ~/.cache/posttrain, tokenized/)")
 
 
 class SFTDataArgs(_Strict):
     """What SFT alone trains on: the preference and RL stages train on the response only, unpacked."""
 
-    train_on_prompt: bool = False
-    mask_history: bool = False  # train only the last assistant turn
-    packing: bool = False
+    train_on_prompt: bool = Field(False, description="train on the prompt tokens too, not only the assistant turns")
+    mask_history: bool = Field(False, description="train only the last assistant turn")
+    packing: bool = Field(False, description="several samples per row, attention kept inside each sample")
 
 
 class SFTConfig(TrainArgs, DataArgs, SequenceArgs, SFTDataArgs):
-    stage: Literal["sft"] = "sft"
+    """`posttrain sft`: supervised fine-tuning on conversations, or continued pre-training on text."""
+
+    stage: Literal["sft"] = Field("sft", description="the command this file is for")
     learning_rate: float = Field(1e-4, gt=0)
 
 
 class ReferenceArgs(_Strict):
     """Where the reference log-probs of the DPO family and KTO come from (computed once, cached)."""
 
-    ref_model: str | None = None  # a reference model folder; default: the starting model itself
-    ref_cache_dir: str | None = None  # default: $POSTTRAIN_CACHE or ~/.cache/posttrain, under reference_logps/
+    ref_model: str | None = Field(None, description="the reference model folder; null: the starting model itself")
+    ref_cache_dir: str | None = Field(
+        None, description="where reference log-probs are cached; null: $POSTTRAIN_CACHE or ~/.cache/posttrain, "
+                          "reference_logps/")
 
 
 class RMConfig(TrainArgs, DataArgs, SequenceArgs):
     """`posttrain rm`: a reward model (scalar head) trained on preference pairs, Bradley-Terry loss."""
 
-    stage: Literal["rm"] = "rm"
+    stage: Literal["rm"] = Field("rm", description="the command this file is for")
     learning_rate: float = Field(1e-5, gt=0)
-    center_rewards_coefficient: float = Field(0.0, ge=0)  # + c * (r_chosen + r_rejected)^2 keeps rewards near 0
-    lm_coefficient: float = Field(0.0, ge=0)  # + c * per-token NLL of the chosen response (LM head; GRM's SFT term)
+    center_rewards_coefficient: float = Field(
+        0.0, ge=0, description="+ c * (r_chosen + r_rejected)^2 in the loss: rewards kept near 0")
+    lm_coefficient: float = Field(
+        0.0, ge=0, description="+ c * per-token NLL of the chosen response (the LM head; GRM's SFT term)")
 
 
 class DPOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
     """`posttrain dpo`: the DPO family (sigmoid, ipo, hinge, robust, bco_pair) and the reference-free
     SimPO and ORPO, on preference pairs."""
 
-    stage: Literal["dpo"] = "dpo"
+    stage: Literal["dpo"] = Field("dpo", description="the command this file is for")
     learning_rate: float = Field(5e-6, gt=0)
-    pref_loss: Literal[PREF_LOSSES] = "sigmoid"  # alias loss_type
-    pref_beta: float = Field(0.1, gt=0)  # alias beta; ORPO's lambda
-    pref_ftx: float = Field(0.0, ge=0)  # alias rpo_alpha: weight of an NLL term on chosen (RPO)
-    dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # alias label_smoothing: sigmoid (cDPO) and robust
-    simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
+    pref_loss: Literal[PREF_LOSSES] = Field(
+        "sigmoid", description="sigmoid (DPO) | ipo | hinge | robust | simpo | orpo | bco_pair")
+    pref_beta: float = Field(0.1, gt=0, description="beta of the loss; ORPO's lambda")
+    pref_ftx: float = Field(
+        0.0, ge=0, description="weight of an NLL term on the chosen response, RPO")
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="label smoothing of sigmoid (cDPO) and robust")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
 
     @model_validator(mode="after")
     def _check_smoothing(self):
@@ -267,12 +325,12 @@ class DPOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
 class KTOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
     """`posttrain kto`: KTO on unpaired rows (a response and a true/false label)."""
 
-    stage: Literal["kto"] = "kto"
+    stage: Literal["kto"] = Field("kto", description="the command this file is for")
     learning_rate: float = Field(5e-6, gt=0)
-    pref_beta: float = Field(0.1, gt=0)  # alias beta
-    pref_ftx: float = Field(0.0, ge=0)  # alias rpo_alpha: weight of an NLL term on desirable rows
-    kto_chosen_weight: float = Field(1.0, gt=0)  # alias desirable_weight
-    kto_rejected_weight: float = Field(1.0, gt=0)  # alias undesirable_weight
+    pref_beta: float = Field(0.1, gt=0, description="beta of the loss")
+    pref_ftx: float = Field(0.0, ge=0, description="weight of an NLL term on desirable rows")
+    kto_chosen_weight: float = Field(1.0, gt=0, description="weight of desirable rows")
+    kto_rejected_weight: float = Field(1.0, gt=0, description="weight of undesirable rows")
 
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
@@ -314,62 +372,81 @@ class RLConfig(TrainArgs, DataArgs):
     there). `num_generations` defaults to 1 for gae and 4 for the group estimators.
     """
 
-    stage: Literal["ppo", "grpo"] = "ppo"
+    stage: Literal["ppo", "grpo"] = Field("ppo", description="the command this file is for")
     learning_rate: float = Field(1e-6, gt=0)
     lr_scheduler_type: Literal[SCHEDULERS] = "constant"
-    per_device_train_batch_size: int = Field(8, ge=1)  # completions per micro-batch in the update
+    per_device_train_batch_size: int = Field(8, ge=1, description="completions per micro-batch in the update")
     logging_steps: int = Field(1, ge=1)  # rollout steps are long: log every one
-    num_train_epochs: float = Field(1.0, gt=0)  # passes over the prompts when max_steps is not set
-    cutoff_len: int = Field(512, ge=2)  # longest prompt (tokens); longer prompts keep their last tokens
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the prompts (when max_steps is -1)")
+    cutoff_len: int = Field(512, ge=2, description="longest prompt in tokens; a longer one keeps its last tokens")
 
     # rewards: any mix, summed with reward_weights (in this order: reward_model first, then reward_funcs)
-    reward_model: str | None = None  # a folder written by `posttrain rm` (its saved mean/std normalize it)
-    reward_funcs: list[str] = Field(default_factory=list)  # exact_match, numeric_match, format:REGEX,
-    #   path/to/file.py:function, or an http(s):// endpoint
-    reward_weights: list[float] | None = None  # default: 1 each
-    reward_timeout: float = Field(30.0, gt=0)  # seconds per call to a remote reward endpoint
-    reward_clip: float | None = Field(None, gt=0)  # clip the summed reward to [-c, c]
-    normalize_reward: bool = False  # scale rewards by a running mean/std over training
+    reward_model: str | None = Field(
+        None, description="a folder written by `posttrain rm` (normalized with its saved mean/std)")
+    reward_funcs: list[str] = Field(
+        default_factory=list, description="exact_match, numeric_match, format:REGEX, path/to/file.py:function, or "
+                                          "an http(s):// endpoint")
+    reward_weights: list[float] | None = Field(
+        None, description="a weight per reward, reward_model first; null: 1 each")
+    reward_timeout: float = Field(30.0, gt=0, description="seconds per call to a remote reward endpoint")
+    reward_clip: float | None = Field(None, gt=0, description="clip the summed reward to [-c, c]; null: no clip")
+    normalize_reward: bool = Field(False, description="scale rewards by a running mean/std over training")
 
     # rollouts
-    advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] | None = None  # default: gae for ppo, grpo for grpo
-    rollout_batch_size: int = Field(8, ge=1)  # prompts per step (per process)
-    num_generations: int | None = Field(None, ge=1)  # completions per prompt (the group size)
-    max_completion_length: int = Field(64, ge=1)  # alias max_new_tokens
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] | None = Field(
+        None, description="gae | grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline; null: gae for ppo, "
+                          "grpo for grpo")
+    rollout_batch_size: int = Field(8, ge=1, description="prompts per step, per process")
+    num_generations: int | None = Field(
+        None, ge=1, description="completions per prompt (the group); null: 1 for gae, 4 for the others")
+    max_completion_length: int = Field(64, ge=1, description="longest completion in tokens")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the rollouts; 1: off")
+    top_k: int = Field(0, ge=0, description="top-k sampling of the rollouts; 0: off")
 
     # the update
-    ppo_epochs: int = Field(1, ge=1)  # passes over each rollout (alias num_ppo_epochs)
-    cliprange: float = Field(0.2, gt=0)  # epsilon of the clipped ratio (alias epsilon)
-    cliprange_high: float | None = Field(None, gt=0)  # asymmetric upper clip (DAPO); default: cliprange
-    dual_clip: float | None = Field(None, gt=1)  # dual-clip constant c for negative advantages (e.g. 3.0)
-    entropy_coef: float = Field(0.0, ge=0)
-    loss_agg_mode: Literal[LOSS_AGG_MODES] | None = None
-    whiten_advantages: bool | None = None
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout")
+    cliprange: float = Field(0.2, gt=0, description="epsilon of the clipped ratio")
+    cliprange_high: float | None = Field(
+        None, gt=0, description="asymmetric upper clip, DAPO; null: cliprange")
+    dual_clip: float | None = Field(
+        None, gt=1, description="dual-clip constant c for negative advantages (e.g. 3.0); null: off")
+    entropy_coef: float = Field(0.0, ge=0, description="weight of an entropy bonus")
+    loss_agg_mode: Literal[LOSS_AGG_MODES] | None = Field(
+        None, description="token_mean | seq_mean_token_mean | seq_mean_token_sum_norm; null: by advantage_estimator")
+    whiten_advantages: bool | None = Field(
+        None, description="normalize advantages over the batch; null: by advantage_estimator")
 
     # KL to the reference (the starting model; with LoRA the base with the adapter disabled)
-    kl_coef: float = Field(0.05, ge=0)  # alias beta (TRL's GRPO name); 0: no reference model at all
-    kl_estimator: Literal["k1", "k2", "k3"] | None = None
-    use_kl_loss: bool | None = None  # KL as a loss term (True) or a per-token reward penalty (False)
-    kl_target: float | None = Field(None, gt=0)  # adaptive KL coefficient (Ziegler et al. 2019) toward this KL
-    kl_horizon: int = Field(10000, ge=1)
-    ref_model: str | None = None  # default: model_name_or_path
+    kl_coef: float = Field(
+        0.05, ge=0, description="weight of the KL to the reference; 0: no reference model at all")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None, description="k1 | k2 | k3; null: k3 in the loss, k1 in the reward")
+    use_kl_loss: bool | None = Field(
+        None, description="KL as a loss term (true) or a per-token reward penalty (false); null: by "
+                          "advantage_estimator")
+    kl_target: float | None = Field(
+        None, gt=0, description="adapt kl_coef toward this KL (Ziegler et al. 2019); null: a fixed kl_coef")
+    kl_horizon: int = Field(10000, ge=1, description="kl_target: the adaptive coefficient's horizon, in completions")
+    ref_model: str | None = Field(None, description="the reference model folder; null: model_name_or_path")
 
     # GAE and the critic (advantage_estimator: gae)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)  # alias lambd
-    critic_model: str | None = None  # default: reward_model if given, else model_name_or_path
-    critic_learning_rate: float = Field(9e-6, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    critic_warmup_steps: int = Field(0, ge=0)  # rollout steps that train the critic only
+    gamma: float = Field(1.0, ge=0, le=1, description="gae: discount")
+    lam: float = Field(0.95, ge=0, le=1, description="gae: lambda")
+    critic_model: str | None = Field(
+        None, description="gae: the critic's starting folder; null: reward_model if given, else model_name_or_path")
+    critic_learning_rate: float = Field(9e-6, gt=0, description="gae: the critic's learning rate")
+    cliprange_value: float = Field(0.2, gt=0, description="gae: clip of the value update")
+    critic_warmup_steps: int = Field(0, ge=0, description="gae: rollout steps that train the critic only")
 
     # what the run shows while it goes (`posttrain board`)
-    log_completions: bool = True  # write a sample of each step's rollouts to rollouts.jsonl (TRL's name)
-    log_completions_per_step: int = Field(8, ge=1)  # completions written per step (whole groups first)
-    alarms: dict[str, float] = Field(default_factory=dict)  # thresholds over ALARM_DEFAULTS' (a metric
-    #   drifting past one sets alarm/<name> in metrics.jsonl and logs a warning)
+    log_completions: bool = Field(True, description="write a sample of each step's rollouts to rollouts.jsonl")
+    log_completions_per_step: int = Field(
+        8, ge=1, description="completions written per step (whole groups first)")
+    # A metric drifting past one sets alarm/<name> in metrics.jsonl and logs a warning.
+    alarms: dict[str, float] = Field(
+        default_factory=dict, description="alarm thresholds over the defaults: kl, entropy_drop, length_ratio, "
+                                          "clip_fraction, truncated, logp_gap")
 
     @model_validator(mode="after")
     def _estimator_defaults(self):
@@ -403,28 +480,195 @@ class RLConfig(TrainArgs, DataArgs):
 
 
 class PPOConfig(RLConfig):
-    stage: Literal["ppo"] = "ppo"
+    stage: Literal["ppo"] = Field("ppo", description="the command this file is for")
 
 
 class GRPOConfig(RLConfig):
-    stage: Literal["grpo"] = "grpo"
+    stage: Literal["grpo"] = Field("grpo", description="the command this file is for")
 
 
 class ExportConfig(_Strict):
     """`posttrain export`: merge a LoRA adapter into its base and write a standalone model folder."""
 
-    model_name_or_path: str | None = None  # default: the base named in the adapter's adapter_config.json
-    adapter_name_or_path: str
-    export_dir: str
-    export_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"  # auto: the base's own dtype
-    overwrite_output_dir: bool = False
-    trust_remote_code: bool = False
+    model_name_or_path: str | None = Field(
+        None, description="the base folder; null: the base named in the adapter's adapter_config.json")
+    adapter_name_or_path: str = Field(description="the LoRA adapter folder to merge")
+    export_dir: str = Field(description="where the merged model goes")
+    export_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto", description="auto (the base's own dtype) | float32 | bfloat16 | float16")
+    overwrite_output_dir: bool = Field(False, description="replace an export_dir that holds an earlier export")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+
+
+def _one_or_list(value: Any) -> Any:
+    """A single value where a list is expected (`api_key: KEY`, one --flag) is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+class ServeConfig(_Strict):
+    """`posttrain serve`: an OpenAI-compatible server of one base model and many adapters.
+
+    Keys that `vllm serve` also has carry its names (model, served_model_name, host, port, api_key,
+    max_model_len, max_loras, dtype, seed); its chat_template, lora_modules and max_num_seqs are aliases.
+    """
+
+    model: str = Field(description="the base model folder")
+    served_model_name: str | None = Field(None, description="the base model's name in the API; null: its folder's")
+    template: str | None = Field(
+        None, description="chat template of the base and of adapters that ship none: a built-in name or a .jinja "
+                          "path; null: the model's own (a posttrain stage saves it with its output)")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="serve these PEFT adapter folders as models: {name: path}, or NAME=PATH "
+                                          "items (--adapter NAME=PATH)")
+    adapter_dirs: list[str] = Field(
+        default_factory=list, description="serve every adapter folder inside these, named after its folder; runtime "
+                                          "loads may only come from them")
+    allow_runtime_adapters: bool = Field(
+        False, description="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    max_loras: int = Field(8, ge=1, description="LoRA adapters resident at once (the least recently used leave)")
+    max_runtime_adapters: int = Field(
+        16, ge=1, description="adapters loaded through the API at once; more are refused until one is unloaded")
+    api_key: list[str] = Field(
+        default_factory=list, description="require 'Authorization: Bearer KEY' on every route but /health: a key or "
+                                          "a list ($POSTTRAIN_API_KEY adds one); empty: no key")
+    host: str = Field("127.0.0.1", description="the address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="the port to listen on; 0: any free port")
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together")
+    max_model_len: int | None = Field(None, ge=1, description="context length in tokens; null: the model's")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; null: max_model_len - 1")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="largest max_tokens a request may ask for; null: max_model_len")
+    max_n: int = Field(8, ge=1, description="most completions one request may ask for (n)")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body in bytes")
+    max_concurrent_requests: int = Field(256, ge=1, description="requests generating at once; more get HTTP 429")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda (auto: cuda if present)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
+    seed: int | None = Field(None, description="seed of the sampled requests that give none; null: unseeded")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapters_from_pairs(cls, value: Any) -> Any:
+        if not isinstance(value, (str, list)):
+            return value  # a mapping, or something pydantic refuses with the type it wants
+        adapters: dict[str, str] = {}
+        for item in _one_or_list(value):
+            name, sep, path = item.partition("=") if isinstance(item, str) else ("", "", "")
+            if not (sep and name and path):
+                raise ValueError(f"{item!r}: an adapter is given as NAME=PATH")
+            if name in adapters:
+                raise ValueError(f"adapter {name!r} is given twice")
+            adapters[name] = path
+        return adapters
+
+    @field_validator("adapter_dirs", "api_key", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        return _one_or_list(value)
+
+    @model_validator(mode="after")
+    def _check_serve(self):
+        if any(not key for key in self.api_key):
+            raise ValueError("api_key (--api-key) must not be empty")
+        if self.allow_runtime_adapters and not self.adapter_dirs:
+            raise ValueError("allow_runtime_adapters needs at least one folder in adapter_dirs (--adapter-dir DIR): "
+                             "runtime loads may only come from folders you allowed")
+        return self
+
+
+class ScoreConfig(_Strict):
+    """`posttrain score`: score prompt/response rows, or chosen/rejected pairs, with a reward model."""
+
+    model: str = Field(description="a reward-model folder written by `posttrain rm`")
+    data: str = Field(description="rows in any SFT format (the last assistant message is scored), or preference "
+                                  "pairs (the pair accuracy is reported)")
+    output: str | None = Field(None, description="write one JSON line per row here; null: print them")
+    template: str | None = Field(
+        None, description="chat template; null: the one the model was trained with, else the tokenizer's")
+    batch_size: int = Field(16, ge=1, description="rows scored together")
+    cutoff_len: int | None = Field(
+        None, ge=2, description="longer rows keep their first tokens, as `posttrain rm` trains (a warning counts "
+                                "them); null: the model's training cutoff_len, else 4096")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+
+
+class ChatConfig(_Strict):
+    """`posttrain chat`: talk to a model folder, interactively or one-shot (prompt)."""
+
+    model: str = Field(description="a model folder, or an adapter folder (its base loads under it)")
+    adapter: str | None = Field(None, description="a PEFT adapter folder to apply on top of model")
+    prompt: str | None = Field(None, description="answer this one message and exit; null: interactive")
+    system: str | None = Field(None, description="a system message in front of the conversation")
+    template: str | None = Field(
+        None, description="chat template: a built-in name or a .jinja path; null: the folder's own")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="longest answer in tokens; null (and at most): what the context leaves after the "
+                                "prompt")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature; 0: greedy")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+
+
+def _default_compare_methods() -> list[str]:
+    from posttrain.compare import DEFAULT_METHODS
+
+    return list(DEFAULT_METHODS)
+
+
+class CompareConfig(_Strict):
+    """`posttrain compare`: full vs LoRA vs P-tuning (or other methods) on the embedded task or your own data,
+    one measured table."""
+
+    output_dir: str = Field("runs/compare", description="where each method's run and the table go")
+    methods: list[str] = Field(
+        default_factory=_default_compare_methods, description="full | lora | ptuning | prompt_tuning | "
+                                                              "prefix_tuning | freeze: a list, or comma-separated")
+    steps: int = Field(400, ge=1, description="optimizer steps, the same for every method")
+    batch_size: int = Field(32, ge=1, description="rows per step, the same for every method")
+    base: str | None = Field(None, description="a local model folder to start from; null: a fresh tiny model")
+    data: str | None = Field(
+        None, description="SFT rows in any SFT format, a tenth (at most 200) held out and scored by exact match of "
+                          "the last assistant turn; null: the embedded task")
+    template: str | None = Field(
+        None, description="chat template every method trains and answers with: a built-in name or a .jinja path; "
+                          "null: the base's own")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _split_methods(cls, value: Any) -> Any:
+        if not isinstance(value, (str, list)):
+            return value
+        return [part.strip() for item in _one_or_list(value)
+                for part in (item.split(",") if isinstance(item, str) else [item])]
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        from posttrain.compare import METHODS
+
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}" if unknown
+                             else f"no method to compare; choose from {', '.join(METHODS)}")
+        return methods
 
 
 STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "export": ExportConfig}
 
 STAGES.update({"rm": RMConfig, "dpo": DPOConfig, "kto": KTOConfig})
 STAGES.update({"ppo": PPOConfig, "grpo": GRPOConfig})
+
+# The commands that also take each key as a --flag (their options before they took config files:
+# `posttrain serve MODEL --port 8001` keeps working), and every command with a config.
+FLAG_COMMANDS: dict[str, type[BaseModel]] = {"serve": ServeConfig, "score": ScoreConfig, "chat": ChatConfig,
+                                             "compare": CompareConfig}
+COMMANDS: dict[str, type[BaseModel]] = {**STAGES, **FLAG_COMMANDS}
+_FLAG_NAMES = {"adapters": "--adapter", "adapter_dirs": "--adapter-dir"}  # given once per item
+
+
+def flag_name(key: str) -> str:
+    """The --flag that sets `key`: its name with dashes (singular for the lists given once per item)."""
+    return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -453,9 +697,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _apply_aliases(raw: dict[str, Any], stage: str) -> dict[str, Any]:
+def _apply_aliases(raw: dict[str, Any], command: str) -> dict[str, Any]:
     out = dict(raw)
-    for alias, key in ALIASES.get(stage, _COMMON_ALIASES).items():
+    for alias, key in ALIASES.get(command, _COMMON_ALIASES).items():
         if alias in out:
             if key in out and out[key] != out[alias]:
                 raise ConfigError(f"config sets both {alias!r} and {key!r} (same setting); keep one")
@@ -479,19 +723,28 @@ def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 lines.append(f"unknown config key {key!r}{hint}")
         elif e["type"] == "missing":
-            lines.append(f"config key {key!r} is required")
+            lines.append(f"config key {_key_label(cls, key)} is required")
         elif not e["loc"]:  # a check across keys: its message names them
             lines.append(e["msg"].removeprefix("Value error, "))
         else:
-            lines.append(f"config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"config key {_key_label(cls, key)}: {e['msg'].removeprefix('Value error, ')} "
+                         f"(got {e.get('input')!r})")
     if len(lines) == 1:
         return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def _key_label(cls: type[BaseModel], key: str) -> str:
+    """A key as its user may have typed it: with its --flag, for the commands that take flags."""
+    if _stage_name(cls) in FLAG_COMMANDS and key in cls.model_fields:
+        return f"{key!r} ({flag_name(key)})"
+    return repr(key)
+
+
 # Keys that name files or folders: checked for what the OS cannot take, before anything opens them.
 PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "output_dir", "export_dir", "template", "ref_model",
-             "ref_cache_dir", "reward_model", "critic_model", "resume_from_checkpoint", "deepspeed")
+             "ref_cache_dir", "reward_model", "critic_model", "resume_from_checkpoint", "deepspeed",
+             "model", "adapter", "adapters", "adapter_dirs", "data", "output", "base")
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 
 
@@ -508,8 +761,9 @@ def check_path_value(key: str, value: str) -> None:
 def _check_paths(config: BaseModel) -> None:
     for key in PATH_KEYS:
         value = getattr(config, key, None)
-        if isinstance(value, str):
-            check_path_value(key, value)
+        for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                check_path_value(key, item)
     if isinstance(config, DataArgs):
         for which in ("dataset", "eval_dataset"):
             for entry in config.dataset_entries(which):
@@ -517,11 +771,14 @@ def _check_paths(config: BaseModel) -> None:
 
 
 def _stage_name(cls: type[BaseModel]) -> str:
-    return next((s for s, c in STAGES.items() if c is cls), cls.__name__)
+    return next((s for s, c in COMMANDS.items() if c is cls), cls.__name__)
 
 
 def build_config(cls: type[BaseModel], raw: dict[str, Any]):
     raw = _apply_aliases(raw, _stage_name(cls))
+    # `key: null` for a required key (as `posttrain config` prints one not yet set) is the key not given.
+    raw = {k: v for k, v in raw.items() if v is not None or k not in cls.model_fields or
+           not cls.model_fields[k].is_required()}
     try:
         config = cls.model_validate(raw)
     except ValidationError as err:
@@ -543,9 +800,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(stage: str, path: str | None, overrides: list[str] | None = None,
-                defaults: dict[str, Any] | None = None):
-    """Read YAML (optional) + overrides into the stage's typed config; `defaults` fill keys neither sets."""
+def load_config(command: str, path: str | None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None, values: dict[str, Any] | None = None):
+    """Read YAML (optional), then `values` (keys the command line set by --flag or position) and `key=value`
+    overrides, into the command's typed config; `defaults` fill keys none of them sets."""
     raw: dict[str, Any] = dict(defaults or {})
     if path:
         p = Path(path)
@@ -562,11 +820,17 @@ def load_config(stage: str, path: str | None, overrides: list[str] | None = None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         raw.update(loaded)
-    raw.update(parse_overrides(overrides or []))
-    file_stage = raw.pop("stage", stage)
-    if file_stage != stage:
-        raise ConfigError(f"{path}: stage is {file_stage!r} but the command is {stage!r}")
-    return build_config(STAGES[stage], raw)
+    given = parse_overrides(overrides or [])
+    twice = sorted(set(values or {}) & set(given))
+    if twice:
+        raise ConfigError(f"{twice[0]} is given twice on the command line (as {flag_name(twice[0])} or by position, "
+                          f"and as {twice[0]}=...); keep one")
+    raw.update(values or {})
+    raw.update(given)
+    file_stage = raw.pop("stage", command)
+    if file_stage != command:
+        raise ConfigError(f"{path}: stage is {file_stage!r} but the command is {command!r}")
+    return build_config(COMMANDS[command], raw)
 
 
 def save_config(config: BaseModel, path: str | Path) -> None:

@@ -21,7 +21,7 @@ bearer = HTTPBearer(auto_error=False, description="One of the server's --api-key
 
 
 def key_accepted(request: Request, credentials: HTTPAuthorizationCredentials | None) -> bool:
-    keys = request.app.state.server.settings.api_keys
+    keys = request.app.state.server.settings.api_key
     if not keys:
         return True
     token = credentials.credentials.strip().encode() if credentials is not None else b""

@@ -9,20 +9,21 @@ from pathlib import Path
 import torch
 
 from posttrain.data.templates import end_of_turn_ids
+from posttrain.config import ServeConfig
 from posttrain.errors import ConfigError
-from posttrain.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
 
-def _dtype(settings: ServeSettings, device: torch.device) -> torch.dtype:
+def _dtype(settings: ServeConfig, device: torch.device) -> torch.dtype:
     if settings.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, settings.dtype)
 
 
-def build_state(settings: ServeSettings):
-    """Everything a server needs, loaded and checked; raises ConfigError on any bad flag or adapter."""
+def build_state(settings: ServeConfig):
+    """Everything a server needs, loaded and checked; raises ConfigError on a bad model, adapter or template
+    (the config's own keys were checked when it was built)."""
     from posttrain.inference.engine import Engine
     from posttrain.inference.registry import AdapterRegistry
     from posttrain.model.loading import load_model, load_tokenizer, pick_device, resolve_model_path
@@ -30,7 +31,6 @@ def build_state(settings: ServeSettings):
     from posttrain.serve.prometheus_metrics import Metrics
     from posttrain.serve.worker import EngineWorker
 
-    settings.check()
     model_dir = resolve_model_path(settings.model, "model")
     for d in settings.adapter_dirs:
         if not Path(d).expanduser().is_dir():
@@ -76,7 +76,7 @@ def base_chat_template(tokenizer, template: str | None) -> str | None:
     return source
 
 
-def run_server(settings: ServeSettings) -> None:
+def run_server(settings: ServeConfig) -> None:
     import uvicorn
 
     from posttrain.serve.app import create_app
@@ -85,7 +85,7 @@ def run_server(settings: ServeSettings) -> None:
     state.worker.start()
     names = [a.name for a in state.registry.list()]
     print(f"serving {state.base_name} with {len(names)} adapter(s){': ' + ', '.join(names) if names else ''} "
-          f"on http://{settings.host}:{settings.port}/v1" + ("  (API key required)" if settings.api_keys else ""),
+          f"on http://{settings.host}:{settings.port}/v1" + ("  (API key required)" if settings.api_key else ""),
           flush=True)
     try:
         uvicorn.run(create_app(state), host=settings.host, port=settings.port, log_level="warning")

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from posttrain.config import ServeConfig
 from posttrain.inference.engine import Engine
 from posttrain.inference.registry import AdapterRegistry
 from posttrain.serve.prometheus_metrics import Metrics
-from posttrain.serve.settings import ServeSettings
 from posttrain.serve.worker import EngineWorker
 
 
 @dataclass
 class ServerState:
-    settings: ServeSettings
+    settings: ServeConfig
     engine: Engine
     worker: EngineWorker
     registry: AdapterRegistry

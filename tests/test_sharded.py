@@ -143,3 +143,40 @@ def test_conflicting_or_unknown_sharding_keys_are_refused_before_loading(overrid
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # refused before the output folder was touched
+
+
+def test_fsdp_reward_model_matches_one_process(tiny_model_dir, tmp_path):
+    """The reward statistics are scored on every rank through the sharded model; the saved reward model is
+    merged and whole."""
+    from posttrain.data.synthetic import preference_pairs, split_task, write_jsonl
+    data = write_jsonl(preference_pairs(split_task(16, 0, seed=3)[0], seed=0), tmp_path / "pairs.jsonl")
+    common = dict(model_name_or_path=tiny_model_dir, dataset=data, max_steps=3, per_device_train_batch_size=2,
+                  learning_rate=1e-3, logging_steps=1, save_steps=0, cutoff_len=64, disable_tqdm=True, seed=0,
+                  plot_loss=False, finetuning_type="lora")
+    args = lambda out, **kw: [f"{k}={v}" for k, v in dict(common, output_dir=out, **kw).items()]  # noqa: E731
+    _run("rm", args(tmp_path / "one", gradient_accumulation_steps=2), 1)
+    _run("rm", [*args(tmp_path / "two"), "fsdp=full_shard"], 2)
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", "model.safetensors", atol=2e-5)
+    stats = [json.loads((tmp_path / p / "config.json").read_text())["reward_mean"] for p in ("one", "two")]
+    assert stats[0] == pytest.approx(stats[1], abs=1e-5)
+
+
+def test_fsdp_ppo_with_critic_matches_one_process_and_resumes(tiny_model_dir, tmp_path):
+    from posttrain.data.synthetic import split_task, write_jsonl
+    train, _ = split_task(16, 0, seed=7)
+    data = write_jsonl([{"prompt": r["messages"][0]["content"]} for r in train], tmp_path / "prompts.jsonl")
+    common = dict(model_name_or_path=tiny_model_dir, dataset=data, reward_funcs="[format:1.*]", max_steps=4,
+                  max_completion_length=4, num_generations=2, learning_rate=1e-3, critic_learning_rate=1e-3,
+                  logging_steps=1, save_steps=2, cutoff_len=48, disable_tqdm=True, seed=3, plot_loss=False)
+    args = lambda out, **kw: [f"{k}={v}" for k, v in dict(common, output_dir=out, **kw).items()]  # noqa: E731
+    _run("ppo", args(tmp_path / "one", rollout_batch_size=4, per_device_train_batch_size=8), 1)
+    two = args(tmp_path / "two", rollout_batch_size=2, per_device_train_batch_size=4)
+    _run("ppo", [*two, "fsdp=full_shard"], 2)
+    a, b = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [r["reward_mean"] for r in a if "reward_mean" in r] == [r["reward_mean"] for r in b if "reward_mean" in r]
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", "model.safetensors", atol=5e-5)
+    straight = load_file(tmp_path / "two" / "model.safetensors")
+    (tmp_path / "two" / "model.safetensors").unlink()
+    _run("ppo", [*two, "fsdp=full_shard", "resume_from_checkpoint=auto"], 2)
+    for k, v in load_file(tmp_path / "two" / "model.safetensors").items():
+        torch.testing.assert_close(v, straight[k], rtol=0, atol=0)

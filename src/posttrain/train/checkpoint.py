@@ -221,8 +221,8 @@ def own_buffers(module) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.device, parallel=None,
                     module=None) -> dict:
     """Restore a checkpoint into `model` (the objective), its optimizer and scheduler, and the RNGs;
-    the checkpoint's trainer state. `parallel` (train/parallel.py) loads the whole weights and optimizer
-    state into a sharded `module`; without it they load as they are."""
+    the checkpoint's trainer state. `parallel` (train/parallel.py) loads the whole weights into a sharded
+    model, and the optimizer state through the wrapped `module` when given."""
     try:  # `checkpoint_problem` reads headers only; damage inside a file shows here
         state = json.loads((path / STATE_FILE).read_text())
         weights = load_file(path / "model.safetensors", device=str(device))
@@ -242,9 +242,9 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.de
     if unexpected or missing:
         raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
-    if parallel is not None:
-        parallel.load_optimizer_state(module if module is not None else model, optimizer, optimizer_state, path)
-    else:
+    if parallel is not None and module is not None:
+        parallel.load_optimizer_state(module, optimizer, optimizer_state, path)
+    else:  # one optimizer as it is, or several that load themselves (RL's actor and critic)
         optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(rng["torch"])

@@ -119,7 +119,8 @@ class Trainer:
     def __init__(self, args: TrainArgs, objective: nn.Module, *, train_examples: list, eval_examples: list,
                  collate: Callable[[list], dict], count: Callable[[dict], int],
                  save_final: Callable[..., None], device: torch.device, run_config: dict | None = None,
-                 summary: dict | None = None, saved_model: nn.Module | None = None):
+                 summary: dict | None = None, saved_model: nn.Module | None = None,
+                 before_save: Callable[..., None] | None = None):
         self.args = args
         self.objective = objective
         self.train_examples = train_examples
@@ -128,6 +129,7 @@ class Trainer:
         self.count = count
         self.save_final = save_final
         self.saved_model = saved_model  # the model save_final writes (gathered whole first when sharded)
+        self.before_save = before_save  # (parallel, objective), on every rank once training ends
         self.device = device
         self.run_config = run_config or {}
         self.summary = summary or {}  # logged once at step 0 (e.g. trainable parameter counts)
@@ -284,6 +286,8 @@ class Trainer:
                 run.bar.update(1)
                 if step >= total_steps:
                     break
+        if self.before_save is not None:
+            self.before_save(parallel, model)
         plot, metrics = run.finish(step, model, self.save_final, plot_name="training_loss.png", parallel=parallel,
                                    saved_model=self.saved_model)
         return TrainResult(step, last_loss, last_eval, self.output_dir, plot, metrics, self.objective)

@@ -183,6 +183,12 @@ def _fill_auto(ds: dict, args, check_only: bool = False) -> dict:
     return out
 
 
+def deepspeed_zero_stage(args) -> int:
+    """The ZeRO stage of the run's DeepSpeed config (checked already), or -1 without DeepSpeed."""
+    config = read_deepspeed_config(getattr(args, "deepspeed", None))
+    return -1 if config is None else int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def decoder_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
     """The modules FSDP2 shards one by one: each decoder layer (the classes in `names`, or the classes
     the HF model lists in `_no_split_modules`, as accelerate's transformer wrap policy does)."""
@@ -366,6 +372,7 @@ class Parallel:
     def zero_stage(self) -> int:
         return int((self.ds_config or {}).get("zero_optimization", {}).get("stage", 0))
 
+
     def optimizer_state(self, module: nn.Module, optimizer) -> dict | None:
         """The optimizer's state as a checkpoint keeps it. Under FSDP2 whole and keyed by parameter name
         (gathered on rank 0), so a run resumes on any number of processes. None under DeepSpeed, whose
@@ -441,6 +448,9 @@ class Parallel:
         if self.kind != "fsdp" or objective is None:
             yield
             return
+        # The objective must be set up as the root before any layer runs alone (else a layer takes the root's
+        # role); its forward does that on first use, which may not have come yet (the critic is scored first).
+        objective._get_fsdp_state()._lazy_init()
         objective.unshard()
         try:
             yield

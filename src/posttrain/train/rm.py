@@ -35,11 +35,13 @@ from posttrain.data.pairs import collate_pairs, count_pairs
 from posttrain.data.stage_samples import load_pair_samples
 from posttrain.data.templates import carry_template
 from posttrain.errors import ConfigError
+from posttrain.model.adapters import apply_finetuning
 from posttrain.model.reward import (
     language_model_head, last_hidden_states, load_reward_model, reward_head, rewards_from_hidden, sequence_rewards,
     set_reward_stats)
 from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import Trainer, TrainResult, autocast
+from posttrain.train.parallel import deepspeed_zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +114,26 @@ def score_sequences(model: nn.Module, sequences: list, *, pad_id: int, device: t
 RM_FINETUNING = ("full", "freeze", "lora")
 
 
+def _whole_reward_model(config: RMConfig, device: torch.device, pad_id: int, state_dict: dict) -> nn.Module:
+    """A reward model with `finetuning_type` applied and the trained weights (gathered from shards) loaded."""
+    model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
+                              attn_implementation=config.attn_implementation, pad_token_id=pad_id)
+    model = apply_finetuning(model, config, task_type="SEQ_CLS")
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k or k.endswith("score.weight")]:
+        raise RuntimeError(f"the gathered reward model does not fit its layout (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return model
+
+
 def run_rm(config: RMConfig) -> TrainResult:
     if config.finetuning_type not in RM_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for rm; use one of "
                           f"{', '.join(RM_FINETUNING)} (a LoRA adapter is merged into the saved reward model)")
-    if (config.fsdp and not config.fsdp.startswith("no_shard")) or config.deepspeed:
-        raise ConfigError("rm: fsdp/deepspeed sharding is not available for reward models yet (the saved model's "
-                          "reward statistics are computed on the whole model); train the RM with plain torchrun (DDP)")
     device = stage_steps.start_run(config)
+    if deepspeed_zero_stage(config) == 3:
+        raise ConfigError("rm: DeepSpeed ZeRO-3 is not available for reward models yet (the saved model is merged "
+                          "and scored whole); use fsdp: full_shard, or ZeRO stage 1 or 2")
     tokenizer = stage_steps.load_stage_tokenizer(config)
     train, evals = load_pair_samples(config, tokenizer, main=dist.is_main())
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
@@ -135,14 +149,23 @@ def run_rm(config: RMConfig) -> TrainResult:
     stage_steps.open_output_dir(config)
     pad_id = tokenizer.pad_token_id
 
-    def save_final(folder: Path) -> None:
-        # The reward mean / std over the training responses, for normalizing rewards later (RLHF).
-        rewards = score_sequences(model, [q for s in train for q in s.sequences], pad_id=pad_id, device=device,
-                                  batch_size=config.per_device_eval_batch_size,
-                                  precision=lambda: autocast(device, config))
-        mean, std = rewards.mean().item(), rewards.std().item() if rewards.numel() > 1 else 0.0
+    stats = {}
+
+    def before_save(parallel, objective) -> None:
+        """On every rank: the reward mean / std over the training responses, for normalizing rewards later
+        (RLHF)."""
+        with parallel.gathered(objective):
+            rewards = score_sequences(model, [q for s in train for q in s.sequences], pad_id=pad_id, device=device,
+                                      batch_size=config.per_device_eval_batch_size,
+                                      precision=lambda: autocast(device, config))
+        stats["mean"], stats["std"] = rewards.mean().item(), rewards.std().item() if rewards.numel() > 1 else 0.0
+
+    def save_final(folder: Path, state_dict: dict | None = None) -> None:
+        mean, std = stats["mean"], stats["std"]
+        # Sharded, the trained weights arrive gathered (`state_dict`): they go into a whole copy, built here.
+        whole = model if state_dict is None else _whole_reward_model(config, device, pad_id, state_dict)
         # A LoRA reward model is saved merged: one ordinary folder that loads as a reward model.
-        final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        final = whole.merge_and_unload() if hasattr(whole, "merge_and_unload") else whole
         set_reward_stats(final, mean, std if math.isfinite(std) else 0.0)
         log.info("reward over the training responses: mean %.4f, std %.4f (saved in config.json)", mean, std)
         final.save_pretrained(folder)
@@ -154,5 +177,6 @@ def run_rm(config: RMConfig) -> TrainResult:
     trainer = Trainer(config, objective,
                       train_examples=train, eval_examples=evals, collate=lambda s: collate_pairs(s, pad_id),
                       count=count_pairs, save_final=save_final, device=device,
-                      run_config=config.model_dump(mode="json"), summary=summary)
+                      run_config=config.model_dump(mode="json"), summary=summary, before_save=before_save,
+                      saved_model=model)
     return trainer.train()

@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,serve,board]"
+	$(BIN)/pip install -q -e ".[dev,serve,board,scale]"
 	touch $(STAMP)
 
 venv: $(STAMP)

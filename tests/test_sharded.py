@@ -180,3 +180,15 @@ def test_fsdp_ppo_with_critic_matches_one_process_and_resumes(tiny_model_dir, tm
     _run("ppo", [*two, "fsdp=full_shard", "resume_from_checkpoint=auto"], 2)
     for k, v in load_file(tmp_path / "two" / "model.safetensors").items():
         torch.testing.assert_close(v, straight[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["shard_grad_op", "hybrid_shard", "no_shard"])
+def test_every_fsdp_strategy_matches_one_process(strategy, tiny_model_dir, task_data, tmp_path, one_process):
+    """shard_grad_op keeps the gathered weights between forward and backward; hybrid_shard shards within a
+    node and replicates across nodes (one node here); no_shard is DDP."""
+    out = tmp_path / "two"
+    _run("sft", [*sft_overrides(tiny_model_dir, task_data, out, **dict(COMMON, save_steps=0)), f"fsdp={strategy}"], 2)
+    assert _losses(out) == pytest.approx(_losses(one_process), abs=1e-5)
+    first = _records(out)[0]
+    held = first["rank0_params"] / first["total_params"]
+    assert held == 1.0 if strategy == "no_shard" else 0.45 < held < 0.55

@@ -161,7 +161,8 @@ def test_fsdp_reward_model_matches_one_process(tiny_model_dir, tmp_path):
     assert stats[0] == pytest.approx(stats[1], abs=1e-5)
 
 
-def test_fsdp_ppo_with_critic_matches_one_process_and_resumes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sharding", ["fsdp", "deepspeed"])
+def test_sharded_ppo_with_critic_matches_one_process_and_resumes(sharding, tiny_model_dir, tmp_path, zero3_config):
     from posttrain.data.synthetic import split_task, write_jsonl
     train, _ = split_task(16, 0, seed=7)
     data = write_jsonl([{"prompt": r["messages"][0]["content"]} for r in train], tmp_path / "prompts.jsonl")
@@ -171,13 +172,15 @@ def test_fsdp_ppo_with_critic_matches_one_process_and_resumes(tiny_model_dir, tm
     args = lambda out, **kw: [f"{k}={v}" for k, v in dict(common, output_dir=out, **kw).items()]  # noqa: E731
     _run("ppo", args(tmp_path / "one", rollout_batch_size=4, per_device_train_batch_size=8), 1)
     two = args(tmp_path / "two", rollout_batch_size=2, per_device_train_batch_size=4)
-    _run("ppo", [*two, "fsdp=full_shard"], 2)
+    key = f"deepspeed={zero3_config}" if sharding == "deepspeed" else "fsdp=full_shard"
+    _run("ppo", [*two, key], 2)
     a, b = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [r["reward_mean"] for r in a if "reward_mean" in r] == [r["reward_mean"] for r in b if "reward_mean" in r]
     _assert_same_weights(tmp_path / "one", tmp_path / "two", "model.safetensors", atol=5e-5)
+    assert b[0]["parallel"].startswith("FSDP2" if sharding == "fsdp" else "DeepSpeed ZeRO-3")
     straight = load_file(tmp_path / "two" / "model.safetensors")
     (tmp_path / "two" / "model.safetensors").unlink()
-    _run("ppo", [*two, "fsdp=full_shard", "resume_from_checkpoint=auto"], 2)
+    _run("ppo", [*two, key, "resume_from_checkpoint=auto"], 2)
     for k, v in load_file(tmp_path / "two" / "model.safetensors").items():
         torch.testing.assert_close(v, straight[k], rtol=0, atol=0)
 

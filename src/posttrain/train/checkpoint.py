@@ -244,7 +244,9 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.de
                           f"unexpected {unexpected[:3]})")
     if parallel is not None and module is not None:
         parallel.load_optimizer_state(module, optimizer, optimizer_state, path)
-    else:  # one optimizer as it is, or several that load themselves (RL's actor and critic)
+    elif hasattr(optimizer, "load_from"):  # several optimizers that load themselves (RL's actor and critic)
+        optimizer.load_from(optimizer_state, path)
+    else:
         optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(rng["torch"])

@@ -386,21 +386,26 @@ class Parallel:
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return optimizer.state_dict()
 
-    def engine_writer(self, module: nn.Module):
-        """What every rank writes into a checkpoint folder itself (DeepSpeed: its engine's partitioned
-        optimizer and weights, in DeepSpeed's own layout under `deepspeed/`), or None."""
+    def engine_writer(self, modules: dict[str, nn.Module]):
+        """What every rank writes into a checkpoint folder itself (DeepSpeed: each engine's partitioned
+        optimizer and weights, in DeepSpeed's own layout under `deepspeed/<name>`), or None."""
         if self.kind != "deepspeed":
             return None
-        return lambda folder: module.save_checkpoint(str(folder / ENGINE_FOLDER), tag=ENGINE_TAG,
-                                                     exclude_frozen_parameters=True)
 
-    def load_optimizer_state(self, module: nn.Module, optimizer, state: dict | None, folder: Path | None = None
-                             ) -> None:
+        def write(folder: Path) -> None:
+            for name, module in modules.items():
+                module.save_checkpoint(str(folder / ENGINE_FOLDER / name), tag=ENGINE_TAG,
+                                       exclude_frozen_parameters=True)
+        return write
+
+    def load_optimizer_state(self, module: nn.Module, optimizer, state: dict | None, folder: Path | None = None,
+                             name: str = "objective") -> None:
         if self.kind == "deepspeed":
-            if folder is None or not (folder / ENGINE_FOLDER).is_dir():
-                raise ConfigError(f"{folder}: this checkpoint holds no DeepSpeed state ({ENGINE_FOLDER}/); resume a "
-                                  "DeepSpeed run from a checkpoint a DeepSpeed run wrote")
-            module.load_checkpoint(str(folder / ENGINE_FOLDER), tag=ENGINE_TAG, load_module_strict=False,
+            engine_dir = folder / ENGINE_FOLDER / name if folder is not None else None
+            if engine_dir is None or not engine_dir.is_dir():
+                raise ConfigError(f"{folder}: this checkpoint holds no DeepSpeed state ({ENGINE_FOLDER}/{name}/); "
+                                  "resume a DeepSpeed run from a checkpoint the same kind of run wrote")
+            module.load_checkpoint(str(engine_dir), tag=ENGINE_TAG, load_module_strict=False,
                                    load_optimizer_states=True, load_lr_scheduler_states=False)
             return
         if state is None:
@@ -460,8 +465,16 @@ class Parallel:
     def copy_trainable(self, source: nn.Module, into: nn.Module) -> None:
         """`source`'s trainable weights, gathered whole on every rank, copied in place into `into`, a plain
         model of the same layout (the RL rollout copy, whose tensors the engine holds)."""
-        if self.kind != "fsdp":
-            raise ConfigError(f"copy_trainable is for FSDP2-sharded models, not {self.describe()}")
+        if self.kind == "deepspeed":  # ZeRO-3 gathers each parameter in turn; ZeRO 0-2 keep them whole
+            import deepspeed
+
+            params = dict(into.named_parameters())
+            with torch.no_grad():
+                for key, p in source.named_parameters():
+                    if p.requires_grad and key in params:
+                        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                            params[key].copy_(p)
+            return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         whole = get_model_state_dict(source, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))

@@ -34,9 +34,6 @@ def check_rl(config: RLConfig) -> None:
     if config.finetuning_type not in RL_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for RL; use one of "
                           f"{', '.join(RL_FINETUNING)}")
-    if config.deepspeed:
-        raise ConfigError("deepspeed is not available for ppo/grpo yet (the actor and critic are two engines); shard "
-                          "RL with fsdp: full_shard, or train it with plain torchrun (DDP)")
 
 
 def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cutoff_len: int

@@ -35,7 +35,7 @@ from posttrain.data.templates import end_of_turn_ids
 from posttrain.errors import ConfigError
 from posttrain.train import distributed as dist
 from posttrain.train.loop import autocast, seed_everything
-from posttrain.train.parallel import Parallel
+from posttrain.train.parallel import Parallel, local_numel
 from posttrain.train.reporting import read_metrics
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.alarms import Alarms
@@ -79,10 +79,12 @@ class _CombinedState:
 
     def load_state_dict(self, state: dict) -> None:
         for name, part in self.parts.items():
-            if self.parallel is None:
-                part.load_state_dict(state[name])
-            else:
-                self.parallel.load_optimizer_state(self.modules[name], part, state[name])
+            part.load_state_dict(state[name])
+
+    def load_from(self, state: dict, folder: Path) -> None:
+        """The optimizers' state from checkpoint `folder` (DeepSpeed engines read their own files there)."""
+        for name, part in self.parts.items():
+            self.parallel.load_optimizer_state(self.modules[name], part, state[name], folder, name)
 
 
 class RLTrainer:
@@ -105,10 +107,10 @@ class RLTrainer:
         self.need_old = not (config.ppo_epochs == 1 and self.minibatches == 1)
         self.parallel = Parallel(config, device)
         # The update's forward runs each prompt of a micro-batch once where the models allow it (shared_prompt.py).
-        # Not under FSDP2: gradients through the prompt's cached keys and values reach a layer's weights outside
+        # Not when sharded: gradients through the prompt's cached keys and values reach a layer's weights outside
         # the hooks that gather them for the backward.
         self.share_prompts = shares_prompts(actor, with_grad=True) and (
-            critic is None or shares_prompts(critic, with_grad=True, critic=True)) and self.parallel.kind != "fsdp"
+            critic is None or shares_prompts(critic, with_grad=True, critic=True)) and not self.parallel.sharded
         # On a GPU only where the skipped prompt positions outweigh the second pass's launches (scoring and update;
         # measured with a backward, taken as is for scoring's forward-only passes).
         self.min_saved = min_saved_positions(actor, device)
@@ -299,6 +301,9 @@ class RLTrainer:
         for name, (objective, args) in parts.items():
             self.objectives[name], optimizers[name], schedulers[name] = self.parallel.prepare(objective, updates,
                                                                                               args)
+        if self.parallel.kind != "single":  # measured after sharding, as the other stages log it
+            self.summary = {**self.summary, "parallel": self.parallel.describe(),
+                            "rank0_params": sum(local_numel(objective) for objective, _ in parts.values())}
         # What a checkpoint holds: the trainable weights of both models (as "actor.*" / "critic.*"), both
         # optimizers and schedulers, and below the KL coefficient and the reward statistics. The rest of a
         # step (its prompts, its samples' seeds, the update's shuffles) follows from the seed and the step.
@@ -336,6 +341,7 @@ class RLTrainer:
             if run.saves_at(self.step):
                 run.save(self.step, model_state=self.parallel.trainable_state(trained),
                          optimizer_state=both_optimizers.state_dict(), scheduler=both_schedulers,
+                         engine_writer=self.parallel.engine_writer(self.objectives),
                          trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
                                         "kl_coef": self.kl.value, "reward_moments": vars(self.moments)})
             run.bar.update(1)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from posttrain.errors import ConfigError
 from posttrain.output_folder import TEMP_ENTRIES, is_own
 from posttrain.train import distributed as dist
-from posttrain.train.parallel import ENGINE_FOLDER
+from posttrain.train.parallel import SHARDED_FOLDERS
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,13 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from (a file missing, cut short or unreadable), or
     None. Reads headers only: a truncated safetensors file no longer covers its header's offsets, and
     a truncated torch file (a zip archive) has lost its directory, which is at the end."""
-    engine = (path / ENGINE_FOLDER).is_dir()  # a DeepSpeed run's optimizer is in the engine's own files
+    # A sharded run's weights and optimizer are in each rank's shards (train/parallel.py), not in these files.
+    sharded = [path / k for k in SHARDED_FOLDERS if (path / k).is_dir()]
+    if sharded and not any(sharded[0].rglob("*")):
+        return f"{sharded[0].name}/ is empty"
+    unsharded = ("model.safetensors", "optimizer.pt")
     for name in FILES:
-        if not (path / name).is_file() and not (engine and name == "optimizer.pt"):
+        if not (path / name).is_file() and not (sharded and name in unsharded):
             return f"{name} is missing"
     try:
         state = json.loads((path / STATE_FILE).read_text())
@@ -117,12 +121,13 @@ def checkpoint_problem(path: Path) -> str | None:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "python_rng" not in state:
         return f"{STATE_FILE} has no step or RNG state"
     try:
-        with safe_open(path / "model.safetensors", framework="pt"):
-            pass
+        if not sharded:
+            with safe_open(path / "model.safetensors", framework="pt"):
+                pass
     except (OSError, SafetensorError) as err:
         return f"model.safetensors is unreadable ({err})"
     for name in TORCH_FILES:
-        if engine and name == "optimizer.pt":
+        if sharded and name in unsharded:
             continue
         try:
             zipfile.ZipFile(path / name).close()
@@ -144,15 +149,16 @@ def temp_checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return _atomic_dir(Path(output_dir) / f"{PREFIX}{step}")
 
 
-def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
+def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor] | None,
                     optimizer_state: dict | None, scheduler, trainer_state: dict, keep: int | None,
                     tmp: Path | None = None) -> Path:
-    """Checkpoint `step` written whole or not at all. `optimizer_state` None: the optimizer is in an
-    engine's own files, already written into `tmp` by every rank."""
+    """Checkpoint `step` written whole or not at all. `model_state` and `optimizer_state` None: they are in
+    each rank's shards, already written into `tmp` by every rank."""
     final = Path(output_dir) / f"{PREFIX}{step}"
     tmp = tmp or _atomic_dir(final)
     # Tied weights share storage; safetensors wants each tensor once and contiguous.
-    save_file({k: v.detach().contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
+    if model_state is not None:
+        save_file({k: v.detach().contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -221,27 +227,26 @@ def own_buffers(module) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, device: torch.device, parallel=None,
                     module=None) -> dict:
     """Restore a checkpoint into `model` (the objective), its optimizer and scheduler, and the RNGs;
-    the checkpoint's trainer state. `parallel` (train/parallel.py) loads the whole weights into a sharded
-    model, and the optimizer state through the wrapped `module` when given."""
+    the checkpoint's trainer state. With `parallel` (train/parallel.py) and the wrapped `module`, a sharded
+    checkpoint's weights and optimizer load from its shards."""
     try:  # `checkpoint_problem` reads headers only; damage inside a file shows here
         state = json.loads((path / STATE_FILE).read_text())
-        weights = load_file(path / "model.safetensors", device=str(device))
+        weights = load_file(path / "model.safetensors", device=str(device)) \
+            if (path / "model.safetensors").is_file() else None
         optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True) \
             if (path / "optimizer.pt").is_file() else None
         scheduler_state = torch.load(path / "scheduler.pt", weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
     except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         raise ConfigError(f"{path}: checkpoint is unreadable ({err}); resume from an older one") from None
-    if parallel is not None:
-        missing, unexpected = parallel.load_trainable_state(model, weights)
-    else:
+    if weights is not None:  # else they come with the shards, below
         missing, unexpected = model.load_state_dict(weights, strict=False)
-    # Checkpoints hold the trainable parameters and the objective's statistics; every one must come back.
-    required = {k for k, p in model.named_parameters() if p.requires_grad} | set(own_buffers(model))
-    missing = [k for k in missing if k in required and k not in _tied_keys(model)]
-    if unexpected or missing:
-        raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+        # Checkpoints hold the trainable parameters and the objective's statistics; every one must come back.
+        required = {k for k, p in model.named_parameters() if p.requires_grad} | set(own_buffers(model))
+        missing = [k for k in missing if k in required and k not in _tied_keys(model)]
+        if unexpected or missing:
+            raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
     if parallel is not None and module is not None:
         parallel.load_optimizer_state(module, optimizer, optimizer_state, path)
     elif hasattr(optimizer, "load_from"):  # several optimizers that load themselves (RL's actor and critic)

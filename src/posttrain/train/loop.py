@@ -281,7 +281,7 @@ class Trainer:
                 if run.saves_at(step):
                     run.save(step, model_state=parallel.trainable_state(model),
                              optimizer_state=parallel.optimizer_state(module, optimizer), scheduler=scheduler,
-                             engine_writer=parallel.engine_writer({"objective": module}),
+                             engine_writer=parallel.engine_writer({"objective": (module, optimizer)}),
                              trainer_state={"epoch": epoch, "steps_per_epoch": per_epoch})
                 run.bar.update(1)
                 if step >= total_steps:

@@ -37,7 +37,8 @@ from posttrain.train import distributed as dist
 
 log = logging.getLogger(__name__)
 
-ENGINE_FOLDER, ENGINE_TAG = "deepspeed", "state"  # where DeepSpeed's own checkpoint goes inside checkpoint-N
+SHARDED_FOLDERS = ("fsdp", "deepspeed")  # where each rank's shards go inside checkpoint-N, by strategy
+ENGINE_TAG = "state"  # DeepSpeed's checkpoint tag
 FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 FSDP_WORDS = ("offload", "auto_wrap")  # HF also accepts these after the strategy: "full_shard auto_wrap offload"
 FSDP_CONFIG_KEYS = {"cpu_offload": bool, "offload_params": bool, "reshard_after_forward": bool,
@@ -189,6 +190,16 @@ def deepspeed_zero_stage(args) -> int:
     return -1 if config is None else int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def _dcp_state(module: nn.Module, optimizer) -> dict:
+    """What torch.distributed.checkpoint saves for one objective: its trainable weights and own statistics
+    (frozen base weights come back from the model files) and its optimizer, each rank its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    return {"model": get_model_state_dict(module, options=options),
+            "optim": get_optimizer_state_dict(module, optimizer, options=options)}
+
+
 def decoder_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
     """The modules FSDP2 shards one by one: each decoder layer (the classes in `names`, or the classes
     the HF model lists in `_no_split_modules`, as accelerate's transformer wrap policy does)."""
@@ -325,30 +336,94 @@ class Parallel:
         return grad_norm, lr
 
     # -- checkpoints and the final save ---------------------------------------------------------------
-    def trainable_state(self, objective: nn.Module) -> dict[str, torch.Tensor]:
-        """The trainable parameters and the objective's own statistics, whole, on rank 0 (collective
-        under FSDP2 and ZeRO-3: every rank takes part in gathering them; others get {})."""
+    # A checkpoint of a sharded run holds each rank's shards, written by every rank into the checkpoint's
+    # temporary folder before it is renamed into place: torch.distributed.checkpoint for FSDP2 (under
+    # checkpoint-N/fsdp/<name>; it reshards on load, so a run resumes on another number of processes),
+    # DeepSpeed's own files for ZeRO (checkpoint-N/deepspeed/<name>). Rank 0 adds the scheduler, RNG and
+    # trainer state. Unsharded runs write whole weights and optimizer state as before.
+
+    def trainable_state(self, objective: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The trainable parameters and the objective's own statistics as rank 0 writes them into
+        model.safetensors; None when sharded (they are in the shards `engine_writer` writes)."""
+        if self.sharded:
+            return None
         from posttrain.train.checkpoint import own_buffers
 
         names = {k for k, p in objective.named_parameters() if p.requires_grad} | set(own_buffers(objective))
-        if self.kind == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return {k: v for k, v in full.items() if k in names}
-        if self.kind == "deepspeed":
-            return self._gathered(objective, names)
         return {k: v for k, v in objective.state_dict(keep_vars=True).items() if k in names}
 
-    def _gathered(self, module: nn.Module, names: set[str] | None) -> dict[str, torch.Tensor]:
-        """ZeRO-3 parameters gathered whole one module at a time; rank 0 keeps CPU copies."""
+    def optimizer_state(self, module: nn.Module, optimizer) -> dict | None:
+        """The optimizer's state as rank 0 writes it into optimizer.pt; None when sharded."""
+        return None if self.sharded else optimizer.state_dict()
+
+    def engine_writer(self, parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]]):
+        """What every rank writes into a checkpoint's temporary folder for each (wrapped objective, its
+        optimizer) in `parts`, or None when unsharded."""
+        if not self.sharded:
+            return None
+
+        def write(folder: Path) -> None:
+            for name, (module, optimizer) in parts.items():
+                where = folder / self.kind / name
+                if self.kind == "deepspeed":
+                    module.save_checkpoint(str(where), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+                else:
+                    import torch.distributed.checkpoint as dcp
+
+                    dcp.save(_dcp_state(module, optimizer), checkpoint_id=str(where))
+        return write
+
+    def load_shards(self, module: nn.Module, optimizer, folder: Path, name: str) -> None:
+        """Weights and optimizer state of part `name` from the shards in checkpoint `folder`."""
+        kind = next((k for k in SHARDED_FOLDERS if (folder / k).is_dir()), None)
+        if kind != self.kind and not (kind == "fsdp" and self.kind in ("single", "ddp")):
+            wrote = f"a {kind} run" if kind else "an unsharded run"
+            raise ConfigError(f"{folder}: the checkpoint was written by {wrote} and this run is {self.describe()}; "
+                              "resume with the sharding it was written with (an FSDP2 checkpoint also resumes "
+                              "on another number of processes)")
+        where = folder / kind / name
+        if not where.is_dir():
+            raise ConfigError(f"{folder}: the checkpoint holds no {where.relative_to(folder)}; resume it with the "
+                              "same stage and models it was written with")
+        if kind == "deepspeed":
+            module.load_checkpoint(str(where), tag=ENGINE_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        target = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+        state = _dcp_state(target, optimizer)
+        dcp.load(state, checkpoint_id=str(where))
+        set_model_state_dict(target, state["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(target, optimizer, state["optim"])
+
+    def load_optimizer_state(self, module: nn.Module, optimizer, state: dict | None, folder: Path | None = None,
+                             name: str = "objective") -> None:
+        """The optimizer (and, from shards, the weights too) of part `name` from checkpoint `folder`."""
+        if state is None:
+            self.load_shards(module, optimizer, folder, name)
+        elif self.sharded:
+            raise ConfigError(f"{folder}: the checkpoint was written by an unsharded run and this run is "
+                              f"{self.describe()}; resume with the sharding it was written with")
+        else:
+            optimizer.load_state_dict(state)
+
+    def load_trainable_state(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """Whole trainable weights (model.safetensors of an unsharded run) into `module`; (missing,
+        unexpected) keys as `load_state_dict` reports them."""
+        result = module.load_state_dict(weights, strict=False)
+        return list(result.missing_keys), list(result.unexpected_keys)
+
+    def _gathered(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """ZeRO-3 parameters gathered whole one at a time; rank 0 keeps CPU copies of the persistent state."""
         import deepspeed
 
-        if names is None:  # the persistent state, as state_dict() names it
-            names = set(module.state_dict().keys())
+        names = set(module.state_dict().keys())
         out = {}
         for key, p in module.named_parameters():
-            if names is not None and key not in names:
+            if key not in names:
                 continue
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
                 if dist.is_main():
@@ -365,85 +440,12 @@ class Parallel:
 
             return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.kind == "deepspeed" and self.zero_stage == 3:
-            return self._gathered(model, None)
+            return self._gathered(model)
         return None
 
     @property
     def zero_stage(self) -> int:
         return int((self.ds_config or {}).get("zero_optimization", {}).get("stage", 0))
-
-
-    def optimizer_state(self, module: nn.Module, optimizer) -> dict | None:
-        """The optimizer's state as a checkpoint keeps it. Under FSDP2 whole and keyed by parameter name
-        (gathered on rank 0), so a run resumes on any number of processes. None under DeepSpeed, whose
-        engine writes its partitions itself (`engine_writer`)."""
-        if self.kind == "deepspeed":
-            return None
-        if self.kind == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(module, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return optimizer.state_dict()
-
-    def engine_writer(self, modules: dict[str, nn.Module]):
-        """What every rank writes into a checkpoint folder itself (DeepSpeed: each engine's partitioned
-        optimizer and weights, in DeepSpeed's own layout under `deepspeed/<name>`), or None."""
-        if self.kind != "deepspeed":
-            return None
-
-        def write(folder: Path) -> None:
-            for name, module in modules.items():
-                module.save_checkpoint(str(folder / ENGINE_FOLDER / name), tag=ENGINE_TAG,
-                                       exclude_frozen_parameters=True)
-        return write
-
-    def load_optimizer_state(self, module: nn.Module, optimizer, state: dict | None, folder: Path | None = None,
-                             name: str = "objective") -> None:
-        if self.kind == "deepspeed":
-            engine_dir = folder / ENGINE_FOLDER / name if folder is not None else None
-            if engine_dir is None or not engine_dir.is_dir():
-                raise ConfigError(f"{folder}: this checkpoint holds no DeepSpeed state ({ENGINE_FOLDER}/{name}/); "
-                                  "resume a DeepSpeed run from a checkpoint the same kind of run wrote")
-            module.load_checkpoint(str(engine_dir), tag=ENGINE_TAG, load_module_strict=False,
-                                   load_optimizer_states=True, load_lr_scheduler_states=False)
-            return
-        if state is None:
-            raise ConfigError(f"{folder}: this checkpoint was written by a DeepSpeed run (its optimizer state is in "
-                              f"{ENGINE_FOLDER}/); resume it with the same deepspeed config")
-        if self.kind == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
-            return
-        optimizer.load_state_dict(state)
-
-    def load_trainable_state(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list, list]:
-        """Load whole trainable weights (every rank read them) into a possibly sharded module;
-        (missing, unexpected) keys as `load_state_dict` reports them."""
-        if self.kind == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            result = set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True,
-                                                                                   strict=False))
-            return list(result.missing_keys), list(result.unexpected_keys)
-        if self.kind == "deepspeed":
-            import deepspeed
-
-            params = dict(module.named_parameters())
-            unexpected = [k for k in weights if k not in params and k not in dict(module.named_buffers())]
-            for key, p in params.items():
-                if key in weights:
-                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
-                        with torch.no_grad():
-                            p.copy_(weights[key].to(p.device, p.dtype))
-            for key, b in module.named_buffers():
-                if key in weights:
-                    b.copy_(weights[key])
-            missing = [k for k in params if k not in weights]
-            return missing, unexpected
-        result = module.load_state_dict(weights, strict=False)
-        return list(result.missing_keys), list(result.unexpected_keys)
 
     # -- calls that bypass the wrapped forward (RL scoring and rollouts) -------------------------------
     @contextlib.contextmanager

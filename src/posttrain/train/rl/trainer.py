@@ -66,25 +66,27 @@ class RunningMoments:
 
 
 class _CombinedState:
-    """The actor's and the critic's optimizers (or schedulers) saved to and restored from one state; an
-    optimizer's through `parallel` with its wrapped objective in `modules` (gathered whole when sharded)."""
+    """The actor's and the critic's optimizers (or schedulers) saved to and restored from one state; the
+    optimizers through `parallel` with their wrapped objectives in `modules`."""
 
     def __init__(self, parts: dict, parallel: Parallel | None = None, modules: dict | None = None):
         self.parts, self.parallel, self.modules = parts, parallel, modules
 
-    def state_dict(self) -> dict:
-        if self.parallel is None:
-            return {name: part.state_dict() for name, part in self.parts.items()}
-        return {name: self.parallel.optimizer_state(self.modules[name], part) for name, part in self.parts.items()}
+    def state_dict(self) -> dict | None:
+        """Every part's state; None for a sharded run's optimizers (they are in each rank's shards)."""
+        if self.parallel is not None and self.parallel.sharded:
+            return None
+        return {name: part.state_dict() for name, part in self.parts.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
 
-    def load_from(self, state: dict, folder: Path) -> None:
-        """The optimizers' state from checkpoint `folder` (DeepSpeed engines read their own files there)."""
+    def load_from(self, state: dict | None, folder: Path) -> None:
+        """The optimizers' state from checkpoint `folder` (a sharded run's from each part's shards there)."""
         for name, part in self.parts.items():
-            self.parallel.load_optimizer_state(self.modules[name], part, state[name], folder, name)
+            self.parallel.load_optimizer_state(self.modules[name], part, None if state is None else state[name],
+                                               folder, name)
 
 
 class RLTrainer:
@@ -341,7 +343,8 @@ class RLTrainer:
             if run.saves_at(self.step):
                 run.save(self.step, model_state=self.parallel.trainable_state(trained),
                          optimizer_state=both_optimizers.state_dict(), scheduler=both_schedulers,
-                         engine_writer=self.parallel.engine_writer(self.objectives),
+                         engine_writer=self.parallel.engine_writer(
+                             {name: (self.objectives[name], optimizers[name]) for name in self.objectives}),
                          trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
                                         "kl_coef": self.kl.value, "reward_moments": vars(self.moments)})
             run.bar.update(1)

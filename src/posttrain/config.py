@@ -447,7 +447,8 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     whiten_advantages: bool | None = Field(
         None, description="normalize advantages over the batch; null: by advantage_estimator")
 
-    # KL to the reference (the starting model; with LoRA the base with the adapter disabled)
+    # KL to the reference (the starting model; with LoRA the base with the adapter disabled, but PiSSA's base is a
+    # residual: a copy of the starting model then)
     kl_coef: float = Field(
         0.05, ge=0, description="weight of the KL to the reference; 0: no reference model at all")
     kl_estimator: Literal["k1", "k2", "k3"] | None = Field(

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from posttrain.cli import main
-from posttrain.config import ALIASES, COMMANDS, build_config, load_config
-from posttrain.config_reference import reference_yaml
+from posttrain.config import ALIASES, COMMANDS, _apply_aliases, build_config, load_config
+from posttrain.config_reference import reference_yaml, yaml_value
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 # An example that says it is `posttrain config COMMAND examples/NAME.yaml` must be that output.
@@ -93,6 +93,33 @@ def test_a_listing_holds_every_key_once_with_its_default(command, tmp_path):
     assert loaded.model_dump() == build_config(COMMANDS[command], least).model_dump()
 
 
+RESOLVED = {  # defaults that follow from other keys: (command, overrides) -> the values they resolve to
+    ("sft", ("finetuning_type=qlora",)): {"quantization_bit": 4},
+    ("ppo", ()): {"advantage_estimator": "gae", "num_generations": 1, "use_kl_loss": False, "kl_estimator": "k1",
+                  "whiten_advantages": True, "loss_agg_mode": "token_mean"},
+    ("grpo", ()): {"advantage_estimator": "grpo", "num_generations": 4, "use_kl_loss": True, "kl_estimator": "k3",
+                   "whiten_advantages": False, "loss_agg_mode": "token_mean"},
+    ("grpo", ("advantage_estimator=dr_grpo", "use_kl_loss=false")): {
+        "num_generations": 4, "kl_estimator": "k1", "loss_agg_mode": "seq_mean_token_sum_norm"},
+    ("ppo", ("advantage_estimator=rloo", "num_generations=null", "kl_estimator=k2")): {
+        "num_generations": 4, "use_kl_loss": False, "kl_estimator": "k2", "whiten_advantages": False},
+}
+
+
+@pytest.mark.parametrize("command, given", list(RESOLVED), ids=[f"{c}-{len(g)}" for c, g in RESOLVED])
+def test_a_default_resolved_from_other_keys_is_the_configs_own_value(command, given):
+    """What runs is what the config holds, what `posttrain config` lists and what posttrain_config.yaml keeps."""
+    overrides = [f"{key}={yaml.safe_dump(v, default_flow_style=True).strip()}" for key, v in _least(command).items()]
+    overrides += list(given)
+    config, resolved = load_config(command, None, overrides), RESOLVED[command, given]
+    assert {key: getattr(config, key) for key in resolved} == resolved
+    listing = reference_yaml(command, None, overrides)
+    for key, value in resolved.items():
+        assert re.search(rf"^{key}: {re.escape(yaml_value(value))} +# ", listing, re.M), key
+    saved = build_config(COMMANDS[command], config.model_dump(mode="json"))
+    assert saved.model_dump() == config.model_dump()
+
+
 def test_a_listing_with_values_names_the_defaults_they_replace(tmp_path):
     text = reference_yaml("dpo", None, ["model_name_or_path=m", "dataset=d", "output_dir=o", "beta=0.3"])
     assert re.search(r"^pref_beta: 0\.3 +# .*\(alias beta\) \(default: 0\.1\)$", text, re.M)
@@ -110,7 +137,12 @@ def test_config_command_prints_the_listing(capsys):
     assert "lora_rank" in capsys.readouterr().err
 
 
-def test_aliases_point_at_keys_of_their_command():
+def test_every_alias_maps_straight_to_a_key_of_its_command():
+    assert set(ALIASES) == set(COMMANDS)  # the one table names every command
     for command, aliases in ALIASES.items():
         fields = COMMANDS[command].model_fields
-        assert all(key in fields and alias not in fields for alias, key in aliases.items()), command
+        for alias, key in aliases.items():
+            assert key in fields, f"{command}: alias {alias!r} names {key!r}, which {command} has no key for"
+            assert alias not in fields, f"{command}: {alias!r} is both a key and an alias"
+            assert key not in aliases, f"{command}: alias {alias!r} names {key!r}, itself an alias (a chain)"
+            assert _apply_aliases({alias: 1}, command) == {key: 1}

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.cli import main
+from posttrain.config import load_config
 from posttrain.data.synthetic import split_task, write_jsonl
+from posttrain.train.rl.recipe import run_rl
 
 from conftest import sft_overrides
 
@@ -34,12 +36,20 @@ def rl_setup(tiny_model_dir, task_data, tmp_path_factory):
             "held": write_jsonl(rows(held), root / "held.jsonl"), "reward": root / "reward.py", "root": root}
 
 
-def _run(stage, setup, out, **extra):
+def _overrides(setup, out, **extra) -> list[str]:
     args = dict(model_name_or_path=setup["sft"], dataset=setup["prompts"], eval_dataset=setup["held"],
                 output_dir=out, reward_funcs=f"[{setup['reward']}:first_digit]", max_completion_length=10,
                 rollout_batch_size=8, per_device_train_batch_size=32, learning_rate=1e-3, disable_tqdm=True, seed=0)
     args.update(extra)
-    assert main([stage, *[f"{k}={v}" for k, v in args.items()]]) == 0
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _run(stage, setup, out, **extra):
+    assert main([stage, *_overrides(setup, out, **extra)]) == 0
+    return _records(out)
+
+
+def _records(out):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -97,6 +107,30 @@ def test_ppo_resumed_from_a_checkpoint_matches_the_run_that_was_not_stopped(rl_s
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_pissa_actor_has_its_starting_model_as_reference_and_is_saved_for_the_original_base(rl_setup, tmp_path):
+    """PiSSA moves the base's principal part into the adapter: the base under it is a residual, neither the
+    reference nor the base the saved adapter may apply to."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pissa"
+    result = run_rl(load_config("grpo", None, _overrides(
+        rl_setup, out, max_steps=2, num_generations=2, advantage_estimator="rloo", finetuning_type="lora",
+        lora_rank=4, pissa_init=True, pissa_iter=-1, eval_steps=100)))
+    steps = [r for r in _records(out) if "reward_mean" in r]
+    assert abs(steps[0]["kl"]) < 1e-4  # the first rollout, before any update: the policy IS its reference
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 8  # converted: a plain LoRA, rank doubled
+    assert not list(out.glob(".pissa-init-*"))
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(rl_setup["sft"], dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+    actor = result.objective.eval()
+    with torch.no_grad():  # the actor stays where it trained (CUDA where there is one)
+        want, got = (m(input_ids=ids.to(next(m.parameters()).device)).logits.float().cpu() for m in (actor, reloaded))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 def test_lora_actor_uses_its_base_as_reference(rl_setup, tmp_path, caplog):
     out = tmp_path / "lora"

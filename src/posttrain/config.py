@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError
 
@@ -65,11 +65,14 @@ class DatasetEntry(_Strict):
     columns: dict[str, str] | None = None
 
 
+_LORA = ("lora", "qlora")
+
+
 class FinetuningArgs(_Strict):
-    """Which parameters train: all, some layers, a LoRA-family adapter, or virtual tokens.
+    """Which parameters train: all, some layers, or a LoRA-family adapter (every training stage).
 
     Names follow LLaMA-Factory (finetuning_type, lora_rank, lora_target, freeze_trainable_layers,
-    ...) and PEFT (num_virtual_tokens, encoder_hidden_size, modules_to_save, ...).
+    ...) and PEFT (modules_to_save, use_dora, ...).
     """
 
     finetuning_type: Literal[FINETUNING_TYPES] = Field(
@@ -100,32 +103,13 @@ class FinetuningArgs(_Strict):
     pissa_iter: int = Field(16, description="fast-SVD iterations for PiSSA; -1: exact SVD")
     loraplus_lr_ratio: float | None = Field(
         None, gt=0, description="LoRA+: B matrices learn this many times faster (e.g. 16); null: off")
-    quantization_bit: Literal[4, 8, None] = Field(
-        None, description="QLoRA: a 4- or 8-bit base via bitsandbytes (CUDA only); finetuning_type qlora implies 4")
-
-    # ptuning / prompt_tuning / prefix_tuning
-    num_virtual_tokens: int = Field(20, gt=0, description="ptuning / prompt_tuning / prefix_tuning: the virtual "
-                                                          "tokens")
-    encoder_hidden_size: int | None = Field(
-        None, gt=0, description="ptuning / prefix_tuning: the prompt encoder's (or prefix MLP's) width; null: the "
-                                "model's hidden size")
-    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field(
-        "MLP", description="ptuning: the prompt encoder, MLP | LSTM")
-    prompt_tuning_init_text: str | None = Field(
-        None, description="prompt_tuning: initialise the soft prompt from this text; null: at random")
-    prefix_projection: bool = Field(False, description="prefix_tuning: reparameterise the prefixes through an MLP")
 
     @model_validator(mode="after")
     def _check_finetuning(self):
         self._check_keys_match_type()
-        if self.finetuning_type == "qlora" and self.quantization_bit is None:
-            self.__dict__["quantization_bit"] = 4
-        if self.quantization_bit is not None and self.finetuning_type not in ("lora", "qlora"):
-            raise ValueError(f"quantization_bit is for lora/qlora, not finetuning_type {self.finetuning_type!r}")
         if self.use_dora and self.pissa_init:
             raise ValueError("use_dora and pissa_init cannot be combined; choose one")
         return self
-
 
     def _check_keys_match_type(self) -> None:
         """A key of another finetuning type, set to something other than its default, would be ignored:
@@ -139,7 +123,52 @@ class FinetuningArgs(_Strict):
                                      "Set finetuning_type, or remove the key")
 
 
-_LORA = ("lora", "qlora")
+class QuantizationArgs(_Strict):
+    """QLoRA: LoRA over a base quantized by bitsandbytes (CUDA only); sft, dpo, kto, ppo / grpo.
+
+    Mixed in beside FinetuningArgs, whose finetuning_type it reads; rm has no quantized base (its
+    LoRA is merged into the saved reward model).
+    """
+
+    quantization_bit: Literal[4, 8, None] = Field(
+        None, description="4 | 8: the base loaded in that many bits, LoRA trained over it; finetuning_type qlora "
+                          "implies 4; null: not quantized")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora_is_4_bit(cls, data: Any) -> Any:
+        # Filled into the input, so the resolved config (and the saved posttrain_config.yaml) shows the 4.
+        if isinstance(data, dict) and data.get("finetuning_type") == "qlora" and data.get("quantization_bit") is None:
+            return {**data, "quantization_bit": 4}
+        return data
+
+    @model_validator(mode="after")
+    def _check_quantization(self):
+        if self.quantization_bit is not None and self.finetuning_type not in _LORA:
+            raise ValueError(f"quantization_bit is for lora/qlora, not finetuning_type {self.finetuning_type!r}")
+        return self
+
+
+class PromptLearningArgs(_Strict):
+    """Trained virtual tokens in front of the input: ptuning / prompt_tuning / prefix_tuning (sft, dpo, kto).
+
+    Names follow PEFT (num_virtual_tokens, encoder_hidden_size, prefix_projection, ...). Mixed in
+    beside FinetuningArgs: its key check refuses these keys under another finetuning_type.
+    """
+
+    num_virtual_tokens: int = Field(20, gt=0, description="ptuning / prompt_tuning / prefix_tuning: the virtual "
+                                                          "tokens")
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="ptuning / prefix_tuning: the prompt encoder's (or prefix MLP's) width; null: the "
+                                "model's hidden size")
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field(
+        "MLP", description="ptuning: the prompt encoder, MLP | LSTM")
+    prompt_tuning_init_text: str | None = Field(
+        None, description="prompt_tuning: initialise the soft prompt from this text; null: at random")
+    prefix_projection: bool = Field(False, description="prefix_tuning: reparameterise the prefixes through an MLP")
+
+
+# The finetuning types each type-specific key takes effect with; a class checks the ones it has.
 KEYS_OF_TYPES = {
     **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "modules_to_save", "use_dora",
                      "use_rslora", "pissa_init", "pissa_iter", "loraplus_lr_ratio"), _LORA),
@@ -273,7 +302,7 @@ class SFTDataArgs(_Strict):
     packing: bool = Field(False, description="several samples per row, attention kept inside each sample")
 
 
-class SFTConfig(TrainArgs, DataArgs, SequenceArgs, SFTDataArgs):
+class SFTConfig(TrainArgs, QuantizationArgs, PromptLearningArgs, DataArgs, SequenceArgs, SFTDataArgs):
     """`posttrain sft`: supervised fine-tuning on conversations, or continued pre-training on text."""
 
     stage: Literal["sft"] = Field("sft", description="the command this file is for")
@@ -300,7 +329,7 @@ class RMConfig(TrainArgs, DataArgs, SequenceArgs):
         0.0, ge=0, description="+ c * per-token NLL of the chosen response (the LM head; GRM's SFT term)")
 
 
-class DPOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
+class DPOConfig(TrainArgs, QuantizationArgs, PromptLearningArgs, DataArgs, SequenceArgs, ReferenceArgs):
     """`posttrain dpo`: the DPO family (sigmoid, ipo, hinge, robust, bco_pair) and the reference-free
     SimPO and ORPO, on preference pairs."""
 
@@ -322,7 +351,7 @@ class DPOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
         return self
 
 
-class KTOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
+class KTOConfig(TrainArgs, QuantizationArgs, PromptLearningArgs, DataArgs, SequenceArgs, ReferenceArgs):
     """`posttrain kto`: KTO on unpaired rows (a response and a true/false label)."""
 
     stage: Literal["kto"] = Field("kto", description="the command this file is for")
@@ -335,6 +364,7 @@ class KTOConfig(TrainArgs, DataArgs, SequenceArgs, ReferenceArgs):
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+_BOOL = TypeAdapter(bool)  # a raw use_kl_loss as its field reads it (true, "yes", 1, ...)
 
 
 # RL alarms (train/rl/alarms.py): when a logged step's metric drifts past its threshold.
@@ -349,7 +379,7 @@ ALARM_DEFAULTS = {
 }
 
 
-class RLConfig(TrainArgs, DataArgs):
+class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     """`posttrain ppo` / `posttrain grpo`: RL on prompts, one loop, the advantage estimator picks the algorithm.
 
     Each step: `rollout_batch_size` prompts x `num_generations` completions are sampled from the
@@ -417,7 +447,8 @@ class RLConfig(TrainArgs, DataArgs):
     whiten_advantages: bool | None = Field(
         None, description="normalize advantages over the batch; null: by advantage_estimator")
 
-    # KL to the reference (the starting model; with LoRA the base with the adapter disabled)
+    # KL to the reference (the starting model; with LoRA the base with the adapter disabled, but PiSSA's base is a
+    # residual: a copy of the starting model then)
     kl_coef: float = Field(
         0.05, ge=0, description="weight of the KL to the reference; 0: no reference model at all")
     kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
@@ -448,20 +479,34 @@ class RLConfig(TrainArgs, DataArgs):
         default_factory=dict, description="alarm thresholds over the defaults: kl, entropy_drop, length_ratio, "
                                           "clip_fraction, truncated, logp_gap")
 
-    @model_validator(mode="after")
-    def _estimator_defaults(self):
-        est = self.advantage_estimator or ("gae" if self.stage == "ppo" else "grpo")
-        group = est != "gae"
+    @model_validator(mode="before")
+    @classmethod
+    def _estimator_defaults(cls, data: Any) -> Any:
+        """The defaults that depend on the estimator (the table above), filled into the input where a key is
+        absent or null: the config, `posttrain config` and the saved posttrain_config.yaml show what runs."""
+        if not isinstance(data, dict):
+            return data
+        stage = data.get("stage") or cls.model_fields["stage"].default
+        est = data.get("advantage_estimator") or ("gae" if stage == "ppo" else "grpo")
+        if est not in ADVANTAGE_ESTIMATORS:
+            return data  # the field's own check refuses it
         defaults = {"advantage_estimator": est,
-                    "num_generations": 4 if group else 1,
+                    "num_generations": 1 if est == "gae" else 4,
                     "use_kl_loss": est in ("grpo", "dr_grpo"),
                     "whiten_advantages": est in ("gae", "reinforce_pp", "reinforce_pp_baseline"),
                     "loss_agg_mode": "seq_mean_token_sum_norm" if est == "dr_grpo" else "token_mean"}
-        for key, value in defaults.items():
-            if getattr(self, key) is None:
-                self.__dict__[key] = value
-        if self.kl_estimator is None:
-            self.__dict__["kl_estimator"] = "k3" if self.use_kl_loss else "k1"
+        data = {**data, **{key: value for key, value in defaults.items() if data.get(key) is None}}
+        if data.get("kl_estimator") is None:
+            try:
+                use_kl_loss = _BOOL.validate_python(data["use_kl_loss"])
+            except ValidationError:
+                return data  # the field's own check refuses it
+            data["kl_estimator"] = "k3" if use_kl_loss else "k1"
+        return data
+
+    @model_validator(mode="after")
+    def _check_rl(self):
+        est = self.advantage_estimator
         if est in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") and self.num_generations < 2:
             raise ValueError(f"advantage_estimator {est!r} compares completions of the same prompt: "
                              f"num_generations must be >= 2 (got {self.num_generations})")
@@ -699,7 +744,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _apply_aliases(raw: dict[str, Any], command: str) -> dict[str, Any]:
     out = dict(raw)
-    for alias, key in ALIASES.get(command, _COMMON_ALIASES).items():
+    for alias, key in ALIASES.get(command, {}).items():
         if alias in out:
             if key in out and out[key] != out[alias]:
                 raise ConfigError(f"config sets both {alias!r} and {key!r} (same setting); keep one")

@@ -48,9 +48,10 @@ def _as_list(value) -> list[str]:
 def check_finetuning(args, device: torch.device, *, packing: bool = False) -> None:
     """Refuse settings that cannot run here, before anything loads."""
     kind = args.finetuning_type
-    if args.quantization_bit is not None:
+    bits = getattr(args, "quantization_bit", None)  # rm has no quantized base
+    if bits is not None:
         if device.type != "cuda":
-            raise ConfigError(f"finetuning_type {kind!r} with quantization_bit={args.quantization_bit} needs a CUDA "
+            raise ConfigError(f"finetuning_type {kind!r} with quantization_bit={bits} needs a CUDA "
                               "GPU (bitsandbytes quantized layers do not run on CPU); use finetuning_type: lora")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("quantization_bit needs the bitsandbytes package: `pip install bitsandbytes`")
@@ -183,7 +184,7 @@ def apply_finetuning(model: nn.Module, args, *, task_type: str = "CAUSAL_LM") ->
         return load_adapter(model, args.adapter_name_or_path, trainable=True, expect=kind)
     from peft import get_peft_model
 
-    if args.quantization_bit is not None:
+    if getattr(args, "quantization_bit", None) is not None:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)

@@ -3,7 +3,7 @@
 Every router but /health's requires the API key (auth.py); bodies over --max-body-bytes are refused
 before any of them (body_limit.py). Errors use OpenAI's shape (error_responses.py), published as such in
 /openapi.json (400 for a bad body, never FastAPI's 422). A generation request goes: the API key ->
-a concurrency slot (429) -> the body's fields (400) -> prepare.py (404, 400, 500 for a broken adapter)
+a concurrency slot (429) -> the body's fields (400) -> engine_inputs.py (404, 400, 500 for a broken adapter)
 -> the engine's check (400) -> the worker -> one JSON body, or SSE chunks as the tokens come.
 """
 

@@ -15,7 +15,7 @@ import uuid
 
 from posttrain.inference.engine import Output, Request
 from posttrain.serve.dependencies import Slot
-from posttrain.serve.generation import abort_unfinished, record
+from posttrain.serve.engine_requests import abort_unfinished, record
 from posttrain.serve.protocol import error_body
 from posttrain.serve.responses import Prepared, chat_logprobs, completion_logprobs, usage
 from posttrain.serve.state import ServerState

@@ -8,9 +8,10 @@ only cleared once the data has been read and tokenized without error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -107,6 +108,19 @@ def open_output_dir(config) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def pissa_initial_kept(config, model) -> Iterator[Path | None]:
+    """A PiSSA adapter's initial state kept in the opened output folder while the run lasts, for the final
+    save to convert the adapter into a plain LoRA of the original base (None for any other model);
+    removed when the run ends, also on an error."""
+    pissa_initial = save_pissa_initial(model, config.output_dir) if dist.is_main() else None
+    dist.barrier()
+    try:
+        yield pissa_initial
+    finally:
+        remove_pissa_initial(pissa_initial)
+
+
 def train_and_save(config, model, tokenizer, objective: nn.Module, train: list, evals: list, *,
                    collate: Callable[[list], dict], count: Callable[[dict], int], device: torch.device,
                    summary: dict) -> TrainResult:
@@ -114,16 +128,12 @@ def train_and_save(config, model, tokenizer, objective: nn.Module, train: list, 
     after every check), PiSSA's initial adapter kept for the save, the Trainer, and the model,
     tokenizer and config saved into the folder when training ends."""
     open_output_dir(config)
-    pissa_initial = save_pissa_initial(model, config.output_dir) if dist.is_main() else None
-    dist.barrier()
+    with pissa_initial_kept(config, model) as pissa_initial:
 
-    def save_final(folder: Path, state_dict: dict | None = None) -> None:
-        save_model(model, tokenizer, config, folder, pissa_initial, state_dict)
+        def save_final(folder: Path, state_dict: dict | None = None) -> None:
+            save_model(model, tokenizer, config, folder, pissa_initial, state_dict)
 
-    trainer = Trainer(config, objective, train_examples=train, eval_examples=evals, collate=collate, count=count,
-                      save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
-                      summary=summary, saved_model=model)
-    try:
+        trainer = Trainer(config, objective, train_examples=train, eval_examples=evals, collate=collate, count=count,
+                          save_final=save_final, device=device, run_config=config.model_dump(mode="json"),
+                          summary=summary, saved_model=model)
         return trainer.train()
-    finally:  # also when training stops on an error: no temp folder outlives the run
-        remove_pissa_initial(pissa_initial)

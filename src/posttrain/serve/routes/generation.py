@@ -1,6 +1,6 @@
-"""POST /v1/completions and /v1/chat/completions: a body is prepared (prepare.py, off the event loop),
-checked by the engine and submitted; the answer is one JSON body once every choice finished, or SSE
-chunks as the tokens come (streaming.py)."""
+"""POST /v1/completions and /v1/chat/completions: a body is prepared (engine_inputs.py, off the event loop),
+checked by the engine and submitted (engine_requests.py); the answer is one JSON body once every choice
+finished, or SSE chunks as the tokens come (streaming.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from posttrain.errors import ConfigError
 from posttrain.inference.request_errors import RequestError, UnknownModel
 from posttrain.serve.dependencies import GenerationSlot, State
 from posttrain.serve.error_responses import AdapterUnavailable, documented, status_of
-from posttrain.serve.generation import complete, engine_requests, record, submit
-from posttrain.serve.prepare import prepare_chat, prepare_completion
+from posttrain.serve.engine_inputs import prepare_chat, prepare_completion
+from posttrain.serve.engine_requests import complete, engine_requests, record, submit
 from posttrain.serve.protocol import ChatCompletionRequest, CompletionRequest
 from posttrain.serve.responses import chat_response, completion_response
 from posttrain.serve.streaming import sse

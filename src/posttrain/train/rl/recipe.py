@@ -1,7 +1,8 @@
 """`posttrain ppo` / `posttrain grpo`: read top to bottom.
 
 checks -> rewards (function files, built-ins, endpoint, reward model) -> prompts -> actor (full,
-freeze or LoRA) -> reference (frozen; a LoRA actor's own base with the adapter disabled, no copy)
+freeze or LoRA) -> reference (frozen; a LoRA actor's own base with the adapter disabled, no copy; a
+copy under PiSSA, whose base is a residual)
 -> critic (gae only: a value head on the reward model or the actor's checkpoint) -> RLTrainer ->
 the actor saved like any other stage's model (HF folder or PEFT adapter).
 """
@@ -70,8 +71,9 @@ def run_rl(config: RLConfig) -> TrainResult:
     actor, summary = stage_steps.apply_finetuning_type(config, actor)
     reference = None
     if config.kl_coef > 0 or config.kl_target:
-        if config.finetuning_type == "lora" and not config.ref_model:
-            reference = "adapter-disabled"  # the base under the adapter IS the starting model: no copy
+        # The base under a LoRA adapter IS the starting model: no copy. Not under PiSSA, whose base is a residual.
+        if config.finetuning_type == "lora" and not config.ref_model and not config.pissa_init:
+            reference = "adapter-disabled"
         else:
             reference = load_model(config.ref_model or config.model_name_or_path, device=device,
                                    trust_remote_code=config.trust_remote_code,
@@ -87,12 +89,13 @@ def run_rl(config: RLConfig) -> TrainResult:
         if dist.is_main():
             log.info("critic: a value head on %s", critic_path)
     stage_steps.open_output_dir(config)
+    with stage_steps.pissa_initial_kept(config, actor) as pissa_initial:
 
-    def save_final(folder: Path, state_dict: dict | None = None) -> None:
-        stage_steps.save_model(actor, tokenizer, config, folder, state_dict=state_dict)
+        def save_final(folder: Path, state_dict: dict | None = None) -> None:
+            stage_steps.save_model(actor, tokenizer, config, folder, pissa_initial, state_dict=state_dict)
 
-    trainer = RLTrainer(config, actor=actor, critic=critic, reference=reference, rewards=rewards,
-                        tokenizer=tokenizer, prompts=prompts, eval_prompts=evals, device=device,
-                        save_final=save_final, summary=summary)
-    out = trainer.train()
+        trainer = RLTrainer(config, actor=actor, critic=critic, reference=reference, rewards=rewards,
+                            tokenizer=tokenizer, prompts=prompts, eval_prompts=evals, device=device,
+                            save_final=save_final, summary=summary)
+        out = trainer.train()
     return TrainResult(out["steps"], None, None, out["output_dir"], out["plot"], out["metrics"], actor)

@@ -1,4 +1,4 @@
-"""A validated body becomes engine work: `model` resolved to the base or an adapter (404), prompts
+"""A validated body becomes engine inputs: `model` resolved to the base or an adapter (404), prompts
 rendered and tokenized with that model's tokenizer and chat template, the server's limits checked
 (limits.py), sampling parameters per engine request (prompt x n), the adapter's weights read.
 

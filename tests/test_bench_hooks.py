@@ -12,7 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-POSTTRAIN_OWNERS = ("Trainer", "RunRecorder", "rl_trainer", "sft_mod")
+POSTTRAIN_OWNERS = ("Trainer", "RunRecorder", "Parallel", "rl_trainer", "sft_mod")
 
 
 def _wrapped(script: Path) -> set[str]:
@@ -25,14 +25,16 @@ def _wrapped(script: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py"])
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py", "scale.py"])
 def test_every_function_a_bench_wraps_still_exists(script):
     import posttrain.train.rl.trainer as rl_trainer
     import posttrain.train.sft as sft_mod
     from posttrain.train.loop import Trainer
+    from posttrain.train.parallel import Parallel
     from posttrain.train.run_log import RunRecorder
 
-    scope = {"Trainer": Trainer, "RunRecorder": RunRecorder, "rl_trainer": rl_trainer, "sft_mod": sft_mod}
+    scope = {"Trainer": Trainer, "RunRecorder": RunRecorder, "Parallel": Parallel, "rl_trainer": rl_trainer,
+             "sft_mod": sft_mod}
     wrapped = _wrapped(BENCH / script)
     assert wrapped, f"{script}: found no wrapped names (has its timing changed?)"
     for name in wrapped:

@@ -52,7 +52,9 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     return hf
 
 
-def build_model(tokenizer, size: str = "tiny", seed: int = 0, max_position_embeddings: int = 2048) -> LlamaForCausalLM:
+def build_model(tokenizer, size: str = "tiny", seed: int = 0, max_position_embeddings: int = 2048,
+                **shape: int) -> LlamaForCausalLM:
+    """A Llama of the named size; `shape` replaces its entries (e.g. num_hidden_layers=16)."""
     if size not in SIZES:
         raise ValueError(f"unknown tiny-model size {size!r}; choose one of {sorted(SIZES)}")
     config = LlamaConfig(
@@ -62,17 +64,17 @@ def build_model(tokenizer, size: str = "tiny", seed: int = 0, max_position_embed
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **SIZES[size],
+        **{**SIZES[size], **shape},
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
-def write_tiny_model(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write model + tokenizer to `path` (an ordinary HF folder) and return it."""
+def write_tiny_model(path: str | Path, size: str = "tiny", seed: int = 0, **shape: int) -> Path:
+    """Write model + tokenizer to `path` (an ordinary HF folder) and return it; `shape` as in build_model."""
     path = Path(path)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, size=size, seed=seed)
+    model = build_model(tokenizer, size=size, seed=seed, **shape)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     path.mkdir(parents=True, exist_ok=True)

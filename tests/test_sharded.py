@@ -106,15 +106,18 @@ def test_fsdp_lora_with_offload_matches_one_process_and_resumes_on_one(tiny_mode
     _assert_same_weights(one, two, "adapter_model.safetensors", atol=1e-6)
 
 
-def test_fsdp_dpo_matches_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("command", ["dpo", "kto"])
+def test_fsdp_preference_stages_match_one_process(command, tiny_model_dir, tmp_path):
+    """The reference log-probs are filled in before sharding; KTO's whole-step KL estimate runs through the
+    sharded model outside its forward."""
     from posttrain.data.synthetic import preference_pairs, split_task, write_jsonl
     data = write_jsonl(preference_pairs(split_task(16, 0, seed=3)[0], seed=0), tmp_path / "pairs.jsonl")
     common = dict(model_name_or_path=tiny_model_dir, dataset=data, max_steps=3, per_device_train_batch_size=2,
                   learning_rate=1e-3, logging_steps=1, save_steps=0, cutoff_len=64, disable_tqdm=True, seed=0,
                   plot_loss=False, lr_scheduler_type="constant")
     args = lambda out, **kw: [f"{k}={v}" for k, v in dict(common, output_dir=out, **kw).items()]  # noqa: E731
-    _run("dpo", args(tmp_path / "one", gradient_accumulation_steps=2), 1)
-    _run("dpo", [*args(tmp_path / "two"), "fsdp=full_shard"], 2)
+    _run(command, args(tmp_path / "one", gradient_accumulation_steps=2), 1)
+    _run(command, [*args(tmp_path / "two"), "fsdp=full_shard"], 2)
     a, b = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [r["loss"] for r in a if "loss" in r] == pytest.approx([r["loss"] for r in b if "loss" in r], abs=1e-5)
     _assert_same_weights(tmp_path / "one", tmp_path / "two", "model.safetensors", atol=2e-5)

@@ -184,7 +184,7 @@ class Trainer:
         """The objective's whole-step statistics, if it keeps any (see the module docstring)."""
         begin = getattr(self.objective, "begin_step", None)
         if begin is not None:
-            with autocast(self.device, self.args):
+            with autocast(self.device, self.args), self.parallel.gathered(self.objective):
                 begin(_to(b, self.device) for b in batches)
 
     @torch.no_grad()

@@ -1,14 +1,18 @@
 """How a training objective runs over several processes: the one home of DDP, FSDP2 and DeepSpeed ZeRO.
 
-Every stage trains objectives (train/loop.py) through the four calls here, one process or many:
+Every stage trains objectives (train/loop.py, the RL update too) through the calls here, one
+process or many:
 
-- `Parallel.prepare(objective, args, total_steps)`: the objective wrapped for the ranks, with its
-  optimizer and scheduler, built after the wrap (FSDP2 and ZeRO replace the parameters they shard);
-- `Parallel.backward(module, batch, scale, sync, ...)`: one micro-batch forward and backward; the
-  gradients sync across ranks on an optimizer step's last micro-batch only;
-- `Parallel.step(...)`: clip, step, schedule, clear; the gradient norm before clipping;
-- `Parallel.state(...)` / `Parallel.load(...)`: what a checkpoint holds, and the full weights
-  gathered for the final save, which is always an ordinary HF folder or PEFT adapter.
+- `prepare(objective, total_steps)`: the objective wrapped for the ranks, with its optimizer and
+  scheduler, built after the wrap (FSDP2 and ZeRO replace the parameters they shard);
+- `backward(module, batch, scale, sync, ...)`: one micro-batch forward and backward; the gradients
+  sync across ranks on an optimizer step's last micro-batch only;
+- `step(...)`: clip, step, schedule, clear; the gradient norm before clipping;
+- checkpoints: `trainable_state` / `optimizer_state` (whole, unsharded runs) or `engine_writer` /
+  `load_shards` (each rank its shards); `full_model_state`: the weights gathered for the final save,
+  which is always an ordinary HF folder or PEFT adapter;
+- `gathered` / `copy_trainable`: for calls that bypass the wrapped forward (RL scoring and rollouts,
+  KTO's whole-step statistic).
 
 The strategies (the keys users write in HF `TrainingArguments`, LLaMA-Factory and TRL):
 - one process, or several without `fsdp`/`deepspeed`: plain, or DDP (each rank holds everything);

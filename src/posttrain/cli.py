@@ -186,32 +186,62 @@ def cmd_board(a) -> None:
 
 
 def cmd_data_preview(a) -> None:
-    from pathlib import Path
-
-    import yaml
-
-    from posttrain.config import load_config
     from posttrain.data.preview import STAGES, preview_row
     from posttrain.errors import ConfigError
     from posttrain.model.loading import load_tokenizer
 
     if a.index < 0:
         raise ConfigError(f"--index {a.index}: rows count from 0")
+    # a preview writes nothing, and (RL) scores nothing
+    config = _inspected_config(a, STAGES, "has no data to preview", a.overrides, {"output_dir": "."})
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    print(preview_row(config.stage, config, tokenizer, a.index, color=sys.stdout.isatty() and not a.no_color))
+
+
+def _inspected_config(a, stages, refusal: str, overrides: list[str], defaults: dict):
+    """A training config read to be looked at, not run (data preview, plan): its stage from --stage, else the file's
+    `stage:` key, else sft; `defaults` fill what that needs no value for (and RL gets a reward it will not call)."""
+    from pathlib import Path
+
+    import yaml
+
+    from posttrain.config import load_config
+    from posttrain.errors import ConfigError
+
     stage = a.stage
     if stage is None and a.config and Path(a.config).is_file():
         try:
             stage = (yaml.safe_load(Path(a.config).read_text()) or {}).get("stage")
         except (yaml.YAMLError, AttributeError):
-            stage = None  # load_config below says what is wrong with the file
+            stage = None  # load_config says what is wrong with the file
     stage = stage or "sft"
-    if stage not in STAGES:
-        raise ConfigError(f"stage {stage!r} has no data to preview; use one of {', '.join(STAGES)}")
-    defaults = {"output_dir": "."}  # a preview writes nothing, and (RL) scores nothing
+    if stage not in stages:
+        raise ConfigError(f"stage {stage!r} {refusal}; use one of {', '.join(stages)}")
     if stage in ("ppo", "grpo"):
-        defaults["reward_funcs"] = ["exact_match"]
-    config = load_config(stage, a.config, a.overrides, defaults=defaults)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    print(preview_row(stage, config, tokenizer, a.index, color=sys.stdout.isatty() and not a.no_color))
+        defaults = {**defaults, "reward_funcs": ["exact_match"]}
+    return load_config(stage, a.config, overrides, defaults=defaults)
+
+
+def cmd_plan(a) -> None:
+    from posttrain.errors import ConfigError
+    from posttrain.train.memory_plan import TRAINING_STAGES, print_plan
+
+    # torchrun's own names for the process counts, as flags or key=value (they are not config keys)
+    launch = {"nproc_per_node": a.nproc_per_node, "nnodes": a.nnodes}
+    overrides = []
+    for word in a.overrides:
+        key, _, value = word.partition("=")
+        if key in launch:
+            launch[key] = int(value) if value.isdigit() else -1
+        else:
+            overrides.append(word)
+    for key, value in launch.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} is a number of processes (1 or more), got {value if value >= 0 else 'no number'}")
+    # a plan reads no data and writes nothing
+    config = _inspected_config(a, TRAINING_STAGES, "is not a training stage", overrides,
+                               {"output_dir": ".", "dataset": "."})
+    print_plan(config, nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"] or 1)
 
 
 def _add_flag_command(sub, command: str, text: str, positional_keys: tuple[str, ...] = ()):
@@ -314,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-launch", action="store_true",
                    help="let the page start training runs into RUNS_DIR (off: the board only reads)")
     s.set_defaults(func=cmd_board)
+
+    s = sub.add_parser("plan", help="per-rank memory of a training config (weights, gradients, optimizer, "
+                                    "activations) against the memory there is, before anything loads")
+    s.add_argument("config", nargs="?", help="the training config (YAML); its stage key picks the stage")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, and nproc_per_node=N nnodes=N as torchrun takes")
+    s.add_argument("--stage", choices=["sft", "rm", "dpo", "kto", "ppo", "grpo"],
+                   help="the stage the config is for (default: its stage key, else sft)")
+    s.add_argument("--nproc-per-node", type=int, help="processes per node, as torchrun (default: $WORLD_SIZE or 1)")
+    s.add_argument("--nnodes", type=int, help="nodes, as torchrun (default 1)")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("data", help="inspect data")
     dsub = s.add_subparsers(dest="data_command", required=True)

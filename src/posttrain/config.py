@@ -235,6 +235,10 @@ class TrainArgs(FinetuningArgs):
     deepspeed: str | None = Field(
         None, description="torchrun: a DeepSpeed JSON config (ZeRO stage 0-3, offload), its \"auto\" values filled "
                           "from these keys; null: not DeepSpeed")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="per-rank memory budget in GiB: the run's memory plan (`posttrain plan`) must fit it "
+                                "or the run is refused before anything loads; null: the memory available on the "
+                                "device (CPU: the available RAM, shared by the node's processes)")
 
     @model_validator(mode="after")
     def _check_precision(self):

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 PROMPT_LEARNING = ("ptuning", "prompt_tuning", "prefix_tuning")
 PEFT_TYPES = ("lora", "qlora") + PROMPT_LEARNING
 ADAPTER_CONFIG = "adapter_config.json"
+SCALAR_HEADS = ("score", "v_head")  # a reward model's or critic's output layer: trained in full, never adapted
 
 
 def _as_list(value) -> list[str]:
@@ -78,7 +80,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
     for full_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head and full_name.split(".")[-1] not in ("score", "v_head"):
+        if isinstance(module, nn.Linear) and module is not head and full_name.split(".")[-1] not in SCALAR_HEADS:
             names.add(full_name.split(".")[-1])
     return sorted(names)
 
@@ -105,11 +107,9 @@ def _check_modules_exist(model: nn.Module, names: list[str], key: str) -> None:
         raise ConfigError(f"{key}: {missing} name no module of this model")
 
 
-def apply_freeze(model: nn.Module, args) -> nn.Module:
-    """Train only some decoder layers (and extra modules); everything else keeps requires_grad=False."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    if not n_layers:
-        raise ConfigError("finetuning_type: freeze needs a model whose config has num_hidden_layers")
+def freeze_selector(args, n_layers: int) -> Callable[[str], bool]:
+    """Whether `finetuning_type: freeze` trains the parameter of this name (as `named_parameters()` names it):
+    one of the selected decoder layers (all of it, or the modules listed), or an extra module."""
     k = args.freeze_trainable_layers
     if k == 0 or abs(k) > n_layers:
         raise ConfigError(f"freeze_trainable_layers: {k} is out of range for a model with {n_layers} layers "
@@ -117,17 +117,31 @@ def apply_freeze(model: nn.Module, args) -> nn.Module:
     layer_ids = range(n_layers - k, n_layers) if k > 0 else range(-k)
     modules = _as_list(args.freeze_trainable_modules)
     extra = _as_list(args.freeze_extra_modules)
-    _check_modules_exist(model, extra, "freeze_extra_modules")
-    if modules != ["all"]:
-        _check_modules_exist(model, modules, "freeze_trainable_modules")
     layer_re = re.compile(r"\.(\d+)\.")
-    for name, p in model.named_parameters():
+
+    def trains(name: str) -> bool:
         m = layer_re.search(name)
         in_layer = m is not None and int(m.group(1)) in layer_ids and ".layers." in name
         if in_layer and modules != ["all"]:
             rest = name[m.end():].split(".")[0]
             in_layer = rest in modules
-        p.requires_grad_(in_layer or any(f".{e}." in f".{name}" for e in extra))
+        return in_layer or any(f".{e}." in f".{name}" for e in extra)
+
+    return trains
+
+
+def apply_freeze(model: nn.Module, args) -> nn.Module:
+    """Train only some decoder layers (and extra modules); everything else keeps requires_grad=False."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if not n_layers:
+        raise ConfigError("finetuning_type: freeze needs a model whose config has num_hidden_layers")
+    trains = freeze_selector(args, n_layers)
+    modules = _as_list(args.freeze_trainable_modules)
+    _check_modules_exist(model, _as_list(args.freeze_extra_modules), "freeze_extra_modules")
+    if modules != ["all"]:
+        _check_modules_exist(model, modules, "freeze_trainable_modules")
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name))
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("finetuning_type: freeze selected no parameters; check freeze_trainable_modules")
     return model

@@ -39,14 +39,23 @@ def barrier() -> None:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over ranks, in place. Small statistics are built on the CPU; NCCL reduces CUDA tensors only,
     so under NCCL a CPU tensor makes a round trip through this rank's GPU."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def smallest(value: float) -> float:
+    """The smallest of every rank's `value` (e.g. the memory each rank has free), the same on every rank."""
+    return _all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MIN).item()
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if not dist.is_initialized():
         return t
     if t.device.type == "cpu" and dist.get_backend() == "nccl":
         on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        dist.all_reduce(on_gpu, op=op)
         t.copy_(on_gpu)
     else:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
     return t
 
 

@@ -191,7 +191,7 @@ def _fill_auto(ds: dict, args, check_only: bool = False) -> dict:
 def deepspeed_zero_stage(args) -> int:
     """The ZeRO stage of the run's DeepSpeed config (checked already), or -1 without DeepSpeed."""
     config = read_deepspeed_config(getattr(args, "deepspeed", None))
-    return -1 if config is None else int(config.get("zero_optimization", {}).get("stage", 0))
+    return -1 if config is None else zero_stage(config)
 
 
 def _dcp_state(module: nn.Module, optimizer) -> dict:
@@ -202,6 +202,12 @@ def _dcp_state(module: nn.Module, optimizer) -> dict:
     options = StateDictOptions(ignore_frozen_params=True)
     return {"model": get_model_state_dict(module, options=options),
             "optim": get_optimizer_state_dict(module, optimizer, options=options)}
+
+
+def deepspeed_half(ds_config: dict, args) -> bool:
+    """Whether DeepSpeed holds the module in bf16/fp16: its config enables either ("auto" from the run's keys)."""
+    filled = _fill_auto(ds_config, args, check_only=True)
+    return any(isinstance(filled.get(k), dict) and filled[k].get("enabled") is True for k in ("bf16", "fp16"))
 
 
 def decoder_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -219,6 +225,30 @@ def decoder_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return layers
 
 
+def strategy_kind(fsdp: FSDPSettings | None, ds_config: dict | None, world: int) -> str:
+    """single | ddp | fsdp | deepspeed: how a run with these keys trains on `world` processes (`fsdp: no_shard`
+    is DDP; FSDP2 in one process only where it offloads)."""
+    if ds_config is not None:
+        return "deepspeed"
+    if fsdp and fsdp.strategy != "no_shard" and (world > 1 or fsdp.cpu_offload):
+        return "fsdp"
+    return "ddp" if world > 1 else "single"
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def describe(kind: str, world: int, fsdp: FSDPSettings | None = None, ds_config: dict | None = None) -> str:
+    """The strategy in words, as the plan and the run's log show it."""
+    if kind == "fsdp":
+        return (f"FSDP2 {fsdp.strategy} over {world} processes"
+                + (", parameters offloaded to CPU" if fsdp.cpu_offload else ""))
+    if kind == "deepspeed":
+        return f"DeepSpeed ZeRO-{zero_stage(ds_config)} over {world} processes"
+    return f"DDP over {world} processes" if kind == "ddp" else "one process"
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter (FSDP2's DTensor shard, ZeRO-3's partition), or the tensor itself."""
     if hasattr(t, "ds_tensor"):
@@ -234,13 +264,11 @@ class Parallel:
         self.world = dist.world_size()
         self.fsdp = parse_fsdp(getattr(args, "fsdp", None), getattr(args, "fsdp_config", None))
         self.ds_config = read_deepspeed_config(getattr(args, "deepspeed", None))
+        self.kind = strategy_kind(self.fsdp, self.ds_config, self.world)
         if self.fsdp and self.fsdp.strategy == "no_shard":
             self.fsdp = None  # every rank keeps everything: DDP
-        self.kind = ("deepspeed" if self.ds_config is not None else "fsdp" if self.fsdp
-                     else "ddp" if self.world > 1 else "single")
-        if self.kind == "fsdp" and self.world == 1 and not self.fsdp.cpu_offload:
+        if self.fsdp and self.kind == "single":
             log.info("fsdp: one process has nothing to shard with; training unsharded")
-            self.kind = "single"
 
     @property
     def sharded(self) -> bool:
@@ -449,7 +477,7 @@ class Parallel:
 
     @property
     def zero_stage(self) -> int:
-        return int((self.ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+        return zero_stage(self.ds_config)
 
     # -- calls that bypass the wrapped forward (RL scoring and rollouts) -------------------------------
     @contextlib.contextmanager
@@ -492,13 +520,7 @@ class Parallel:
 
     # -- what the plan and the log show --------------------------------------------------------------
     def describe(self) -> str:
-        if self.kind == "fsdp":
-            s = self.fsdp
-            return (f"FSDP2 {s.strategy} over {self.world} processes"
-                    + (", parameters offloaded to CPU" if s.cpu_offload else ""))
-        if self.kind == "deepspeed":
-            return f"DeepSpeed ZeRO-{self.zero_stage} over {self.world} processes"
-        return f"DDP over {self.world} processes" if self.kind == "ddp" else "one process"
+        return describe(self.kind, self.world, self.fsdp, self.ds_config)
 
 
 def local_numel(module: nn.Module) -> int:

@@ -25,6 +25,7 @@ from posttrain.model.loading import load_model, load_tokenizer, pick_device
 from posttrain.output_folder import RUN_MARKER, check_output_folder, clear_own_entries
 from posttrain.train import distributed as dist
 from posttrain.train.loop import Trainer, TrainResult, seed_everything
+from posttrain.train.memory_plan import check_run_memory
 from posttrain.train.parallel import check_parallel, parse_fsdp
 from posttrain.train.reporting import check_tracker
 
@@ -42,7 +43,8 @@ def check_output_dir(config) -> None:
 
 
 def start_run(config) -> torch.device:
-    """Device and process group, the seed, and the checks that need nothing loaded."""
+    """Device and process group, the seed, and the checks that need nothing loaded (the memory plan among them:
+    the models' config.json is all it reads)."""
     device = pick_device(config.device)
     dist.init(device)
     # Before any model is built or adapted: new heads, LoRA A, soft prompts and PiSSA's randomized SVD all draw
@@ -57,6 +59,7 @@ def start_run(config) -> torch.device:
     fsdp = parse_fsdp(getattr(config, "fsdp", None), getattr(config, "fsdp_config", None))
     if fsdp and fsdp.activation_checkpointing:  # FSDP's name for it: the model loads with checkpointing on
         config.gradient_checkpointing = True
+    check_run_memory(config, device)  # the plan in the log's first lines; a run that cannot fit stops here
     return device
 
 

@@ -164,7 +164,7 @@ def layout(config, ds_config: dict | None, world: int, local_world: int) -> Layo
 
 def _weight_bytes(shapes: ModelShapes, trained: Trained, config, half: bool = False) -> int:
     """The whole model's weights: fp32 as loaded (bf16/fp16 where DeepSpeed casts it), QLoRA's base in 4 or 8 bits."""
-    quantized_bytes = 0.5 if config.quantization_bit == 4 else 1
+    quantized_bytes = 0.5 if getattr(config, "quantization_bit", None) == 4 else 1
     plain = shapes.total + trained.added - trained.quantized
     return (2 if half else 4) * plain + math.ceil(quantized_bytes * trained.quantized)
 
@@ -173,7 +173,7 @@ def _trained_parts(label: str, shapes: ModelShapes, trained: Trained, lay: Layou
     """A trained model's weights, gradients and AdamW state on one rank, and what its strategy gathers."""
     total, T = shapes.total + trained.added, trained.trainable
     weight_bytes = _weight_bytes(shapes, trained, config, lay.half)
-    dtype = "bf16/fp16" if lay.half else "fp32" if not trained.quantized else f"{config.quantization_bit}-bit base"
+    dtype = "bf16/fp16" if lay.half else "fp32" if not trained.quantized else f"{getattr(config, 'quantization_bit', None)}-bit base"
     grad_bytes = 2 if lay.half else 4
     parts = [Part(f"{label}weights ({dtype})", lay.per_rank(weight_bytes, "weights"), lay.where("weights")),
              Part(f"{label}gradients", lay.per_rank(grad_bytes * T, "gradients"), lay.where("gradients"))]
@@ -197,7 +197,7 @@ def _rows_and_tokens(config) -> tuple[int, int]:
     stage, rows = config.stage, config.per_device_train_batch_size
     if stage in ("ppo", "grpo"):
         return rows, config.cutoff_len + config.max_completion_length
-    tokens = config.cutoff_len + (config.num_virtual_tokens
+    tokens = config.cutoff_len + (getattr(config, "num_virtual_tokens", 0)
                                   if config.finetuning_type in ("ptuning", "prompt_tuning") else 0)
     return (2 * rows if stage in ("rm", "dpo") else rows), tokens
 

@@ -156,22 +156,11 @@ def child_trl(spec: dict, sharding: str | None) -> dict:
     t_setup = time.perf_counter()
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    from sft import TAGGED_CHATML
+    from sft import TAGGED_CHATML, counting_sft_trainer
 
-    class CountingSFTTrainer(SFTTrainer):
-        """Counts trained tokens the same way posttrain does: positions whose next token has a label."""
-
-        trained_tokens = 0
-        batch_cells = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training:
-                self.trained_tokens += int((inputs["labels"][:, 1:] != -100).sum())
-                self.batch_cells += inputs["input_ids"].numel()
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
+    CountingSFTTrainer = counting_sft_trainer()
     # The config first: under `accelerate launch --use_deepspeed` it turns ZeRO-3 on, so the trainer
     # then loads the model partitioned (zero.Init), as TRL's documented DeepSpeed recipe does.
     config = SFTConfig(

@@ -136,16 +136,12 @@ def child_posttrain(spec: dict, extra: dict) -> dict:
     }
 
 
-def child_trl(spec: dict, extra: dict) -> dict:
-    t_setup = time.perf_counter()
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+def counting_sft_trainer():
+    """TRL's SFTTrainer counting trained tokens the way posttrain does (positions whose next token has a
+    label) and the batch cells it computes (trl is imported here: only the TRL child needs it)."""
+    from trl import SFTTrainer
 
     class CountingSFTTrainer(SFTTrainer):
-        """Counts trained tokens the same way posttrain does: positions whose next token has a label."""
-
         trained_tokens = 0
         batch_cells = 0
 
@@ -155,6 +151,17 @@ def child_trl(spec: dict, extra: dict) -> dict:
                 self.batch_cells += inputs["input_ids"].numel()
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    return CountingSFTTrainer
+
+
+def child_trl(spec: dict, extra: dict) -> dict:
+    t_setup = time.perf_counter()
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    CountingSFTTrainer = counting_sft_trainer()
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     tokenizer.chat_template = TAGGED_CHATML
     # The same load posttrain does (fp32, SDPA), rather than letting TRL pick.

@@ -47,10 +47,16 @@ def load_sft_samples(config, tokenizer, main: bool = True) -> tuple[list, list, 
     convs, eval_convs = load_rows(config, load_conversations)
     if not all(c.is_text for c in convs + eval_convs):
         check_template_encodes(tokenizer, renderer.template, config.template)
+    return _tokenize_split(config, SFT, renderer, convs, eval_convs, main)
+
+
+def _tokenize_split(config, kind: Kind, renderer, rows: list, eval_rows: list, main: bool):
+    """Training and eval items of `kind`, cut to cutoff_len (in `preprocessing_num_workers` processes or read
+    back from the tokenized cache), with the training data's report."""
     options = TokenizeOptions.from_config(config, main=main)
-    train, report = tokenize_rows(SFT, convs, renderer, config.cutoff_len, config.overlong, options)
-    evals = (tokenize_rows(SFT, eval_convs, renderer, config.cutoff_len, config.overlong, options)[0]
-             if eval_convs else [])
+    train, report = tokenize_rows(kind, rows, renderer, config.cutoff_len, config.overlong, options)
+    evals = (tokenize_rows(kind, eval_rows, renderer, config.cutoff_len, config.overlong, options)[0]
+             if eval_rows else [])
     return train, evals, report
 
 
@@ -58,11 +64,7 @@ def _tokenize_responses(config, tokenizer, kind: Kind, rows: list, eval_rows: li
     """Training and eval items of `kind` (pairs or KTO rows; the response trained), with the training report."""
     renderer = response_renderer(tokenizer, config.template, config.mask_reasoning)
     check_template_encodes(tokenizer, renderer.template, config.template)
-    options = TokenizeOptions.from_config(config, main=main)
-    train, report = tokenize_rows(kind, rows, renderer, config.cutoff_len, config.overlong, options)
-    evals = (tokenize_rows(kind, eval_rows, renderer, config.cutoff_len, config.overlong, options)[0]
-             if eval_rows else [])
-    return train, evals, report
+    return _tokenize_split(config, kind, renderer, rows, eval_rows, main)
 
 
 def load_pair_samples(config, tokenizer, main: bool = True) -> tuple[list[PairSample], list[PairSample]]:

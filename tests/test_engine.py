@@ -78,7 +78,7 @@ def test_finished_rows_free_their_slot_between_decode_steps(base, prompts):
 
 
 def test_generate_wrapper_matches_transformers_generate(base, prompts):
-    from posttrain.inference.generate import _hf_generate, generate
+    from posttrain.generation.texts import generate
 
     model, tok = base
     free = make_engine(base).generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True))
@@ -87,7 +87,7 @@ def test_generate_wrapper_matches_transformers_generate(base, prompts):
     assert not tok.convert_ids_to_tokens(common).startswith("<|")
     stops = [tok.eos_token_id, common]
     ours = generate(model, tok, prompts, max_new_tokens=16, stop_ids=stops, batch_size=4)
-    theirs = _hf_generate(model, tok, prompts, 16, 0.0, 1.0, 4, stops)
+    theirs = generate(model, tok, prompts, max_new_tokens=16, stop_ids=stops, batch_size=4, backend="hf")
     assert ours == theirs
 
 
@@ -406,7 +406,7 @@ def test_generate_on_a_peft_wrapped_model_keeps_the_adapter(base, prompts, adapt
     merged (or hands what it cannot merge to transformers), never the base alone."""
     from peft import PeftModel
 
-    from posttrain.inference.generate import generate
+    from posttrain.generation.texts import generate
     from posttrain.model.loading import load_model
 
     _, tok = base

@@ -226,7 +226,7 @@ def test_evaluation_of_a_prompt_adapter_in_training_follows_its_live_weights(kin
     its prompt encoder's current output, exactly as its full forward would."""
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
-    from posttrain.inference.generate import generate
+    from posttrain.generation.texts import generate
     from posttrain.model.loading import load_model, load_tokenizer
 
     config = {"ptuning": PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=32, task_type="CAUSAL_LM"),
@@ -282,7 +282,7 @@ def test_whole_and_streamed_answers_agree_on_a_leading_space(lively_model_dir):
     """With a sentencepiece vocabulary the first generated word owes its space to the prompt: the answer sent
     whole (server, chat, evaluation, rollouts) is the text the streamed deltas add up to, space included."""
     from posttrain.inference.engine import Engine, Request
-    from posttrain.inference.generate import generate
+    from posttrain.generation.texts import generate
     from posttrain.inference.sampling import SamplingParams
     from posttrain.model.loading import load_model
 

@@ -80,7 +80,7 @@ def chatml_answer(model_dir, adapter=None, prompt: str = PROMPT, tokens: int = 2
     """The greedy answer up to the first <|im_end|>, from generation that ignores every stop; asserts the model
     does write <|im_end|> and more after it (else stopping there would go untested)."""
     from posttrain.inference.engine import Engine
-    from posttrain.inference.generate import split_prompt_learning
+    from posttrain.generation.engine_backend import split_prompt_learning
     from posttrain.inference.sampling import SamplingParams
     from posttrain.model.loading import load_for_inference
 

@@ -1,6 +1,6 @@
 """`posttrain chat`: talk to a trained folder, one-shot (--prompt) or interactively.
 
-Answers come from the engine `posttrain serve` runs (inference/generate.py), for a plain model and
+Answers come from the engine `posttrain serve` runs (generation/texts.py), for a plain model and
 every adapter type it serves, so chat shows the text the server would send.
 """
 
@@ -10,7 +10,7 @@ from posttrain.data.chat import ChatRenderer
 from posttrain.data.schema import Conversation, Message
 from posttrain.data.templates import chat_stop_ids, check_template_encodes
 from posttrain.errors import ConfigError
-from posttrain.inference.generate import generate
+from posttrain.generation.texts import generate
 from posttrain.model.loading import load_for_inference
 
 

@@ -367,6 +367,7 @@ class KTOConfig(TrainArgs, QuantizationArgs, PromptLearningArgs, DataArgs, Seque
 
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GENERATION_BACKENDS = ("auto", "engine", "vllm", "hf")
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 _BOOL = TypeAdapter(bool)  # a raw use_kl_loss as its field reads it (true, "yes", 1, ...)
 
@@ -437,6 +438,18 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the rollouts; 1: off")
     top_k: int = Field(0, ge=0, description="top-k sampling of the rollouts; 0: off")
+    rollout_backend: Literal[GENERATION_BACKENDS] = Field(
+        "auto", description="what samples the rollouts: engine (built in) | vllm | hf (transformers generate) | "
+                            "auto (vllm on CUDA when installed, else the engine)")
+    vllm_python: str | None = Field(
+        None, description="vllm: the Python of an environment with vLLM (`make vllm`); null: $POSTTRAIN_VLLM_PYTHON, "
+                          "else this Python when it imports vllm")
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vllm on a GPU: the share of its memory vLLM may take beside training")
+    tis_cap: float | None = Field(
+        None, gt=0, description="truncated importance sampling: weight each token's policy loss by min(exp(trainer - "
+                                "sampler log-prob), tis_cap), correcting for a rollout engine that samples a "
+                                "slightly different policy (vLLM); null: off")
 
     # the update
     ppo_epochs: int = Field(1, ge=1, description="passes over each rollout")
@@ -519,6 +532,9 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
             if len(self.reward_weights) != n:
                 raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {n} rewards "
                                  "(reward_model first, then each of reward_funcs)")
+        if self.tis_cap is not None and self.temperature != 1.0:
+            raise ValueError(f"tis_cap compares the sampler's log-probs with the trainer's, which agree only at "
+                             f"temperature 1 (got {self.temperature}); unset tis_cap or sample at temperature 1")
         unknown = sorted(set(self.alarms) - set(ALARM_DEFAULTS))
         if unknown:
             raise ValueError(f"alarms: unknown {', '.join(unknown)}; known: {', '.join(ALARM_DEFAULTS)}")

@@ -19,7 +19,7 @@ from posttrain.data.chat import ChatRenderer
 from posttrain.data.schema import Conversation, Message
 from posttrain.data.synthetic import split_task, write_jsonl
 from posttrain.data.templates import chat_stop_ids
-from posttrain.inference.generate import generate
+from posttrain.generation.texts import generate
 from posttrain.model.loading import load_for_inference
 from posttrain.model.tiny import write_tiny_model
 from posttrain.train.sft import run_sft

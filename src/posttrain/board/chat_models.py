@@ -49,7 +49,7 @@ class ChatModels:
         from fastapi import HTTPException
 
         from posttrain.data.schema import Conversation, Message
-        from posttrain.inference.generate import generate
+        from posttrain.generation.texts import generate
 
         if not messages or any(m.get("role") not in ROLES or not isinstance(m.get("content"), str) for m in messages):
             raise HTTPException(400, f"messages: a list of {{role, content}} with role one of {', '.join(ROLES)}")

@@ -37,6 +37,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, clipped
 
 
+def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training"): w = min(pi_old / pi_sampler, cap) per token, without gradient. The rollout
+    engine (vLLM: other kernels, other precision) samples a policy slightly unlike the one trained; the
+    weight corrects the policy gradient for it, and the cap bounds its variance."""
+    return torch.exp(old_logp - sampler_logp).clamp(max=cap).detach()
+
+
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss per token, 1.0 where the clipped term was the larger)."""

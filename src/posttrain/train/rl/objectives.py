@@ -17,7 +17,7 @@ from torch import nn
 
 from posttrain.train.rl import advantages as adv
 from posttrain.train.rl.experience import response_logps, response_values
-from posttrain.train.rl.losses import policy_loss, token_weights, value_loss
+from posttrain.train.rl.losses import policy_loss, tis_weights, token_weights, value_loss
 
 
 class PolicyObjective(nn.Module):
@@ -40,6 +40,10 @@ class PolicyObjective(nn.Module):
         metrics = {}
         if "sampler_logp" in per:  # the sampler and the trainer disagree on the tokens' log-probs
             metrics["logp_gap"] = (((old - per["sampler_logp"]).abs() * mask).sum(), count)
+            if c.tis_cap is not None:
+                tis = tis_weights(old, per["sampler_logp"], c.tis_cap)
+                loss = loss * tis
+                metrics["tis_weight"] = ((tis * mask).sum(), count)
         metrics.update({"policy_loss": ((loss.detach() * weights).sum(), micro["units"]),
                         "clip_fraction": ((clipped * mask).sum(), count),
                         "entropy": ((entropy.detach() * mask).sum(), count),

@@ -44,7 +44,7 @@ from posttrain.train.rl.experience import Experience, collate_rollouts, score_ro
 from posttrain.train.rl.losses import loss_units
 from posttrain.train.rl.objectives import PolicyObjective, ValueObjective
 from posttrain.train.rl.rewards import CompletionBatch, Rewards
-from posttrain.train.rl.rollout import Rollout, RolloutSampler
+from posttrain.train.rl.rollout import Rollout, RolloutSampler, vllm_options
 from posttrain.train.rl.shared_prompt import min_saved_positions
 from posttrain.train.run_log import RunRecorder, add_metrics, host_floats, reduce_metrics
 
@@ -130,7 +130,9 @@ class RLTrainer:
         # whole copy, refreshed from the shards before each step's rollouts (`sync_rollout_actor`).
         self.rollout_actor = copy.deepcopy(actor) if self.parallel.sharded else actor
         self.sampler = RolloutSampler(self.rollout_actor, tokenizer, max_batch_size=max(self.per_step, 1),
-                                      seed=config.seed, end_of_turn=end_of_turn)
+                                      seed=config.seed, end_of_turn=end_of_turn, backend=config.rollout_backend,
+                                      vllm_options=vllm_options(config))
+        self.sampler_stale = False  # the actor changed since the sampler last saw its weights
 
     # -- the plan ---------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -248,10 +250,14 @@ class RLTrainer:
         return info
 
     def sync_rollout_actor(self) -> None:
-        """The rollout copy of a sharded actor brought up to its latest weights (collective); nothing to do
-        when the actor is whole on every rank."""
+        """The sampler brought up to the actor's latest weights: the rollout copy of a sharded actor refreshed
+        from its shards (collective), then the backend told (vLLM receives the weights); only after a change."""
+        if not self.sampler_stale:
+            return
         if self.rollout_actor is not self.actor:
             self.parallel.copy_trainable(self.actor, self.rollout_actor)
+        self.sampler.update_weights()
+        self.sampler_stale = False
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -283,6 +289,7 @@ class RLTrainer:
             raise ConfigError(f"{state['path']}: the checkpoint was written for {state.get('steps_per_epoch')} steps "
                               f"per epoch and {state.get('total_steps')} steps in all, this run has {plan[0]} and "
                               f"{plan[1]}; resume with the same prompts, batch sizes, max_steps and process count")
+        self.sampler_stale = True  # the checkpoint's weights
         self.kl.value = state["kl_coef"]
         vars(self.moments).update(state["reward_moments"])
         log.info("resumed from %s (step %d of %d)", state["path"], state["step"], run.total_steps)
@@ -328,26 +335,29 @@ class RLTrainer:
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
-        for self.step in range(done + 1, total + 1):
-            info = self.one_step(run, optimizers, schedulers, completions)
-            if run.logs_at(self.step):
-                record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
-                          **_summarize(run.take_window()), "kl_coef": round(self.kl.value, 6),
-                          **{k: round(v, 6) for k, v in zip(info, host_floats(list(info.values())))}}
-                record.update(alarms.check(record))
-                run.log(record)
-                run.bar.set_postfix(reward=f"{record.get('reward_mean', 0):.3f}", kl=f"{record.get('kl', 0):.4f}")
-            if self.eval_prompts and run.evaluates_at(self.step):
-                evals = self.evaluate()
-                run.log({"step": self.step, **evals})
-            if run.saves_at(self.step):
-                run.save(self.step, model_state=self.parallel.trainable_state(trained),
-                         optimizer_state=both_optimizers.state_dict(), scheduler=both_schedulers,
-                         engine_writer=self.parallel.engine_writer(
-                             {name: (self.objectives[name], optimizers[name]) for name in self.objectives}),
-                         trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
-                                        "kl_coef": self.kl.value, "reward_moments": vars(self.moments)})
-            run.bar.update(1)
+        try:
+            for self.step in range(done + 1, total + 1):
+                info = self.one_step(run, optimizers, schedulers, completions)
+                if run.logs_at(self.step):
+                    record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
+                              **_summarize(run.take_window()), "kl_coef": round(self.kl.value, 6),
+                              **{k: round(v, 6) for k, v in zip(info, host_floats(list(info.values())))}}
+                    record.update(alarms.check(record))
+                    run.log(record)
+                    run.bar.set_postfix(reward=f"{record.get('reward_mean', 0):.3f}", kl=f"{record.get('kl', 0):.4f}")
+                if self.eval_prompts and run.evaluates_at(self.step):
+                    evals = self.evaluate()
+                    run.log({"step": self.step, **evals})
+                if run.saves_at(self.step):
+                    run.save(self.step, model_state=self.parallel.trainable_state(trained),
+                             optimizer_state=both_optimizers.state_dict(), scheduler=both_schedulers,
+                             engine_writer=self.parallel.engine_writer(
+                                 {name: (self.objectives[name], optimizers[name]) for name in self.objectives}),
+                             trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
+                                            "kl_coef": self.kl.value, "reward_moments": vars(self.moments)})
+                run.bar.update(1)
+        finally:
+            self.sampler.close()  # a vLLM worker ends with the run
         plot, metrics = run.finish(total, trained, self.save_final, plot_name="training_reward.png",
                                    parallel=self.parallel, saved_model=self.actor,
                                    keys=("reward_mean", "eval_reward"), title="reward",
@@ -385,6 +395,7 @@ class RLTrainer:
         t = time.perf_counter()
         train_actor = self.step > c.critic_warmup_steps or self.critic is None
         info = self.update(exp, optimizers, schedulers, train_actor, metrics)
+        self.sampler_stale = self.sampler_stale or train_actor
         timings["train_s"] = time.perf_counter() - t
         # Checked every step: the next rollouts would sample from NaN weights.
         run.watch.note(self.step, *(v for k, v in info.items() if k.endswith("_grad_norm")),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.train.rl import advantages as adv
-from posttrain.train.rl.losses import loss_units, policy_loss, token_weights, value_loss
+from posttrain.train.rl.losses import loss_units, policy_loss, tis_weights, token_weights, value_loss
 
 
 def _mask(lengths, width):
@@ -109,6 +109,14 @@ def test_clipped_policy_loss_and_dual_clip():
     assert clipped.tolist() == [1.0, 0.0, 0.0, 0.0]
     dual, _ = policy_loss(logp, old, a, 0.2, dual_clip=3.0)
     assert torch.allclose(dual, torch.tensor([-1.2, -0.5, 1.5, 3.0]))  # the huge ratio is bounded by c|A|
+
+
+def test_truncated_importance_weights():
+    old = torch.log(torch.tensor([0.5, 0.5, 0.9, 0.2]))  # the trainer's probabilities of the sampled tokens
+    sampler = torch.log(torch.tensor([0.5, 0.25, 0.1, 0.4]))  # the rollout engine's, for the same tokens
+    w = tis_weights(old.requires_grad_(), sampler, cap=2.0)
+    # ratios 1, 2, 9 (capped at 2), 0.5; no gradient flows through the weight
+    assert torch.allclose(w, torch.tensor([1.0, 2.0, 2.0, 0.5])) and not w.requires_grad
 
 
 def test_clipped_value_loss():

@@ -134,12 +134,25 @@ def test_pissa_actor_has_its_starting_model_as_reference_and_is_saved_for_the_or
 
 def test_lora_actor_uses_its_base_as_reference(rl_setup, tmp_path, caplog):
     out = tmp_path / "lora"
-    with caplog.at_level(logging.INFO, logger="posttrain.train.rl.rollout"):
+    with caplog.at_level(logging.INFO, logger="posttrain.generation.backend"):
         records = _run("grpo", rl_setup, out, max_steps=3, num_generations=2, finetuning_type="lora", lora_rank=4,
                        advantage_estimator="rloo", eval_steps=100)
-    assert "transformers generate" not in caplog.text  # the LoRA actor rolls out on the engine (merged copies)
+    assert "transformers' generate" not in caplog.text  # the LoRA actor rolls out on the engine (merged copies)
+    assert records[0]["rollout_backend"] == "engine"
     steps = [r for r in records if "reward_mean" in r]
     assert steps[-1]["kl"] > 0  # the adapter moved the policy away from its base
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     # The run's end is logged as every stage logs it: the size of the weights written.
     assert records[-1]["output_weights_bytes"] == (out / "adapter_model.safetensors").stat().st_size
+
+
+def test_rollout_backend_vllm_without_vllm_says_how_to_get_it(rl_setup, tmp_path, monkeypatch, capsys):
+    """Refused before any model loads: an output folder is never started."""
+    monkeypatch.delenv("POSTTRAIN_VLLM_PYTHON", raising=False)
+    base = dict(model_name_or_path=rl_setup["sft"], dataset=rl_setup["prompts"], output_dir=tmp_path / "o",
+                reward_funcs=f"[{STARTS_WITH_ONE}]", rollout_backend="vllm")
+    for extra, says in (({"vllm_python": tmp_path / "nope"}, "vllm_python: "), ({}, "make vllm")):
+        assert main(["grpo", *[f"{k}={v}" for k, v in {**base, **extra}.items()]]) != 0
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+        assert not (tmp_path / "o").exists()

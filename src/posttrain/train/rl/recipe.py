@@ -35,6 +35,10 @@ def check_rl(config: RLConfig) -> None:
     if config.finetuning_type not in RL_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for RL; use one of "
                           f"{', '.join(RL_FINETUNING)}")
+    if config.rollout_backend == "vllm":  # where vLLM is, before any model loads
+        from posttrain.generation.vllm_backend import check_vllm_config
+
+        check_vllm_config(config)
 
 
 def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cutoff_len: int

@@ -133,6 +133,7 @@ class RLTrainer:
                                       seed=config.seed, end_of_turn=end_of_turn, backend=config.rollout_backend,
                                       vllm_options=vllm_options(config))
         self.sampler_stale = False  # the actor changed since the sampler last saw its weights
+        self.summary = {**self.summary, "rollout_backend": self.sampler.backend.name}
 
     # -- the plan ---------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:

@@ -1,0 +1,230 @@
+"""vLLM as a generation backend: a worker process (vllm_worker.py) run by the Python of an environment
+that has vLLM, fed token ids and sampling parameters, answering token ids and log-probs.
+
+vLLM gets the starting weights once, as a folder this backend writes (so it generates from exactly
+the model in memory, resumed or not); after each update `update_weights` sends the trained weights:
+a full model's as safetensors reloaded in place (`reload_weights`), a LoRA model's adapter alone,
+loaded as a new LoRA version (no merge). vLLM's prefix cache is reset after each, so no cached prompt
+keeps the old weights' keys and values. Text is decoded here, by the trainer's tokenizer, as the engine
+decodes it; every request gets a seed (drawn from the backend's seed when it has none), so a run's
+samples repeat.
+
+Where vLLM's Python is: the `python` option (`vllm_python` key), else $POSTTRAIN_VLLM_PYTHON, else this
+Python when it can import vllm. On a CPU machine vLLM's CPU build lives in its own environment
+(`make vllm`): its pins clash with this package's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.generation.backend import Completion, stop_ids_of
+from posttrain.inference.detokenize import decode_continuation
+from posttrain.inference.sampling import SamplingParams, TokenChoice
+
+log = logging.getLogger(__name__)
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+NO_VLLM = ("rollout_backend: vllm needs vLLM: `make vllm` sets up its CPU build (then set vllm_python: "
+           ".venv-vllm/bin/python, or $POSTTRAIN_VLLM_PYTHON), or `pip install vllm` on a GPU machine")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
+
+
+def find_vllm_python(explicit: str | None = None) -> str | None:
+    """The Python that runs vLLM, or None when there is none."""
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise ConfigError(f"vllm_python: {explicit} is not an executable Python; run `make vllm` or point it at "
+                              "the python of an environment with vLLM")
+        return explicit
+    env = os.environ.get("POSTTRAIN_VLLM_PYTHON")
+    if env:
+        return find_vllm_python(env)
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+def check_vllm_config(config) -> None:
+    """A run asking for vLLM rollouts: vLLM is there, and the actor is one vLLM can sample as trained."""
+    if find_vllm_python(config.vllm_python) is None:
+        raise ConfigError(NO_VLLM)
+    if getattr(config, "use_dora", False):
+        raise ConfigError("rollout_backend: vllm: vLLM has no DoRA; use rollout_backend: hf")
+    if getattr(config, "pissa_init", False) or getattr(config, "quantization_bit", None):
+        raise ConfigError("rollout_backend: vllm samples the full-precision original base: PiSSA (a residual base) "
+                          "and QLoRA (a quantized one) would train another policy; use rollout_backend: engine")
+
+
+def _lora_config(model):
+    """The active LoRA config of a PEFT model, None for a plain model; refuses what vLLM cannot run as the
+    trainer runs it."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    config = configs[model.active_adapter]
+    kind = str(getattr(config, "peft_type", "")).split(".")[-1]
+    if kind != "LORA":
+        raise ConfigError(f"the vllm backend runs LoRA adapters, not {kind}; use rollout_backend: engine")
+    if getattr(config, "use_dora", False):
+        raise ConfigError("vLLM has no DoRA: use rollout_backend: hf (or engine for plain LoRA)")
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.startswith("pissa"):
+        raise ConfigError("PiSSA trains on a residual base that vLLM would not have: use rollout_backend: engine")
+    if getattr(config, "modules_to_save", None) or getattr(config, "bias", "none") != "none":
+        raise ConfigError("vLLM's LoRA has no modules_to_save or LoRA biases: use rollout_backend: engine")
+    return config
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model, tokenizer, *, seed: int | None = None, python: str | None = None,
+                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, max_num_seqs: int = 64):
+        exe = find_vllm_python(python)
+        if exe is None:
+            raise ConfigError(NO_VLLM)
+        if getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None), "quantization_config",
+                                                             None):
+            raise ConfigError("the vllm backend samples a full-precision base; a quantized (QLoRA) actor would "
+                              "train a different policy: use rollout_backend: engine")
+        self.model, self.tokenizer = model, tokenizer
+        self.lora = _lora_config(model)
+        self.stop_ids = stop_ids_of(model, tokenizer)
+        self._seeds = random.Random(seed)
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
+        self.max_seq_len = min(limit, max_model_len or limit)
+        self.version = 0
+        self.dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-"))
+        base = self.dir / "base"
+        self._write_base(base)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default sizes the cache from a whole NUMA node
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the worker's own function after a reload (_retie_lm_head)
+        self.log_path = self.dir / "worker.log"
+        self.proc = subprocess.Popen([exe, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(self.log_path, "w"), text=True, env=env, cwd=self.dir)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        options = {"model": str(base), "dtype": dtype, "max_model_len": self.max_seq_len,
+                   "max_num_seqs": max_num_seqs, "seed": seed or 0, "gpu_memory_utilization": gpu_memory_utilization}
+        if self.lora is not None:
+            options.update(enable_lora=True, max_lora_rank=next(r for r in LORA_RANKS if r >= self.lora.r))
+        log.info("starting vLLM (%s) for %s", exe, "a LoRA actor" if self.lora else "the model")
+        self.vllm_version = self._call("start", **options)["version"]
+        if self.lora is not None:
+            self.update_weights()  # the adapter as it starts
+
+    # -- the weights ---------------------------------------------------------------------------------
+    def _write_base(self, folder: Path) -> None:
+        """The model without its adapter (the base a LoRA version is loaded onto), as an HF folder."""
+        from safetensors.torch import save_file
+
+        folder.mkdir()
+        body = self.model.get_base_model() if self.lora is not None else self.model
+        body.config.save_pretrained(folder)
+        save_file(self._weights(body), str(folder / "model.safetensors"))
+
+    def _weights(self, body) -> dict[str, torch.Tensor]:
+        """Plain HF names (a LoRA layer's base weight under its own name, adapters left out), each tensor once
+        (tied embeddings: vLLM ties them itself), on the CPU."""
+        out, seen = {}, set()
+        for name, tensor in body.state_dict().items():
+            if "lora_" in name:
+                continue
+            name = name.replace(".base_layer.", ".")
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            out[name] = tensor.detach().to("cpu").contiguous()
+        return out
+
+    def update_weights(self) -> None:
+        """The model trained: vLLM generates from its current weights from the next call on."""
+        from safetensors.torch import save_file
+
+        self.version += 1
+        folder = self.dir / f"v{self.version}"
+        folder.mkdir()
+        if self.lora is not None:  # the adapter alone, as a new LoRA version
+            self.model.save_pretrained(folder)
+            self._call("adapter", name=f"actor-v{self.version}", id=self.version, path=str(folder))
+        else:
+            save_file(self._weights(self.model), str(folder / "model.safetensors"))
+            self._call("reload", path=str(folder))
+        previous = self.dir / f"v{self.version - 1}"
+        shutil.rmtree(previous, ignore_errors=True)
+
+    # -- generation ----------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        requests = [self._vllm_params(p) for p in params]
+        done = self._call("generate", prompts=prompts, params=requests)["completions"]
+        out = []
+        for prompt, p, c in zip(prompts, params, done):
+            ids = c["token_ids"]
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.stop_ids)
+            stopped = c["finish_reason"] == "stop" and bool(ids) and ids[-1] in stops
+            body = ids[:-1] if stopped else ids
+            choices = [TokenChoice(t, lp, [tuple(x) for x in top] if p.logprobs else None)
+                       for t, (lp, top) in zip(ids, c["logprobs"])] if p.logprobs is not None else []
+            out.append(Completion(decode_continuation(self.tokenizer, prompt, body), ids,
+                                  "stop" if stopped else "length", choices))
+        return out
+
+    def _vllm_params(self, p: SamplingParams) -> dict:
+        if p.stop:
+            raise ConfigError("the vllm backend gets token ids, not text: stop strings are not supported; use "
+                              "stop_token_ids")
+        seed = p.seed if p.seed is not None or p.greedy else self._seeds.getrandbits(63)
+        stops = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.stop_ids))
+        return {"max_tokens": min(p.max_new_tokens, self.max_seq_len), "temperature": p.temperature,
+                "top_p": p.top_p, "top_k": p.top_k if p.top_k > 0 else -1,
+                "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
+                "frequency_penalty": p.frequency_penalty, "stop_token_ids": stops, "ignore_eos": True,
+                "seed": seed, "logprobs": p.logprobs}
+
+    # -- the worker ----------------------------------------------------------------------------------
+    def _call(self, op: str, **request) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            raise PosttrainError(f"the vLLM worker is not running{self._log_tail()}")
+        self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise PosttrainError(f"the vLLM worker ended during {op}{self._log_tail()}")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise PosttrainError(f"vLLM {op} failed: {reply['error']}{self._log_tail()}")
+        return reply
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return ("; its log ends:\n" + "\n".join(tail)) if tail else ""
+
+    def close(self) -> None:
+        if getattr(self, "proc", None) is not None:
+            try:
+                if self.proc.poll() is None:
+                    self.proc.stdin.write(json.dumps({"op": "close"}) + "\n")
+                    self.proc.stdin.close()
+                    self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __del__(self):
+        self.close()

@@ -108,6 +108,29 @@ def test_ppo_resumed_from_a_checkpoint_matches_the_run_that_was_not_stopped(rl_s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_async_rollouts_run_one_step_off_policy_and_resume_exactly(rl_setup, tmp_path):
+    # The next step's samples are drawn before this step trains; a checkpoint carries them, so the
+    # resumed run trains on the very samples the uninterrupted one drew from the older weights.
+    settings = dict(max_steps=4, save_steps=2, num_generations=4, per_device_train_batch_size=16, async_rollouts=1,
+                    eval_steps=100, reward_funcs=f"[{STARTS_WITH_ONE}]", tis_cap=2.0)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = _run("grpo", rl_setup, straight, **settings)
+    steps = [r for r in first if "reward_mean" in r]
+    assert [r["staleness"] for r in steps] == [0, 1, 1, 1]  # the first step has no older weights to use
+    # Off-policy by one update: the sampler's log-probs are the previous weights', no longer the trainer's.
+    assert steps[0]["logp_gap"] < 1e-4 < steps[1]["logp_gap"] and steps[1]["tis_weight"] != 1
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    second = _run("grpo", rl_setup, resumed, resume_from_checkpoint="auto", **settings)
+
+    def after_checkpoint(records):
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records if r["step"] > 2]
+
+    assert after_checkpoint(second) == after_checkpoint(first) and len(after_checkpoint(first)) >= 2
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    on_policy = _run("grpo", rl_setup, tmp_path / "on", **{**settings, "async_rollouts": 0, "save_steps": 500})
+    assert [r["staleness"] for r in on_policy if "reward_mean" in r] == [0, 0, 0, 0]
+
 
 def test_pissa_actor_has_its_starting_model_as_reference_and_is_saved_for_the_original_base(rl_setup, tmp_path):
     """PiSSA moves the base's principal part into the adapter: the base under it is a residual, neither the

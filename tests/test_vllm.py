@@ -144,3 +144,23 @@ def test_lora_grpo_and_ppo_on_vllm_rollouts(rl_setup, tmp_path, vllm_python):
     # The actor moved off its reference, and every step's rollouts came from its weights of that step.
     assert steps[-1]["kl"] > 0 and max(r["logp_gap"] for r in steps) < 1e-3
 
+
+
+def test_async_rollouts_on_vllm_resume_to_the_same_weights(rl_setup, tmp_path, vllm_python):
+    # vLLM samples step k+1 while the trainer trains step k; a checkpoint carries those samples.
+    import shutil
+
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=4, save_steps=2, num_generations=4, per_device_train_batch_size=16, async_rollouts=1,
+                    eval_steps=100, reward_funcs=f"[{STARTS_WITH_ONE}]", rollout_backend="vllm",
+                    vllm_python=vllm_python)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = _run("grpo", rl_setup, straight, **settings)
+    assert [r["staleness"] for r in first if "reward_mean" in r] == [0, 1, 1, 1]
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    second = _run("grpo", rl_setup, resumed, resume_from_checkpoint="auto", **settings)
+    keep = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs if r["step"] > 2]  # noqa
+    assert keep(second) == keep(first)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

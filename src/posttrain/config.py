@@ -446,6 +446,9 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
                           "else this Python when it imports vllm")
     vllm_gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="vllm on a GPU: the share of its memory vLLM may take beside training")
+    async_rollouts: int = Field(
+        0, ge=0, description="sample the next N steps' rollouts before this step trains, on the weights as they are "
+                             "(off-policy by N updates; with vllm generation overlaps training); 0: on-policy")
     tis_cap: float | None = Field(
         None, gt=0, description="truncated importance sampling: weight each token's policy loss by min(exp(trainer - "
                                 "sampler log-prob), tis_cap), correcting for a rollout engine that samples a "

@@ -41,11 +41,28 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
         ...
 
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> object:
+        """Start generating (on the weights as they are now) and return a handle for `collect`. A backend
+        in another process (vLLM) works while the caller trains; one in this process works right here."""
+
+    def collect(self, handle: object) -> list[Completion]:
+        ...
+
     def update_weights(self) -> None:
         """The model trained since the last call: generate from its current weights from now on."""
 
     def close(self) -> None:
         ...
+
+
+class GeneratesHere:
+    """For backends in this process: `submit` does the work at once, `collect` hands it back."""
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> object:
+        return self.generate(prompts, params)
+
+    def collect(self, handle: object) -> list[Completion]:
+        return handle
 
 
 def open_backend(kind: str, model, tokenizer, *, max_batch_size: int = 32, seed: int | None = None,

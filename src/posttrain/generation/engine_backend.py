@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.generation.backend import Completion
+from posttrain.generation.backend import Completion, GeneratesHere
 from posttrain.inference.sampling import SamplingParams
 from posttrain.model.parts import prompt_learning_config
 
@@ -35,7 +35,7 @@ def live_adapter(prompt_model, engine, tokenizer):
     return Adapter(held.name, Path(), "prompt", tokenizer, None, prompt=held)
 
 
-class EngineBackend:
+class EngineBackend(GeneratesHere):
     name = "engine"
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, seed: int | None = None):

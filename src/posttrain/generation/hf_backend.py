@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.generation.backend import Completion, model_device, stop_ids_of
+from posttrain.generation.backend import Completion, GeneratesHere, model_device, stop_ids_of
 from posttrain.inference.detokenize import decode_continuation
 from posttrain.inference.sampling import SamplingParams, TokenChoice
 
 
-class HFBackend:
+class HFBackend(GeneratesHere):
     name = "hf"
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32):

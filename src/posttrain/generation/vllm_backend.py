@@ -105,6 +105,8 @@ class VLLMBackend:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
         self.max_seq_len = min(limit, max_model_len or limit)
         self.version = 0
+        self.sent = self.answered = 0  # requests written to the worker, replies read back
+        self.replies: dict[int, dict] = {}
         self.dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-"))
         base = self.dir / "base"
         self._write_base(base)
@@ -167,8 +169,15 @@ class VLLMBackend:
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
-        requests = [self._vllm_params(p) for p in params]
-        done = self._call("generate", prompts=prompts, params=requests)["completions"]
+        return self.collect(self.submit(prompts, params))
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple:
+        """The request goes to the worker now; vLLM generates while this process goes on (training)."""
+        return self._send("generate", prompts=prompts, params=[self._vllm_params(p) for p in params]), prompts, params
+
+    def collect(self, handle: tuple) -> list[Completion]:
+        sent, prompts, params = handle
+        done = self._reply(sent, "generate")["completions"]
         out = []
         for prompt, p, c in zip(prompts, params, done):
             ids = c["token_ids"]
@@ -195,14 +204,25 @@ class VLLMBackend:
 
     # -- the worker ----------------------------------------------------------------------------------
     def _call(self, op: str, **request) -> dict:
+        return self._reply(self._send(op, **request), op)
+
+    def _send(self, op: str, **request) -> int:
+        """Queue a request with the worker; its number, for `_reply`. The worker answers in order."""
         if self.proc is None or self.proc.poll() is not None:
             raise PosttrainError(f"the vLLM worker is not running{self._log_tail()}")
+        self.sent += 1
         self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise PosttrainError(f"the vLLM worker ended during {op}{self._log_tail()}")
-        reply = json.loads(line)
+        return self.sent
+
+    def _reply(self, number: int, op: str) -> dict:
+        while number not in self.replies:  # replies to earlier requests not yet collected are kept
+            line = self.proc.stdout.readline()
+            if not line:
+                raise PosttrainError(f"the vLLM worker ended during {op}{self._log_tail()}")
+            self.answered += 1
+            self.replies[self.answered] = json.loads(line)
+        reply = self.replies.pop(number)
         if not reply.pop("ok"):
             raise PosttrainError(f"vLLM {op} failed: {reply['error']}{self._log_tail()}")
         return reply

@@ -68,6 +68,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's value, in rank order, on every rank (e.g. each rank's own samples for a checkpoint)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -10,7 +10,8 @@ resumed run reads it back from metrics.jsonl):
   length_ratio   response_length > threshold x the first step's, or < the first step's / threshold
   clip_fraction  clip_fraction > threshold
   truncated      truncated (share of completions cut at max_completion_length) > threshold
-  logp_gap       logp_gap (mean |trainer - rollout engine| log-prob of the sampled tokens) > threshold
+  logp_gap       logp_gap (mean |trainer - rollout engine| log-prob of the sampled tokens) > threshold,
+                 on steps sampled on the trainer's own weights (staleness 0)
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Alarms:
             yield "length_ratio", ratio > lim["length_ratio"] or ratio < 1 / lim["length_ratio"]
         yield "clip_fraction", "clip_fraction" in r and r["clip_fraction"] > lim["clip_fraction"]
         yield "truncated", "truncated" in r and r["truncated"] > lim["truncated"]
-        yield "logp_gap", "logp_gap" in r and r["logp_gap"] > lim["logp_gap"]
+        # Samples drawn on older weights (async_rollouts) differ from the trainer's by design: on-policy steps only.
+        yield "logp_gap", "logp_gap" in r and not r.get("staleness") and r["logp_gap"] > lim["logp_gap"]
 
     def _describe(self, name: str, r: dict) -> str:
         metric = {"entropy_drop": "entropy", "length_ratio": "response_length"}.get(name, name)

@@ -38,10 +38,20 @@ class RolloutSampler:
         `seeds`: one per row, so a row's sample does not depend on which other rows share the batch
         (or the process); without them the engine draws seeds in row order. `logprobs`: keep the sampler's
         log-prob of each sampled token (of the unscaled logits)."""
+        return self.finish(self.start(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, seeds=seeds, logprobs=logprobs))
+
+    def start(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+              top_k: int = 0, seeds: list[int] | None = None, logprobs: bool = False) -> tuple:
+        """`sample` begun on the weights as they are now; `finish` gives its rollouts (async_rollouts)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop_token_ids=self.end_of_turn, logprobs=0 if logprobs else None)
         plist = [replace(params, seed=s) for s in seeds] if seeds is not None else [params] * len(prompts)
-        done = self.backend.generate(prompts, plist)
+        return self.backend.submit(prompts, plist), prompts, logprobs
+
+    def finish(self, started: tuple) -> list[Rollout]:
+        handle, prompts, logprobs = started
+        done = self.backend.collect(handle)
         return [Rollout(p, c.token_ids, c.text, c.finish_reason == "stop",
                         [t.logprob for t in c.logprobs] if logprobs else None) for p, c in zip(prompts, done)]
 

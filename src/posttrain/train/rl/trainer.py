@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -133,6 +134,8 @@ class RLTrainer:
                                       seed=config.seed, end_of_turn=end_of_turn, backend=config.rollout_backend,
                                       vllm_options=vllm_options(config))
         self.sampler_stale = False  # the actor changed since the sampler last saw its weights
+        self.weights_version = 0  # actor weights the sampler has been sent (0: the starting ones)
+        self.ahead: deque = deque()  # steps whose sampling started before they came (async_rollouts)
         self.summary = {**self.summary, "rollout_backend": self.sampler.backend.name}
 
     # -- the plan ---------------------------------------------------------------------------------
@@ -162,20 +165,48 @@ class RLTrainer:
         return random.Random(f"{self.config.seed}/{step}/{prompt}/{j}").getrandbits(63)
 
     # -- one step ---------------------------------------------------------------------------------
-    def rollout(self, step: int, picked: list[int]) -> tuple[list[Rollout], list[Prompt]]:
+    def start_rollout(self, step: int) -> dict:
+        """Begin sampling step `step`'s completions, on the weights the sampler has now."""
+        picked = self.step_prompts(step - 1)
         ids = [self.prompts[i][0] for i in picked for _ in range(self.group)]  # each prompt's group, consecutive
-        rows = [self.prompts[i][1] for i in picked for _ in range(self.group)]
         # A prompt picked twice in one step (fewer prompts than a step asks for) gets fresh seeds each time.
         seeds, seen = [], {}
         for i in picked:
             first = seen.get(i, 0) * self.group
             seen[i] = seen.get(i, 0) + 1
             seeds += [self.sample_seed(step, i, first + j) for j in range(self.group)]
-        # The engine's log-probs are of the unscaled logits: comparable with the trainer's at temperature 1 only.
+        # The sampler's log-probs are of the unscaled logits: comparable with the trainer's at temperature 1 only.
         c = self.config
-        rollouts = self.sampler.sample(ids, max_new_tokens=c.max_completion_length, temperature=c.temperature,
-                                       top_p=c.top_p, top_k=c.top_k, seeds=seeds, logprobs=c.temperature == 1.0)
-        return rollouts, rows
+        started = self.sampler.start(ids, max_new_tokens=c.max_completion_length, temperature=c.temperature,
+                                     top_p=c.top_p, top_k=c.top_k, seeds=seeds, logprobs=c.temperature == 1.0)
+        return {"step": step, "started": started, "version": self.weights_version}
+
+    def rollout(self, step: int) -> tuple[list[Rollout], list[Prompt], int]:
+        """Step `step`'s rollouts, their prompts' rows, and how many actor updates older than the actor's
+        weights they were sampled with. Under async_rollouts: N, the sampling of the next N steps starts
+        here, before this step trains, so a sampler in another process (vLLM) generates while the trainer
+        trains (one-step-off-policy at N = 1, as veRL and OpenRLHF run it); N = 0 samples each step's on
+        its own, on-policy. Every backend samples on the same weights either way; only the overlap differs."""
+        if not self.ahead or self.ahead[0]["step"] != step:
+            self.ahead.appendleft(self.start_rollout(step))
+        pending = self.ahead.popleft()
+        rollouts = pending["rollouts"] if "rollouts" in pending else self.sampler.finish(pending["started"])
+        queued = {p["step"] for p in self.ahead}
+        for k in range(step + 1, min(step + self.config.async_rollouts, self.total_steps()) + 1):
+            if k not in queued:
+                self.ahead.append(self.start_rollout(k))
+        rows = [self.prompts[i][1] for i in self.step_prompts(step - 1) for _ in range(self.group)]
+        return rollouts, rows, self.weights_version - pending["version"]
+
+    def ahead_state(self) -> list[dict]:
+        """The rollouts started ahead of their steps, finished and written out, for a checkpoint (each rank's,
+        in rank order): a resumed run trains on the very samples the uninterrupted one does."""
+        for pending in self.ahead:
+            if "rollouts" not in pending:
+                pending["rollouts"] = self.sampler.finish(pending.pop("started"))
+        mine = [{"step": p["step"], "version": p["version"], "rollouts": [vars(r) for r in p["rollouts"]]}
+                for p in self.ahead]
+        return dist.gather_objects(mine) if self.config.async_rollouts else []
 
     def shape_rewards(self, raw: torch.Tensor) -> torch.Tensor:
         rewards = raw
@@ -259,6 +290,7 @@ class RLTrainer:
             self.parallel.copy_trainable(self.actor, self.rollout_actor)
         self.sampler.update_weights()
         self.sampler_stale = False
+        self.weights_version += 1
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -291,6 +323,10 @@ class RLTrainer:
                               f"per epoch and {state.get('total_steps')} steps in all, this run has {plan[0]} and "
                               f"{plan[1]}; resume with the same prompts, batch sizes, max_steps and process count")
         self.sampler_stale = True  # the checkpoint's weights
+        self.weights_version = state.get("weights_version", 0)
+        self.ahead = deque({"step": p["step"], "version": p["version"],
+                            "rollouts": [Rollout(**r) for r in p["rollouts"]]}
+                           for p in (state.get("rollouts_ahead") or [[]] * self.world)[self.rank])
         self.kl.value = state["kl_coef"]
         vars(self.moments).update(state["reward_moments"])
         log.info("resumed from %s (step %d of %d)", state["path"], state["step"], run.total_steps)
@@ -355,7 +391,9 @@ class RLTrainer:
                              engine_writer=self.parallel.engine_writer(
                                  {name: (self.objectives[name], optimizers[name]) for name in self.objectives}),
                              trainer_state={"steps_per_epoch": self.steps_per_epoch(), "total_steps": total,
-                                            "kl_coef": self.kl.value, "reward_moments": vars(self.moments)})
+                                            "kl_coef": self.kl.value, "reward_moments": vars(self.moments),
+                                            "weights_version": self.weights_version,
+                                            "rollouts_ahead": self.ahead_state()})
                 run.bar.update(1)
         finally:
             self.sampler.close()  # a vLLM worker ends with the run
@@ -371,7 +409,7 @@ class RLTrainer:
         c, timings = self.config, {}
         t = time.perf_counter()
         self.sync_rollout_actor()
-        rollouts, rows = self.rollout(self.step, self.step_prompts(self.step - 1))
+        rollouts, rows, staleness = self.rollout(self.step)
         timings["generation_s"] = time.perf_counter() - t
         t = time.perf_counter()
         raw, per_source = self.rewards.score(CompletionBatch(rows, [r.text for r in rollouts]))
@@ -408,6 +446,7 @@ class RLTrainer:
         run.add(metrics)
         run.add(self.rollout_metrics(rollouts, raw, parts, exp))
         run.add({k: (v, 1) for k, v in timings.items()})  # logged as means per step
+        run.add({"staleness": (staleness, 1)})
         return info
 
     @staticmethod

@@ -22,6 +22,11 @@ engine's setup and the final save excluded, shown as "setup s"), split into gene
 completion tokens and text), scoring (rewards, reference log-probs, advantages) and training
 (forward, backward, optimizer). The ratio posttrain / TRL is the number to read, not the absolute.
 
+posttrain also runs with its rollouts on vLLM (when `make vllm` set it up), on-policy and with
+async_rollouts: 1; there "gen" is the wait for the samples, and peak RSS leaves out vLLM's own
+processes. TRL's vLLM mode needs vLLM importable beside TRL, which vLLM's CPU build (its pins) does
+not allow here: it runs only where both install together (a GPU machine).
+
 TRL 1.16 ships no PPOTrainer (neither in trl nor in trl.experimental), so there is no PPO pair.
 """
 
@@ -43,7 +48,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "grpo.json"
-SIDES = ("posttrain", "trl")
+# posttrain's rollouts on its engine, on vLLM (a worker in vLLM's own environment, `make vllm`), and on vLLM
+# with async_rollouts: 1 (the next step's generation overlaps this step's training).
+VLLM_SIDES = {"posttrain-vllm": ["rollout_backend=vllm"],
+              "posttrain-vllm-async": ["rollout_backend=vllm", "async_rollouts=1"]}
+SIDES = ("posttrain", *VLLM_SIDES, "trl")
 NO_PPO = "TRL 1.16 has no PPOTrainer (removed from trl, not in trl.experimental): PPO is not compared"
 
 
@@ -64,7 +73,7 @@ def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
 # Children: one training run each. They write a JSON result and exit.
 # ---------------------------------------------------------------------------------------------------
 
-def child_posttrain(spec: dict) -> dict:
+def child_posttrain(spec: dict, side: str = "posttrain") -> dict:
     t_setup = time.perf_counter()
     import posttrain.train.rl.trainer as rl_trainer
     from posttrain.config import load_config
@@ -93,8 +102,10 @@ def child_posttrain(spec: dict) -> dict:
         "lr_scheduler_type=constant", "warmup_steps=0", "weight_decay=0", "max_grad_norm=1.0",
         f"max_steps={spec['steps']}", f"seed={spec['seed']}", "logging_steps=1", "save_steps=0",
         "disable_tqdm=true", "report_to=none", "plot_loss=false", "bf16=false", "fp16=false",
-        "gradient_checkpointing=false",
+        "gradient_checkpointing=false", *VLLM_SIDES.get(side, []),
     ]
+    if side in VLLM_SIDES:
+        overrides.append(f"vllm_python={spec['vllm_python']}")
     result = run_rl(load_config("grpo", None, overrides))
     steps = [r for r in result.metrics if "generation_s" in r]
     train_s = marks["end"] - marks["start"]
@@ -175,7 +186,7 @@ def run_child(side: str, spec_path: Path) -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
-    result = (child_posttrain if side == "posttrain" else child_trl)(spec)
+    result = child_trl(spec) if side == "trl" else child_posttrain(spec, side)
     result["peak_rss_mib"] = peak_rss_mib()
     Path(spec["result"]).write_text(json.dumps(result))
 
@@ -269,7 +280,7 @@ def run_workload(name: str, work: Path, args, sides: list[str]) -> dict:
           f"{args.threads or 'default'}")
     spec = {"model": model, "train": str(prompts), "steps": args.steps, "prompts": args.prompts, "group": args.group,
             "max_completion_length": args.max_completion_length, "temperature": args.temperature, "lr": args.lr,
-            "beta": args.beta, "seed": args.seed, "threads": args.threads}
+            "beta": args.beta, "seed": args.seed, "threads": args.threads, "vllm_python": args.vllm_python}
     runs: dict[str, dict] = {}
     for side in sides:
         out = str(work / f"out-{side}")
@@ -281,12 +292,22 @@ def run_workload(name: str, work: Path, args, sides: list[str]) -> dict:
     print()
     table(runs, start_em)
     ratios = {}
+    per = lambda r, key: r[key] / r["steps"]  # noqa: E731
     if "posttrain" in runs and "trl" in runs:
         a, b = runs["posttrain"], runs["trl"]
         ratios["speed per step (trl s/step / posttrain s/step)"] = b["s_per_step"] / a["s_per_step"]
-        ratios["generation (trl / posttrain)"] = b["generation_s"] / b["steps"] / (a["generation_s"] / a["steps"])
-        ratios["training (trl / posttrain)"] = b["training_s"] / b["steps"] / (a["training_s"] / a["steps"])
+        ratios["generation (trl / posttrain)"] = per(b, "generation_s") / per(a, "generation_s")
+        ratios["training (trl / posttrain)"] = per(b, "training_s") / per(a, "training_s")
         ratios["peak RSS (posttrain / trl)"] = a["peak_rss_mib"] / b["peak_rss_mib"]
+    for side in VLLM_SIDES:
+        if side in runs:
+            v = runs[side]
+            if "trl" in runs:
+                ratios[f"speed per step (trl / {side})"] = runs["trl"]["s_per_step"] / v["s_per_step"]
+            if "posttrain" in runs:
+                ratios[f"speed per step (engine / {side})"] = runs["posttrain"]["s_per_step"] / v["s_per_step"]
+                engine = runs["posttrain"]
+                ratios[f"generation (engine / {side})"] = per(engine, "generation_s") / per(v, "generation_s")
     for k, v in ratios.items():
         print(f"{name}: {k}: {v:.2f}x")
     return {"about": about, "settings": {k: spec[k] for k in ("steps", "prompts", "group", "max_completion_length",
@@ -309,6 +330,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads per side (default: torch's own; on a shared, loaded "
                    "CPU 1 avoids OpenMP barrier stalls that swamp tiny-model timings)")
     p.add_argument("--sides", help=f"comma-separated, from {','.join(SIDES)} (default: both)")
+    p.add_argument("--vllm-python", help="the Python of vLLM's environment (default: $POSTTRAIN_VLLM_PYTHON)")
     p.add_argument("--workdir", help="keep models, data and outputs here (default: a temp folder, removed)")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -321,7 +343,14 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    sides = pick(p, args.sides, SIDES, ",".join(SIDES), "side")
+    from posttrain.generation.vllm_backend import find_vllm_python
+
+    args.vllm_python = find_vllm_python(args.vllm_python)
+    default = [s for s in SIDES if s not in VLLM_SIDES or args.vllm_python]
+    if not args.vllm_python:
+        print("no vLLM (make vllm, then --vllm-python .venv-vllm/bin/python or $POSTTRAIN_VLLM_PYTHON): its sides "
+              "are left out")
+    sides = pick(p, args.sides, SIDES, ",".join(default), "side")
     workloads = pick(p, args.workloads, WORKLOADS, ",".join(WORKLOADS), "workload")
     print(NO_PPO)
     work = work_dir(args.workdir, "bench-grpo-")

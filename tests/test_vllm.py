@@ -17,7 +17,7 @@ from posttrain.generation.backend import open_backend
 from posttrain.inference.sampling import SamplingParams
 from posttrain.model.loading import load_tokenizer
 
-from test_rl_training import STARTS_WITH_ONE, _records, _run, rl_setup  # noqa: F401  (the fixture)
+from test_rl_training import STARTS_WITH_ONE, _run, rl_setup  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.vllm
 

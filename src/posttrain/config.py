@@ -490,6 +490,16 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     cliprange_value: float = Field(0.2, gt=0, description="gae: clip of the value update")
     critic_warmup_steps: int = Field(0, ge=0, description="gae: rollout steps that train the critic only")
 
+    # where the roles run (train/rl/placement.py)
+    placement: Literal["none", "ray"] = Field(
+        "none", description="ray: the rollout sampler, the reference and the reward model each in a Ray actor")
+    ray_address: str | None = Field(
+        None, description="ray: a cluster to join (auto: the one `ray start` runs here); null: start Ray locally")
+    ray_num_cpus_per_role: float = Field(1.0, gt=0, description="ray: CPUs reserved for each role (fractions allowed)")
+    ray_num_gpus_per_role: float = Field(0.0, ge=0, description="ray: GPUs for each role (fractions allowed); 0: CPU")
+    ray_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="ray: PACK keeps the roles on as few nodes as fit, SPREAD puts them on different nodes")
+
     # what the run shows while it goes (`posttrain board`)
     log_completions: bool = Field(True, description="write a sample of each step's rollouts to rollouts.jsonl")
     log_completions_per_step: int = Field(

@@ -132,15 +132,18 @@ class Experience:
 def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id: int, device: torch.device,
                    batch_size: int, temperature: float, need_old: bool, precision, min_saved: int = 1) -> Experience:
     """The old policy's, the reference's and the critic's view of every rollout, batched without gradients.
-    `reference` is a model, or "adapter-disabled" for a LoRA actor (its base), or None (no KL). `min_saved`:
+    `reference` is a model, or "adapter-disabled" for a LoRA actor (its base), or None (no KL), or a
+    reference in another process (placement.RayReference), whose log-probs are computed meanwhile. `min_saved`:
     the fewest prompt positions a batch must skip to share its prompts (`min_saved_positions`).
     Rows of one prompt are batched together, so each batch runs each prompt once where every model
     can (shares_prompts)."""
+    remote = reference if hasattr(reference, "start") else None  # a reference in another process (placement)
+    pending = remote.start(rollouts) if remote is not None else None
     n = len(rollouts)
     length = max(len(r.response_ids) for r in rollouts)
     mask = torch.zeros(n, length, device=device)
     old = torch.zeros(n, length, device=device) if need_old else None
-    ref = torch.zeros(n, length, device=device) if reference is not None else None
+    ref = torch.zeros(n, length, device=device) if reference is not None and remote is None else None
     values = torch.zeros(n, length, device=device) if critic is not None else None
     models = [m for m in (actor, critic) if m is not None] + ([reference] if isinstance(reference, nn.Module) else [])
     modes = [m.training for m in models]
@@ -164,12 +167,14 @@ def score_rollouts(rollouts: list[Rollout], *, actor, reference, critic, pad_id:
             if reference == "adapter-disabled":
                 with actor.disable_adapter():
                     ref[idx, :cols] = response_logps(actor, batch, temperature)[0].float()
-            elif reference is not None:
+            elif ref is not None:
                 ref[idx, :cols] = response_logps(reference, batch, temperature)[0].float()
             if values is not None:
                 values[idx, :cols] = response_values(critic, batch).float()
     for m, mode in zip(models, modes):
         m.train(mode)
+    if remote is not None:
+        ref = remote.finish(pending).to(device)
     return Experience(rollouts, mask, old, ref, values, sampler_logp=_sampler_logps(rollouts, length, device))
 
 

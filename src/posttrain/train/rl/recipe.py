@@ -1,6 +1,7 @@
 """`posttrain ppo` / `posttrain grpo`: read top to bottom.
 
-checks -> rewards (function files, built-ins, endpoint, reward model) -> prompts -> actor (full,
+checks -> (placement: ray: the Ray roles' placement group) -> rewards (function files, built-ins,
+endpoint, reward model) -> prompts -> actor (full,
 freeze or LoRA) -> reference (frozen; a LoRA actor's own base with the adapter disabled, no copy; a
 copy under PiSSA, whose base is a residual)
 -> critic (gae only: a value head on the reward model or the actor's checkpoint) -> RLTrainer ->
@@ -23,6 +24,7 @@ from posttrain.model.loading import load_model
 from posttrain.model.reward import load_reward_model
 from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import TrainResult
+from posttrain.train.rl.placement import RayReference, RaySession, check_placement
 from posttrain.train.rl.rewards import build_rewards
 from posttrain.train.rl.trainer import RLTrainer
 
@@ -35,6 +37,7 @@ def check_rl(config: RLConfig) -> None:
     if config.finetuning_type not in RL_FINETUNING:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for RL; use one of "
                           f"{', '.join(RL_FINETUNING)}")
+    check_placement(config)
     if config.rollout_backend == "vllm":  # where vLLM is, before any model loads
         from posttrain.generation.vllm_backend import check_vllm_config
 
@@ -54,7 +57,16 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cut
 def run_rl(config: RLConfig) -> TrainResult:
     check_rl(config)
     device = stage_steps.start_run(config)
-    rewards = build_rewards(config, device)  # function files and endpoints fail here, before anything big
+    placed = RaySession(config) if config.placement == "ray" else None
+    try:
+        return _run_rl(config, device, placed)
+    finally:
+        if placed is not None:
+            placed.close()
+
+
+def _run_rl(config: RLConfig, device, placed: RaySession | None) -> TrainResult:
+    rewards = build_rewards(config, device, placed)  # function files and endpoints fail here, before anything big
     tokenizer = stage_steps.load_stage_tokenizer(config)
     rows, eval_rows = load_rows(config, load_prompts)
     rewards.check(rows + eval_rows)
@@ -78,6 +90,10 @@ def run_rl(config: RLConfig) -> TrainResult:
         # The base under a LoRA adapter IS the starting model: no copy. Not under PiSSA, whose base is a residual.
         if config.finetuning_type == "lora" and not config.ref_model and not config.pissa_init:
             reference = "adapter-disabled"
+        elif placed is not None:
+            reference = RayReference(placed, config.ref_model or config.model_name_or_path, config,
+                                     tokenizer.pad_token_id, max(config.per_device_eval_batch_size,
+                                                                 config.per_device_train_batch_size))
         else:
             reference = load_model(config.ref_model or config.model_name_or_path, device=device,
                                    trust_remote_code=config.trust_remote_code,
@@ -100,6 +116,6 @@ def run_rl(config: RLConfig) -> TrainResult:
 
         trainer = RLTrainer(config, actor=actor, critic=critic, reference=reference, rewards=rewards,
                             tokenizer=tokenizer, prompts=prompts, eval_prompts=evals, device=device,
-                            save_final=save_final, summary=summary)
+                            save_final=save_final, summary=summary, placed=placed)
         out = trainer.train()
     return TrainResult(out["steps"], None, None, out["output_dir"], out["plot"], out["metrics"], actor)

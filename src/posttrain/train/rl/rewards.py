@@ -279,10 +279,16 @@ class Rewards:
         return {f"rewards/{n}": per_source[i].mean().item() for i, n in enumerate(self.names)}
 
 
-def build_rewards(config, device: torch.device) -> Rewards:
-    """Function files and built-ins are checked here, before any model loads; the reward model last."""
+def build_rewards(config, device: torch.device, placed=None) -> Rewards:
+    """Function files and built-ins are checked here, before any model loads; the reward model last, in its
+    own Ray actor when the run is `placed` (placement.RaySession)."""
     sources = [make_source(spec, config.reward_timeout) for spec in config.reward_funcs]
     if config.reward_model:
-        sources.insert(0, ModelReward(config.reward_model, device, config.per_device_eval_batch_size,
-                                      config.trust_remote_code))
+        args = (config.reward_model, config.per_device_eval_batch_size, config.trust_remote_code)
+        if placed is not None:
+            from posttrain.train.rl.placement import RayReward
+
+            sources.insert(0, RayReward(placed, *args))
+        else:
+            sources.insert(0, ModelReward(args[0], device, *args[1:]))
     return Rewards(sources, config.reward_weights)

@@ -26,11 +26,18 @@ class Rollout:
 
 class RolloutSampler:
     def __init__(self, model, tokenizer, *, max_batch_size: int, seed: int, end_of_turn: list[int] = (),
-                 backend: str = "engine", vllm_options: dict | None = None):
-        """`end_of_turn`: the chat template's end-of-turn tokens (data/templates.py), stops beside EOS."""
+                 backend: str = "engine", vllm_options: dict | None = None, placed=None):
+        """`end_of_turn`: the chat template's end-of-turn tokens (data/templates.py), stops beside EOS. `placed`:
+        a placement.RaySession, to sample in a Ray actor of its own."""
         self.end_of_turn = list(end_of_turn)
-        self.backend = open_backend(backend, model, tokenizer, max_batch_size=max_batch_size, seed=seed,
-                                    vllm_options=vllm_options, purpose="rollouts")
+        if placed is not None:
+            from posttrain.train.rl.placement import RayRolloutBackend
+
+            self.backend = RayRolloutBackend(placed, model, tokenizer, kind=backend, max_batch_size=max_batch_size,
+                                             seed=seed, vllm_options=vllm_options)
+        else:
+            self.backend = open_backend(backend, model, tokenizer, max_batch_size=max_batch_size, seed=seed,
+                                        vllm_options=vllm_options, purpose="rollouts")
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                top_k: int = 0, seeds: list[int] | None = None, logprobs: bool = False) -> list[Rollout]:

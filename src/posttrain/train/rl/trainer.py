@@ -93,7 +93,9 @@ class _CombinedState:
 class RLTrainer:
     def __init__(self, config, *, actor: nn.Module, critic: nn.Module | None, reference, rewards: Rewards,
                  tokenizer, prompts: list[tuple[list[int], Prompt]], eval_prompts: list[tuple[list[int], Prompt]],
-                 device: torch.device, save_final: Callable[[Path], None], summary: dict | None = None):
+                 device: torch.device, save_final: Callable[[Path], None], summary: dict | None = None,
+                 placed=None):
+        """`placed`: a placement.RaySession when the roles run in Ray actors (the sampler then samples there)."""
         self.config = config
         self.actor, self.critic, self.reference = actor, critic, reference
         self.rewards, self.tokenizer, self.device = rewards, tokenizer, device
@@ -132,7 +134,7 @@ class RLTrainer:
         self.rollout_actor = copy.deepcopy(actor) if self.parallel.sharded else actor
         self.sampler = RolloutSampler(self.rollout_actor, tokenizer, max_batch_size=max(self.per_step, 1),
                                       seed=config.seed, end_of_turn=end_of_turn, backend=config.rollout_backend,
-                                      vllm_options=vllm_options(config))
+                                      vllm_options=vllm_options(config), placed=placed)
         self.sampler_stale = False  # the actor changed since the sampler last saw its weights
         self.weights_version = 0  # actor weights the sampler has been sent (0: the starting ones)
         self.ahead: deque = deque()  # steps whose sampling started before they came (async_rollouts)

@@ -1,0 +1,274 @@
+"""`placement: ray`: the RL roles other than the trained models, each in a Ray actor of its own.
+
+The rollout sampler (a generation backend over its own copy of the actor), the reference model and
+the reward model run as Ray actors, in one placement group (`ray_placement_strategy`: PACK keeps them
+on as few nodes as fit, SPREAD puts each on its own node where it can), on a local Ray or a cluster
+started with `ray start` (`ray_address: auto`). The trainer (actor and critic, which the update needs
+together) stays in the process that runs `posttrain`. Weights move through Ray's object store: after
+each update the actor's trainable tensors (a LoRA actor's adapter alone) go to the sampler's copy.
+
+Each role computes exactly what it computes in one process, with the same code, batches, seeds and
+thread count, so a run gives the same result placed or not. Without `placement: ray` nothing here runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from posttrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def check_placement(config) -> None:
+    """Before anything loads: Ray is installed and the roles' CPUs fit what it has."""
+    if config.placement != "ray":
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError("placement: ray needs Ray: pip install 'posttrain[scale]' (or pip install ray)") from None
+    from posttrain.train import distributed as dist
+
+    if dist.world_size() > 1:
+        raise ConfigError("placement: ray places the RL roles from one trainer process; launch without torchrun")
+
+
+def roles_of(config) -> list[str]:
+    """The roles a run places: the sampler always, the reference and the reward model where it has them."""
+    roles = ["rollout"]
+    separate_reference = config.kl_coef > 0 or config.kl_target
+    if separate_reference and not (config.finetuning_type == "lora" and not config.ref_model and not config.pissa_init):
+        roles.append("reference")
+    if config.reward_model:
+        roles.append("reward_model")
+    return roles
+
+
+class RaySession:
+    """Ray started (or joined) for a run, one placement group bundle per role; left as found at the end."""
+
+    def __init__(self, config):
+        import ray
+
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            address = config.ray_address
+            kwargs = {"num_cpus": os.cpu_count()} if address in (None, "local") else {"address": address}
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+        roles = roles_of(config)
+        want = config.ray_num_cpus_per_role * len(roles)
+        have = ray.cluster_resources().get("CPU", 0)
+        if want > have:
+            self.close()
+            raise ConfigError(f"placement: ray asks {config.ray_num_cpus_per_role:g} CPUs for each of {len(roles)} "
+                              f"roles ({', '.join(roles)}), {want:g} in all; the Ray cluster has {have:g}: lower "
+                              "ray_num_cpus_per_role (fractions are allowed) or add nodes")
+        from ray.util.placement_group import placement_group
+
+        bundle = {"CPU": config.ray_num_cpus_per_role, **({"GPU": config.ray_num_gpus_per_role}
+                                                           if config.ray_num_gpus_per_role else {})}
+        self.group = placement_group([bundle] * len(roles), strategy=config.ray_placement_strategy)
+        ray.get(self.group.ready(), timeout=120)
+        self.bundles = {role: i for i, role in enumerate(roles)}
+        self.cpus, self.gpus = config.ray_num_cpus_per_role, config.ray_num_gpus_per_role
+        self.threads = torch.get_num_threads()  # the roles run in turn with the trainer: the same thread count
+        log.info("Ray placement: %s, %g CPU each, %s", ", ".join(roles), self.cpus, config.ray_placement_strategy)
+
+    def host(self, role: str, build, *args, **kwargs):
+        """A RoleHost actor for `role`, holding build(*args, **kwargs)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.group,
+                                                    placement_group_bundle_index=self.bundles[role])
+        actor = self.ray.remote(RoleHost).options(num_cpus=self.cpus, num_gpus=self.gpus, scheduling_strategy=strategy
+                                                  ).remote(self.threads, build, *args, **kwargs)
+        return RemoteRole(self.ray, actor, role)
+
+    def close(self) -> None:
+        if getattr(self, "group", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+            self.group = None
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+class RoleHost:
+    """Runs in the role's Ray actor process: builds the role's object, then calls its methods."""
+
+    def __init__(self, threads: int, build, *args, **kwargs):
+        torch.set_num_threads(threads)
+        self.held = build(*args, **kwargs)
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.held, method)(*args, **kwargs)
+
+    def attr(self, name: str):
+        return getattr(self.held, name)
+
+
+def role_device() -> torch.device:
+    """Where a role computes: the GPU Ray gave its actor (ray_num_gpus_per_role), else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class RemoteRole:
+    """The trainer's handle on a role: `call` waits for the answer, `start` returns a ref for `wait`."""
+
+    def __init__(self, ray, actor, role: str):
+        self.ray, self.actor, self.role = ray, actor, role
+
+    def start(self, method: str, *args, **kwargs):
+        return self.actor.call.remote(method, *args, **kwargs)
+
+    def wait(self, ref):
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayError as e:
+            raise ConfigError(f"the Ray {self.role} role failed: {e}") from None
+
+    def call(self, method: str, *args, **kwargs):
+        return self.wait(self.start(method, *args, **kwargs))
+
+    def attr(self, name: str):
+        return self.wait(self.actor.attr.remote(name))
+
+
+# ---- the roles --------------------------------------------------------------------------------------
+
+def model_spec(model) -> dict:
+    """What rebuilds `model` in another process: its config, a PEFT model's adapter config, every tensor."""
+    peft = getattr(model, "peft_config", None)
+    base = model.get_base_model() if peft else model
+    return {"config": base.config, "peft_config": peft[model.active_adapter] if peft else None,
+            "dtype": next(model.parameters()).dtype,
+            "state": {k: v.detach().to("cpu") for k, v in model.state_dict().items()}}
+
+
+def rebuild_model(spec: dict):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(spec["config"]).to(spec["dtype"])
+    if spec["peft_config"] is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, spec["peft_config"])
+    model.load_state_dict(spec["state"], strict=True)
+    return model.eval()
+
+
+class RolloutHost:
+    """The sampler's side: a copy of the actor and a generation backend over it."""
+
+    def __init__(self, spec: dict, tokenizer, kind: str, max_batch_size: int, seed: int, vllm_options: dict | None):
+        from posttrain.generation.backend import open_backend
+
+        self.model = rebuild_model(spec).to(role_device())
+        self.backend = open_backend(kind, self.model, tokenizer, max_batch_size=max_batch_size, seed=seed,
+                                    vllm_options=vllm_options, purpose="rollouts")
+        self.name = self.backend.name
+
+    def generate(self, prompts, params):
+        return self.backend.generate(prompts, params)
+
+    def load(self, trainable: dict) -> None:
+        with torch.no_grad():
+            own = dict(self.model.named_parameters())
+            for name, tensor in trainable.items():
+                own[name].copy_(tensor)  # to the role's device
+        self.backend.update_weights()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class RayRolloutBackend:
+    """The generation backend protocol, answered by a RolloutHost in its Ray actor."""
+
+    def __init__(self, session: RaySession, model, tokenizer, *, kind: str, max_batch_size: int, seed: int,
+                 vllm_options: dict | None):
+        self.model = model
+        self.role = session.host("rollout", RolloutHost, model_spec(model), tokenizer, kind, max_batch_size, seed,
+                                 vllm_options)
+        self.name = f"ray/{self.role.attr('name')}"
+
+    def generate(self, prompts, params):
+        return self.collect(self.submit(prompts, params))
+
+    def submit(self, prompts, params):
+        return self.role.start("generate", prompts, params)
+
+    def collect(self, handle):
+        return self.role.wait(handle)
+
+    def update_weights(self) -> None:
+        trainable = {k: v.detach().to("cpu") for k, v in self.model.named_parameters() if v.requires_grad}
+        self.role.call("load", trainable)
+
+    def close(self) -> None:
+        self.role.call("close")
+
+
+class ReferenceHost:
+    """The reference model's side: its log-probs of the rollouts, batched as the trainer's own pass does."""
+
+    def __init__(self, path: str, config, pad_id: int, batch_size: int):
+        from posttrain.model.loading import load_model
+        from posttrain.train.rl.shared_prompt import min_saved_positions
+
+        self.device = role_device()
+        self.model = load_model(path, device=self.device, trust_remote_code=config.trust_remote_code,
+                                attn_implementation=config.attn_implementation)
+        self.model.requires_grad_(False).eval()
+        self.config, self.pad_id, self.batch_size = config, pad_id, batch_size
+        self.min_saved = min_saved_positions(self.model, self.device)
+
+    def logps(self, rollouts) -> torch.Tensor:
+        from posttrain.train.loop import autocast
+        from posttrain.train.rl.experience import score_rollouts
+
+        exp = score_rollouts(rollouts, actor=self.model, reference=None, critic=None, pad_id=self.pad_id,
+                             device=self.device, batch_size=self.batch_size, temperature=self.config.temperature,
+                             need_old=True, precision=lambda: autocast(self.device, self.config),
+                             min_saved=self.min_saved)
+        return exp.old_logp.cpu()
+
+
+class RayReference:
+    """A reference model in its Ray actor: score_rollouts starts its log-probs first, and they are computed
+    while the trainer scores the same rollouts with the actor and the critic."""
+
+    def __init__(self, session: RaySession, path: str, config, pad_id: int, batch_size: int):
+        self.role = session.host("reference", ReferenceHost, path, config, pad_id, batch_size)
+
+    def start(self, rollouts):
+        return self.role.start("logps", rollouts)
+
+    def finish(self, started) -> torch.Tensor:
+        return self.role.wait(started)
+
+
+def _model_reward(path: str, batch_size: int, trust_remote_code: bool):
+    from posttrain.train.rl.rewards import ModelReward
+
+    return ModelReward(path, role_device(), batch_size, trust_remote_code)
+
+
+class RayReward:
+    """The reward model, scoring in its Ray actor."""
+
+    def __init__(self, session: RaySession, path: str, batch_size: int, trust_remote_code: bool):
+        self.role = session.host("reward_model", _model_reward, path, batch_size, trust_remote_code)
+        self.name = self.role.attr("name")
+
+    def check(self, prompts) -> None:
+        self.role.call("check", prompts)
+
+    def __call__(self, batch):
+        return self.role.call("__call__", batch)

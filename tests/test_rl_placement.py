@@ -2,6 +2,7 @@
 Ray on this machine's 2 CPUs, half a CPU per role) give the same run as one process with the same seed."""
 
 from __future__ import annotations
+
 import torch
 from safetensors.torch import load_file
 

@@ -624,6 +624,13 @@ class ServeConfig(_Strict):
         "auto", description="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
     seed: int | None = Field(None, description="seed of the sampled requests that give none; null: unseeded")
     trust_remote_code: bool = Field(False, description="run Python code shipped in the model folder")
+    backend: Literal["engine", "vllm", "auto"] = Field(
+        "engine", description="engine (built in: LoRA, prompt, P- and prefix-tuning adapters in one batch) | vllm "
+                              "(vLLM's OpenAI server behind this one: LoRA adapters) | auto (vllm on CUDA when "
+                              "installed and every adapter is LoRA, else the engine)")
+    vllm_python: str | None = Field(
+        None, description="vllm: the Python of an environment with vLLM; null: $POSTTRAIN_VLLM_PYTHON, else this "
+                          "Python when it imports vllm")
 
     @field_validator("adapters", mode="before")
     @classmethod

@@ -146,7 +146,8 @@ class AdapterRegistry:
         for root in self.roots:
             if not root.is_dir():
                 raise AdapterError(f"adapter folder {root} does not exist")
-        self.bank = LoraBank(dims, max_loras, dtype, device)
+        # No bank where another engine holds the weights (serve --backend vllm: names and path rules only).
+        self.bank = LoraBank(dims, max_loras, dtype, device) if dims is not None else None
         self._lock = threading.RLock()  # guards the name table and the residency table (read by /metrics)
         self._by_name: dict[str, Adapter] = {}
         # engine-thread state: slot of each resident LoRA adapter (LRU order), and pins per adapter

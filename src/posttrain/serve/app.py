@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from posttrain.serve.auth import require_api_key
 from posttrain.serve.body_limit import BodySizeLimit
 from posttrain.serve.error_responses import HANDLERS
-from posttrain.serve.routes import adapters, generation, health, metrics, models
+from posttrain.serve.routes import adapters, generation, health, metrics, models, vllm_proxy
 from posttrain.serve.state import ServerState
 
 schema = APIRouter()
@@ -33,8 +33,12 @@ def create_app(state: ServerState):
     app.state.server = state
     app.openapi = lambda: _openapi(app)
     app.include_router(health.router)
-    for part in (generation, models, adapters, metrics):
-        app.include_router(part.router, dependencies=[Depends(require_api_key)])
+    if getattr(state, "backend", "engine") == "vllm":  # generation and adapter loads handed to vLLM's server
+        routers = (vllm_proxy.router, vllm_proxy.adapters, models.router, metrics.router)
+    else:
+        routers = (generation.router, models.router, adapters.router, metrics.router)
+    for router in routers:
+        app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(schema, dependencies=[Depends(require_api_key)])
     return BodySizeLimit(app, state.settings.max_body_bytes)
 

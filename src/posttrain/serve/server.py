@@ -1,4 +1,5 @@
-"""`posttrain serve`: load the base model once, register adapters, start the engine thread, run uvicorn."""
+"""`posttrain serve`: load the base model once, register adapters, start the engine thread, run uvicorn
+(or, with --backend vllm, start vLLM's server behind this one: serve/vllm_server.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from posttrain.data.templates import end_of_turn_ids
 from posttrain.config import ServeConfig
 from posttrain.errors import ConfigError
+from posttrain.serve.vllm_server import build_vllm_state, pick_backend
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,12 @@ def build_state(settings: ServeConfig):
         if not Path(d).expanduser().is_dir():
             raise ConfigError(f"--adapter-dir {d}: not a folder")
     device = pick_device(settings.device)
+    backend, vllm_python = pick_backend(settings, device)
+    if backend == "vllm":  # vLLM holds the model: this process keeps its config, the names and the rules
+        from transformers import AutoConfig
+
+        base_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=settings.trust_remote_code)
+        return build_vllm_state(settings, model_dir, base_config, vllm_python)
     tokenizer = load_tokenizer(str(model_dir), settings.trust_remote_code)
     chat_template = base_chat_template(tokenizer, settings.template)  # before any adapter reads it
     model = load_model(str(model_dir), device=device, trust_remote_code=settings.trust_remote_code,
@@ -90,4 +98,4 @@ def run_server(settings: ServeConfig) -> None:
     try:
         uvicorn.run(create_app(state), host=settings.host, port=settings.port, log_level="warning")
     finally:
-        state.worker.stop()
+        state.worker.stop()  # the engine's thread, or vLLM's server

@@ -6,6 +6,7 @@ Prints three figures, each side by side in one run:
       baseline: transformers `generate` on a PeftModel holding every adapter, mixed batches
       through PEFT's `adapter_names=` argument, static batches of the same size
   (c) memory added per resident adapter (stacked bank bytes, and process RSS growth)
+  (d) posttrain engine / vLLM (with --vllm-python) on the same requests, each with its adapter
 
 Everything is built locally (the `small` tiny Llama, adapters from PEFT with random weights);
 generation ignores end-of-sequence, so both sides produce exactly the tokens each request asked for
@@ -97,6 +98,49 @@ def run_peft(model, prompts, names, lengths, batch_size, pad_id) -> tuple[float,
     return sum(lengths) / seconds, outs
 
 
+class VLLMWorker:
+    """vLLM in its own environment (posttrain's generation/vllm_worker.py), timed from here per call; the
+    worker's own generate time is what counts (no pipe or JSON in it)."""
+
+    def __init__(self, python: str, base_dir: Path, max_loras: int, args):
+        self.python, self.base_dir, self.max_loras, self.args = python, base_dir, max_loras, args
+
+    def __enter__(self):
+        import json
+        import subprocess
+
+        from posttrain.generation.vllm_worker import __file__ as worker
+
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        self.json = json
+        self.proc = subprocess.Popen([self.python, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, env=env)
+        self.version = self._call("start", model=str(self.base_dir), max_model_len=256,
+                                  max_num_seqs=self.args.batch_size, enable_lora=True, max_lora_rank=self.args.rank,
+                                  max_loras=self.max_loras)["version"]
+        return self
+
+    def _call(self, op, **request):
+        self.proc.stdin.write(self.json.dumps({"op": op, **request}) + "\n")
+        self.proc.stdin.flush()
+        reply = self.json.loads(self.proc.stdout.readline())
+        if not reply.pop("ok"):
+            raise SystemExit(f"vLLM {op}: {reply['error']}")
+        return reply
+
+    def generate(self, prompts, lengths, loras):
+        params = [{"max_tokens": n, "temperature": 0.0, "ignore_eos": True} for n in lengths]
+        start = time.perf_counter()
+        done = self._call("generate", prompts=prompts, params=params, loras=loras)["completions"]
+        seconds = time.perf_counter() - start
+        return sum(lengths) / seconds, [c["token_ids"] for c in done]
+
+    def __exit__(self, *exc):
+        self._call("close")
+        self.proc.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few requests and tokens: checks that it runs")
@@ -111,6 +155,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings per configuration")
+    parser.add_argument("--vllm-python", default=os.environ.get("POSTTRAIN_VLLM_PYTHON"),
+                        help="the Python of vLLM's environment (`make vllm`): adds (d), posttrain vs vLLM on the same "
+                             "requests and adapters (default: $POSTTRAIN_VLLM_PYTHON; none: left out)")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.new_tokens, args.repeats = 64, 32, 2
@@ -189,6 +236,18 @@ def main() -> None:
         print(f"  (c) per resident adapter: {per_bank / 2**20:.2f} MiB in the stacked bank (padded rank "
               f"{registry.bank.rank}), {per_rss / 2**20:.2f} MiB process RSS; the adapter's own weights: "
               f"{own / 2**20:.2f} MiB fp32")
+        if args.vllm_python:
+            vllm_best, theirs = 0.0, None
+            with VLLMWorker(args.vllm_python, base_dir, count, args) as worker:
+                loras = [{"name": a.name, "id": names.index(a.name) + 1, "path": str(a.path)} for a in spread]
+                worker.generate(prompts[:4], [4] * 4, loras[:4])  # warm-up
+                for _ in range(args.repeats):
+                    tps, theirs = worker.generate(prompts, lengths, loras)
+                    vllm_best = max(vllm_best, tps)
+            same = sum(a == b for a, b in zip(ours, theirs)) / len(ours)
+            print(f"  (d) posttrain: {best['spread']:8.1f} tok/s   vLLM {worker.version} (LLM.generate, a LoRARequest "
+                  f"per request): {vllm_best:8.1f} tok/s   ratio {best['spread'] / vllm_best:.2f}x; identical greedy "
+                  f"outputs: {same:.0%}")
         del peft_model, engine, model
 
 

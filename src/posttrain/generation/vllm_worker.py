@@ -7,8 +7,9 @@ pins clash with ours on CPU: `make vllm`). It speaks JSON lines: one request on 
 the stdout it started with (vLLM's own prints go to stderr). Requests, by "op":
 
   start     {"model", "dtype", "max_model_len", "max_num_seqs", "seed", "enable_lora", "max_lora_rank",
-             "gpu_memory_utilization"}          -> {"ok": true, "version": vllm.__version__}
-  generate  {"prompts": [[ids]], "params": [{...}], "lora": {"name", "id", "path"} | null}
+             "max_loras", "gpu_memory_utilization"}          -> {"ok": true, "version": vllm.__version__}
+  generate  {"prompts": [[ids]], "params": [{...}], "lora": {"name", "id", "path"} | null,
+             "loras": [one such adapter or null per prompt] | null}
             -> {"ok": true, "completions": [{"token_ids", "finish_reason", "logprobs": [[lp, [[id, lp]...]]]}]}
   reload    {"path"}: the model's weights from that folder's safetensors (all of them), then the prefix
             cache reset, so no cached prompt keeps the old weights' keys and values
@@ -48,13 +49,13 @@ class Worker:
         self.lora = None  # the LoRARequest generated with, if any
 
     def start(self, model, dtype="float32", max_model_len=2048, max_num_seqs=64, seed=0, enable_lora=False,
-              max_lora_rank=16, gpu_memory_utilization=0.3):
+              max_lora_rank=16, max_loras=1, gpu_memory_utilization=0.3):
         from vllm import LLM
 
         kwargs = dict(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
                       skip_tokenizer_init=True, enable_prefix_caching=True)
         if enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras)
         import torch
 
         if torch.cuda.is_available():
@@ -66,15 +67,20 @@ class Worker:
 
         return {"version": vllm.__version__}
 
-    def generate(self, prompts, params, lora=None):
+    def generate(self, prompts, params, lora=None, loras=None):
+        """`lora`: switch the adapter every request uses (and later ones); `loras`: one adapter (or null) per
+        request, for this call only (a multi-adapter batch, as a server runs)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
 
         sampling = [SamplingParams(detokenize=False, **p) for p in params]
         request = self.lora
         if lora is not None:
             self.adapter(**lora)
             request = self.lora
+        if loras is not None:
+            request = [LoRARequest(x["name"], x["id"], x["path"]) if x else None for x in loras]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, lora_request=request,
                                  use_tqdm=False)
         done = []

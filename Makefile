@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: venv vllm quickstart test test-vllm bench clean
+.PHONY: venv vllm quickstart test test-vllm test-ray bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: $(STAMP)
 # The tests that run vLLM (marked `vllm`, left out of `make test`), against the environment `make vllm` sets up.
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	POSTTRAIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest tests -m vllm
+
+# The tests that start a local Ray (marked `ray`, left out of `make test` for its time).
+test-ray: $(STAMP)
+	$(BIN)/python -m pytest tests -m ray
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[dev,bench]"

@@ -3,6 +3,7 @@ Ray on this machine's 2 CPUs, half a CPU per role) give the same run as one proc
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,6 +12,7 @@ from posttrain.cli import main
 from test_rl_training import STARTS_WITH_ONE, _run, rl_setup  # noqa: F401  (the fixture)
 from test_rm import rm_data, rm_overrides  # noqa: F401  (the fixture)
 
+pytestmark = pytest.mark.ray
 PLACED = dict(placement="ray", ray_num_cpus_per_role=0.5)
 
 

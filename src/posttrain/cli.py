@@ -122,7 +122,7 @@ def cmd_score(a) -> None:
 def cmd_quickstart(a) -> None:
     from posttrain.quickstart import run_quickstart
 
-    run_quickstart(a.output_dir, fast=a.fast)
+    run_quickstart(a.output_dir, fast=a.fast, seed=a.seed)
 
 
 def cmd_compare(a) -> None:
@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quickstart", help="teach a tiny local model a task end to end (no downloads)")
     s.add_argument("--output-dir", default="runs/quickstart")
     s.add_argument("--fast", action="store_true", help="a much shorter run (for smoke tests)")
+    s.add_argument("--seed", type=int, default=0, help="the tiny model's initial weights, the data and every stage")
     s.set_defaults(func=cmd_quickstart)
 
     s = _add_flag_command(sub, "compare", "full vs LoRA vs P-tuning on the embedded task or your own data: one "

@@ -64,12 +64,12 @@ def accuracy(answers: list[str], rows: list[dict]) -> float:
     return sum(a == r["answer"] for a, r in zip(answers, rows)) / len(rows)
 
 
-def sft_config(base: Path, data: Path, out: Path, fast: bool, **extra) -> SFTConfig:
+def sft_config(base: Path, data: Path, out: Path, fast: bool, seed: int = 0, **extra) -> SFTConfig:
     return build_config(SFTConfig, dict(dict(
         model_name_or_path=str(base), dataset=str(data), output_dir=str(out), overwrite_output_dir=True,
         learning_rate=3e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01,
         per_device_train_batch_size=32, num_train_epochs=1 if fast else 4, max_steps=20 if fast else -1,
-        cutoff_len=64, val_size=200, logging_steps=10, eval_steps=100, save_steps=0, seed=0), **extra))
+        cutoff_len=64, val_size=200, logging_steps=10, eval_steps=100, save_steps=0, seed=seed), **extra))
 
 
 # The LoRA stage: rank 16 on every linear layer, plus the final norm trained in full. A randomly
@@ -78,11 +78,11 @@ def sft_config(base: Path, data: Path, out: Path, fast: bool, **extra) -> SFTCon
 LORA_STAGE = dict(finetuning_type="lora", lora_rank=16, lora_target="all", modules_to_save="norm", learning_rate=5e-3)
 
 
-def lora_stage(base: Path, data: Path, root: Path, held_out: list[dict], fast: bool, full: dict) -> dict:
+def lora_stage(base: Path, data: Path, root: Path, held_out: list[dict], fast: bool, full: dict, seed: int = 0) -> dict:
     """LoRA with the same data and budget as the full run: accuracy, parameters and size side by side."""
     from posttrain.model.adapters import model_bytes
 
-    result = run_sft(sft_config(base, data, root / "sft-lora", fast, **LORA_STAGE))
+    result = run_sft(sft_config(base, data, root / "sft-lora", fast, seed, **LORA_STAGE))
     summary = next(r for r in result.metrics if "trainable_params" in r)
     accuracy = exact_match(result.output_dir, held_out)
     size = model_bytes(result.output_dir)
@@ -94,18 +94,20 @@ def lora_stage(base: Path, data: Path, root: Path, held_out: list[dict], fast: b
     return {"accuracy": accuracy, "output_dir": result.output_dir, "bytes": size, **summary}
 
 
-def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> dict:
+def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False, seed: int = 0) -> dict:
+    """Every stage in turn; `seed` picks the tiny model's initial weights, the data and every stage's seed.
+    Every printed figure also goes to OUTPUT_DIR/summary.json (bench/efficacy.py reads it over seeds)."""
     start = time.perf_counter()
     root = Path(output_dir)
-    base = write_tiny_model(root / "base-model")
-    train_rows, held_out = split_task(6000, 200, seed=0)
+    base = write_tiny_model(root / "base-model", seed=seed)
+    train_rows, held_out = split_task(6000, 200, seed=seed)
     data = write_jsonl([{"messages": r["messages"]} for r in train_rows], root / "data" / "train.jsonl")
     write_jsonl(held_out, root / "data" / "held_out.jsonl")
     print(f"[quickstart] tiny Llama written to {base}; task: reverse a string of 3-7 digits "
           f"({len(train_rows)} train rows, {len(held_out)} held-out)")
     before = exact_match(base, held_out)
     print(f"[quickstart] held-out exact match before SFT: {before:.1%}")
-    result = run_sft(sft_config(base, data, root / "sft", fast))
+    result = run_sft(sft_config(base, data, root / "sft", fast, seed))
     after = exact_match(result.output_dir, held_out)
     print(f"[quickstart] held-out exact match before SFT: {before:.1%}  after SFT: {after:.1%}")
     print(f"[quickstart] model: {result.output_dir}")
@@ -116,17 +118,41 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False) -> d
 
     full = {"params": next(r for r in result.metrics if "trainable_params" in r)["trainable_params"],
             "bytes": model_bytes(result.output_dir), "accuracy": after}
-    lora = lora_stage(base, data, root, held_out, fast, full)
-    new_train, new_held = rephrased_rows(2000, 200, seed=0)
+    lora = lora_stage(base, data, root, held_out, fast, full, seed)
+    new_train, new_held = rephrased_rows(2000, 200, seed=seed)
     # The SFT model's answers on the held-out new wordings: its accuracy there, and the held-out pairs.
     sft_answers = greedy_answers(result.output_dir, [r["prompt"] for r in new_held])
     headroom = accuracy(sft_answers, new_held)
     print(f"[quickstart] the SFT model asked in words it never saw ({', '.join(repr(p.format('123')) for p in NEW_PHRASINGS)}): "
           f"held-out exact match {headroom:.1%}; the preference and RL stages train on these")
-    preference = preference_stage(result.output_dir, new_train, new_held, sft_answers, held_out, root, fast)
-    rl = rl_stage(result.output_dir, preference["rm_dir"], new_train, new_held, held_out, root, fast)
-    print(f"[quickstart] finished in {time.perf_counter() - start:.0f}s")
-    return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot, "preference": preference, "lora": lora, "rl": rl}
+    preference = preference_stage(result.output_dir, new_train, new_held, sft_answers, held_out, root, fast, seed)
+    rl = rl_stage(result.output_dir, preference["rm_dir"], new_train, new_held, held_out, root, fast, seed)
+    seconds = time.perf_counter() - start
+    summary = write_summary(root, seed, fast, seconds, before, after, lora, headroom, preference, rl)
+    print(f"[quickstart] finished in {seconds:.0f}s; every figure: {root / 'summary.json'}")
+    return {"before": before, "after": after, "output_dir": result.output_dir, "plot": result.plot,
+            "preference": preference, "lora": lora, "rl": rl, "summary": summary}
+
+
+def write_summary(root: Path, seed: int, fast: bool, seconds: float, before: float, after: float, lora: dict,
+                  headroom: float, preference: dict, rl: dict) -> dict:
+    """summary.json: each stage's held-out figures (exact match unless named), written whole or not at all."""
+    import json
+    import os
+
+    keep = lambda d, *keys: {k: round(d[k], 4) for k in keys}  # noqa: E731
+    summary = {"seed": seed, "fast": fast, "seconds": round(seconds, 1),
+               "sft": {"before": round(before, 4), "after": round(after, 4)},
+               "lora": {"after": round(lora["accuracy"], 4)},
+               "headroom": round(headroom, 4),  # the SFT model on the new wordings: where the later stages start
+               "rm": {"pair_accuracy": round(preference["rm_accuracy"], 4)},
+               "dpo": keep(preference, "before", "after", "original_after"),
+               "ppo": keep(rl["ppo"], "before", "after", "original_after"),
+               "grpo": keep(rl["grpo"], "before", "after", "original_after")}
+    tmp = root / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, root / "summary.json")
+    return summary
 
 
 # ---- the headroom task: the same reversal asked in words SFT never saw ----------------------------
@@ -189,7 +215,7 @@ def preference_accuracy(model_path: str | Path, pairs_path: Path) -> float:
 
 
 def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_answers: list[str], original: list[dict],
-                     root: Path, fast: bool) -> dict:
+                     root: Path, fast: bool, seed: int = 0) -> dict:
     """Pairs on the new wordings, the exact answer (chosen) against the SFT model's own wrong answer:
     train a reward model on the SFT model, then run DPO from the SFT model; held-out pair accuracy and
     exact match before and after."""
@@ -199,14 +225,14 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
 
     n = PREFERENCE_PAIRS[fast]
     train_answers = greedy_answers(sft_dir, [r["prompt"] for r in train[:n]])
-    pairs = write_jsonl(on_policy_pairs(train[:n], train_answers, seed=0), root / "data" / "pairs.jsonl")
-    held_pairs = write_jsonl(on_policy_pairs(held, held_answers, seed=1), root / "data" / "held_out_pairs.jsonl")
+    pairs = write_jsonl(on_policy_pairs(train[:n], train_answers, seed=seed), root / "data" / "pairs.jsonl")
+    held_pairs = write_jsonl(on_policy_pairs(held, held_answers, seed=seed + 1), root / "data" / "held_out_pairs.jsonl")
     before = accuracy(held_answers, held)
     print(f"[quickstart] preference pairs on the new wordings: the exact answer against the SFT model's own answer "
           f"where wrong (else a near miss); {n} train, {len(held)} held-out")
     common = dict(model_name_or_path=str(sft_dir), dataset=str(pairs), eval_dataset=str(held_pairs),
                   overwrite_output_dir=True, cutoff_len=64, per_device_train_batch_size=32, lr_scheduler_type="cosine",
-                  warmup_ratio=0.1, logging_steps=10, save_steps=0, seed=0)
+                  warmup_ratio=0.1, logging_steps=10, save_steps=0, seed=seed)
     rm = run_rm(build_config(RMConfig, dict(common, output_dir=str(root / "rm"), **RM_STAGE)))
     rm_accuracy = [r for r in rm.metrics if "eval_accuracy" in r][-1]["eval_accuracy"]
     print(f"[quickstart] reward model: held-out pair accuracy {rm_accuracy:.1%} (exact answer scored above the "
@@ -263,14 +289,15 @@ PPO_STAGE = dict(temperature=1.0, rollout_batch_size=64, per_device_train_batch_
 RL_STEPS = {"PPO": {False: 24, True: 6}, "GRPO": {False: 40, True: 12}}  # by `fast`
 
 
-def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, out: Path, steps: int, **settings):
+def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, out: Path, steps: int, seed: int = 0,
+           **settings):
     """One `posttrain ppo|grpo` run; held-out exact match (greedy) before and after, and the reward it
     maximizes before and after, from its eval."""
     from posttrain.train.rl.recipe import run_rl
 
     result = run_rl(build_config(config_cls, dict(
         model_name_or_path=str(sft_dir), dataset=str(prompts), eval_dataset=str(held_path), output_dir=str(out),
-        overwrite_output_dir=True, max_steps=steps, eval_steps=steps, logging_steps=1, disable_tqdm=True, seed=0,
+        overwrite_output_dir=True, max_steps=steps, eval_steps=steps, logging_steps=1, disable_tqdm=True, seed=seed,
         **settings)))
     evals = [r for r in result.metrics if "eval_rewards/exact_match" in r]
     return result, evals[0]["eval_rewards/exact_match"], evals[-1]["eval_rewards/exact_match"], \
@@ -278,7 +305,7 @@ def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, out: Path,
 
 
 def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], original: list[dict], root: Path,
-             fast: bool) -> dict:
+             fast: bool, seed: int = 0) -> dict:
     """PPO with the trained reward model and GRPO with a digit-by-digit rule, each from the SFT
     model on the new wordings (`posttrain ppo|grpo` code paths); held-out exact match before and after,
     and on the original wording after (it should not drop)."""
@@ -300,7 +327,7 @@ def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], o
               f"{settings['rollout_batch_size']} prompts x {settings.get('num_generations', 1)} samples")
         t = time.perf_counter()
         result, before, after, maximized = rl_run(cls, sft_dir, prompts, held_path, root / name.lower(), steps,
-                                                  **settings, **reward)
+                                                  seed, **settings, **reward)
         original_after = exact_match(result.output_dir, original)
         print(f"[quickstart] {name} ({time.perf_counter() - t:.0f}s): held-out exact match on the new wordings "
               f"{before:.1%} -> {after:.1%}; on the original wording {original_after:.1%} after; the reward it "

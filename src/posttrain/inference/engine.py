@@ -117,12 +117,9 @@ class Engine:
 
     @staticmethod
     def _model_stop_ids(model, tokenizer) -> frozenset[int]:
-        ids = set()
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            ids.add(tokenizer.eos_token_id)
-        return frozenset(ids)
+        from posttrain.generation.backend import stop_ids_of
+
+        return frozenset(stop_ids_of(model, tokenizer))
 
     # ---- requests in ----
 

@@ -71,25 +71,35 @@ def open_backend(kind: str, model, tokenizer, *, max_batch_size: int = 32, seed:
     for vllm: where vLLM's Python is and how much memory it may take. `purpose` names the caller in notices."""
     if kind not in BACKENDS:
         raise ConfigError(f"unknown generation backend {kind!r}; choose one of {', '.join(BACKENDS)}")
-    if kind == "auto":
+    auto = kind == "auto"
+    if auto:
         kind = "vllm" if _vllm_wanted(model, vllm_options) else "engine"
     if kind == "vllm":
         from posttrain.generation.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model, tokenizer, seed=seed, **(vllm_options or {}))
+        try:
+            return VLLMBackend(model, tokenizer, seed=seed, **(vllm_options or {}))
+        except ConfigError as why:  # auto: a model vLLM cannot sample as trained goes to the engine, said once
+            if not auto:
+                raise
+            _notice(f"{purpose} run on the built-in engine: {why}")
+            kind = "engine"
     if kind == "engine":
         from posttrain.generation.engine_backend import EngineBackend
 
         try:
             return EngineBackend(model, tokenizer, max_batch_size=max_batch_size, seed=seed)
         except ConfigError as why:
-            notice = f"{purpose} run on transformers' generate: the built-in engine does not cover this model ({why})"
-            if notice not in _noticed:
-                _noticed.add(notice)
-                log.warning(notice)
+            _notice(f"{purpose} run on transformers' generate: the built-in engine does not cover this model ({why})")
     from posttrain.generation.hf_backend import HFBackend
 
     return HFBackend(model, tokenizer, max_batch_size=max_batch_size)
+
+
+def _notice(text: str) -> None:
+    if text not in _noticed:
+        _noticed.add(text)
+        log.warning(text)
 
 
 def _vllm_wanted(model, vllm_options: dict | None) -> bool:

@@ -91,6 +91,25 @@ def test_generate_wrapper_matches_transformers_generate(base, prompts):
     assert ours == theirs
 
 
+def test_hf_backend_keeps_per_request_seeds_and_gives_log_probs(base, prompts):
+    """transformers' generate as a backend: a seeded sample does not depend on what shares the call, and
+    greedy log-probs are the engine's (raw logits)."""
+    from posttrain.generation.backend import open_backend
+
+    model, tok = base
+    hf = open_backend("hf", model, tok)
+    sampled = lambda rows, seeds: hf.generate(rows, [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s,  # noqa
+                                                                    ignore_eos=True) for s in seeds])
+    alone = sampled(prompts[:1], [11])[0].token_ids
+    assert sampled([prompts[2], prompts[0], prompts[1]], [5, 11, 7])[1].token_ids == alone
+    assert sampled(prompts[:1], [12])[0].token_ids != alone
+    greedy = [SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=0)] * 3
+    ours, engine = hf.generate(prompts[:3], greedy), make_engine(base).generate(prompts[:3], greedy)
+    for a, b in zip(ours, engine):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
 def test_repetition_penalty_matches_transformers(base, prompts):
     model, _ = base
     engine = make_engine(base)

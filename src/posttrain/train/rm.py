@@ -139,7 +139,7 @@ def run_rm(config: RMConfig) -> TrainResult:
     model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
                               attn_implementation=config.attn_implementation,
                               gradient_checkpointing=config.gradient_checkpointing,
-                              pad_token_id=tokenizer.pad_token_id)
+                              pad_token_id=tokenizer.pad_token_id, on_meta=stage_steps.builds_on_meta(config))
     # SEQ_CLS: PEFT trains and saves the new `score` head beside the adapter.
     model, summary = stage_steps.apply_finetuning_type(config, model, task_type="SEQ_CLS")
     if config.finetuning_type == "freeze":

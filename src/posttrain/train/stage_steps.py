@@ -26,7 +26,7 @@ from posttrain.output_folder import RUN_MARKER, check_output_folder, clear_own_e
 from posttrain.train import distributed as dist
 from posttrain.train.loop import Trainer, TrainResult, seed_everything
 from posttrain.train.memory_plan import check_run_memory
-from posttrain.train.parallel import check_parallel, parse_fsdp
+from posttrain.train.parallel import check_parallel, loads_low_memory, parse_fsdp
 from posttrain.train.reporting import check_tracker
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,30 @@ def start_run(config) -> torch.device:
     return device
 
 
-def load_trainable_model(config, device: torch.device, name_or_path: str | None = None):
+def builds_on_meta(config, whole_because: str | None = None) -> bool:
+    """Whether this rank builds the trained model on the meta device: FSDP2's low-memory load (train/parallel.py
+    `loads_low_memory`) on every rank but the first. `whole_because`: why this stage loads whole on every rank
+    instead, logged once."""
+    if not loads_low_memory(config):
+        return False
+    if dist.is_main():
+        if whole_because:
+            log.info("fsdp: the model loads whole on every rank (%s)", whole_because)
+        else:
+            log.info("fsdp: low-memory load: rank 0 reads the weights; the other %d ranks build the model on the meta "
+                     "device and receive their shards from rank 0 once it is sharded", dist.world_size() - 1)
+    return whole_because is None and not dist.is_main()
+
+
+def load_trainable_model(config, device: torch.device, name_or_path: str | None = None,
+                         whole_because: str | None = None):
     """The causal LM a stage trains, loaded with the config's model settings (attention, checkpointing,
-    quantization for QLoRA), before `apply_finetuning_type`."""
+    quantization for QLoRA), before `apply_finetuning_type`; under FSDP2 over several processes only rank 0 reads
+    its weights (`builds_on_meta`)."""
     return load_model(name_or_path or config.model_name_or_path, device=device,
                       trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
-                      gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit)
+                      gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit,
+                      on_meta=builds_on_meta(config, whole_because))
 
 
 def apply_finetuning_type(config, model, task_type: str = "CAUSAL_LM"):

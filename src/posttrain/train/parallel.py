@@ -275,6 +275,16 @@ def _any_rank_on_meta(module: nn.Module) -> bool:
     return dist.all_reduce_sum(torch.tensor([float(mine)])).item() > 0
 
 
+def _state_once(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state dict with a module shared under two names (PEFT prompt learning's `word_embeddings` is the
+    base's embedding) under its first name only, as torch.distributed.checkpoint loads state into it."""
+    once = set()
+    for prefix, m in module.named_modules():  # each module once, first name first
+        dot = f"{prefix}." if prefix else ""
+        once |= {dot + name for name, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
+    return {k: v for k, v in module.state_dict().items() if k in once}
+
+
 def _real_bytes(module: nn.Module, *more: dict) -> int:
     """Bytes of the weights and buffers this rank holds in memory (its shards when sharded; meta tensors hold
     none), counting each storage once, and those of the state dicts in `more` it still keeps."""
@@ -343,7 +353,7 @@ class Parallel:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
         on_meta = _any_rank_on_meta(objective)
         # Low-memory load (`loads_low_memory`): rank 0 keeps its whole weights alive past the split, to broadcast them.
-        whole = objective.state_dict() if on_meta and dist.is_main() else {}
+        whole = _state_once(objective) if on_meta and dist.is_main() else {}
         held = [_real_bytes(objective)]
         for layer in decoder_layers(objective, s.wrap):
             fully_shard(layer, **options)
@@ -367,7 +377,10 @@ class Parallel:
         if not dist.is_main():
             objective.to_empty(device=device)
         # Fresh weights (a new LoRA, a reward head, soft prompts) are rank 0's too: every rank starts the same.
-        set_model_state_dict(objective, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # strict=False: a module shared under two names is loaded under its first (`_state_once`); the key sets are the
+        # same on every rank (stage_steps.load_low_memory compared the structures).
+        set_model_state_dict(objective, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                         strict=False))
         saved = set(objective.state_dict().keys())
         wire = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else \
             torch.device("cpu")

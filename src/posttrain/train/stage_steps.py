@@ -78,15 +78,33 @@ def builds_on_meta(config, whole_because: str | None = None) -> bool:
     return whole_because is None and not dist.is_main()
 
 
+def load_low_memory(config, load: Callable[[bool], nn.Module], whole_because: str | None = None) -> nn.Module:
+    """`load(on_meta)` on every rank, on the meta device where `builds_on_meta`. A model whose structure built on the
+    meta device is not the one rank 0 loaded (names, shapes, dtypes: a model that reshapes itself on load) loads
+    whole on every rank instead, as it did before low-memory loading, and the log says so."""
+    on_meta = builds_on_meta(config, whole_because)
+    model = load(on_meta)
+    if whole_because is not None or not loads_low_memory(config):
+        return model
+    layout = lambda m: {k: (tuple(t.shape), str(t.dtype)) for k, t in [*m.state_dict().items(),  # noqa: E731
+                                                                       *m.named_buffers()]}
+    differs = dist.broadcast_object(layout(model) if dist.is_main() else None) != layout(model)
+    if dist.all_reduce_sum(torch.tensor([float(differs)])).item() == 0:
+        return model
+    if dist.is_main():
+        log.info("fsdp: the model built on the meta device does not match the one loaded; it loads whole on every rank")
+    return load(False) if on_meta else model
+
+
 def load_trainable_model(config, device: torch.device, name_or_path: str | None = None,
                          whole_because: str | None = None):
     """The causal LM a stage trains, loaded with the config's model settings (attention, checkpointing,
     quantization for QLoRA), before `apply_finetuning_type`; under FSDP2 over several processes only rank 0 reads
-    its weights (`builds_on_meta`)."""
-    return load_model(name_or_path or config.model_name_or_path, device=device,
-                      trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
-                      gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit,
-                      on_meta=builds_on_meta(config, whole_because))
+    its weights (`load_low_memory`); `whole_because`: why this stage loads it whole on every rank instead."""
+    return load_low_memory(config, lambda on_meta: load_model(
+        name_or_path or config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation, gradient_checkpointing=config.gradient_checkpointing,
+        quantization_bit=config.quantization_bit, on_meta=on_meta), whole_because)
 
 
 def apply_finetuning_type(config, model, task_type: str = "CAUSAL_LM"):

@@ -17,7 +17,9 @@ process or many:
 The strategies (the keys users write in HF `TrainingArguments`, LLaMA-Factory and TRL):
 - one process, or several without `fsdp`/`deepspeed`: plain, or DDP (each rank holds everything);
 - `fsdp: full_shard | shard_grad_op | hybrid_shard | no_shard` with `fsdp_config`: torch FSDP2
-  (`fully_shard` on each decoder layer, then on the objective); `no_shard` is DDP;
+  (`fully_shard` on each decoder layer, then on the objective); `no_shard` is DDP. Over several processes
+  the model loads low-memory (`loads_low_memory`): only rank 0 reads the weights, the others build it on
+  the meta device and receive their shards from rank 0 once it is split;
 - `deepspeed: ds_config.json`: a DeepSpeed engine, ZeRO stage 0-3, with the run's own optimizer.
 
 Loss sums are scaled by world / (units of the whole optimizer step): each engine averages gradients

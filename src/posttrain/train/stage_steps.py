@@ -63,37 +63,30 @@ def start_run(config) -> torch.device:
     return device
 
 
-def builds_on_meta(config, whole_because: str | None = None) -> bool:
-    """Whether this rank builds the trained model on the meta device: FSDP2's low-memory load (train/parallel.py
-    `loads_low_memory`) on every rank but the first. `whole_because`: why this stage loads whole on every rank
-    instead, logged once."""
-    if not loads_low_memory(config):
-        return False
-    if dist.is_main():
-        if whole_because:
-            log.info("fsdp: the model loads whole on every rank (%s)", whole_because)
-        else:
-            log.info("fsdp: low-memory load: rank 0 reads the weights; the other %d ranks build the model on the meta "
-                     "device and receive their shards from rank 0 once it is sharded", dist.world_size() - 1)
-    return whole_because is None and not dist.is_main()
-
-
 def load_low_memory(config, load: Callable[[bool], nn.Module], whole_because: str | None = None) -> nn.Module:
-    """`load(on_meta)` on every rank, on the meta device where `builds_on_meta`. A model whose structure built on the
-    meta device is not the one rank 0 loaded (names, shapes, dtypes: a model that reshapes itself on load) loads
-    whole on every rank instead, as it did before low-memory loading, and the log says so."""
-    on_meta = builds_on_meta(config, whole_because)
-    model = load(on_meta)
-    if whole_because is not None or not loads_low_memory(config):
-        return model
+    """`load(on_meta)` on every rank. Under FSDP2 over several processes (train/parallel.py `loads_low_memory`)
+    only rank 0 reads the weights and the other ranks build the model on the meta device, unless `whole_because`
+    says why this stage loads it whole on every rank; a model whose meta-built layout (names, shapes, dtypes) is
+    not the one rank 0 loaded (a model that reshapes itself on load) loads whole too. One log line says which."""
+    if not loads_low_memory(config):
+        return load(False)
+    if whole_because:
+        if dist.is_main():
+            log.info("fsdp: the model loads whole on every rank (%s)", whole_because)
+        return load(False)
+    model = load(not dist.is_main())
     layout = lambda m: {k: (tuple(t.shape), str(t.dtype)) for k, t in [*m.state_dict().items(),  # noqa: E731
                                                                        *m.named_buffers()]}
     differs = dist.broadcast_object(layout(model) if dist.is_main() else None) != layout(model)
     if dist.all_reduce_sum(torch.tensor([float(differs)])).item() == 0:
+        if dist.is_main():
+            log.info("fsdp: low-memory load: rank 0 reads the weights; the other %d ranks build the model on the meta "
+                     "device and receive their shards from rank 0 once it is sharded", dist.world_size() - 1)
         return model
     if dist.is_main():
         log.info("fsdp: the model built on the meta device does not match the one loaded; it loads whole on every rank")
-    return load(False) if on_meta else model
+        return model
+    return load(False)
 
 
 def load_trainable_model(config, device: torch.device, name_or_path: str | None = None,

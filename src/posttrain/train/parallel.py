@@ -287,6 +287,20 @@ def _state_once(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if k in once}
 
 
+def _on_host(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` in host memory, tensors that share storage (a tied head) still sharing it; CPU tensors as they are."""
+    moved: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, t in state.items():
+        if t.device.type == "cpu":
+            out[key] = t
+        else:
+            out[key] = moved.get(t.data_ptr())
+            if out[key] is None:
+                out[key] = moved[t.data_ptr()] = t.detach().to("cpu")
+    return out
+
+
 def _real_bytes(module: nn.Module, *more: dict) -> int:
     """Bytes of the weights and buffers this rank holds in memory (its shards when sharded; meta tensors hold
     none), counting each storage once, and those of the state dicts in `more` it still keeps."""
@@ -354,8 +368,9 @@ class Parallel:
         if s.cpu_offload:  # pinned memory needs an accelerator
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
         on_meta = _any_rank_on_meta(objective)
-        # Low-memory load (`loads_low_memory`): rank 0 keeps its whole weights alive past the split, to broadcast them.
-        whole = _state_once(objective) if on_meta and dist.is_main() else {}
+        # Low-memory load (`loads_low_memory`): rank 0 keeps its whole weights alive past the split, to broadcast them,
+        # in host memory (on a GPU its device then holds the whole model no longer than before).
+        whole = _on_host(_state_once(objective)) if on_meta and dist.is_main() else {}
         held = [_real_bytes(objective)]
         for layer in decoder_layers(objective, s.wrap):
             fully_shard(layer, **options)

@@ -53,6 +53,17 @@ def _assert_same_weights(a: Path, b: Path, name: str, atol: float) -> None:
         torch.testing.assert_close(x[k], y[k], rtol=0, atol=atol)
 
 
+def _assert_rank1_held_half(record: dict) -> None:
+    """FSDP2's low-memory load: rank 0 read the whole model; rank 1 built it on the meta device and only ever held
+    its half of the weights (the most weight bytes it held at once while loading and sharding, as the run measured
+    them). The tolerance, 2% of the model, covers the buffers every rank keeps whole (rotary `inv_freq`: a few
+    hundred bytes); a rank that loaded the whole model would be 50% over."""
+    whole = record["total_params"] * 4  # fp32, every parameter (adapters too) counted once
+    rank0, rank1 = record["load_bytes_per_rank"]
+    assert rank0 >= whole
+    assert abs(rank1 - whole / 2) <= 0.02 * whole, (rank1, whole)
+
+
 @pytest.fixture(scope="module")
 def zero3_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ds") / "ds_z3_config.json"
@@ -78,6 +89,8 @@ def test_two_sharded_processes_match_one_and_hold_half(sharding, tiny_model_dir,
     _assert_same_weights(one_process, out, "model.safetensors", atol=2e-5)  # a plain HF folder, tied head once
     first = _records(out)[0]
     assert first["parallel"].startswith("FSDP2 full_shard" if sharding != "deepspeed" else "DeepSpeed ZeRO-3")
+    if sharding != "deepspeed":
+        _assert_rank1_held_half(first)
     assert 0.45 < first["rank0_params"] / first["total_params"] < 0.55  # measured on rank 0 after sharding
     # The checkpoint a sharded run writes is whole: it resumes to the same weights as the uninterrupted run.
     straight = tmp_path / "straight.safetensors"
@@ -95,6 +108,8 @@ def test_fsdp_lora_with_offload_matches_one_process_and_resumes_on_one(tiny_mode
     _run("sft", sft_overrides(tiny_model_dir, task_data, one, gradient_accumulation_steps=2, **lora), 1)
     _run("sft", [*sft_overrides(tiny_model_dir, task_data, two, **lora), "fsdp=full_shard offload"], 2)
     _assert_same_weights(one, two, "adapter_model.safetensors", atol=1e-6)
+    # The new LoRA weights are rank 0's on both ranks (broadcast with the base), as one process draws them.
+    _assert_rank1_held_half(_records(two)[0])
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), two)  # plain PEFT
@@ -160,6 +175,7 @@ def test_fsdp_reward_model_matches_one_process(tiny_model_dir, tmp_path):
     _run("rm", args(tmp_path / "one", gradient_accumulation_steps=2), 1)
     _run("rm", [*args(tmp_path / "two"), "fsdp=full_shard"], 2)
     _assert_same_weights(tmp_path / "one", tmp_path / "two", "model.safetensors", atol=2e-5)
+    _assert_rank1_held_half(_records(tmp_path / "two")[0])  # the new head is rank 0's on both ranks
     stats = [json.loads((tmp_path / p / "config.json").read_text())["reward_mean"] for p in ("one", "two")]
     assert stats[0] == pytest.approx(stats[1], abs=1e-5)
 
@@ -176,7 +192,9 @@ def test_sharded_ppo_with_critic_matches_one_process_and_resumes(sharding, tiny_
     _run("ppo", args(tmp_path / "one", rollout_batch_size=4, per_device_train_batch_size=8), 1)
     two = args(tmp_path / "two", rollout_batch_size=2, per_device_train_batch_size=4)
     key = f"deepspeed={zero3_config}" if sharding == "deepspeed" else "fsdp=full_shard"
-    _run("ppo", [*two, key], 2)
+    res = _run("ppo", [*two, key], 2)
+    if sharding == "fsdp":  # the rollout copy is a whole actor on every rank: no low-memory load, and the log says so
+        assert "the model loads whole on every rank (RL keeps a whole rollout copy" in res.stderr
     a, b = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [r["reward_mean"] for r in a if "reward_mean" in r] == [r["reward_mean"] for r in b if "reward_mean" in r]
     _assert_same_weights(tmp_path / "one", tmp_path / "two", "model.safetensors", atol=5e-5)

@@ -67,17 +67,38 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def build_on_meta(auto_class, path: Path, config, *, trust_remote_code: bool, **kwargs):
+    """The model `auto_class` makes of `config`, built on the meta device: its structure and no weights (no
+    memory, no file read). FSDP2's low-memory load builds it so on every rank but the first, which broadcasts
+    its weights into the shards (train/parallel.py); its non-persistent buffers (rotary `inv_freq`) come
+    from rank 0 there too."""
+    try:
+        with torch.device("meta"):
+            return auto_class.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(f"{path}: this model needs its own code; set trust_remote_code: true "
+                              "if you trust the folder") from None
+        raise
+
+
 def load_model(name_or_path: str, *, device: torch.device, trust_remote_code: bool = False,
                attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
-               dtype: torch.dtype = torch.float32, quantization_bit: int | None = None):
+               dtype: torch.dtype = torch.float32, quantization_bit: int | None = None, on_meta: bool = False):
     """The model in `dtype` on `device`. Mixed precision is autocast in the loop, so weights stay fp32.
 
     `quantization_bit` (4 or 8) loads the base through bitsandbytes for QLoRA (CUDA only; the
-    finetuning checks refuse it elsewhere before this runs)."""
-    from transformers import AutoModelForCausalLM
+    finetuning checks refuse it elsewhere before this runs). `on_meta`: the structure only, on the meta
+    device (`build_on_meta`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     check_attn_implementation(attn_implementation)
     path = resolve_model_path(name_or_path)
+    if on_meta:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = build_on_meta(AutoModelForCausalLM, path, config, trust_remote_code=trust_remote_code,
+                              attn_implementation=attn_implementation, dtype=dtype)
+        return finish_loading(model, gradient_checkpointing)
     extra = {}
     if quantization_bit is not None:
         from transformers import BitsAndBytesConfig
@@ -96,6 +117,12 @@ def load_model(name_or_path: str, *, device: torch.device, trust_remote_code: bo
         raise
     if quantization_bit is None:
         model.to(device)
+    return finish_loading(model, gradient_checkpointing)
+
+
+def finish_loading(model, gradient_checkpointing: bool):
+    """The loaded model in evaluation mode (as `from_pretrained` leaves it), with checkpointing when asked."""
+    model.eval()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

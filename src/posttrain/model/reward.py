@@ -25,14 +25,15 @@ import torch
 from torch import nn
 
 from posttrain.errors import ConfigError
-from posttrain.model.loading import check_attn_implementation, resolve_model_path
+from posttrain.model.loading import build_on_meta, check_attn_implementation, finish_loading, resolve_model_path
 from posttrain.model.parts import hf_model, value_parts
 
 
 def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_code: bool = False,
                       attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
-                      dtype: torch.dtype = torch.float32, pad_token_id: int | None = None):
-    """A reward model from a reward-model folder, or a new head on a causal-LM folder."""
+                      dtype: torch.dtype = torch.float32, pad_token_id: int | None = None, on_meta: bool = False):
+    """A reward model from a reward-model folder, or a new head on a causal-LM folder; `on_meta`: its structure
+    only, on the meta device (FSDP2's low-memory load, model/loading.py `build_on_meta`)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -45,6 +46,10 @@ def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_c
     config.num_labels = 1
     if pad_token_id is not None and config.pad_token_id is None:
         config.pad_token_id = pad_token_id  # lets plain transformers batch the saved model too
+    if on_meta:
+        model = build_on_meta(AutoModelForSequenceClassification, path, config, trust_remote_code=trust_remote_code,
+                              attn_implementation=attn_implementation, dtype=dtype)
+        return finish_loading(model, gradient_checkpointing)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected on a causal-LM folder
     try:
@@ -57,10 +62,7 @@ def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_c
     finally:
         hf_logging.set_verbosity(verbosity)
     model.to(device)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return model
+    return finish_loading(model, gradient_checkpointing)
 
 
 def check_is_reward_model(name_or_path: str) -> None:

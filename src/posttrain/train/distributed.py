@@ -47,6 +47,13 @@ def smallest(value: float) -> float:
     return _all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MIN).item()
 
 
+def all_gather_floats(value: float) -> list[float]:
+    """Every rank's `value` in rank order, the same list on every rank (e.g. what each rank measured)."""
+    slots = torch.zeros(world_size(), dtype=torch.float64)
+    slots[rank()] = value
+    return _all_reduce(slots, dist.ReduceOp.SUM).tolist()
+
+
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if not dist.is_initialized():
         return t

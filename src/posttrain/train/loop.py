@@ -225,6 +225,8 @@ class Trainer:
         if parallel.kind != "single":
             # Measured, not assumed: the parameters this rank holds after sharding, logged at step 0.
             self.summary = {**self.summary, "parallel": parallel.describe(), "rank0_params": local_numel(model)}
+            if parallel.load_bytes:
+                self.summary["load_bytes_per_rank"] = parallel.load_bytes
             if dist.is_main():
                 log.info("training: %s; rank 0 holds %s parameters", parallel.describe(),
                          f"{self.summary['rank0_params']:,}")

@@ -39,7 +39,10 @@ trains beside the policy. PPO/GRPO add the reference (none for a LoRA actor: its
 adapter disabled), the critic (gae), a reward model, the rollout engine's KV cache (and a LoRA
 actor's merged matrices), and, sharded, a whole copy of the actor that rollouts run on.
 
-Every rank loads its models whole (fp32) before sharding them: that is a peak of its own.
+Every rank loads its models whole (fp32) before sharding them: that is a peak of its own. Under FSDP2 over
+several processes (sft, dpo, kto, rm) only rank 0 does and the others hold only their shards; the plan is
+per rank, so its loading peak is rank 0's (which, on the host, also keeps that whole copy until its weights
+have been broadcast into every rank's shards).
 
 Not counted: the CUDA context and allocator slack, communication buffers, the optimizer step's
 temporaries, evaluation and scoring passes. A plan over the budget cannot fit; one under it is

@@ -17,7 +17,9 @@ process or many:
 The strategies (the keys users write in HF `TrainingArguments`, LLaMA-Factory and TRL):
 - one process, or several without `fsdp`/`deepspeed`: plain, or DDP (each rank holds everything);
 - `fsdp: full_shard | shard_grad_op | hybrid_shard | no_shard` with `fsdp_config`: torch FSDP2
-  (`fully_shard` on each decoder layer, then on the objective); `no_shard` is DDP;
+  (`fully_shard` on each decoder layer, then on the objective); `no_shard` is DDP. Over several processes
+  the model loads low-memory (`loads_low_memory`): only rank 0 reads the weights, the others build it on
+  the meta device and receive their shards from rank 0 once it is split;
 - `deepspeed: ds_config.json`: a DeepSpeed engine, ZeRO stage 0-3, with the run's own optimizer.
 
 Loss sums are scaled by world / (units of the whole optimizer step): each engine averages gradients
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PosttrainError
 from posttrain.train import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,16 @@ def _fill_auto(ds: dict, args, check_only: bool = False) -> dict:
     return out
 
 
+def loads_low_memory(args) -> bool:
+    """Whether the model a stage trains loads low-memory, as torchtune and TRL's `fsdp_cpu_ram_efficient_loading`
+    do: under FSDP2 over several processes only rank 0 reads the weights, the other ranks build the model on the
+    meta device, and `Parallel.prepare` broadcasts rank 0's weights into every rank's shards once `fully_shard`
+    has split the model, so no rank but the first ever holds the whole model."""
+    fsdp = parse_fsdp(getattr(args, "fsdp", None), getattr(args, "fsdp_config", None))
+    world = dist.world_size()
+    return world > 1 and not getattr(args, "deepspeed", None) and strategy_kind(fsdp, None, world) == "fsdp"
+
+
 def deepspeed_zero_stage(args) -> int:
     """The ZeRO stage of the run's DeepSpeed config (checked already), or -1 without DeepSpeed."""
     config = read_deepspeed_config(getattr(args, "deepspeed", None))
@@ -256,6 +268,51 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _any_rank_on_meta(module: nn.Module) -> bool:
+    """Whether some rank built `module` on the meta device (the low-memory load); rank 0 never does."""
+    mine = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    if mine and dist.is_main():
+        raise PosttrainError("fsdp: rank 0 holds meta-device weights it has no values for; it must load the model "
+                             "whole (report this: a loader built rank 0's model on the meta device)")
+    return dist.all_reduce_sum(torch.tensor([float(mine)])).item() > 0
+
+
+def _state_once(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state dict with a module shared under two names (PEFT prompt learning's `word_embeddings` is the
+    base's embedding) under its first name only, as torch.distributed.checkpoint loads state into it."""
+    once = set()
+    for prefix, m in module.named_modules():  # each module once, first name first
+        dot = f"{prefix}." if prefix else ""
+        once |= {dot + name for name, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
+    return {k: v for k, v in module.state_dict().items() if k in once}
+
+
+def _on_host(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` in host memory, tensors that share storage (a tied head) still sharing it; CPU tensors as they are."""
+    moved: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, t in state.items():
+        if t.device.type == "cpu":
+            out[key] = t
+        else:
+            out[key] = moved.get(t.data_ptr())
+            if out[key] is None:
+                out[key] = moved[t.data_ptr()] = t.detach().to("cpu")
+    return out
+
+
+def _real_bytes(module: nn.Module, *more: dict) -> int:
+    """Bytes of the weights and buffers this rank holds in memory (its shards when sharded; meta tensors hold
+    none), counting each storage once, and those of the state dicts in `more` it still keeps."""
+    tensors = [local(t) for t in [*module.parameters(), *module.buffers()]]
+    tensors += [local(t) for d in more for t in d.values() if torch.is_tensor(t)]
+    storages = {}
+    for t in tensors:
+        if not t.is_meta:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 class Parallel:
     """The run's strategy, chosen from its config and the process count."""
 
@@ -265,6 +322,7 @@ class Parallel:
         self.fsdp = parse_fsdp(getattr(args, "fsdp", None), getattr(args, "fsdp_config", None))
         self.ds_config = read_deepspeed_config(getattr(args, "deepspeed", None))
         self.kind = strategy_kind(self.fsdp, self.ds_config, self.world)
+        self.load_bytes: list[int] = []  # FSDP2: the most weight bytes each rank held while loading and sharding
         if self.fsdp and self.fsdp.strategy == "no_shard":
             self.fsdp = None  # every rank keeps everything: DDP
         if self.fsdp and self.kind == "single":
@@ -309,9 +367,48 @@ class Parallel:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if s.cpu_offload:  # pinned memory needs an accelerator
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        on_meta = _any_rank_on_meta(objective)
+        # Low-memory load (`loads_low_memory`): rank 0 keeps its whole weights alive past the split, to broadcast them,
+        # in host memory (on a GPU its device then holds the whole model no longer than before).
+        whole = _on_host(_state_once(objective)) if on_meta and dist.is_main() else {}
+        held = [_real_bytes(objective)]
         for layer in decoder_layers(objective, s.wrap):
             fully_shard(layer, **options)
         fully_shard(objective, **options)
+        if on_meta:
+            held.append(_real_bytes(objective, whole))
+            self._fill_from_rank0(objective, whole, torch.device("cpu") if s.cpu_offload else self.device)
+            whole.clear()
+        held.append(_real_bytes(objective))
+        # Measured, not assumed: the most weight bytes each rank held at once while loading and sharding.
+        self.load_bytes = [int(b) for b in dist.all_gather_floats(max(held))]
+
+    def _fill_from_rank0(self, objective: nn.Module, whole: dict, device: torch.device) -> None:
+        """Rank 0's weights (`whole`, its state dict before sharding) broadcast into every rank's shards; the ranks
+        that built the model on the meta device first give their shards and buffers real, empty storage. Buffers
+        outside the state dict (rotary `inv_freq`) are broadcast whole: a model may compute them in ways a rebuilt
+        module would not repeat (rope scaling), and they are small."""
+        import torch.distributed as torch_dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if not dist.is_main():
+            objective.to_empty(device=device)
+        # Fresh weights (a new LoRA, a reward head, soft prompts) are rank 0's too: every rank starts the same.
+        # strict=False: a module shared under two names is loaded under its first (`_state_once`); the key sets are the
+        # same on every rank (stage_steps.load_low_memory compared the structures).
+        set_model_state_dict(objective, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                         strict=False))
+        saved = set(objective.state_dict().keys())
+        wire = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else \
+            torch.device("cpu")
+        with torch.no_grad():
+            for name, buffer in objective.named_buffers():
+                if name in saved:
+                    continue
+                sent = buffer.detach().to(wire).contiguous() if dist.is_main() else \
+                    torch.empty(buffer.shape, dtype=buffer.dtype, device=wire)
+                torch_dist.broadcast(sent, src=0)
+                buffer.copy_(sent)
 
     def _deepspeed(self, objective: nn.Module, total_steps: int, opt_args):
         import deepspeed

@@ -136,10 +136,10 @@ def run_rm(config: RMConfig) -> TrainResult:
                           "and scored whole); use fsdp: full_shard, or ZeRO stage 1 or 2")
     tokenizer = stage_steps.load_stage_tokenizer(config)
     train, evals = load_pair_samples(config, tokenizer, main=dist.is_main())
-    model = load_reward_model(config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
-                              attn_implementation=config.attn_implementation,
-                              gradient_checkpointing=config.gradient_checkpointing,
-                              pad_token_id=tokenizer.pad_token_id)
+    model = stage_steps.load_low_memory(config, lambda on_meta: load_reward_model(
+        config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation, gradient_checkpointing=config.gradient_checkpointing,
+        pad_token_id=tokenizer.pad_token_id, on_meta=on_meta))
     # SEQ_CLS: PEFT trains and saves the new `score` head beside the adapter.
     model, summary = stage_steps.apply_finetuning_type(config, model, task_type="SEQ_CLS")
     if config.finetuning_type == "freeze":

@@ -26,7 +26,7 @@ from posttrain.output_folder import RUN_MARKER, check_output_folder, clear_own_e
 from posttrain.train import distributed as dist
 from posttrain.train.loop import Trainer, TrainResult, seed_everything
 from posttrain.train.memory_plan import check_run_memory
-from posttrain.train.parallel import check_parallel, parse_fsdp
+from posttrain.train.parallel import check_parallel, loads_low_memory, parse_fsdp
 from posttrain.train.reporting import check_tracker
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,41 @@ def start_run(config) -> torch.device:
     return device
 
 
-def load_trainable_model(config, device: torch.device, name_or_path: str | None = None):
+def load_low_memory(config, load: Callable[[bool], nn.Module], whole_because: str | None = None) -> nn.Module:
+    """`load(on_meta)` on every rank. Under FSDP2 over several processes (train/parallel.py `loads_low_memory`)
+    only rank 0 reads the weights and the other ranks build the model on the meta device, unless `whole_because`
+    says why this stage loads it whole on every rank; a model whose meta-built layout (names, shapes, dtypes) is
+    not the one rank 0 loaded (a model that reshapes itself on load) loads whole too. One log line says which."""
+    if not loads_low_memory(config):
+        return load(False)
+    if whole_because:
+        if dist.is_main():
+            log.info("fsdp: the model loads whole on every rank (%s)", whole_because)
+        return load(False)
+    model = load(not dist.is_main())
+    layout = lambda m: {k: (tuple(t.shape), str(t.dtype)) for k, t in [*m.state_dict().items(),  # noqa: E731
+                                                                       *m.named_buffers()]}
+    differs = dist.broadcast_object(layout(model) if dist.is_main() else None) != layout(model)
+    if dist.all_reduce_sum(torch.tensor([float(differs)])).item() == 0:
+        if dist.is_main():
+            log.info("fsdp: low-memory load: rank 0 reads the weights; the other %d ranks build the model on the meta "
+                     "device and receive their shards from rank 0 once it is sharded", dist.world_size() - 1)
+        return model
+    if dist.is_main():
+        log.info("fsdp: the model built on the meta device does not match the one loaded; it loads whole on every rank")
+        return model
+    return load(False)
+
+
+def load_trainable_model(config, device: torch.device, name_or_path: str | None = None,
+                         whole_because: str | None = None):
     """The causal LM a stage trains, loaded with the config's model settings (attention, checkpointing,
-    quantization for QLoRA), before `apply_finetuning_type`."""
-    return load_model(name_or_path or config.model_name_or_path, device=device,
-                      trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
-                      gradient_checkpointing=config.gradient_checkpointing, quantization_bit=config.quantization_bit)
+    quantization for QLoRA), before `apply_finetuning_type`; under FSDP2 over several processes only rank 0 reads
+    its weights (`load_low_memory`); `whole_because`: why this stage loads it whole on every rank instead."""
+    return load_low_memory(config, lambda on_meta: load_model(
+        name_or_path or config.model_name_or_path, device=device, trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation, gradient_checkpointing=config.gradient_checkpointing,
+        quantization_bit=config.quantization_bit, on_meta=on_meta), whole_because)
 
 
 def apply_finetuning_type(config, model, task_type: str = "CAUSAL_LM"):

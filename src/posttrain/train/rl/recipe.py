@@ -77,7 +77,9 @@ def _run_rl(config: RLConfig, device, placed: RaySession | None) -> TrainResult:
                  config.stage, config.advantage_estimator, config.rollout_batch_size, config.num_generations,
                  len(evals), ", ".join(rewards.names))
 
-    actor = stage_steps.load_trainable_model(config, device)
+    # Sharded, the rollout copy of the actor is a whole model on every rank anyway (rl/trainer.py).
+    actor = stage_steps.load_trainable_model(config, device, whole_because="RL keeps a whole rollout copy of the "
+                                             "actor on each rank; low-memory loading serves sft, dpo, kto and rm")
     limit = getattr(actor.config, "max_position_embeddings", None)
     longest = max(len(p) for p, _ in prompts + evals) + config.max_completion_length
     if limit and longest > limit:

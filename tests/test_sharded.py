@@ -148,6 +148,7 @@ def test_fsdp_preference_stages_match_one_process(command, tiny_model_dir, tmp_p
     (["fsdp=full_shard", "fsdp_config={{fsdp_version: 1}}"], "fsdp_version 1 is not supported"),
     (["deepspeed={bad}"], "zero_optimization.stage3_prefetch_bucket: Extra inputs are not permitted"),
     (["deepspeed={missing}"], "does not exist"),
+    (["fsdp=full_shard", "finetuning_type=prefix_tuning"], "prefix_tuning cannot be sharded with fsdp yet"),
 ])
 def test_conflicting_or_unknown_sharding_keys_are_refused_before_loading(overrides, message, tiny_model_dir,
                                                                          task_data, tmp_path, capsys):

@@ -145,6 +145,11 @@ def check_parallel(args) -> None:
     if (fsdp or ds is not None) and getattr(args, "pissa_init", False):
         raise ConfigError("pissa_init cannot be combined with fsdp/deepspeed yet (its final conversion needs the "
                           "whole adapter in one process); use plain LoRA init or train without sharding")
+    if fsdp and getattr(args, "finetuning_type", None) in ("ptuning", "prompt_tuning", "prefix_tuning"):
+        # The final gather meets PEFT's virtual-token embedding beside a sharded base (embedding of mixed
+        # DTensor and Tensor): refused before loading rather than failing at the end of the run.
+        raise ConfigError(f"finetuning_type {args.finetuning_type} cannot be sharded with fsdp yet; train it with "
+                          "deepspeed or plain DDP (its trained part is small: sharding saves little)")
     if ds is not None:
         _fill_auto(ds, args, check_only=True)
 

@@ -22,8 +22,7 @@ def running_server(settings):
     from posttrain.serve.app import create_app
     from posttrain.serve.server import build_state
 
-    state = build_state(settings)
-    state.worker.start()
+    state = build_state(settings)  # its engine thread started
     uv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=settings.port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

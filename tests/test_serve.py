@@ -333,6 +333,55 @@ def test_posttrain_serve_command_end_to_end(lively_model_dir, adapter_root):
         proc.wait(timeout=20)
 
 
+def test_the_engine_thread_loads_the_model_and_builds_the_engine(lively_model_dir, adapter_root, monkeypatch):
+    """Every torch op of serving runs on the engine thread, loading included: a model loaded on the main thread
+    leaves that thread an OpenMP team of its own, and with two teams libgomp makes each decode op wait for a
+    sleeping worker (serve/worker.py)."""
+    import threading
+
+    from posttrain.config import ServeConfig
+    from posttrain.inference import engine as engine_module
+    from posttrain.inference import registry as registry_module
+    from posttrain.model import loading
+    from posttrain.serve.server import build_state
+
+    ran_on: dict[str, list[threading.Thread]] = {"load_model": [], "Engine": [], "read_lora": []}
+
+    def on_thread(name, fn):
+        def recorded(*args, **kwargs):
+            ran_on[name].append(threading.current_thread())
+            return fn(*args, **kwargs)
+        return recorded
+
+    monkeypatch.setattr(loading, "load_model", on_thread("load_model", loading.load_model))
+    monkeypatch.setattr(engine_module.Engine, "__init__", on_thread("Engine", engine_module.Engine.__init__))
+    monkeypatch.setattr(registry_module, "read_lora", on_thread("read_lora", registry_module.read_lora))
+    state = build_state(ServeConfig(model=str(lively_model_dir), adapters={"math": str(adapter_root / "all4")},
+                                    port=free_port()))
+    try:
+        engine_thread = state.worker._thread
+        assert engine_thread is not threading.current_thread() and state.worker.alive
+        assert ran_on["load_model"] == [engine_thread] and ran_on["Engine"] == [engine_thread]
+        assert ran_on["read_lora"] == [engine_thread]  # the named adapter, read at start-up
+        assert state.engine is state.worker.engine and state.registry is state.engine.registry
+    finally:
+        state.worker.stop()
+    assert not state.worker.alive
+
+
+def test_a_start_up_failure_on_the_engine_thread_reaches_the_caller(lively_model_dir, tmp_path):
+    import threading
+
+    from posttrain.config import ServeConfig
+    from posttrain.errors import ConfigError
+    from posttrain.serve.server import build_state
+
+    before = set(threading.enumerate())
+    with pytest.raises(ConfigError, match="is not an adapter folder"):  # empty: no adapter_config.json
+        build_state(ServeConfig(model=str(lively_model_dir), adapters={"broken": str(tmp_path)}, port=free_port()))
+    assert not any(t.name == "posttrain-engine" for t in set(threading.enumerate()) - before)
+
+
 def test_metrics_time_to_first_token_and_queue_time(server, client):
     label = frozenset({("model", "ptune4")})
     names = ("posttrain_time_to_first_token_seconds", "posttrain_request_queue_time_seconds")

@@ -24,8 +24,9 @@ def _dtype(settings: ServeConfig, device: torch.device) -> torch.dtype:
 
 
 def build_state(settings: ServeConfig):
-    """Everything a server needs, loaded and checked; raises ConfigError on a bad model, adapter or template
-    (the config's own keys were checked when it was built)."""
+    """Everything a server needs, loaded and checked, its engine thread started (stop it with
+    `state.worker.stop()`); raises ConfigError on a bad model, adapter or template (the config's own keys
+    were checked when it was built)."""
     from posttrain.inference.engine import Engine
     from posttrain.inference.registry import AdapterRegistry
     from posttrain.model.loading import load_model, load_tokenizer, pick_device, resolve_model_path
@@ -46,26 +47,31 @@ def build_state(settings: ServeConfig):
         return build_vllm_state(settings, model_dir, base_config, vllm_python)
     tokenizer = load_tokenizer(str(model_dir), settings.trust_remote_code)
     chat_template = base_chat_template(tokenizer, settings.template)  # before any adapter reads it
-    model = load_model(str(model_dir), device=device, trust_remote_code=settings.trust_remote_code,
-                       dtype=_dtype(settings, device)).eval()
-    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_seq_len=settings.max_model_len,
-                    fuse_weights=True, seed=settings.seed)
+    end_of_turn = end_of_turn_ids(tokenizer, chat_template) if chat_template else []
     base_name = settings.served_model_name or model_dir.resolve().name
-    registry = AdapterRegistry(engine.dims, model.config, tokenizer, engine.weights.dtype, device,
-                               max_loras=settings.max_loras, allowed_roots=settings.adapter_dirs, base_name=base_name,
-                               max_runtime_adapters=settings.max_runtime_adapters)
-    engine.registry = registry
-    for name, path in settings.adapters.items():
-        registry.add(name, path, trusted=True)  # the operator named it: a bad one stops the start-up
-    for d in settings.adapter_dirs:
-        registry.scan(d)
-    # The engine keeps only the tensors it reads (q/k/v and gate/up as fused copies): dropping the module
-    # frees the unfused originals.
-    del model
-    worker = EngineWorker(engine)
-    return ServerState(settings, engine, worker, registry, tokenizer, base_name, Metrics(), int(time.time()),
-                       chat_template=chat_template,
-                       end_of_turn=end_of_turn_ids(tokenizer, chat_template) if chat_template else [])
+
+    def build_engine() -> Engine:
+        """Run on the engine thread (worker.py says why): every torch op of serving runs on that thread."""
+        model = load_model(str(model_dir), device=device, trust_remote_code=settings.trust_remote_code,
+                           dtype=_dtype(settings, device)).eval()
+        engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size,
+                        max_seq_len=settings.max_model_len, fuse_weights=True, seed=settings.seed)
+        registry = AdapterRegistry(engine.dims, model.config, tokenizer, engine.weights.dtype, device,
+                                   max_loras=settings.max_loras, allowed_roots=settings.adapter_dirs,
+                                   base_name=base_name, max_runtime_adapters=settings.max_runtime_adapters)
+        engine.registry = registry
+        for name, path in settings.adapters.items():
+            registry.add(name, path, trusted=True)  # the operator named it: a bad one stops the start-up
+        for d in settings.adapter_dirs:
+            registry.scan(d)
+        # The engine keeps only the tensors it reads (q/k/v and gate/up as fused copies): returning drops the
+        # module and frees the unfused originals.
+        return engine
+
+    worker = EngineWorker(build_engine)
+    engine = worker.start()
+    return ServerState(settings, engine, worker, engine.registry, tokenizer, base_name, Metrics(), int(time.time()),
+                       chat_template=chat_template, end_of_turn=end_of_turn)
 
 
 def base_chat_template(tokenizer, template: str | None) -> str | None:
@@ -90,7 +96,6 @@ def run_server(settings: ServeConfig) -> None:
     from posttrain.serve.app import create_app
 
     state = build_state(settings)
-    state.worker.start()
     names = [a.name for a in state.registry.list()]
     print(f"serving {state.base_name} with {len(names)} adapter(s){': ' + ', '.join(names) if names else ''} "
           f"on http://{settings.host}:{settings.port}/v1" + ("  (API key required)" if settings.api_key else ""),

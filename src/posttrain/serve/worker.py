@@ -1,8 +1,10 @@
 """The one thread that owns the engine: HTTP handlers hand it requests, it hands back outputs.
 
 The engine (and the model, the KV cache, the adapter bank) is touched only by this thread, so no
-lock guards any tensor. Handlers talk to it through a thread-safe inbox; each request's outputs go
-to that request's asyncio queue via `loop.call_soon_threadsafe`. Torch ops release the GIL, so
+lock guards any tensor. The thread also builds it (loads the model, fuses the weights, reads the
+adapters): `EngineWorker.start` says why that matters to speed. Handlers talk to it through a
+thread-safe inbox; each request's outputs go to that request's asyncio queue via
+`loop.call_soon_threadsafe`. Torch ops release the GIL, so
 the event loop keeps serving HTTP while a step runs.
 """
 
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from posttrain.inference.engine import Engine, Output, Request
@@ -32,8 +35,11 @@ class EngineFailed(Exception):
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
-        self.engine = engine
+    def __init__(self, build: Callable[[], Engine], idle_wait_s: float = 0.05):
+        self._build = build
+        self.engine: Engine | None = None  # set by start()
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
         self.idle_wait_s = idle_wait_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -42,8 +48,22 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="posttrain-engine", daemon=True)
         self.steps = 0
 
-    def start(self) -> None:
+    def start(self) -> Engine:
+        """Start the thread, which builds the engine before serving; returns it once built, or raises what
+        building raised (the thread has then ended).
+
+        Why the engine is built on its own thread: every Python thread that runs a parallel torch op gets an
+        OpenMP team of its own (libgomp), and once the teams' threads outnumber the CPUs, libgomp stops letting
+        any team's workers spin between parallel regions: they sleep after each one and are woken for the next.
+        A decode step is hundreds of small ops, so a model loaded on the main thread and stepped here paid 80-160
+        thread sleeps per step and decoded about 2x slower than the same engine on the main thread (2 cores, when
+        the machine was quiet). Built here, the engine's team is the only one, as in a single-threaded program."""
         self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
+        assert self.engine is not None
+        return self.engine
 
     def stop(self) -> None:
         self._stop.set()
@@ -90,6 +110,16 @@ class EngineWorker:
                 self.engine.abort(item)
 
     def _run(self) -> None:
+        try:
+            self.engine = self._build()
+        except BaseException as err:  # the caller of start() raises it
+            self._build_error = err
+            return
+        finally:
+            self._built.set()
+        self._serve()
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             try:
                 self._drain_inbox()

@@ -72,9 +72,6 @@ class VLLMProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def start(self) -> None:
-        """Started at construction (run_server starts the engine's worker thread here)."""
-
     def load(self) -> dict:
         return {}
 

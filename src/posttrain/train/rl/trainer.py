@@ -397,12 +397,12 @@ class RLTrainer:
                                             "weights_version": self.weights_version,
                                             "rollouts_ahead": self.ahead_state()})
                 run.bar.update(1)
+            plot, metrics = run.finish(total, trained, self.save_final, plot_name="training_reward.png",
+                                       parallel=self.parallel, saved_model=self.actor,
+                                       keys=("reward_mean", "eval_reward"), title="reward",
+                                       extra_keys=("kl", "response_length", "entropy", "value_loss"))
         finally:
-            self.sampler.close()  # a vLLM worker ends with the run
-        plot, metrics = run.finish(total, trained, self.save_final, plot_name="training_reward.png",
-                                   parallel=self.parallel, saved_model=self.actor,
-                                   keys=("reward_mean", "eval_reward"), title="reward",
-                                   extra_keys=("kl", "response_length", "entropy", "value_loss"))
+            self.sampler.close()  # a vLLM worker or a Ray role ends with the run
         return {"steps": total, "output_dir": self.output_dir, "plot": plot, "metrics": metrics, "eval": evals}
 
     def one_step(self, run: RunRecorder, optimizers: dict, schedulers: dict, completions) -> dict:

@@ -263,3 +263,27 @@ def test_an_engine_failure_mid_stream_is_counted_as_a_server_error(server, clien
         assert time.time() < deadline, "the failed stream was not counted as a 500"
         time.sleep(0.05)
     assert state.engine.running == [] and state.engine.waiting == []
+
+
+def test_serving_backend_choice_is_said_and_refused_before_loading(lively_model_dir, adapter_root, monkeypatch,
+                                                                   caplog, tmp_path):
+    """--backend vllm without vLLM is refused naming how to get it; --backend auto off CUDA (or with adapters
+    vLLM cannot serve) serves on the engine and says why."""
+    import logging
+
+    import torch
+
+    from posttrain.config import ServeConfig
+    from posttrain.errors import ConfigError
+    from posttrain.serve.vllm_server import pick_backend
+
+    monkeypatch.delenv("POSTTRAIN_VLLM_PYTHON", raising=False)
+    settings = lambda **kw: ServeConfig(model=str(lively_model_dir), adapter_dirs=[str(adapter_root)], **kw)  # noqa
+    with pytest.raises(ConfigError, match="make vllm"):
+        pick_backend(settings(backend="vllm"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="vllm_python: .* is not an executable"):
+        pick_backend(settings(backend="vllm", vllm_python=str(tmp_path / "nope")), torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="posttrain.serve.vllm_server"):
+        assert pick_backend(settings(backend="auto"), torch.device("cpu")) == ("engine", None)
+    assert "--backend auto: serving on the built-in engine (not on CUDA)" in caplog.text
+    assert pick_backend(settings(), torch.device("cpu")) == ("engine", None)  # the default: the engine, silently

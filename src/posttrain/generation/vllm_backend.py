@@ -244,7 +244,8 @@ class VLLMBackend:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
             self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if getattr(self, "dir", None) is not None:  # not there when the constructor refused the model
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __del__(self):
         self.close()

@@ -111,8 +111,9 @@ class VLLMWorker:
 
         from posttrain.generation.vllm_worker import __file__ as worker
 
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from posttrain.generation.vllm_backend import vllm_env
+
+        env = vllm_env(kv_cache_gib=2)
         self.json = json
         self.proc = subprocess.Popen([self.python, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=env)

@@ -42,6 +42,19 @@ NO_VLLM = ("rollout_backend: vllm needs vLLM: `make vllm` sets up its CPU build 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
 
 
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM builds its LoRA kernels for that holds `rank`."""
+    return next((r for r in LORA_RANKS if r >= rank), rank)
+
+
+def vllm_env(kv_cache_gib: int = 1) -> dict:
+    """The environment a vLLM process starts with: ours, without what points Python at this package's
+    environment, and a KV cache sized for this machine (vLLM's CPU default takes a whole NUMA node)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    return env
+
+
 def find_vllm_python(explicit: str | None = None) -> str | None:
     """The Python that runs vLLM, or None when there is none."""
     if explicit:
@@ -110,8 +123,7 @@ class VLLMBackend:
         self.dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-"))
         base = self.dir / "base"
         self._write_base(base)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default sizes the cache from a whole NUMA node
+        env = vllm_env()
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the worker's own function after a reload (_retie_lm_head)
         self.log_path = self.dir / "worker.log"
@@ -121,7 +133,7 @@ class VLLMBackend:
         options = {"model": str(base), "dtype": dtype, "max_model_len": self.max_seq_len,
                    "max_num_seqs": max_num_seqs, "seed": seed or 0, "gpu_memory_utilization": gpu_memory_utilization}
         if self.lora is not None:
-            options.update(enable_lora=True, max_lora_rank=next(r for r in LORA_RANKS if r >= self.lora.r))
+            options.update(enable_lora=True, max_lora_rank=vllm_lora_rank(self.lora.r))
         log.info("starting vLLM (%s) for %s", exe, "a LoRA actor" if self.lora else "the model")
         self.vllm_version = self._call("start", **options)["version"]
         if self.lora is not None:

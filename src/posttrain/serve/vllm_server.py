@@ -12,7 +12,6 @@ vLLM listens on loopback only, on a port of its own; its log goes to a file name
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import subprocess
 import tempfile
@@ -22,13 +21,12 @@ from pathlib import Path
 
 from posttrain.config import ServeConfig
 from posttrain.errors import ConfigError
+from posttrain.generation.vllm_backend import vllm_env, vllm_lora_rank
 from posttrain.inference.lora import check_base_model, read_adapter_config
 from posttrain.inference.registry import Adapter, AdapterError, AdapterRegistry
 from posttrain.serve.prometheus_metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM builds its LoRA kernels for (1 aside)
 
 
 def vllm_refuses(config: dict) -> str | None:
@@ -161,13 +159,12 @@ def build_vllm_state(settings: ServeConfig, model_dir: Path, base_config, vllm_p
     if adapters or settings.allow_runtime_adapters:
         rank = max([a.rank for a in adapters] + [16 if settings.allow_runtime_adapters else 8])
         command += ["--enable-lora", "--max-loras", str(settings.max_loras),
-                    "--max-lora-rank", str(next((r for r in LORA_RANKS if r >= rank), rank))]
+                    "--max-lora-rank", str(vllm_lora_rank(rank))]
         if adapters:
             command += ["--lora-modules", *[f"{a.name}={a.path}" for a in adapters]]
     if not torch.cuda.is_available():
         command.append("--enforce-eager")  # on CPU, compiling costs most of a minute at start and gains little
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default sizes the cache from a whole NUMA node
+    env = vllm_env()
     if settings.allow_runtime_adapters:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     log_path = Path(tempfile.mkstemp(prefix="posttrain-vllm-server-", suffix=".log")[1])

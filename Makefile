@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: venv vllm quickstart test test-vllm test-ray bench clean
+.PHONY: venv vllm quickstart test test-vllm test-ray test-efficacy bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,10 @@ test-vllm: $(STAMP) $(VLLM_STAMP)
 # The tests that start a local Ray (marked `ray`, left out of `make test` for its time).
 test-ray: $(STAMP)
 	$(BIN)/python -m pytest tests -m ray
+
+# The quickstart's stages on two seeds, each moving its figure the right way (marked `efficacy`).
+test-efficacy: $(STAMP)
+	$(BIN)/python -m pytest tests -m efficacy
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[dev,bench]"

@@ -33,6 +33,8 @@ FIGURES = [
     ("LoRA held-out exact match", lambda s: s["lora"]["after"], 0.99),
     ("SFT on the new wordings (headroom)", lambda s: s["headroom"], None),
     ("reward model pair accuracy", lambda s: s["rm"]["pair_accuracy"], 0.95),
+    ("  against the SFT model's own wrong answers", lambda s: s["rm"]["own_pair_accuracy"], 0.95),
+    ("  against near misses of the same length", lambda s: s["rm"]["same_length_pair_accuracy"], 0.95),
     *[(f"{stage.upper()} gain on the new wordings", lambda s, st=stage: s[st]["after"] - s[st]["before"], 0.30)
       for stage in ("dpo", "ppo", "grpo")],
     *[(f"{stage.upper()} original wording after", lambda s, st=stage: s[st]["original_after"], 0.95)

@@ -167,10 +167,46 @@ def test_alarms_fire_on_drift_and_clear():
     assert resumed.check({"step": 5, "entropy": 0.3, "response_length": 20}) == {"alarm/entropy_drop": 1}
 
 
+def test_retain_drop_compares_the_retained_skill_with_its_value_before_training():
+    from posttrain.train.rl.alarms import Alarms
+
+    alarms = Alarms()
+    assert alarms.check({"step": 0, "eval_retain_reward": 0.98, "eval_reward": 0.2}) == {}
+    assert alarms.check({"step": 4, "eval_retain_reward": 0.94, "eval_reward": 0.9}) == {}  # 0.94 >= 0.95 x 0.98
+    assert alarms.check({"step": 8, "eval_retain_reward": 0.90}) == {"alarm/retain_drop": 1}
+    # A step record (no eval in it) neither clears nor re-raises it: the next eval does.
+    assert alarms.check({"step": 9, "kl": 0.01}) == {} and alarms.raised == {"retain_drop"}
+    assert alarms.check({"step": 12, "eval_retain_reward": 0.97}) == {} and alarms.raised == set()
+    resumed = Alarms(history=[{"step": 0, "eval_retain_reward": 1.0}, {"step": 1, "kl": 0.0}])
+    assert resumed.check({"step": 5, "eval_retain_reward": 0.5}) == {"alarm/retain_drop": 1}
+
+
+def test_a_run_stops_at_an_alarm_it_is_told_to_stop_on(tiny_model_dir, tmp_path):
+    """retain_eval_dataset is scored beside eval_dataset at every eval; an alarm in stop_on_alarms ends the run
+    after that step with the model saved (here `truncated`: an untrained model's 8-token answers are all cut)."""
+    train, _ = split_task(32, 0, seed=7)
+    prompts = write_jsonl([{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in train],
+                          tmp_path / "prompts.jsonl")
+    out = tmp_path / "grpo"
+    assert main(["grpo", f"model_name_or_path={tiny_model_dir}", f"dataset={prompts}", f"output_dir={out}",
+                 f"eval_dataset={prompts}", f"retain_eval_dataset={prompts}", "eval_steps=1",
+                 "reward_funcs=[exact_match]", "max_completion_length=8", "rollout_batch_size=2", "num_generations=2",
+                 "per_device_train_batch_size=4", "max_steps=4", "stop_on_alarms=[truncated]", "disable_tqdm=true",
+                 "plot_loss=false"]) == 0
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_retain_reward" in r]
+    assert [r["step"] for r in evals] == [0, 1] and all("eval_reward" in r for r in evals)
+    assert any(r.get("stopped_by_alarm/truncated") == 1 and r["step"] == 1 for r in records)
+    assert max(r["step"] for r in records) == 1 and (out / "model.safetensors").exists()
+
+
 def test_an_unknown_alarm_is_a_config_error(tmp_path, capsys):
     assert main(["grpo", "model_name_or_path=x", "dataset=y", f"output_dir={tmp_path}", "reward_funcs=[exact_match]",
                  "alarms={kll: 1}"]) == 2
     assert "alarms: unknown kll; known: kl, entropy_drop" in capsys.readouterr().err
+    assert main(["grpo", "model_name_or_path=x", "dataset=y", f"output_dir={tmp_path}", "reward_funcs=[exact_match]",
+                 "stop_on_alarms=[retain]"]) == 2
+    assert "stop_on_alarms: unknown retain; known:" in capsys.readouterr().err
 
 
 def test_a_run_whose_process_is_gone_reads_as_killed(tmp_path):

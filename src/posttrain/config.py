@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -253,6 +253,8 @@ class TrainArgs(FinetuningArgs):
 class DataArgs(_Strict):
     """Keys for reading and rendering data, every training stage."""
 
+    DATASET_KEYS: ClassVar[tuple[str, ...]] = ("dataset", "eval_dataset")  # the keys that name data files
+
     dataset: Union[str, list[Union[str, DatasetEntry]]] = Field(
         description="jsonl/json/parquet/csv, a folder, a save_to_disk dataset, or a list: "
                     "[{path: a.jsonl, weight: 2.0}, b.parquet]")
@@ -381,6 +383,8 @@ ALARM_DEFAULTS = {
     "truncated": 0.5,  # share of completions cut at max_completion_length above this
     "logp_gap": 0.1,  # mean |trainer - rollout engine| log-prob of the sampled tokens (at temperature 1) above
     #   this: the sampler is not sampling the policy being trained (stale weights, precision mismatch)
+    "retain_drop": 0.95,  # retain_eval_dataset's eval reward below this fraction of its value before training:
+    #   the run is unlearning the skill it must keep
 }
 
 
@@ -406,6 +410,8 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     The KL estimator defaults to k1 in the reward and k3 in the loss (its gradient is unbiased
     there). `num_generations` defaults to 1 for gae and 4 for the group estimators.
     """
+
+    DATASET_KEYS: ClassVar[tuple[str, ...]] = ("dataset", "eval_dataset", "retain_eval_dataset")
 
     stage: Literal["ppo", "grpo"] = Field("ppo", description="the command this file is for")
     learning_rate: float = Field(1e-6, gt=0)
@@ -507,7 +513,15 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     # A metric drifting past one sets alarm/<name> in metrics.jsonl and logs a warning.
     alarms: dict[str, float] = Field(
         default_factory=dict, description="alarm thresholds over the defaults: kl, entropy_drop, length_ratio, "
-                                          "clip_fraction, truncated, logp_gap")
+                                          "clip_fraction, truncated, logp_gap, retain_drop")
+    retain_eval_dataset: Union[str, list[Union[str, DatasetEntry]], None] = Field(
+        None, description="prompts with answers of a skill the run must keep (e.g. what SFT taught), as dataset: "
+                          "scored greedily every eval_steps beside eval_dataset, logged as eval_retain_*; the "
+                          "retain_drop alarm watches its reward")
+    stop_on_alarms: list[str] = Field(
+        default_factory=lambda: ["retain_drop"],
+        description="alarms that end the run when they fire: it stops after that step and saves the model as it is "
+                    "then; []: alarms only warn")
 
     @model_validator(mode="before")
     @classmethod
@@ -548,9 +562,10 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
         if self.tis_cap is not None and self.temperature != 1.0:
             raise ValueError(f"tis_cap compares the sampler's log-probs with the trainer's, which agree only at "
                              f"temperature 1 (got {self.temperature}); unset tis_cap or sample at temperature 1")
-        unknown = sorted(set(self.alarms) - set(ALARM_DEFAULTS))
-        if unknown:
-            raise ValueError(f"alarms: unknown {', '.join(unknown)}; known: {', '.join(ALARM_DEFAULTS)}")
+        for key in ("alarms", "stop_on_alarms"):
+            unknown = sorted(set(getattr(self, key)) - set(ALARM_DEFAULTS))
+            if unknown:
+                raise ValueError(f"{key}: unknown {', '.join(unknown)}; known: {', '.join(ALARM_DEFAULTS)}")
         if not self.reward_model and not self.reward_funcs:
             raise ValueError("no reward: set reward_model (a `posttrain rm` folder) and/or reward_funcs "
                              "(exact_match, numeric_match, format:REGEX, file.py:function, http://...)")
@@ -850,7 +865,7 @@ def _check_paths(config: BaseModel) -> None:
             if isinstance(item, str):
                 check_path_value(key, item)
     if isinstance(config, DataArgs):
-        for which in ("dataset", "eval_dataset"):
+        for which in config.DATASET_KEYS:
             for entry in config.dataset_entries(which):
                 check_path_value(which, entry.path)
 

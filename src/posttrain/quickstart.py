@@ -2,12 +2,12 @@
 
 Builds the tiny default model, writes the embedded task data, measures held-out exact-match
 accuracy, runs SFT through the same code path as `posttrain sft`, and measures again; a LoRA run
-on the same budget stands beside it. Then the SFT model is asked in words it never saw, where it is
-right a quarter to a third of the time, and every later stage starts from it there: pairs of the exact
-answer against its own wrong answer train a reward model and run DPO (`posttrain rm` / `posttrain
-dpo`), PPO maximizes that reward model, GRPO a rule written as a Python reward function: the share of
-answer digits in the right place (`posttrain ppo` / `posttrain grpo`).
-"""
+on the same budget stands beside it. The SFT data also asks the task in other words, demonstrated
+by a source that mostly wraps its answers ("Answer: 321"), so the SFT model leaves those wordings
+undone, and every later stage starts from it there: pairs of the exact answer against its own wrong
+answers train a reward model and run DPO (`posttrain rm` / `posttrain dpo`), PPO maximizes that
+reward model, GRPO exact match as a rule (`posttrain ppo` / `posttrain grpo`), each keeping an eye on
+the original wording as the skill to retain."""
 
 from __future__ import annotations
 
@@ -68,14 +68,17 @@ def sft_config(base: Path, data: Path, out: Path, fast: bool, seed: int = 0, **e
     return build_config(SFTConfig, dict(dict(
         model_name_or_path=str(base), dataset=str(data), output_dir=str(out), overwrite_output_dir=True,
         learning_rate=3e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01,
-        per_device_train_batch_size=32, num_train_epochs=1 if fast else 4, max_steps=20 if fast else -1,
+        per_device_train_batch_size=32, num_train_epochs=SFT_EPOCHS[fast],
         cutoff_len=64, val_size=200, logging_steps=10, eval_steps=100, save_steps=0, seed=seed), **extra))
 
 
 # The LoRA stage: rank 16 on every linear layer, plus the final norm trained in full. A randomly
 # initialised base cannot raise its logit scale through low-rank updates alone (its frozen norm and
-# small tied embeddings cap it), so the 128-weight norm rides along as a module to save.
-LORA_STAGE = dict(finetuning_type="lora", lora_rank=16, lora_target="all", modules_to_save="norm", learning_rate=5e-3)
+# small tied embeddings cap it), so the 128-weight norm rides along as a module to save. At 5e-3 the
+# run sat at the edge of divergence (rank 32 diverged, rank 16 reached 80%); 2e-3 converges with room.
+LORA_STAGE = dict(finetuning_type="lora", lora_rank=16, lora_target="all", modules_to_save="norm", learning_rate=2e-3)
+# By `fast`: --fast trains every stage less (a smoke run whose figures still move the right way).
+SFT_EPOCHS = {False: 8, True: 3}
 
 
 def lora_stage(base: Path, data: Path, root: Path, held_out: list[dict], fast: bool, full: dict, seed: int = 0) -> dict:
@@ -100,11 +103,13 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False, seed
     start = time.perf_counter()
     root = Path(output_dir)
     base = write_tiny_model(root / "base-model", seed=seed)
-    train_rows, held_out = split_task(6000, 200, seed=seed)
-    data = write_jsonl([{"messages": r["messages"]} for r in train_rows], root / "data" / "train.jsonl")
+    train_rows, held_out = split_task(ORIGINAL_ROWS, 200, seed=seed)
+    demos, new_train, new_held = rephrased_rows(NEW_DEMOS, 2000, 200, seed=seed)
+    data = write_jsonl(sft_rows(train_rows, demos, seed), root / "data" / "train.jsonl")
     write_jsonl(held_out, root / "data" / "held_out.jsonl")
     print(f"[quickstart] tiny Llama written to {base}; task: reverse a string of 3-7 digits "
-          f"({len(train_rows)} train rows, {len(held_out)} held-out)")
+          f"({len(train_rows)} train rows as 'reverse 123', {len(held_out)} held-out; and {len(demos)} "
+          f"demonstrations in other words, {WRAPPED_SHARE:.0%} of them written 'Answer: 321')")
     before = exact_match(base, held_out)
     print(f"[quickstart] held-out exact match before SFT: {before:.1%}")
     result = run_sft(sft_config(base, data, root / "sft", fast, seed))
@@ -119,12 +124,13 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False, seed
     full = {"params": next(r for r in result.metrics if "trainable_params" in r)["trainable_params"],
             "bytes": model_bytes(result.output_dir), "accuracy": after}
     lora = lora_stage(base, data, root, held_out, fast, full, seed)
-    new_train, new_held = rephrased_rows(2000, 200, seed=seed)
     # The SFT model's answers on the held-out new wordings: its accuracy there, and the held-out pairs.
     sft_answers = greedy_answers(result.output_dir, [r["prompt"] for r in new_held])
     headroom = accuracy(sft_answers, new_held)
-    print(f"[quickstart] the SFT model asked in words it never saw ({', '.join(repr(p.format('123')) for p in NEW_PHRASINGS)}): "
-          f"held-out exact match {headroom:.1%}; the preference and RL stages train on these")
+    wrapped = sum(a == wrapped_answer(r) for a, r in zip(sft_answers, new_held)) / len(new_held)
+    print(f"[quickstart] the SFT model asked in the other words ({', '.join(repr(p.format('123')) for p in NEW_PHRASINGS)}): "
+          f"held-out exact match {headroom:.1%}, 'Answer: ...' {wrapped:.1%}: it learned the demonstrations' "
+          f"habit; the preference and RL stages train on these wordings")
     preference = preference_stage(result.output_dir, new_train, new_held, sft_answers, held_out, root, fast, seed)
     rl = rl_stage(result.output_dir, preference["rm_dir"], new_train, new_held, held_out, root, fast, seed)
     seconds = time.perf_counter() - start
@@ -145,7 +151,8 @@ def write_summary(root: Path, seed: int, fast: bool, seconds: float, before: flo
                "sft": {"before": round(before, 4), "after": round(after, 4)},
                "lora": {"after": round(lora["accuracy"], 4)},
                "headroom": round(headroom, 4),  # the SFT model on the new wordings: where the later stages start
-               "rm": {"pair_accuracy": round(preference["rm_accuracy"], 4)},
+               "rm": {"pair_accuracy": round(preference["rm_accuracy"], 4),
+                      **{f"{kind}_pair_accuracy": round(v, 4) for kind, v in preference["rm_by_kind"].items()}},
                "dpo": keep(preference, "before", "after", "original_after"),
                "ppo": keep(rl["ppo"], "before", "after", "original_after"),
                "grpo": keep(rl["grpo"], "before", "after", "original_after")}
@@ -155,44 +162,68 @@ def write_summary(root: Path, seed: int, fast: bool, seconds: float, before: flo
     return summary
 
 
-# ---- the headroom task: the same reversal asked in words SFT never saw ----------------------------
+# ---- the task SFT leaves undone: the reversal asked in other words --------------------------------
 
-# The SFT data only ever says "reverse 12345". Asked in other words, the SFT model is right a quarter to a
-# third of the time (27.5% in the shipped run, 35-36.5% with other float rounding or SFT seeds; one SFT
-# seed in three gave 0%): room for the preference and RL stages to show a gain (on the original wording
-# SFT is already at ~100%). Its mistakes are the ones a half-trained model makes: a digit changed,
-# doubled or dropped, an answer too long, or none at all.
+# SFT imitates its demonstrations, habits included. The reversal asked as "reverse 12345" is
+# demonstrated cleanly; asked in other words it is demonstrated by a source that wraps two answers in
+# three as "Answer: 54321", which the task's check (exact match) counts as wrong. The SFT model learns
+# that mix: greedy, it mostly wraps (exact match near 10-20%), sampled, it answers bare about a third
+# of the time. The preference and RL stages learn from judgements of whole answers instead (pairs, a
+# reward model, a rule) and move it to the bare answer, which is room that holds on every seed, CPU and
+# GPU: it does not depend on how a random-init model happens to generalize to words it never saw.
 NEW_PHRASINGS = ("Reverse {}", "reverse: {}", "invert {}", "please reverse {}")
+ORIGINAL_ROWS, NEW_DEMOS, WRAPPED_SHARE = 5000, 1500, 2 / 3
 
 
-def rephrased_rows(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """{prompt, answer} rows of the reverse task (3-7 digits) in NEW_PHRASINGS; no prompt in both splits."""
+def wrapped_answer(row: dict) -> str:
+    return f"Answer: {row['answer']}"
+
+
+def rephrased_rows(n_demos: int, n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """{prompt, answer} rows of the reverse task (3-7 digits) in NEW_PHRASINGS: the SFT demonstrations, the
+    preference / RL prompts and the held-out ones; no prompt in two of them."""
     import random
 
     rng = random.Random(seed)
     rows, seen = [], set()
-    while len(rows) < n_train + n_eval:
+    while len(rows) < n_demos + n_train + n_eval:
         word = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7)))
         prompt = rng.choice(NEW_PHRASINGS).format(word)
         if prompt not in seen:
             seen.add(prompt)
             rows.append({"prompt": prompt, "answer": word[::-1]})
-    return rows[:n_train], rows[n_train:]
+    return rows[:n_demos], rows[n_demos:n_demos + n_train], rows[n_demos + n_train:]
+
+
+def sft_rows(original: list[dict], demos: list[dict], seed: int) -> list[dict]:
+    """The SFT data: the original rows, and the other wordings' demonstrations, WRAPPED_SHARE of them wrapped."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"messages": r["messages"]} for r in original]
+    rows += [{"messages": [{"role": "user", "content": r["prompt"]},
+                           {"role": "assistant", "content": wrapped_answer(r) if rng.random() < WRAPPED_SHARE
+                            else r["answer"]}]} for r in demos]
+    rng.shuffle(rows)
+    return rows
 
 
 # ---- the preference stage: a reward model and DPO on the model's own mistakes --------------------
 
-def on_policy_pairs(rows: list[dict], answers: list[str], seed: int) -> list[dict]:
-    """{prompt, chosen, rejected}: the exact answer against the model's own greedy `answers` where that is
-    wrong (as in on-policy / iterative DPO), else against a near miss (also for an empty answer, which
-    is not a response a pair may hold)."""
+def on_policy_pairs(rows: list[dict], answers: list[str], seed: int) -> tuple[list[dict], list[dict]]:
+    """{prompt, chosen, rejected} pairs of two kinds: the exact answer against the model's own greedy `answers`
+    where that is wrong (as in on-policy / iterative DPO), and against a near miss of the same length (a digit
+    changed, two swapped, the reversal undone) on every prompt, which only a judge of the digits tells apart."""
     import random
 
     from posttrain.data.synthetic import wrong_answer
 
     rng = random.Random(seed)
-    return [{"prompt": r["prompt"], "chosen": r["answer"],
-             "rejected": a if a and a != r["answer"] else wrong_answer(r["answer"], rng)} for a, r in zip(answers, rows)]
+    own = [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": a}
+           for a, r in zip(answers, rows) if a and a != r["answer"]]
+    near = [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": wrong_answer(r["answer"], rng, True)}
+            for r in rows]
+    return own, near
 
 
 def preference_accuracy(model_path: str | Path, pairs_path: Path) -> float:
@@ -221,118 +252,111 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
     exact match before and after."""
     from posttrain.config import DPOConfig, RMConfig
     from posttrain.train.dpo import run_dpo
+    from posttrain.score import run_score
     from posttrain.train.rm import run_rm
 
-    n = PREFERENCE_PAIRS[fast]
+    n = PREFERENCE_PROMPTS[fast]
     train_answers = greedy_answers(sft_dir, [r["prompt"] for r in train[:n]])
-    pairs = write_jsonl(on_policy_pairs(train[:n], train_answers, seed=seed), root / "data" / "pairs.jsonl")
-    held_pairs = write_jsonl(on_policy_pairs(held, held_answers, seed=seed + 1), root / "data" / "held_out_pairs.jsonl")
+    pairs = write_jsonl(sum(on_policy_pairs(train[:n], train_answers, seed=seed), []), root / "data" / "pairs.jsonl")
+    held_own, held_near = on_policy_pairs(held, held_answers, seed=seed + 1)
+    held_pairs = write_jsonl(held_own + held_near, root / "data" / "held_out_pairs.jsonl")
+    kinds = {"own": write_jsonl(held_own, root / "data" / "held_out_pairs_own.jsonl"),
+             "same_length": write_jsonl(held_near, root / "data" / "held_out_pairs_same_length.jsonl")}
     before = accuracy(held_answers, held)
-    print(f"[quickstart] preference pairs on the new wordings: the exact answer against the SFT model's own answer "
-          f"where wrong (else a near miss); {n} train, {len(held)} held-out")
+    print(f"[quickstart] preference pairs on the other wordings: the exact answer against the SFT model's own answer "
+          f"where wrong, and against a near miss of the same length; {sum(1 for _ in open(pairs))} train, "
+          f"{len(held_own) + len(held_near)} held-out")
     common = dict(model_name_or_path=str(sft_dir), dataset=str(pairs), eval_dataset=str(held_pairs),
                   overwrite_output_dir=True, cutoff_len=64, per_device_train_batch_size=32, lr_scheduler_type="cosine",
                   warmup_ratio=0.1, logging_steps=10, save_steps=0, seed=seed)
     rm = run_rm(build_config(RMConfig, dict(common, output_dir=str(root / "rm"), **RM_STAGE)))
     rm_accuracy = [r for r in rm.metrics if "eval_accuracy" in r][-1]["eval_accuracy"]
+    by_kind = {kind: run_score(str(rm.output_dir), str(path), batch_size=64)["pair_accuracy"] if path.stat().st_size
+               else float("nan") for kind, path in kinds.items()}
     print(f"[quickstart] reward model: held-out pair accuracy {rm_accuracy:.1%} (exact answer scored above the "
-          f"wrong one); model: {rm.output_dir}")
+          f"wrong one): against the SFT model's own wrong answers {by_kind['own']:.1%}, against near misses of the "
+          f"same length {by_kind['same_length']:.1%}; model: {rm.output_dir}")
 
     pref_before = preference_accuracy(sft_dir, held_pairs)
     dpo = run_dpo(build_config(DPOConfig, dict(common, output_dir=str(root / "dpo"),
                                                ref_cache_dir=str(root / "reference-cache"), **DPO_STAGE)))
     pref_after = preference_accuracy(dpo.output_dir, held_pairs)
     after, original_after = exact_match(dpo.output_dir, held), exact_match(dpo.output_dir, original)
-    print(f"[quickstart] DPO from the SFT model: held-out exact match on the new wordings {before:.1%} -> {after:.1%} "
+    print(f"[quickstart] DPO from the SFT model: held-out exact match on the other wordings {before:.1%} -> {after:.1%} "
           f"(original wording after: {original_after:.1%}); preference accuracy {pref_before:.1%} -> {pref_after:.1%}")
     print(f"[quickstart] DPO model: {dpo.output_dir}")
-    return {"rm_accuracy": rm_accuracy, "rm_dir": rm.output_dir, "before": before, "after": after,
+    return {"rm_accuracy": rm_accuracy, "rm_by_kind": by_kind, "rm_dir": rm.output_dir, "before": before, "after": after,
             "original_after": original_after, "preference_before": pref_before, "preference_after": pref_after,
             "dpo_dir": dpo.output_dir}
 
 
-PREFERENCE_PAIRS = {False: 2000, True: 256}  # by `fast`
+PREFERENCE_PROMPTS = {False: 2000, True: 512}  # by `fast`
 RM_STAGE = dict(learning_rate=1e-3, num_train_epochs=3)
 DPO_STAGE = dict(learning_rate=2e-4, pref_beta=0.1, pref_ftx=1.0, num_train_epochs=1)
 
 
 # ---- the RL stage: PPO with the reward model, GRPO with a rule -------------------------------------
 
-# GRPO's rule, as a user writes one (`reward_funcs: [file.py:function]`). Exact match alone is too sparse
-# here: on a prompt the model gets wrong, a group of 16 samples rarely holds the exact answer, so most
-# groups carried no advantage and held-out exact match moved 35% -> 32-40% over seeds in our runs; with
-# partial credit for every digit in its place it moved to 50-60%. Exact match is still what is measured.
-DIGITS_REWARD = """def digits_in_place(prompts, completions, answer, **columns):
-    \"\"\"The share of positions where the completion has the answer's character (1.0: exact).\"\"\"
-    scores = []
-    for completion, expected in zip(completions, answer):
-        got = completion.strip()
-        scores.append(sum(a == b for a, b in zip(got, expected)) / max(len(got), len(expected), 1))
-    return scores
-"""
-
-# The SFT model is confident even when wrong: at temperature 1 most groups of samples agree, and a
-# group that agrees has no advantage to learn from. Temperature 1.3 and groups of 16 give every step
-# groups with both right and wrong answers. The KL term (k3 in the loss) holds the policy near the SFT
-# model: without it the new phrasings gained more in our runs but the original one fell from 98% to 75%.
-GRPO_STAGE = dict(temperature=1.3, num_generations=16, rollout_batch_size=8, per_device_train_batch_size=128,
-                  learning_rate=6e-4, kl_coef=0.3, max_completion_length=12, lr_scheduler_type="constant")
+# Sampled at temperature 1, the SFT model answers bare about a third of the time, so a group of 8
+# samples nearly always holds a right and a wrong answer: exact match itself is GRPO's reward, no
+# partial credit needed. Both runs hold the policy near the SFT model with a KL term, and evaluate the
+# original wording as the skill to retain: the retain_drop alarm stops a run that takes it below 95% of
+# where it started (it has not fired in our runs; it is there for a user's own settings).
+GRPO_STAGE = dict(temperature=1.0, num_generations=8, rollout_batch_size=16, per_device_train_batch_size=128,
+                  learning_rate=3e-4, kl_coef=0.1, max_completion_length=16, lr_scheduler_type="constant")
 # PPO: one completion per prompt, a critic initialised from the reward model, rewards normalized by the
 # RM's saved statistics, the KL penalty in the reward (k1), GAE and whitened advantages: the defaults.
-# This reward model judges answer lengths, not digits (on same-length errors it is at chance), so PPO
-# gains exact match only where the SFT model's errors are of the wrong length: 27.5% -> 46.5% in the
-# shipped run, +2 points on other SFT seeds (README). With a weak KL (0.05, 40 steps) it drifted to
-# answers the RM likes that are wrong; the KL below holds it near the SFT model instead.
 PPO_STAGE = dict(temperature=1.0, rollout_batch_size=64, per_device_train_batch_size=32, ppo_epochs=4,
-                 learning_rate=2e-4, critic_learning_rate=1e-3, kl_coef=0.1, max_completion_length=12,
+                 learning_rate=2e-4, critic_learning_rate=1e-3, kl_coef=0.1, max_completion_length=16,
                  lr_scheduler_type="constant")
-RL_STEPS = {"PPO": {False: 24, True: 6}, "GRPO": {False: 40, True: 12}}  # by `fast`
+RL_STEPS = {"PPO": {False: 24, True: 12}, "GRPO": {False: 30, True: 15}}  # by `fast`
 
 
-def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, out: Path, steps: int, seed: int = 0,
-           **settings):
-    """One `posttrain ppo|grpo` run; held-out exact match (greedy) before and after, and the reward it
-    maximizes before and after, from its eval."""
+def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, retain_path: Path, out: Path, steps: int,
+           seed: int = 0, **settings):
+    """One `posttrain ppo|grpo` run; from its evals (greedy): held-out exact match before and after, the
+    retained skill's after, and the reward it maximizes before and after."""
     from posttrain.train.rl.recipe import run_rl
 
     result = run_rl(build_config(config_cls, dict(
-        model_name_or_path=str(sft_dir), dataset=str(prompts), eval_dataset=str(held_path), output_dir=str(out),
-        overwrite_output_dir=True, max_steps=steps, eval_steps=steps, logging_steps=1, disable_tqdm=True, seed=seed,
-        **settings)))
+        model_name_or_path=str(sft_dir), dataset=str(prompts), eval_dataset=str(held_path),
+        retain_eval_dataset=str(retain_path), output_dir=str(out), overwrite_output_dir=True, max_steps=steps,
+        eval_steps=max(1, steps // 4), logging_steps=1, disable_tqdm=True, seed=seed, **settings)))
     evals = [r for r in result.metrics if "eval_rewards/exact_match" in r]
-    return result, evals[0]["eval_rewards/exact_match"], evals[-1]["eval_rewards/exact_match"], \
-        (evals[0]["eval_reward"], evals[-1]["eval_reward"])
+    return result, {"before": evals[0]["eval_rewards/exact_match"], "after": evals[-1]["eval_rewards/exact_match"],
+                    "original_after": evals[-1]["eval_retain_rewards/exact_match"],
+                    "reward_before": evals[0]["eval_reward"], "reward_after": evals[-1]["eval_reward"],
+                    "stopped_by_alarm": next((k.split("/", 1)[1] for r in result.metrics for k in r
+                                              if k.startswith("stopped_by_alarm/")), None)}
 
 
 def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], original: list[dict], root: Path,
              fast: bool, seed: int = 0) -> dict:
-    """PPO with the trained reward model and GRPO with a digit-by-digit rule, each from the SFT
-    model on the new wordings (`posttrain ppo|grpo` code paths); held-out exact match before and after,
-    and on the original wording after (it should not drop)."""
+    """PPO with the trained reward model and GRPO with exact match as its rule, each from the SFT model on
+    the other wordings (`posttrain ppo|grpo` code paths); held-out exact match before and after, and on
+    the original wording (retain_eval_dataset) after."""
     from posttrain.config import GRPOConfig, PPOConfig
 
     prompts = write_jsonl(train, root / "data" / "rl_prompts.jsonl")
     held_path = write_jsonl(held, root / "data" / "rl_held_out.jsonl")
-    rule = root / "data" / "digits_reward.py"
-    rule.write_text(DIGITS_REWARD)
+    retain = write_jsonl([{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in original],
+                         root / "data" / "rl_retain.jsonl")
     out = {}
     for name, cls, settings, reward in (
             ("PPO", PPOConfig, PPO_STAGE, dict(reward_model=str(rm_dir), reward_funcs=["exact_match"],
                                                reward_weights=[1.0, 0.0])),  # exact match only measured
-            ("GRPO", GRPOConfig, GRPO_STAGE, dict(reward_funcs=[f"{rule}:digits_in_place", "exact_match"],
-                                                  reward_weights=[1.0, 0.0]))):
-        what = "the reward model" if name == "PPO" else "a rule (digits in place, data/digits_reward.py)"
+            ("GRPO", GRPOConfig, GRPO_STAGE, dict(reward_funcs=["exact_match"]))):
+        what = "the reward model" if name == "PPO" else "a rule (exact match)"
         steps = RL_STEPS[name][fast]
         print(f"[quickstart] RL: {name} from the SFT model with {what} as reward, {steps} steps x "
               f"{settings['rollout_batch_size']} prompts x {settings.get('num_generations', 1)} samples")
         t = time.perf_counter()
-        result, before, after, maximized = rl_run(cls, sft_dir, prompts, held_path, root / name.lower(), steps,
-                                                  seed, **settings, **reward)
-        original_after = exact_match(result.output_dir, original)
-        print(f"[quickstart] {name} ({time.perf_counter() - t:.0f}s): held-out exact match on the new wordings "
-              f"{before:.1%} -> {after:.1%}; on the original wording {original_after:.1%} after; the reward it "
-              f"maximizes ({'normalized RM score' if name == 'PPO' else 'digits in place'}, held-out) "
-              f"{maximized[0]:.3f} -> {maximized[1]:.3f}; model: {result.output_dir}")
-        out[name.lower()] = {"before": before, "after": after, "original_after": original_after,
-                             "reward_before": maximized[0], "reward_after": maximized[1], "output_dir": result.output_dir}
+        result, figures = rl_run(cls, sft_dir, prompts, held_path, retain, root / name.lower(), steps, seed,
+                                 **settings, **reward)
+        stopped = f"; stopped early by the {figures['stopped_by_alarm']} alarm" if figures["stopped_by_alarm"] else ""
+        print(f"[quickstart] {name} ({time.perf_counter() - t:.0f}s): held-out exact match on the other wordings "
+              f"{figures['before']:.1%} -> {figures['after']:.1%}; on the original wording {figures['original_after']:.1%} "
+              f"after; the reward it maximizes ({'normalized RM score' if name == 'PPO' else 'exact match'}, held-out) "
+              f"{figures['reward_before']:.3f} -> {figures['reward_after']:.3f}{stopped}; model: {result.output_dir}")
+        out[name.lower()] = {**figures, "output_dir": result.output_dir}
     return out

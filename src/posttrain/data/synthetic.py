@@ -107,12 +107,14 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def wrong_answer(answer: str, rng: random.Random) -> str:
+def wrong_answer(answer: str, rng: random.Random, same_length: bool = False) -> str:
     """A near miss of `answer`: one digit changed, two neighbours swapped, one dropped or added, or
-    the reversal undone — the mistakes a half-trained model makes, never the answer itself."""
+    the reversal undone — the mistakes a half-trained model makes, never the answer itself.
+    `same_length`: no digit dropped or added, so that only the digits tell it from the answer."""
+    kinds = ("change", "swap", "unreverse") if same_length else ("change", "swap", "drop", "add", "unreverse")
     for _ in range(100):
         i = rng.randrange(len(answer))
-        kind = rng.choice(("change", "swap", "drop", "add", "unreverse"))
+        kind = rng.choice(kinds)
         if kind == "change":
             wrong = answer[:i] + rng.choice(SYMBOLS.replace(answer[i], "")) + answer[i + 1:]
         elif kind == "swap" and len(answer) > 1:

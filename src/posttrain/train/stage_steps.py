@@ -36,7 +36,7 @@ def check_output_dir(config) -> None:
     """The output folder is new, empty or an earlier posttrain run's, and holds nothing the run reads."""
     inputs = [(key, getattr(config, key, None))
               for key in ("model_name_or_path", "adapter_name_or_path", "ref_model", "reward_model", "critic_model")]
-    inputs += [(which, e.path) for which in ("dataset", "eval_dataset") for e in config.dataset_entries(which)]
+    inputs += [(which, e.path) for which in config.DATASET_KEYS for e in config.dataset_entries(which)]
     check_output_folder(config.output_dir, key="output_dir", marker=RUN_MARKER,
                         overwrite=config.overwrite_output_dir, resume=bool(config.resume_from_checkpoint),
                         inputs=inputs)

@@ -12,6 +12,10 @@ resumed run reads it back from metrics.jsonl):
   truncated      truncated (share of completions cut at max_completion_length) > threshold
   logp_gap       logp_gap (mean |trainer - rollout engine| log-prob of the sampled tokens) > threshold,
                  on steps sampled on the trainer's own weights (staleness 0)
+  retain_drop    eval_retain_reward (retain_eval_dataset, greedy) < threshold x its value before training
+
+An alarm is judged only on records that hold its metric (eval records come every eval_steps): it stays
+raised or clear in between. Alarms named in `stop_on_alarms` end the run (trainer.py).
 """
 
 from __future__ import annotations
@@ -32,33 +36,42 @@ class Alarms:
             self._note_first(record)
 
     def _note_first(self, record: dict) -> None:
-        for key in ("entropy", "response_length"):
+        for key in ("entropy", "response_length", "eval_retain_reward"):
             if key in record:
                 self.first.setdefault(key, record[key])
 
     def check(self, record: dict) -> dict[str, int]:
         """The alarms this record sets, as `alarm/<name>: 1` entries to log with it."""
         self._note_first(record)
-        fired = {name for name, why in self._tests(record) if why}
+        judged = dict(self._tests(record))
+        fired = {name for name, why in judged.items() if why}
         for name in sorted(fired - self.raised):
             log.warning("alarm %s at step %s: %s", name, record.get("step"), self._describe(name, record))
-        self.raised = fired
+        self.raised = (self.raised - set(judged)) | fired
         return {f"alarm/{name}": 1 for name in sorted(fired)}
 
     def _tests(self, r: dict):
+        """(alarm, fired) for each alarm this record holds the metric of."""
         lim, first = self.limits, self.first
-        yield "kl", "kl" in r and r["kl"] > lim["kl"]
-        yield "entropy_drop", "entropy" in r and first.get("entropy", 0) > 0 and \
-            r["entropy"] < lim["entropy_drop"] * first["entropy"]
+        if "kl" in r:
+            yield "kl", r["kl"] > lim["kl"]
+        if "entropy" in r and first.get("entropy", 0) > 0:
+            yield "entropy_drop", r["entropy"] < lim["entropy_drop"] * first["entropy"]
         if "response_length" in r and first.get("response_length", 0) > 0:
             ratio = r["response_length"] / first["response_length"]
             yield "length_ratio", ratio > lim["length_ratio"] or ratio < 1 / lim["length_ratio"]
-        yield "clip_fraction", "clip_fraction" in r and r["clip_fraction"] > lim["clip_fraction"]
-        yield "truncated", "truncated" in r and r["truncated"] > lim["truncated"]
+        if "clip_fraction" in r:
+            yield "clip_fraction", r["clip_fraction"] > lim["clip_fraction"]
+        if "truncated" in r:
+            yield "truncated", r["truncated"] > lim["truncated"]
         # Samples drawn on older weights (async_rollouts) differ from the trainer's by design: on-policy steps only.
-        yield "logp_gap", "logp_gap" in r and not r.get("staleness") and r["logp_gap"] > lim["logp_gap"]
+        if "logp_gap" in r:
+            yield "logp_gap", not r.get("staleness") and r["logp_gap"] > lim["logp_gap"]
+        if "eval_retain_reward" in r and "eval_retain_reward" in first:
+            yield "retain_drop", r["eval_retain_reward"] < lim["retain_drop"] * first["eval_retain_reward"]
 
     def _describe(self, name: str, r: dict) -> str:
-        metric = {"entropy_drop": "entropy", "length_ratio": "response_length"}.get(name, name)
+        metric = {"entropy_drop": "entropy", "length_ratio": "response_length",
+                  "retain_drop": "eval_retain_reward"}.get(name, name)
         base = f" (first step: {self.first[metric]:.4g})" if metric in self.first else ""
         return f"{metric} is {r.get(metric, float('nan')):.4g}{base}, threshold {self.limits[name]:g}"

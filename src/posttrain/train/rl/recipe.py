@@ -15,6 +15,7 @@ from pathlib import Path
 
 from posttrain.config import RLConfig
 from posttrain.data.chat import ChatRenderer
+from posttrain.data.formats import dataset_specs
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.data.schema import Conversation
 from posttrain.data.stage_samples import load_rows
@@ -69,19 +70,21 @@ def _run_rl(config: RLConfig, device, placed: RaySession | None) -> TrainResult:
     rewards = build_rewards(config, device, placed)  # function files and endpoints fail here, before anything big
     tokenizer = stage_steps.load_stage_tokenizer(config)
     rows, eval_rows = load_rows(config, load_prompts)
-    rewards.check(rows + eval_rows)
-    prompts = tokenize_prompts(rows, tokenizer, config.template, config.cutoff_len)
-    evals = tokenize_prompts(eval_rows, tokenizer, config.template, config.cutoff_len)
+    retain_rows = load_prompts(dataset_specs(config, "retain_eval_dataset"), config.on_bad_rows,
+                               config.seed)[0] if config.retain_eval_dataset else []
+    rewards.check(rows + eval_rows + retain_rows)
+    prompts, evals, retain = (tokenize_prompts(r, tokenizer, config.template, config.cutoff_len)
+                              for r in (rows, eval_rows, retain_rows))
     if dist.is_main():
-        log.info("%s (%s): %d prompts x %d completions per step, %d held-out prompts; rewards: %s",
+        log.info("%s (%s): %d prompts x %d completions per step, %d held-out prompts%s; rewards: %s",
                  config.stage, config.advantage_estimator, config.rollout_batch_size, config.num_generations,
-                 len(evals), ", ".join(rewards.names))
+                 len(evals), f", {len(retain)} to retain" if retain else "", ", ".join(rewards.names))
 
     # Sharded, the rollout copy of the actor is a whole model on every rank anyway (rl/trainer.py).
     actor = stage_steps.load_trainable_model(config, device, whole_because="RL keeps a whole rollout copy of the "
                                              "actor on each rank; low-memory loading serves sft, dpo, kto and rm")
     limit = getattr(actor.config, "max_position_embeddings", None)
-    longest = max(len(p) for p, _ in prompts + evals) + config.max_completion_length
+    longest = max(len(p) for p, _ in prompts + evals + retain) + config.max_completion_length
     if limit and longest > limit:
         raise ConfigError(f"the longest prompt ({longest - config.max_completion_length} tokens) plus "
                           f"max_completion_length ({config.max_completion_length}) exceeds the model's "
@@ -117,7 +120,7 @@ def _run_rl(config: RLConfig, device, placed: RaySession | None) -> TrainResult:
             stage_steps.save_model(actor, tokenizer, config, folder, pissa_initial, state_dict=state_dict)
 
         trainer = RLTrainer(config, actor=actor, critic=critic, reference=reference, rewards=rewards,
-                            tokenizer=tokenizer, prompts=prompts, eval_prompts=evals, device=device,
+                            tokenizer=tokenizer, prompts=prompts, eval_prompts=evals, retain_prompts=retain, device=device,
                             save_final=save_final, summary=summary, placed=placed)
         out = trainer.train()
     return TrainResult(out["steps"], None, None, out["output_dir"], out["plot"], out["metrics"], actor)

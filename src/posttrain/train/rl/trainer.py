@@ -94,12 +94,15 @@ class RLTrainer:
     def __init__(self, config, *, actor: nn.Module, critic: nn.Module | None, reference, rewards: Rewards,
                  tokenizer, prompts: list[tuple[list[int], Prompt]], eval_prompts: list[tuple[list[int], Prompt]],
                  device: torch.device, save_final: Callable[[Path], None], summary: dict | None = None,
-                 placed=None):
-        """`placed`: a placement.RaySession when the roles run in Ray actors (the sampler then samples there)."""
+                 placed=None, retain_prompts: list[tuple[list[int], Prompt]] = ()):
+        """`placed`: a placement.RaySession when the roles run in Ray actors (the sampler then samples there).
+        `retain_prompts`: a skill the run must keep, evaluated beside `eval_prompts` as eval_retain_*."""
         self.config = config
         self.actor, self.critic, self.reference = actor, critic, reference
         self.rewards, self.tokenizer, self.device = rewards, tokenizer, device
         self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.eval_sets = {prefix: rows for prefix, rows in (("eval_", eval_prompts), ("eval_retain_", retain_prompts))
+                          if rows}
         self.save_final, self.summary = save_final, summary or {}
         self.output_dir = Path(config.output_dir)
         self.world, self.rank = dist.world_size(), dist.rank()
@@ -297,18 +300,22 @@ class RLTrainer:
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean reward of greedy completions on the held-out prompts (every rank scores its share)."""
+        """Mean reward of greedy completions on each eval set: the held-out prompts (eval_*) and the skill to
+        retain (eval_retain_*); every rank scores its share."""
         self.sync_rollout_actor()
-        mine = self.eval_prompts[self.rank::self.world]
-        sums: dict = {}
-        if mine:
-            rollouts = self.sampler.sample([p for p, _ in mine],
-                                           max_new_tokens=self.config.max_completion_length, temperature=0.0)
-            total, parts = self.rewards(CompletionBatch([row for _, row in mine], [r.text for r in rollouts]))
-            n = len(mine)
-            add_metrics(sums, {"reward": (total.sum().item(), n), **{k: (v * n, n) for k, v in parts.items()},
-                                "response_length": (sum(len(r.response_ids) for r in rollouts), n)})
-        return reduce_metrics(sums, "eval_")
+        evals = {}
+        for prefix, prompts in self.eval_sets.items():
+            mine = prompts[self.rank::self.world]
+            sums: dict = {}
+            if mine:
+                rollouts = self.sampler.sample([p for p, _ in mine],
+                                               max_new_tokens=self.config.max_completion_length, temperature=0.0)
+                total, parts = self.rewards(CompletionBatch([row for _, row in mine], [r.text for r in rollouts]))
+                n = len(mine)
+                add_metrics(sums, {"reward": (total.sum().item(), n), **{k: (v * n, n) for k, v in parts.items()},
+                                    "response_length": (sum(len(r.response_ids) for r in rollouts), n)})
+            evals.update(reduce_metrics(sums, prefix))
+        return evals
 
     # -- the run ----------------------------------------------------------------------------------
     def resume(self, run: RunRecorder, trained: nn.Module, optimizers: _CombinedState, schedulers: _CombinedState
@@ -367,26 +374,39 @@ class RLTrainer:
         logged = run.logger.path if run.logger else None
         alarms = Alarms(c.alarms, read_metrics(logged) if logged and done and logged.exists() else [])
         evals = {}
-        if self.eval_prompts and not done:
+        if self.eval_sets and not done:
             evals = self.evaluate()
+            alarms.check(evals)  # the values before training, that retain_drop compares with
         if not done:
             run.log({"step": 0, **self.summary, **evals})
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
         try:
+            stopped = None
             for self.step in range(done + 1, total + 1):
                 info = self.one_step(run, optimizers, schedulers, completions)
+                fired = {}
                 if run.logs_at(self.step):
                     record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
                               **_summarize(run.take_window()), "kl_coef": round(self.kl.value, 6),
                               **{k: round(v, 6) for k, v in zip(info, host_floats(list(info.values())))}}
-                    record.update(alarms.check(record))
-                    run.log(record)
+                    fired.update(alarms.check(record))
+                    run.log({**record, **fired})
                     run.bar.set_postfix(reward=f"{record.get('reward_mean', 0):.3f}", kl=f"{record.get('kl', 0):.4f}")
-                if self.eval_prompts and run.evaluates_at(self.step):
+                if self.eval_sets and run.evaluates_at(self.step):
                     evals = self.evaluate()
-                    run.log({"step": self.step, **evals})
+                    record = {"step": self.step, **evals, **alarms.check(evals)}
+                    fired.update(record)
+                    run.log(record)
+                # Every rank judges the same reduced metrics, so every rank stops at the same step.
+                stopped = next((name for name in c.stop_on_alarms if f"alarm/{name}" in fired), None)
+                if stopped:
+                    log.warning("stopping at step %d of %d: alarm %s is in stop_on_alarms; the model is saved as "
+                                "it is now", self.step, total, stopped)
+                    run.log({"step": self.step, f"stopped_by_alarm/{stopped}": 1})
+                    run.bar.update(1)
+                    break
                 if run.saves_at(self.step):
                     run.save(self.step, model_state=self.parallel.trainable_state(trained),
                              optimizer_state=both_optimizers.state_dict(), scheduler=both_schedulers,
@@ -397,13 +417,15 @@ class RLTrainer:
                                             "weights_version": self.weights_version,
                                             "rollouts_ahead": self.ahead_state()})
                 run.bar.update(1)
-            plot, metrics = run.finish(total, trained, self.save_final, plot_name="training_reward.png",
+            plot, metrics = run.finish(self.step if stopped else total, trained, self.save_final,
+                                       plot_name="training_reward.png",
                                        parallel=self.parallel, saved_model=self.actor,
                                        keys=("reward_mean", "eval_reward"), title="reward",
                                        extra_keys=("kl", "response_length", "entropy", "value_loss"))
         finally:
             self.sampler.close()  # a vLLM worker or a Ray role ends with the run
-        return {"steps": total, "output_dir": self.output_dir, "plot": plot, "metrics": metrics, "eval": evals}
+        return {"steps": self.step if stopped else total, "output_dir": self.output_dir, "plot": plot,
+                "metrics": metrics, "eval": evals, "stopped_by_alarm": stopped}
 
     def one_step(self, run: RunRecorder, optimizers: dict, schedulers: dict, completions) -> dict:
         """Step `self.step`, top to bottom (the module docstring's 1-5); its metrics go into `run`'s window.

@@ -7,6 +7,8 @@ Prints three figures, each side by side in one run:
       through PEFT's `adapter_names=` argument, static batches of the same size
   (c) memory added per resident adapter (stacked bank bytes, and process RSS growth)
   (d) posttrain engine / vLLM (with --vllm-python) on the same requests, each with its adapter
+  (e) `posttrain serve` over HTTP / the same engine in-process: the requests sent all at once by the
+      real `openai` client from a thread pool, to a server in its own process     (target >= 0.9)
 
 Everything is built locally (the `small` tiny Llama, adapters from PEFT with random weights);
 generation ignores end-of-sequence, so both sides produce exactly the tokens each request asked for
@@ -96,6 +98,62 @@ def run_peft(model, prompts, names, lengths, batch_size, pad_id) -> tuple[float,
         outs += [row[:n] for row, n in zip(gen[:, width:].tolist(), lengths[i:i + batch_size])]
     seconds = time.perf_counter() - start
     return sum(lengths) / seconds, outs
+
+
+class HTTPServer:
+    """`posttrain serve` in its own process, every adapter folder of `adapter_dir` served; requests from the
+    `openai` client, all in flight at once (one thread each), timed from the first sent to the last answered."""
+
+    def __init__(self, base_dir: Path, adapter_dir: Path, max_loras: int, batch_size: int):
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "posttrain", "serve", f"model={base_dir}", f"adapter_dirs=[{adapter_dir}]",
+             f"port={self.port}", f"max_loras={max_loras}", f"max_batch_size={batch_size}", "device=cpu"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not self._healthy():
+            if self.process.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"posttrain serve did not start:\n{self.process.stderr.read()[-2000:]}")
+            time.sleep(0.2)
+
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def generate(self, prompts, lengths, names) -> tuple[float, list[str]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=600)
+
+        def one(i):
+            r = client.completions.create(model=names[i], prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                          extra_body={"ignore_eos": True})
+            return r.usage.completion_tokens, r.choices[0].text
+
+        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+            t = time.perf_counter()
+            done = list(pool.map(one, range(len(prompts))))
+            seconds = time.perf_counter() - t
+        return sum(n for n, _ in done) / seconds, [text for _, text in done]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=30)
 
 
 class VLLMWorker:
@@ -249,6 +307,17 @@ def main() -> None:
             print(f"  (d) posttrain: {best['spread']:8.1f} tok/s   vLLM {worker.version} (LLM.generate, a LoRARequest "
                   f"per request): {vllm_best:8.1f} tok/s   ratio {best['spread'] / vllm_best:.2f}x; identical greedy "
                   f"outputs: {same:.0%}")
+        with HTTPServer(base_dir, work / "adapters", count, args.batch_size) as server:
+            names_sent = [a.name for a in spread]
+            server.generate(prompts[:4], [4] * 4, names_sent[:4])  # warm-up
+            http_best, texts = 0.0, []
+            for _ in range(args.repeats):
+                tps, texts = server.generate(prompts, lengths, names_sent)
+                http_best = max(http_best, tps)
+        same = sum(tok.decode(a) == b for a, b in zip(ours, texts)) / len(ours)
+        print(f"  (e) posttrain serve over HTTP (openai client, {len(prompts)} requests at once): {http_best:8.1f} tok/s"
+              f"   the engine in-process: {best['spread']:8.1f} tok/s   ratio {http_best / best['spread']:.2f} "
+              f"(target >= 0.9); identical greedy outputs: {same:.0%}")
         del peft_model, engine, model
 
 

@@ -124,7 +124,7 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False, seed
     full = {"params": next(r for r in result.metrics if "trainable_params" in r)["trainable_params"],
             "bytes": model_bytes(result.output_dir), "accuracy": after}
     lora = lora_stage(base, data, root, held_out, fast, full, seed)
-    # The SFT model's answers on the held-out new wordings: its accuracy there, and the held-out pairs.
+    # The SFT model's answers on the held-out other wordings: its accuracy there, and the held-out pairs.
     sft_answers = greedy_answers(result.output_dir, [r["prompt"] for r in new_held])
     headroom = accuracy(sft_answers, new_held)
     wrapped = sum(a == wrapped_answer(r) for a, r in zip(sft_answers, new_held)) / len(new_held)
@@ -150,7 +150,7 @@ def write_summary(root: Path, seed: int, fast: bool, seconds: float, before: flo
     summary = {"seed": seed, "fast": fast, "seconds": round(seconds, 1),
                "sft": {"before": round(before, 4), "after": round(after, 4)},
                "lora": {"after": round(lora["accuracy"], 4)},
-               "headroom": round(headroom, 4),  # the SFT model on the new wordings: where the later stages start
+               "headroom": round(headroom, 4),  # the SFT model on the other wordings: where the later stages start
                "rm": {"pair_accuracy": round(preference["rm_accuracy"], 4),
                       **{f"{kind}_pair_accuracy": round(v, 4) for kind, v in preference["rm_by_kind"].items()}},
                "dpo": keep(preference, "before", "after", "original_after"),
@@ -247,12 +247,12 @@ def preference_accuracy(model_path: str | Path, pairs_path: Path) -> float:
 
 def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_answers: list[str], original: list[dict],
                      root: Path, fast: bool, seed: int = 0) -> dict:
-    """Pairs on the new wordings, the exact answer (chosen) against the SFT model's own wrong answer:
-    train a reward model on the SFT model, then run DPO from the SFT model; held-out pair accuracy and
-    exact match before and after."""
+    """Pairs on the other wordings, the exact answer (chosen) against the SFT model's own wrong answer and
+    against a same-length near miss: train a reward model on the SFT model, then run DPO from the SFT
+    model; held-out pair accuracy (each kind apart too) and exact match before and after."""
     from posttrain.config import DPOConfig, RMConfig
-    from posttrain.train.dpo import run_dpo
     from posttrain.score import run_score
+    from posttrain.train.dpo import run_dpo
     from posttrain.train.rm import run_rm
 
     n = PREFERENCE_PROMPTS[fast]

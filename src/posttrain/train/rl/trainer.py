@@ -376,7 +376,7 @@ class RLTrainer:
         evals = {}
         if self.eval_sets and not done:
             evals = self.evaluate()
-            alarms.check(evals)  # the values before training, that retain_drop compares with
+            alarms.check({"step": 0, **evals})  # the values before training, that retain_drop compares with
         if not done:
             run.log({"step": 0, **self.summary, **evals})
         self.actor.train()
@@ -386,21 +386,23 @@ class RLTrainer:
             stopped = None
             for self.step in range(done + 1, total + 1):
                 info = self.one_step(run, optimizers, schedulers, completions)
-                fired = {}
+                this_step = {}  # this step's logged records: their alarm/<name> flags decide stop_on_alarms
                 if run.logs_at(self.step):
                     record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch(), 4),
                               **_summarize(run.take_window()), "kl_coef": round(self.kl.value, 6),
                               **{k: round(v, 6) for k, v in zip(info, host_floats(list(info.values())))}}
-                    fired.update(alarms.check(record))
-                    run.log({**record, **fired})
+                    record.update(alarms.check(record))
+                    this_step.update(record)
+                    run.log(record)
                     run.bar.set_postfix(reward=f"{record.get('reward_mean', 0):.3f}", kl=f"{record.get('kl', 0):.4f}")
                 if self.eval_sets and run.evaluates_at(self.step):
                     evals = self.evaluate()
-                    record = {"step": self.step, **evals, **alarms.check(evals)}
-                    fired.update(record)
+                    record = {"step": self.step, **evals}
+                    record.update(alarms.check(record))
+                    this_step.update(record)
                     run.log(record)
                 # Every rank judges the same reduced metrics, so every rank stops at the same step.
-                stopped = next((name for name in c.stop_on_alarms if f"alarm/{name}" in fired), None)
+                stopped = next((name for name in c.stop_on_alarms if f"alarm/{name}" in this_step), None)
                 if stopped:
                     log.warning("stopping at step %d of %d: alarm %s is in stop_on_alarms; the model is saved as "
                                 "it is now", self.step, total, stopped)

@@ -143,10 +143,16 @@ class HTTPServer:
             return r.usage.completion_tokens, r.choices[0].text
 
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), (time.process_time(), self._server_cpu())
             done = list(pool.map(one, range(len(prompts))))
             seconds = time.perf_counter() - t
+        # CPU seconds per wall second, of this client and of the server: on a small machine they share cores
+        self.load = ((time.process_time() - cpu[0]) / seconds, (self._server_cpu() - cpu[1]) / seconds)
         return sum(n for n, _ in done) / seconds, [text for _, text in done]
+
+    def _server_cpu(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def __enter__(self):
         return self
@@ -317,7 +323,8 @@ def main() -> None:
         same = sum(tok.decode(a) == b for a, b in zip(ours, texts)) / len(ours)
         print(f"  (e) posttrain serve over HTTP (openai client, {len(prompts)} requests at once): {http_best:8.1f} tok/s"
               f"   the engine in-process: {best['spread']:8.1f} tok/s   ratio {http_best / best['spread']:.2f} "
-              f"(target >= 0.9); identical greedy outputs: {same:.0%}")
+              f"(target >= 0.9); identical greedy outputs: {same:.0%}; CPU cores busy: client {server.load[0]:.2f}, "
+              f"server {server.load[1]:.2f}")
         del peft_model, engine, model
 
 

@@ -12,7 +12,8 @@ from posttrain.serve.error_responses import RuntimeAdaptersDisabled, TooManyRequ
 from posttrain.serve.state import ServerState
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
     return request.app.state.server
 
 
@@ -40,6 +41,6 @@ async def generation_slot(state: State):
 GenerationSlot = Annotated[Slot, Depends(generation_slot)]
 
 
-def runtime_adapters_allowed(state: State) -> None:
+async def runtime_adapters_allowed(state: State) -> None:
     if not state.settings.allow_runtime_adapters:
         raise RuntimeAdaptersDisabled()

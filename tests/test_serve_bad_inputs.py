@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -283,6 +284,14 @@ def test_serving_backend_choice_is_said_and_refused_before_loading(lively_model_
         pick_backend(settings(backend="vllm"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="vllm_python: .* is not an executable"):
         pick_backend(settings(backend="vllm", vllm_python=str(tmp_path / "nope")), torch.device("cpu"))
+    # A relative vllm_python (as `make vllm` suggests: .venv-vllm/bin/python) still names the same file once the
+    # worker runs in its own folder; a venv's python keeps its venv path (a symlink, never resolved).
+    venv_python = tmp_path / "env" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    assert pick_backend(settings(backend="vllm", vllm_python="env/bin/python"), torch.device("cpu")) == \
+        ("vllm", str(venv_python))
     with caplog.at_level(logging.WARNING, logger="posttrain.serve.vllm_server"):
         assert pick_backend(settings(backend="auto"), torch.device("cpu")) == ("engine", None)
     assert "--backend auto: serving on the built-in engine (not on CUDA)" in caplog.text

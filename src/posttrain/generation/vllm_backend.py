@@ -58,10 +58,13 @@ def vllm_env(kv_cache_gib: int = 1) -> dict:
 def find_vllm_python(explicit: str | None = None) -> str | None:
     """The Python that runs vLLM, or None when there is none."""
     if explicit:
-        if not os.access(explicit, os.X_OK):
+        found = shutil.which(explicit)  # a path, or a name on PATH
+        if found is None:
             raise ConfigError(f"vllm_python: {explicit} is not an executable Python; run `make vllm` or point it at "
                               "the python of an environment with vLLM")
-        return explicit
+        # Absolute: the worker starts in a folder of its own, where a relative path reaches nothing. Not resolved:
+        # a venv's python is a symlink, and only through the venv's own path does it see the venv's packages.
+        return os.path.abspath(found)
     env = os.environ.get("POSTTRAIN_VLLM_PYTHON")
     if env:
         return find_vllm_python(env)

@@ -106,6 +106,10 @@ CASES = [
     ("rm-lr-nan", "rm", _pairs, ["dataset={tmp}/pairs.jsonl", "learning_rate=.nan"], "finite number"),
     ("grpo-bad-override", "grpo", None, ["reward_funcs=[exact_match]", "temperature=[1"], "not valid YAML"),
     ("grpo-temperature-inf", "grpo", None, ["reward_funcs=[exact_match]", "temperature=.inf"], "finite number"),
+    ("grpo-trainer-ranks-without-ray", "grpo", None, ["reward_funcs=[exact_match]", "ray_trainer_ranks=2"],
+     "ray_trainer_ranks places the trainer's ranks with Ray: set placement: ray"),
+    ("grpo-trainer-ranks-half-gpu", "grpo", None, ["reward_funcs=[exact_match]", "placement=ray",
+     "ray_trainer_ranks=2", "ray_num_gpus_per_role=0.5"], "each rank needs a whole GPU"),
 ]
 
 
@@ -231,7 +235,7 @@ def test_the_offline_guard_holds_from_the_first_import():
     from child_env import child_env
 
     env = {k: v for k, v in child_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    code = ("import posttrain.cli as cli; cli._setup_logging(); import huggingface_hub.constants as c; "
+    code = ("import posttrain.cli as cli; cli.setup_logging(); import huggingface_hub.constants as c; "
             "print(c.HF_HUB_OFFLINE)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr

@@ -1,5 +1,6 @@
 """`placement: ray`: the sampler, the reference and the reward model in Ray actors of their own (a local
-Ray on this machine's 2 CPUs, half a CPU per role) give the same run as one process with the same seed."""
+Ray on this machine's 2 CPUs, half a CPU per role) give the same run as one process with the same seed; with
+`ray_trainer_ranks: 2` the trainer's two ranks in Ray actors give the same run as torchrun's two processes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.cli import main
+from posttrain.data.synthetic import split_task, write_jsonl
 
+from test_rl_distributed import REWARD, _grpo
 from test_rl_training import STARTS_WITH_ONE, _run, rl_setup  # noqa: F401  (the fixture)
 from test_rm import rm_data, rm_overrides  # noqa: F401  (the fixture)
 
@@ -58,3 +61,35 @@ def test_roles_that_do_not_fit_the_cluster_are_refused(rl_setup, tmp_path, capsy
     assert "ray_num_cpus_per_role" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
 
+
+
+def test_trainer_ranks_on_ray_match_torchrun(tiny_model_dir, tmp_path):
+    train, _ = split_task(32, 0, seed=3)
+    prompts = write_jsonl([{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in train],
+                          tmp_path / "prompts.jsonl")
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD)
+    torchrun = _grpo(tiny_model_dir, prompts, reward, tmp_path / "torchrun", procs=2, prompts_per_proc=2)
+    ray = _grpo(tiny_model_dir, prompts, reward, tmp_path / "ray", procs=1, prompts_per_proc=2, placement="ray",
+                ray_trainer_ranks=2, ray_num_cpus_per_role=1)
+    assert len([r for r in ray if "reward_mean" in r]) == 3 and any(r["reward_std"] > 0 for r in ray if "reward_std" in r)
+    drop = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731  (timings)
+    assert [drop(r) for r in torchrun] == [drop(r) for r in ray]  # rank 0's log: the same samples, rewards, KL
+    _same_weights(tmp_path / "torchrun", tmp_path / "ray")  # the same code and reductions: bit for bit
+
+
+def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from child_env import child_env
+
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "reverse 12", "answer": "21"}\n{"prompt": 5\n')
+    res = subprocess.run([sys.executable, "-m", "posttrain", "grpo", f"model_name_or_path={tiny_model_dir}",
+                          f"dataset={bad}", f"output_dir={tmp_path / 'o'}", "reward_funcs=[exact_match]",
+                          "placement=ray", "ray_trainer_ranks=2", "ray_num_cpus_per_role=1"],
+                         env=child_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == f"error: {bad}:2: invalid JSON: Expecting ',' delimiter at column 1"
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()

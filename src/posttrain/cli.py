@@ -12,7 +12,7 @@ import warnings
 from posttrain.errors import PosttrainError
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     quiet = int(os.environ.get("RANK", "0")) != 0
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="[posttrain] %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _split_config_arg(args)
-    _setup_logging()
+    setup_logging()
     try:
         args.func(args)
     except PosttrainError as err:

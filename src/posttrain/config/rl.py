@@ -145,6 +145,10 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     ray_num_gpus_per_role: float = Field(0.0, ge=0, description="ray: GPUs for each role (fractions allowed); 0: CPU")
     ray_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="ray: PACK keeps the roles on as few nodes as fit, SPREAD puts them on different nodes")
+    ray_trainer_ranks: int = Field(
+        0, ge=0, description="ray: train in this many Ray actors, the ranks of one process group (as torchrun "
+                             "--nproc_per_node would run them), each holding every role; 0: the trainer stays in this "
+                             "process and the sampler, reference and reward model get actors of their own")
 
     # what the run shows while it goes (`posttrain board`)
     log_completions: bool = Field(True, description="write a sample of each step's rollouts to rollouts.jsonl")
@@ -206,6 +210,12 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
             unknown = sorted(set(getattr(self, key)) - set(ALARM_DEFAULTS))
             if unknown:
                 raise ValueError(f"{key}: unknown {', '.join(unknown)}; known: {', '.join(ALARM_DEFAULTS)}")
+        if self.ray_trainer_ranks and self.placement != "ray":
+            raise ValueError("ray_trainer_ranks places the trainer's ranks with Ray: set placement: ray too (or use "
+                             "torchrun --nproc_per_node without Ray)")
+        if self.ray_trainer_ranks and 0 < self.ray_num_gpus_per_role < 1:
+            raise ValueError(f"ray_trainer_ranks: each rank needs a whole GPU (NCCL puts no two ranks on one), not "
+                             f"ray_num_gpus_per_role {self.ray_num_gpus_per_role:g}; set it to 1, or 0 for CPU ranks")
         if not self.reward_model and not self.reward_funcs:
             raise ValueError("no reward: set reward_model (a `posttrain rm` folder) and/or reward_funcs "
                              "(exact_match, numeric_match, format:REGEX, file.py:function, http://...)")

@@ -4,7 +4,8 @@ The rollout sampler (a generation backend over its own copy of the actor), the r
 the reward model run as Ray actors, in one placement group (`ray_placement_strategy`: PACK keeps them
 on as few nodes as fit, SPREAD puts each on its own node where it can), on a local Ray or a cluster
 started with `ray start` (`ray_address: auto`). The trainer (actor and critic, which the update needs
-together) stays in the process that runs `posttrain`. Weights move through Ray's object store: after
+together) stays in the process that runs `posttrain`, or with `ray_trainer_ranks` runs as ranks in Ray actors
+of their own, each holding every role (trainer_ranks.py). Weights move through Ray's object store: after
 each update the actor's trainable tensors (a LoRA actor's adapter alone) go to the sampler's copy.
 
 Each role computes exactly what it computes in one process, with the same code, batches, seeds and
@@ -18,7 +19,7 @@ import os
 
 import torch
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PosttrainError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ def roles_of(config) -> list[str]:
 class RaySession:
     """Ray started (or joined) for a run, one placement group bundle per role; left as found at the end."""
 
-    def __init__(self, config):
+    def __init__(self, config, roles: list[str] | None = None, threads: int | None = None, log_to_driver: bool = False):
+        """`roles`: one bundle each (default: roles_of(config)); `threads`: torch threads in each role's actor
+        (default: this process's, as the roles run in turn with the trainer); `log_to_driver`: the actors' output
+        shown here (trainer ranks: their progress and log) rather than only in Ray's log folder."""
         import ray
 
         self.ray = ray
@@ -59,8 +63,8 @@ class RaySession:
         if self.started:
             address = config.ray_address
             kwargs = {"num_cpus": os.cpu_count()} if address in (None, "local") else {"address": address}
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
-        roles = roles_of(config)
+            ray.init(include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False, **kwargs)
+        roles = roles or roles_of(config)
         want = config.ray_num_cpus_per_role * len(roles)
         have = ray.cluster_resources().get("CPU", 0)
         if want > have:
@@ -76,7 +80,7 @@ class RaySession:
         ray.get(self.group.ready(), timeout=120)
         self.bundles = {role: i for i, role in enumerate(roles)}
         self.cpus, self.gpus = config.ray_num_cpus_per_role, config.ray_num_gpus_per_role
-        self.threads = torch.get_num_threads()  # the roles run in turn with the trainer: the same thread count
+        self.threads = threads or torch.get_num_threads()
         log.info("Ray placement: %s, %g CPU each, %s", ", ".join(roles), self.cpus, config.ray_placement_strategy)
 
     def host(self, role: str, build, *args, **kwargs):
@@ -113,6 +117,15 @@ class RoleHost:
         return getattr(self.held, name)
 
 
+def role_failure(error, role: str) -> PosttrainError:
+    """What a role's failure is to the user: the role's own one-line error where it raised one (bad data found in
+    the actor reads as it would in one process), else the Ray error naming the role."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, PosttrainError):
+        return cause
+    return ConfigError(f"the Ray {role} role failed: {error}")
+
+
 def role_device() -> torch.device:
     """Where a role computes: the GPU Ray gave its actor (ray_num_gpus_per_role), else the CPU."""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -131,7 +144,7 @@ class RemoteRole:
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayError as e:
-            raise ConfigError(f"the Ray {self.role} role failed: {e}") from None
+            raise role_failure(e, self.role) from None
 
     def call(self, method: str, *args, **kwargs):
         return self.wait(self.start(method, *args, **kwargs))

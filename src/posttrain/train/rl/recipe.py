@@ -1,6 +1,7 @@
 """`posttrain ppo` / `posttrain grpo`: read top to bottom.
 
-checks -> (placement: ray: the Ray roles' placement group) -> rewards (function files, built-ins,
+checks -> (placement: ray: the Ray roles' placement group; with ray_trainer_ranks, this whole recipe in each
+rank's Ray actor, trainer_ranks.py) -> rewards (function files, built-ins,
 endpoint, reward model) -> prompts -> actor (full,
 freeze or LoRA) -> reference (frozen; a LoRA actor's own base with the adapter disabled, no copy; a
 copy under PiSSA, whose base is a residual)
@@ -57,6 +58,10 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cut
 
 def run_rl(config: RLConfig) -> TrainResult:
     check_rl(config)
+    if config.placement == "ray" and config.ray_trainer_ranks:  # every rank runs this recipe in a Ray actor
+        from posttrain.train.rl.trainer_ranks import run_trainer_ranks
+
+        return run_trainer_ranks(config)
     device = stage_steps.start_run(config)
     placed = RaySession(config) if config.placement == "ray" else None
     try:

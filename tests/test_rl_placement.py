@@ -29,11 +29,12 @@ def _same_weights(x, y) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ppo_with_the_reference_and_sampler_on_ray_matches_one_process(rl_setup, tmp_path):
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_ppo_with_the_reference_and_sampler_on_ray_matches_one_process(weight_sync, rl_setup, tmp_path):
     settings = dict(max_steps=3, num_generations=2, ppo_epochs=2, per_device_train_batch_size=8,
                     critic_learning_rate=1e-3, kl_coef=0.05, eval_steps=2)
     alone = _run("ppo", rl_setup, tmp_path / "alone", **settings)
-    placed = _run("ppo", rl_setup, tmp_path / "placed", **settings, **PLACED)
+    placed = _run("ppo", rl_setup, tmp_path / "placed", **settings, **PLACED, ray_weight_sync=weight_sync)
     assert placed[0]["rollout_backend"] == "ray/engine" and alone[0]["rollout_backend"] == "engine"
     assert [r for r in placed if "kl" in r][-1]["kl"] > 0  # the reference (in its actor) was used
     _same_run(alone, placed)
@@ -76,6 +77,8 @@ def test_trainer_ranks_on_ray_match_torchrun(tiny_model_dir, tmp_path):
     drop = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731  (timings)
     assert [drop(r) for r in torchrun] == [drop(r) for r in ray]  # rank 0's log: the same samples, rewards, KL
     _same_weights(tmp_path / "torchrun", tmp_path / "ray")  # the same code and reductions: bit for bit
+    saved = (tmp_path / "ray" / "posttrain_config.yaml").read_text()  # what reruns (or resumes) this layout
+    assert "placement: ray\n" in saved and "ray_trainer_ranks: 2\n" in saved
 
 
 def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(tiny_model_dir, tmp_path):

@@ -145,6 +145,9 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     ray_num_gpus_per_role: float = Field(0.0, ge=0, description="ray: GPUs for each role (fractions allowed); 0: CPU")
     ray_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="ray: PACK keeps the roles on as few nodes as fit, SPREAD puts them on different nodes")
+    ray_weight_sync: Literal["collective", "object_store"] = Field(
+        "collective", description="ray: how the trained weights reach the sampler's actor: collective (a gloo "
+                                  "process group of the two) | object_store (through Ray's shared memory)")
     ray_trainer_ranks: int = Field(
         0, ge=0, description="ray: train in this many Ray actors, the ranks of one process group (as torchrun "
                              "--nproc_per_node would run them), each holding every role; 0: the trainer stays in this "

@@ -5,8 +5,9 @@ the reward model run as Ray actors, in one placement group (`ray_placement_strat
 on as few nodes as fit, SPREAD puts each on its own node where it can), on a local Ray or a cluster
 started with `ray start` (`ray_address: auto`). The trainer (actor and critic, which the update needs
 together) stays in the process that runs `posttrain`, or with `ray_trainer_ranks` runs as ranks in Ray actors
-of their own, each holding every role (trainer_ranks.py). Weights move through Ray's object store: after
-each update the actor's trainable tensors (a LoRA actor's adapter alone) go to the sampler's copy.
+of their own, each holding every role (trainer_ranks.py). After each update the actor's trainable tensors (a
+LoRA actor's adapter alone) go to the sampler's copy, through Ray's object store or, with `ray_weight_sync:
+collective`, over a process group of the two (weight_sync.py).
 
 Each role computes exactly what it computes in one process, with the same code, batches, seeds and
 thread count, so a run gives the same result placed or not. Without `placement: ray` nothing here runs.
@@ -81,6 +82,7 @@ class RaySession:
         self.bundles = {role: i for i, role in enumerate(roles)}
         self.cpus, self.gpus = config.ray_num_cpus_per_role, config.ray_num_gpus_per_role
         self.threads = threads or torch.get_num_threads()
+        self.weight_sync = config.ray_weight_sync
         log.info("Ray placement: %s, %g CPU each, %s", ", ".join(roles), self.cpus, config.ray_placement_strategy)
 
     def host(self, role: str, build, *args, **kwargs):
@@ -197,6 +199,16 @@ class RolloutHost:
                 own[name].copy_(tensor)  # to the role's device
         self.backend.update_weights()
 
+    def join_weight_group(self, host: str, port: int) -> None:
+        from posttrain.train.rl.weight_sync import WeightGroup
+
+        self.weights = WeightGroup(host, port, 1)
+
+    def receive_weights(self, names: list[str]) -> None:
+        own = dict(self.model.named_parameters())
+        self.weights.receive([own[name] for name in names])
+        self.backend.update_weights()
+
     def close(self) -> None:
         self.backend.close()
 
@@ -210,6 +222,15 @@ class RayRolloutBackend:
         self.role = session.host("rollout", RolloutHost, model_spec(model), tokenizer, kind, max_batch_size, seed,
                                  vllm_options)
         self.name = f"ray/{self.role.attr('name')}"
+        self.weights = None
+        if session.weight_sync == "collective":
+            from posttrain.train.rl.weight_sync import WeightGroup, free_address
+
+            host, port = free_address()
+            joining = self.role.start("join_weight_group", host, port)
+            self.weights = WeightGroup(host, port, 0)  # returns once the sampler has joined
+            self.role.wait(joining)
+            log.info("weights reach the Ray sampler over a gloo group of two")
 
     def generate(self, prompts, params):
         return self.collect(self.submit(prompts, params))
@@ -221,6 +242,12 @@ class RayRolloutBackend:
         return self.role.wait(handle)
 
     def update_weights(self) -> None:
+        if self.weights is not None:
+            trainable = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
+            receiving = self.role.start("receive_weights", [k for k, _ in trainable])
+            self.weights.send([v for _, v in trainable])
+            self.role.wait(receiving)
+            return
         trainable = {k: v.detach().to("cpu") for k, v in self.model.named_parameters() if v.requires_grad}
         self.role.call("load", trainable)
 

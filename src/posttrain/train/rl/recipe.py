@@ -58,12 +58,17 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, template: str | None, cut
 
 def run_rl(config: RLConfig) -> TrainResult:
     check_rl(config)
-    if config.placement == "ray" and config.ray_trainer_ranks:  # every rank runs this recipe in a Ray actor
+    if config.placement == "ray" and config.ray_trainer_ranks:  # each rank runs train_here in a Ray actor
         from posttrain.train.rl.trainer_ranks import run_trainer_ranks
 
         return run_trainer_ranks(config)
+    return train_here(config)
+
+
+def train_here(config: RLConfig) -> TrainResult:
+    """The run in this process: alone, as one torchrun rank or Ray trainer rank, or beside the Ray roles."""
     device = stage_steps.start_run(config)
-    placed = RaySession(config) if config.placement == "ray" else None
+    placed = RaySession(config) if config.placement == "ray" and not config.ray_trainer_ranks else None
     try:
         return _run_rl(config, device, placed)
     finally:

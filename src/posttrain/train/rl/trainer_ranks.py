@@ -40,14 +40,14 @@ class TrainerRank:
     def run(config, rank: int, world_size: int, master: tuple[str, int]) -> dict:
         from posttrain.cli import setup_logging
         from posttrain.train import distributed as dist
-        from posttrain.train.rl.recipe import run_rl
+        from posttrain.train.rl.recipe import train_here
 
         # What torchrun sets. Ray shows each actor only the GPUs of its bundle, so this rank's is cuda:0.
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank), LOCAL_RANK="0",
                           WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1")
         setup_logging()  # as the command sets it up in each torchrun process: rank 0 logs, the others warn
         try:
-            result = run_rl(config.model_copy(update={"placement": "none", "ray_trainer_ranks": 0}))
+            result = train_here(config)  # the config as given: the saved posttrain_config.yaml reruns this layout
         finally:
             dist.cleanup()
         return {"global_step": result.global_step, "output_dir": str(result.output_dir),

@@ -109,7 +109,7 @@ CASES = [
     ("grpo-trainer-ranks-without-ray", "grpo", None, ["reward_funcs=[exact_match]", "ray_trainer_ranks=2"],
      "ray_trainer_ranks places the trainer's ranks with Ray: set placement: ray"),
     ("grpo-trainer-ranks-half-gpu", "grpo", None, ["reward_funcs=[exact_match]", "placement=ray",
-     "ray_trainer_ranks=2", "ray_num_gpus_per_role=0.5"], "each rank needs a whole GPU"),
+     "ray_trainer_ranks=2", "ray_num_gpus_per_role=0.5"], "each rank trains on one whole GPU"),
 ]
 
 

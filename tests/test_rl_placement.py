@@ -81,18 +81,33 @@ def test_trainer_ranks_on_ray_match_torchrun(tiny_model_dir, tmp_path):
     assert "placement: ray\n" in saved and "ray_trainer_ranks: 2\n" in saved
 
 
-def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(tiny_model_dir, tmp_path):
+ONLY_RANK_ONE_FAILS = ("import os\n\ndef reward(prompts, completions, **kw):\n"
+                       "    if os.environ['RANK'] == '1':\n        raise ValueError('rank one refuses')\n"
+                       "    return [float(len(c) % 5) for c in completions]\n")
+
+
+@pytest.mark.parametrize("broken", ["data-on-every-rank", "reward-on-rank-1"])
+def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(broken, tiny_model_dir, tmp_path):
+    """A rank's own error is what the user reads, also when only that rank raised it and its peer then failed on
+    the closed connection; nothing is left running or written."""
     import subprocess
     import sys
 
     from child_env import child_env
 
-    bad = tmp_path / "prompts.jsonl"
-    bad.write_text('{"prompt": "reverse 12", "answer": "21"}\n{"prompt": 5\n')
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "reverse 12", "answer": "21"}\n' * 4 + ('{"prompt": 5\n' if broken.startswith("data")
+                                                                            else ""))
+    reward = tmp_path / "reward.py"
+    reward.write_text(ONLY_RANK_ONE_FAILS)
     res = subprocess.run([sys.executable, "-m", "posttrain", "grpo", f"model_name_or_path={tiny_model_dir}",
-                          f"dataset={bad}", f"output_dir={tmp_path / 'o'}", "reward_funcs=[exact_match]",
-                          "placement=ray", "ray_trainer_ranks=2", "ray_num_cpus_per_role=1"],
-                         env=child_env(), capture_output=True, text=True, timeout=300)
+                          f"dataset={prompts}", f"output_dir={tmp_path / 'o'}", f"reward_funcs=[{reward}:reward]",
+                          "rollout_batch_size=1", "max_steps=2", "placement=ray", "ray_trainer_ranks=2",
+                          "ray_num_cpus_per_role=1"], env=child_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1] == f"error: {bad}:2: invalid JSON: Expecting ',' delimiter at column 1"
-    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+    last = res.stderr.strip().splitlines()[-1]
+    if broken.startswith("data"):
+        assert last == f"error: {prompts}:5: invalid JSON: Expecting ',' delimiter at column 1"
+    else:
+        assert last.startswith("error: ") and "rank one refuses" in last, last
+    assert "Traceback" not in res.stderr and not (tmp_path / "o" / "model.safetensors").exists()

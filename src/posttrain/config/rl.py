@@ -216,9 +216,10 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
         if self.ray_trainer_ranks and self.placement != "ray":
             raise ValueError("ray_trainer_ranks places the trainer's ranks with Ray: set placement: ray too (or use "
                              "torchrun --nproc_per_node without Ray)")
-        if self.ray_trainer_ranks and 0 < self.ray_num_gpus_per_role < 1:
-            raise ValueError(f"ray_trainer_ranks: each rank needs a whole GPU (NCCL puts no two ranks on one), not "
-                             f"ray_num_gpus_per_role {self.ray_num_gpus_per_role:g}; set it to 1, or 0 for CPU ranks")
+        if self.ray_trainer_ranks and self.ray_num_gpus_per_role not in (0, 1):
+            raise ValueError(f"ray_trainer_ranks: each rank trains on one whole GPU (NCCL puts no two ranks on one, "
+                             f"and a rank uses one), not ray_num_gpus_per_role {self.ray_num_gpus_per_role:g}; set "
+                             "it to 1, or 0 for CPU ranks")
         if not self.reward_model and not self.reward_funcs:
             raise ValueError("no reward: set reward_model (a `posttrain rm` folder) and/or reward_funcs "
                              "(exact_match, numeric_match, format:REGEX, file.py:function, http://...)")

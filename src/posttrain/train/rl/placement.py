@@ -66,19 +66,25 @@ class RaySession:
             kwargs = {"num_cpus": os.cpu_count()} if address in (None, "local") else {"address": address}
             ray.init(include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False, **kwargs)
         roles = roles or roles_of(config)
-        want = config.ray_num_cpus_per_role * len(roles)
-        have = ray.cluster_resources().get("CPU", 0)
-        if want > have:
-            self.close()
-            raise ConfigError(f"placement: ray asks {config.ray_num_cpus_per_role:g} CPUs for each of {len(roles)} "
-                              f"roles ({', '.join(roles)}), {want:g} in all; the Ray cluster has {have:g}: lower "
-                              "ray_num_cpus_per_role (fractions are allowed) or add nodes")
+        for kind, each in (("CPU", config.ray_num_cpus_per_role), ("GPU", config.ray_num_gpus_per_role)):
+            want, have = each * len(roles), ray.cluster_resources().get(kind, 0)
+            if want > have:
+                self.close()
+                raise ConfigError(f"placement: ray asks {each:g} {kind}s for each of {len(roles)} roles "
+                                  f"({', '.join(roles)}), {want:g} in all; the Ray cluster has {have:g}: lower "
+                                  f"ray_num_{kind.lower()}s_per_role (fractions are allowed) or add nodes")
         from ray.util.placement_group import placement_group
 
         bundle = {"CPU": config.ray_num_cpus_per_role, **({"GPU": config.ray_num_gpus_per_role}
                                                            if config.ray_num_gpus_per_role else {})}
         self.group = placement_group([bundle] * len(roles), strategy=config.ray_placement_strategy)
-        ray.get(self.group.ready(), timeout=120)
+        try:
+            ray.get(self.group.ready(), timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ConfigError(f"placement: ray: no room for {len(roles)} bundles of {bundle} with strategy "
+                              f"{config.ray_placement_strategy} after 120 s (enough in all, but not on the nodes "
+                              "that strategy allows); lower the per-role CPUs / GPUs, or use PACK") from None
         self.bundles = {role: i for i, role in enumerate(roles)}
         self.cpus, self.gpus = config.ray_num_cpus_per_role, config.ray_num_gpus_per_role
         self.threads = threads or torch.get_num_threads()
@@ -125,7 +131,9 @@ def role_failure(error, role: str) -> PosttrainError:
     cause = getattr(error, "cause", None)
     if isinstance(cause, PosttrainError):
         return cause
-    return ConfigError(f"the Ray {role} role failed: {error}")
+    # One line: a task error's text holds the remote traceback, its cause the exception itself.
+    what = f"{type(cause).__name__}: {cause}" if cause is not None else (str(error).strip().splitlines() or ["?"])[-1]
+    return ConfigError(f"the Ray {role} role failed: {what}")
 
 
 def role_device() -> torch.device:
@@ -150,6 +158,35 @@ class RemoteRole:
 
     def call(self, method: str, *args, **kwargs):
         return self.wait(self.start(method, *args, **kwargs))
+
+    def alongside(self, work, ref):
+        """Run `work()` here (its half of an exchange with the role, e.g. a broadcast) while the role answers `ref`
+        (its half); returns the role's answer. A role that fails ends the wait with the role's error, however long
+        `work` would have waited for it."""
+        import threading
+
+        failed: list[BaseException] = []
+
+        def run():
+            try:
+                work()
+            except BaseException as err:  # noqa: BLE001  (raised below, in this thread)
+                failed.append(err)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            done, _ = self.ray.wait([ref], timeout=0.2)
+            if done:
+                try:
+                    self.ray.get(ref)
+                except self.ray.exceptions.RayError as e:
+                    raise role_failure(e, self.role) from None  # `work` is left to the connection's end
+                worker.join()
+        answer = self.wait(ref)
+        if failed:
+            raise ConfigError(f"sending to the Ray {self.role} role failed: {failed[0]}")
+        return answer
 
     def attr(self, name: str):
         return self.wait(self.actor.attr.remote(name))
@@ -200,16 +237,17 @@ class RolloutHost:
         self.backend.update_weights()
 
     def join_weight_group(self, host: str, port: int) -> None:
-        from posttrain.train.rl.weight_sync import WeightGroup
+        from posttrain.train.rl.weight_sync import WeightGroup, join_store
 
-        self.weights = WeightGroup(host, port, 1)
+        self.weights = WeightGroup(join_store(host, port), 1)
 
-    def receive_weights(self, names: list[str]) -> None:
+    def receive_weights(self, layout: list) -> None:
         own = dict(self.model.named_parameters())
-        self.weights.receive([own[name] for name in names])
+        self.weights.receive([(name, own[name]) for name, _, _ in layout if name in own] or [], layout)
         self.backend.update_weights()
 
     def close(self) -> None:
+        self.weights = None
         self.backend.close()
 
 
@@ -224,12 +262,13 @@ class RayRolloutBackend:
         self.name = f"ray/{self.role.attr('name')}"
         self.weights = None
         if session.weight_sync == "collective":
-            from posttrain.train.rl.weight_sync import WeightGroup, free_address
+            from posttrain.train.rl.weight_sync import WeightGroup, open_store
 
-            host, port = free_address()
-            joining = self.role.start("join_weight_group", host, port)
-            self.weights = WeightGroup(host, port, 0)  # returns once the sampler has joined
-            self.role.wait(joining)
+            store, host = open_store()
+            joining = self.role.start("join_weight_group", host, store.port)
+            built = []
+            self.role.alongside(lambda: built.append(WeightGroup(store, 0)), joining)
+            self.weights = built[0]
             log.info("weights reach the Ray sampler over a gloo group of two")
 
     def generate(self, prompts, params):
@@ -243,15 +282,17 @@ class RayRolloutBackend:
 
     def update_weights(self) -> None:
         if self.weights is not None:
+            from posttrain.train.rl.weight_sync import layout
+
             trainable = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
-            receiving = self.role.start("receive_weights", [k for k, _ in trainable])
-            self.weights.send([v for _, v in trainable])
-            self.role.wait(receiving)
+            receiving = self.role.start("receive_weights", layout(trainable))
+            self.role.alongside(lambda: self.weights.send([v for _, v in trainable]), receiving)
             return
         trainable = {k: v.detach().to("cpu") for k, v in self.model.named_parameters() if v.requires_grad}
         self.role.call("load", trainable)
 
     def close(self) -> None:
+        self.weights = None  # the group and the store's port go with it
         self.role.call("close")
 
 

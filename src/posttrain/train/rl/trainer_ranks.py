@@ -16,35 +16,44 @@ import logging
 import os
 from pathlib import Path
 
+from posttrain.errors import PosttrainError
 from posttrain.train.loop import TrainResult
 from posttrain.train.rl.placement import RaySession, role_failure
 
 log = logging.getLogger(__name__)
 
 
+# Passed on to the ranks: on a cluster joined with `ray_address`, Ray's workers do not inherit this process's
+# environment (a local Ray started here does).
+FORWARDED_ENV = ("POSTTRAIN_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "GLOO_", "TORCH_")
+
+
 class TrainerRank:
     """Runs in a rank's Ray actor."""
 
     @staticmethod
-    def address() -> tuple[str, int]:
-        """This node's address and a free port on it: rank 0's are the group's rendezvous."""
+    def where() -> tuple[str, str, int]:
+        """This actor's node (its Ray id and address) and a free port on it: rank 0's are the group's rendezvous."""
         import socket
 
         import ray
 
         with socket.socket() as sock:
             sock.bind(("", 0))
-            return ray.util.get_node_ip_address(), sock.getsockname()[1]
+            return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), sock.getsockname()[1]
 
     @staticmethod
-    def run(config, rank: int, world_size: int, master: tuple[str, int]) -> dict:
+    def run(config, rank: int, world_size: int, local_world_size: int, master: tuple[str, int], cwd: str,
+            env: dict[str, str]) -> dict:
         from posttrain.cli import setup_logging
         from posttrain.train import distributed as dist
         from posttrain.train.rl.recipe import train_here
 
         # What torchrun sets. Ray shows each actor only the GPUs of its bundle, so this rank's is cuda:0.
-        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank), LOCAL_RANK="0",
-                          WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1")
+        os.environ.update(env, MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank), LOCAL_RANK="0",
+                          WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(local_world_size))
+        if os.path.isdir(cwd):  # relative paths in the config mean what they mean where `posttrain` was started
+            os.chdir(cwd)
         setup_logging()  # as the command sets it up in each torchrun process: rank 0 logs, the others warn
         try:
             result = train_here(config)  # the config as given: the saved posttrain_config.yaml reruns this layout
@@ -55,25 +64,53 @@ class TrainerRank:
 
 
 def run_trainer_ranks(config) -> TrainResult:
-    ranks = config.ray_trainer_ranks
-    session = RaySession(config, roles=[f"trainer rank {i}" for i in range(ranks)],
+    count = config.ray_trainer_ranks
+    session = RaySession(config, roles=[f"trainer rank {i}" for i in range(count)],
                          threads=max(1, int(config.ray_num_cpus_per_role)), log_to_driver=True)
     try:
-        hosts = [session.host(f"trainer rank {i}", TrainerRank) for i in range(ranks)]
-        master = hosts[0].call("address")
-        log.info("Ray placement: %d trainer ranks, rendezvous at %s:%d", ranks, *master)
-        refs = [host.start("run", config, i, ranks, master) for i, host in enumerate(hosts)]
-        pending = list(refs)
-        while pending:  # the first failure stops every rank: the others would wait in a collective for it
-            done, pending = session.ray.wait(pending, num_returns=1)
-            try:
-                session.ray.get(done[0])
-            except session.ray.exceptions.RayError as err:
-                for host in hosts:
-                    session.ray.kill(host.actor)
-                raise role_failure(err, f"trainer rank {refs.index(done[0])}") from None
-        out = session.ray.get(refs[0])
+        hosts = [session.host(f"trainer rank {i}", TrainerRank) for i in range(count)]
+        places = [host.call("where") for host in hosts]
+        # Ranks numbered node by node, as torchrun numbers them: a node's ranks are consecutive, and each knows how
+        # many share its node (the memory plan divides the node's RAM by it; hybrid_shard shards within it).
+        order = sorted(range(count), key=lambda i: (places[i][0] != places[0][0], places[i][0], i))
+        per_node = {node: sum(p[0] == node for p in places) for node, _, _ in places}
+        master = places[order[0]][1:]
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+        log.info("Ray placement: %d trainer ranks on %d node(s), rendezvous at %s:%d", count, len(per_node), *master)
+        refs = {host_index: hosts[host_index].start("run", config, rank, count, per_node[places[host_index][0]],
+                                                    master, os.getcwd(), env)
+                for rank, host_index in enumerate(order)}
+        _wait_all(session, hosts, refs, order)
+        out = session.ray.get(refs[order[0]])
     finally:
         session.close()
     return TrainResult(out["global_step"], None, None, Path(out["output_dir"]), Path(out["plot"]) if out["plot"]
                        else None, out["metrics"], None)
+
+
+def _wait_all(session, hosts, refs: dict, order: list[int]) -> None:
+    """Until every rank has finished. At the first failure the others get a few seconds to fail too (a rank that
+    raised closes its connections, so its peers fail next with 'connection closed'): the error shown is a rank's
+    own one-line error where one raised it, then every rank is stopped."""
+    ray = session.ray
+    pending = list(refs.values())
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+            continue
+        except ray.exceptions.RayError:
+            pass
+        ray.wait(pending, num_returns=len(pending), timeout=5)
+        errors = []  # (the rank raised a posttrain error of its own, the error to show)
+        for rank, host_index in enumerate(order):
+            try:
+                ray.get(refs[host_index], timeout=0)
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except ray.exceptions.RayError as err:
+                own = isinstance(getattr(err, "cause", None), PosttrainError)
+                errors.append((not own, role_failure(err, f"trainer rank {rank}")))
+        for host in hosts:
+            ray.kill(host.actor)
+        raise min(errors, key=lambda e: e[0])[1]

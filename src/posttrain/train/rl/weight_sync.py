@@ -6,49 +6,68 @@ The group is a standalone one on a TCPStore of its own: the trainer runs as one 
 process group, and creating one would make the rest of the code believe it runs several ranks. Gloo moves host
 tensors (a GPU side sends and receives through host copies). NCCL between the two GPUs is not used: Ray does not
 know which GPU the trainer's process holds, so it may give the sampler the same one, which NCCL refuses.
+The trainer's side waits on the group while watching the sampler's Ray call (placement.RemoteRole.alongside), so a
+sampler that fails ends the wait with its own error rather than the group's timeout.
 """
 
 from __future__ import annotations
 
 import datetime
-import socket
 
 import torch
 import torch.distributed as dist
 
-TIMEOUT = datetime.timedelta(minutes=10)
+from posttrain.errors import ConfigError
+
+# A backstop only: a peer that fails is noticed through Ray, one whose process dies by the closed connection.
+TIMEOUT = datetime.timedelta(hours=2)
 
 
-def free_address() -> tuple[str, int]:
-    """This node's address and a free port on it, for the trainer's side of the store."""
+def open_store() -> tuple[dist.TCPStore, str]:
+    """The trainer's side of the rendezvous, on a port the OS picks (no window for another process to take it),
+    and this node's address for the sampler to reach it."""
     import ray
 
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+    store = dist.TCPStore("0.0.0.0", 0, 2, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+    return store, ray.util.get_node_ip_address()
+
+
+def join_store(host: str, port: int) -> dist.TCPStore:
+    return dist.TCPStore(host, port, 2, is_master=False, timeout=TIMEOUT)
+
+
+def layout(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], str]]:
+    """What both sides must agree on before a broadcast: the names, shapes and dtypes, in order."""
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in named]
 
 
 class WeightGroup:
     """One side of the two-process group. Building it waits until the other side builds its own."""
 
-    def __init__(self, host: str, port: int, rank: int):
-        self.store = dist.TCPStore(host, port, 2, is_master=rank == 0, timeout=TIMEOUT, wait_for_workers=False)
-        self.group = dist.ProcessGroupGloo(self.store, rank, 2, TIMEOUT)
+    def __init__(self, store: dist.TCPStore, rank: int):
+        self.store = store
+        self.group = dist.ProcessGroupGloo(store, rank, 2, TIMEOUT)
 
     def send(self, tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:
             self.group.broadcast(self._wire(tensor.detach()), 0).wait()
 
     @torch.no_grad()
-    def receive(self, tensors: list[torch.Tensor]) -> None:
-        """Into `tensors` in place (the sampler's parameters), in the order the trainer sent them."""
-        for tensor in tensors:
+    def receive(self, named: list[tuple[str, torch.Tensor]], sent: list) -> None:
+        """Into the tensors of `named` in place (the sampler's parameters), once their layout is the one `sent`."""
+        if layout(named) != [tuple((n, tuple(s), d)) for n, s, d in sent]:
+            mine = {n: (s, d) for n, s, d in layout(named)}
+            wrong = next(f"{n}: {tuple(s)} {d} sent, {mine.get(n, 'absent')} here" for n, s, d in sent
+                         if mine.get(n) != (tuple(s), d))
+            raise ConfigError(f"the sampler's copy of the actor does not match the trainer's ({wrong})")
+        for _, tensor in named:
             wire = self._wire(tensor)
             self.group.broadcast(wire, 0).wait()
             if wire is not tensor:
                 tensor.copy_(wire)
 
-    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _wire(tensor: torch.Tensor) -> torch.Tensor:
         """The tensor as gloo sends it: contiguous, on the host."""
         if tensor.device.type != "cpu":
             return tensor.to("cpu").contiguous()

@@ -58,7 +58,7 @@ def vllm_env(kv_cache_gib: int = 1) -> dict:
 def find_vllm_python(explicit: str | None = None) -> str | None:
     """The Python that runs vLLM, or None when there is none."""
     if explicit:
-        found = shutil.which(explicit)  # a path, or a name on PATH
+        found = shutil.which(os.path.expanduser(explicit))  # a path (~ too), or a name on PATH
         if found is None:
             raise ConfigError(f"vllm_python: {explicit} is not an executable Python; run `make vllm` or point it at "
                               "the python of an environment with vLLM")

@@ -111,3 +111,15 @@ def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(broken
     else:
         assert last.startswith("error: ") and "rank one refuses" in last, last
     assert "Traceback" not in res.stderr and not (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("address, says", [("127.0.0.1:1", "nothing answers there"), ("auto", "ray start --head"),
+                                           ("no-port", "is not HOST:PORT")])
+def test_a_cluster_address_that_leads_nowhere_is_refused_at_once(address, says, rl_setup, tmp_path, capsys):
+    """Ray itself would retry an address where nothing listens for ever."""
+    code = main(["grpo", f"model_name_or_path={rl_setup['sft']}", f"dataset={rl_setup['prompts']}",
+                 f"output_dir={tmp_path / 'o'}", f"reward_funcs=[{STARTS_WITH_ONE}]", "placement=ray",
+                 f"ray_address={address}"])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

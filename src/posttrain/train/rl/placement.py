@@ -39,6 +39,23 @@ def check_placement(config) -> None:
         raise ConfigError("placement: ray places the RL roles from one trainer process; launch without torchrun")
 
 
+def check_ray_address(address: str) -> None:
+    """A cluster address must answer before Ray is asked to join it: Ray retries an address where nothing listens
+    for ever."""
+    import socket
+
+    if address == "auto":
+        return  # Ray finds the cluster this machine runs, or says at once that there is none
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except ValueError:
+        raise ConfigError(f"ray_address {address!r} is not HOST:PORT (or auto, or ray://HOST:PORT)") from None
+    except OSError as err:
+        raise ConfigError(f"ray_address {address!r}: nothing answers there ({err.strerror or err}); is `ray start "
+                          "--head` running on that machine, and is the port the one it printed?") from None
+
+
 def roles_of(config) -> list[str]:
     """The roles a run places: the sampler always, the reference and the reward model where it has them."""
     roles = ["rollout"]
@@ -63,8 +80,14 @@ class RaySession:
         self.started = not ray.is_initialized()
         if self.started:
             address = config.ray_address
+            if address not in (None, "local"):
+                check_ray_address(address)
             kwargs = {"num_cpus": os.cpu_count()} if address in (None, "local") else {"address": address}
-            ray.init(include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False, **kwargs)
+            try:
+                ray.init(include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False, **kwargs)
+            except ConnectionError as err:  # `auto` with no cluster started on this machine
+                raise ConfigError(f"ray_address {address!r}: {str(err).splitlines()[0]} Start one with `ray start "
+                                  "--head`, or leave ray_address unset to start Ray for this run") from None
         roles = roles or roles_of(config)
         for kind, each in (("CPU", config.ray_num_cpus_per_role), ("GPU", config.ray_num_gpus_per_role)):
             want, have = each * len(roles), ray.cluster_resources().get(kind, 0)

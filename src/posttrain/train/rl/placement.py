@@ -121,7 +121,7 @@ class RaySession:
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.group,
                                                     placement_group_bundle_index=self.bundles[role])
         actor = self.ray.remote(RoleHost).options(num_cpus=self.cpus, num_gpus=self.gpus, scheduling_strategy=strategy
-                                                  ).remote(self.threads, build, *args, **kwargs)
+                                                  ).remote(role, self.threads, build, *args, **kwargs)
         return RemoteRole(self.ray, actor, role)
 
     def close(self) -> None:
@@ -137,9 +137,13 @@ class RaySession:
 class RoleHost:
     """Runs in the role's Ray actor process: builds the role's object, then calls its methods."""
 
-    def __init__(self, threads: int, build, *args, **kwargs):
+    def __init__(self, role: str, threads: int, build, *args, **kwargs):
+        self.role = role
         torch.set_num_threads(threads)
         self.held = build(*args, **kwargs)
+
+    def __repr__(self) -> str:  # Ray's prefix of this actor's output lines: "(trainer rank 1 pid=...)"
+        return self.role
 
     def call(self, method: str, *args, **kwargs):
         return getattr(self.held, method)(*args, **kwargs)

@@ -65,10 +65,10 @@ class TrainerRank:
 
 def run_trainer_ranks(config) -> TrainResult:
     count = config.ray_trainer_ranks
-    session = RaySession(config, roles=[f"trainer rank {i}" for i in range(count)],
+    session = RaySession(config, roles=[f"trainer {i}" for i in range(count)],
                          threads=max(1, int(config.ray_num_cpus_per_role)), log_to_driver=True)
     try:
-        hosts = [session.host(f"trainer rank {i}", TrainerRank) for i in range(count)]
+        hosts = [session.host(f"trainer {i}", TrainerRank) for i in range(count)]
         places = [host.call("where") for host in hosts]
         # Ranks numbered node by node, as torchrun numbers them: a node's ranks are consecutive, and each knows how
         # many share its node (the memory plan divides the node's RAM by it; hybrid_shard shards within it).

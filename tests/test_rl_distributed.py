@@ -38,13 +38,19 @@ def _grpo(model, prompts, reward, out, procs: int, prompts_per_proc: int, **extr
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("sharding", [{}, {"fsdp": "full_shard"}], ids=["ddp", "fsdp"])
-def test_two_processes_match_one(sharding, tiny_model_dir, tmp_path):
+def grpo_task(tmp_path: Path) -> tuple[Path, Path]:
+    """32 prompts of the embedded task and the REWARD file, written under tmp_path."""
     train, _ = split_task(32, 0, seed=3)
     prompts = write_jsonl([{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in train],
                           tmp_path / "prompts.jsonl")
     reward = tmp_path / "reward.py"
     reward.write_text(REWARD)
+    return prompts, reward
+
+
+@pytest.mark.parametrize("sharding", [{}, {"fsdp": "full_shard"}], ids=["ddp", "fsdp"])
+def test_two_processes_match_one(sharding, tiny_model_dir, tmp_path):
+    prompts, reward = grpo_task(tmp_path)
     one = _grpo(tiny_model_dir, prompts, reward, tmp_path / "one", procs=1, prompts_per_proc=4)
     two = _grpo(tiny_model_dir, prompts, reward, tmp_path / "two", procs=2, prompts_per_proc=2, **sharding)
     steps_one = [r for r in one if "reward_mean" in r]

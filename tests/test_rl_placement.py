@@ -9,9 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.cli import main
-from posttrain.data.synthetic import split_task, write_jsonl
 
-from test_rl_distributed import REWARD, _grpo
+from test_rl_distributed import _grpo, grpo_task
 from test_rl_training import STARTS_WITH_ONE, _run, rl_setup  # noqa: F401  (the fixture)
 from test_rm import rm_data, rm_overrides  # noqa: F401  (the fixture)
 
@@ -65,11 +64,7 @@ def test_roles_that_do_not_fit_the_cluster_are_refused(rl_setup, tmp_path, capsy
 
 
 def test_trainer_ranks_on_ray_match_torchrun(tiny_model_dir, tmp_path):
-    train, _ = split_task(32, 0, seed=3)
-    prompts = write_jsonl([{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in train],
-                          tmp_path / "prompts.jsonl")
-    reward = tmp_path / "reward.py"
-    reward.write_text(REWARD)
+    prompts, reward = grpo_task(tmp_path)
     torchrun = _grpo(tiny_model_dir, prompts, reward, tmp_path / "torchrun", procs=2, prompts_per_proc=2)
     ray = _grpo(tiny_model_dir, prompts, reward, tmp_path / "ray", procs=1, prompts_per_proc=2, placement="ray",
                 ray_trainer_ranks=2, ray_num_cpus_per_role=1)

@@ -142,7 +142,7 @@ class RoleHost:
         torch.set_num_threads(threads)
         self.held = build(*args, **kwargs)
 
-    def __repr__(self) -> str:  # Ray's prefix of this actor's output lines: "(trainer rank 1 pid=...)"
+    def __repr__(self) -> str:  # Ray's prefix of this actor's output lines: "(trainer 1 pid=...)"
         return self.role
 
     def call(self, method: str, *args, **kwargs):
@@ -188,15 +188,16 @@ class RemoteRole:
 
     def alongside(self, work, ref):
         """Run `work()` here (its half of an exchange with the role, e.g. a broadcast) while the role answers `ref`
-        (its half); returns the role's answer. A role that fails ends the wait with the role's error, however long
-        `work` would have waited for it."""
+        (its half); returns what `work` returned. A role that fails ends the wait with the role's error, however
+        long `work` would have waited for it."""
         import threading
 
         failed: list[BaseException] = []
+        returned = []
 
         def run():
             try:
-                work()
+                returned.append(work())
             except BaseException as err:  # noqa: BLE001  (raised below, in this thread)
                 failed.append(err)
 
@@ -210,10 +211,10 @@ class RemoteRole:
                 except self.ray.exceptions.RayError as e:
                     raise role_failure(e, self.role) from None  # `work` is left to the connection's end
                 worker.join()
-        answer = self.wait(ref)
+        self.wait(ref)
         if failed:
             raise ConfigError(f"sending to the Ray {self.role} role failed: {failed[0]}")
-        return answer
+        return returned[0]
 
     def attr(self, name: str):
         return self.wait(self.actor.attr.remote(name))
@@ -270,7 +271,7 @@ class RolloutHost:
 
     def receive_weights(self, layout: list) -> None:
         own = dict(self.model.named_parameters())
-        self.weights.receive([(name, own[name]) for name, _, _ in layout if name in own] or [], layout)
+        self.weights.receive([(name, own[name]) for name, _, _ in layout if name in own], layout)
         self.backend.update_weights()
 
     def close(self) -> None:
@@ -293,9 +294,7 @@ class RayRolloutBackend:
 
             store, host = open_store()
             joining = self.role.start("join_weight_group", host, store.port)
-            built = []
-            self.role.alongside(lambda: built.append(WeightGroup(store, 0)), joining)
-            self.weights = built[0]
+            self.weights = self.role.alongside(lambda: WeightGroup(store, 0), joining)
             log.info("weights reach the Ray sampler over a gloo group of two")
 
     def generate(self, prompts, params):

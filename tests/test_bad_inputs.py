@@ -110,6 +110,8 @@ CASES = [
      "ray_trainer_ranks places the trainer's ranks with Ray: set placement: ray"),
     ("grpo-trainer-ranks-half-gpu", "grpo", None, ["reward_funcs=[exact_match]", "placement=ray",
      "ray_trainer_ranks=2", "ray_num_gpus_per_role=0.5"], "each rank trains on one whole GPU"),
+    ("grpo-separate-roles-without-ranks", "grpo", None, ["reward_funcs=[exact_match]", "placement=ray",
+     "ray_separate_roles=true"], "ray_separate_roles places the roles beside the trainer's Ray ranks"),
 ]
 
 
@@ -159,6 +161,9 @@ ARGV_CASES = [
     ("path-too-long", None, ["sft", "model_name_or_path={model}", "dataset={good}", "output_dir={tmp}/" + "o" * 300],
      "too long for a path"),
     ("score-a-causal-lm", None, ["score", "{model}", "{good}", "--output", "{tmp}/out"], "not a reward model"),
+    # RL would put a random head on it and train on noise
+    ("ppo-reward-model-a-causal-lm", None, ["ppo", "model_name_or_path={model}", "dataset={good}",
+                                            "reward_model={model}", "output_dir={tmp}/out"], "not a reward model"),
     ("preview-index-past-the-end", None, ["data", "preview", "model_name_or_path={model}", "dataset={good}",
                                           "--index", "50"], "the data has only 8 usable rows"),
     ("preview-negative-index", None, ["data", "preview", "model_name_or_path={model}", "dataset={good}",

@@ -24,7 +24,7 @@ from child_env import child_env
 REWARD = "def length_mod(prompts, completions, **kw):\n    return [float(len(c) % 5) for c in completions]\n"
 
 
-def _grpo(model, prompts, reward, out, procs: int, prompts_per_proc: int, **extra) -> list[dict]:
+def _grpo(model, prompts, reward, out, procs: int, prompts_per_proc: int, stage: str = "grpo", **extra) -> list[dict]:
     env = child_env()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [sys.executable]
@@ -32,7 +32,7 @@ def _grpo(model, prompts, reward, out, procs: int, prompts_per_proc: int, **extr
                 rollout_batch_size=prompts_per_proc, num_generations=4, per_device_train_batch_size=4 * prompts_per_proc,
                 max_completion_length=8, kl_coef=0.05, learning_rate=1e-3, max_steps=3, disable_tqdm=True,
                 plot_loss=False, seed=0, **extra)
-    res = subprocess.run([*launch, "-m", "posttrain", "grpo", *[f"{k}={v}" for k, v in args.items()]],
+    res = subprocess.run([*launch, "-m", "posttrain", stage, *[f"{k}={v}" for k, v in args.items()]],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

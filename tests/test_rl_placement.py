@@ -63,17 +63,39 @@ def test_roles_that_do_not_fit_the_cluster_are_refused(rl_setup, tmp_path, capsy
 
 
 
-def test_trainer_ranks_on_ray_match_torchrun(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("layout", [
+    {"ray_num_cpus_per_role": 1},  # each rank holds every role
+    # the sampler and the reference in actors of their own, beside the ranks: 4 x half a CPU
+    {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5},
+    {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5, "fsdp": "full_shard"},
+], ids=["colocated", "separate-roles", "separate-roles-fsdp"])
+def test_trainer_ranks_on_ray_match_torchrun(layout, tiny_model_dir, tmp_path):
     prompts, reward = grpo_task(tmp_path)
-    torchrun = _grpo(tiny_model_dir, prompts, reward, tmp_path / "torchrun", procs=2, prompts_per_proc=2)
+    sharding = {k: v for k, v in layout.items() if k == "fsdp"}
+    torchrun = _grpo(tiny_model_dir, prompts, reward, tmp_path / "torchrun", procs=2, prompts_per_proc=2, **sharding)
     ray = _grpo(tiny_model_dir, prompts, reward, tmp_path / "ray", procs=1, prompts_per_proc=2, placement="ray",
-                ray_trainer_ranks=2, ray_num_cpus_per_role=1)
+                ray_trainer_ranks=2, **layout)
     assert len([r for r in ray if "reward_mean" in r]) == 3 and any(r["reward_std"] > 0 for r in ray if "reward_std" in r)
-    drop = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731  (timings)
-    assert [drop(r) for r in torchrun] == [drop(r) for r in ray]  # rank 0's log: the same samples, rewards, KL
+    assert ray[0]["rollout_backend"] == ("ray/engine" if layout.get("ray_separate_roles") else "engine")
+    _same_run(torchrun, ray)  # rank 0's log: the same samples, rewards, KL
     _same_weights(tmp_path / "torchrun", tmp_path / "ray")  # the same code and reductions: bit for bit
     saved = (tmp_path / "ray" / "posttrain_config.yaml").read_text()  # what reruns (or resumes) this layout
     assert "placement: ray\n" in saved and "ray_trainer_ranks: 2\n" in saved
+
+
+def test_ppo_on_trainer_ranks_sharing_the_sampler_reference_and_reward_model_matches_torchrun(rm_data, tiny_model_dir,
+                                                                                              tmp_path):
+    rm = tmp_path / "rm"
+    assert main(["rm", *rm_overrides(tiny_model_dir, rm_data, rm, max_steps=4)]) == 0
+    prompts, reward = grpo_task(tmp_path)
+    ppo = dict(stage="ppo", reward_model=rm, ppo_epochs=2, critic_learning_rate=1e-3)
+    torchrun = _grpo(tiny_model_dir, prompts, reward, tmp_path / "torchrun", procs=2, prompts_per_proc=2, **ppo)
+    # 2 ranks, the sampler, the reference and the reward model: 5 x 0.4 CPU
+    ray = _grpo(tiny_model_dir, prompts, reward, tmp_path / "ray", procs=1, prompts_per_proc=2, placement="ray",
+                ray_trainer_ranks=2, ray_separate_roles=True, ray_num_cpus_per_role=0.4, **ppo)
+    assert "rewards/model" in ray[1] and "value_loss" in ray[1]
+    _same_run(torchrun, ray)
+    _same_weights(tmp_path / "torchrun", tmp_path / "ray")
 
 
 ONLY_RANK_ONE_FAILS = ("import os\n\ndef reward(prompts, completions, **kw):\n"
@@ -81,8 +103,12 @@ ONLY_RANK_ONE_FAILS = ("import os\n\ndef reward(prompts, completions, **kw):\n"
                        "    return [float(len(c) % 5) for c in completions]\n")
 
 
-@pytest.mark.parametrize("broken", ["data-on-every-rank", "reward-on-rank-1"])
-def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(broken, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("broken, layout", [
+    ("data-on-every-rank", ["ray_num_cpus_per_role=1"]), ("reward-on-rank-1", ["ray_num_cpus_per_role=1"]),
+    # rank 0 then waits for rank 1 at the sampler's next weight update
+    ("reward-on-rank-1", ["ray_separate_roles=true", "ray_num_cpus_per_role=0.5", "kl_coef=0.05"]),
+], ids=["data-on-every-rank", "reward-on-rank-1", "reward-on-rank-1-separate-roles"])
+def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(broken, layout, tiny_model_dir, tmp_path):
     """A rank's own error is what the user reads, also when only that rank raised it and its peer then failed on
     the closed connection; nothing is left running or written."""
     import subprocess
@@ -97,8 +123,8 @@ def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(broken
     reward.write_text(ONLY_RANK_ONE_FAILS)
     res = subprocess.run([sys.executable, "-m", "posttrain", "grpo", f"model_name_or_path={tiny_model_dir}",
                           f"dataset={prompts}", f"output_dir={tmp_path / 'o'}", f"reward_funcs=[{reward}:reward]",
-                          "rollout_batch_size=1", "max_steps=2", "placement=ray", "ray_trainer_ranks=2",
-                          "ray_num_cpus_per_role=1"], env=child_env(), capture_output=True, text=True, timeout=300)
+                          "rollout_batch_size=1", "max_steps=2", "placement=ray", "ray_trainer_ranks=2", *layout],
+                         env=child_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     if broken.startswith("data"):

@@ -152,6 +152,9 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
         0, ge=0, description="ray: train in this many Ray actors, the ranks of one process group (as torchrun "
                              "--nproc_per_node would run them), each holding every role; 0: the trainer stays in this "
                              "process and the sampler, reference and reward model get actors of their own")
+    ray_separate_roles: bool = Field(
+        False, description="ray_trainer_ranks: the sampler, reference and reward model in Ray actors of their own "
+                           "that every rank uses (OpenRLHF's layout), not a copy in each rank (veRL's hybrid one)")
 
     # what the run shows while it goes (`posttrain board`)
     log_completions: bool = Field(True, description="write a sample of each step's rollouts to rollouts.jsonl")
@@ -216,6 +219,9 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
         if self.ray_trainer_ranks and self.placement != "ray":
             raise ValueError("ray_trainer_ranks places the trainer's ranks with Ray: set placement: ray too (or use "
                              "torchrun --nproc_per_node without Ray)")
+        if self.ray_separate_roles and not self.ray_trainer_ranks:
+            raise ValueError("ray_separate_roles places the roles beside the trainer's Ray ranks: set ray_trainer_ranks "
+                             "too (without it the roles always have actors of their own)")
         if self.ray_trainer_ranks and self.ray_num_gpus_per_role not in (0, 1):
             raise ValueError(f"ray_trainer_ranks: each rank trains on one whole GPU (NCCL puts no two ranks on one, "
                              f"and a rank uses one), not ray_num_gpus_per_role {self.ray_num_gpus_per_role:g}; set "

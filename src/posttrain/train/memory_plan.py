@@ -265,19 +265,27 @@ def plan_memory(config, *, world: int = 1, local_world: int | None = None, ds_co
         parts.append(head)
         load += head.bytes
     if config.stage in ("ppo", "grpo"):
-        rl_parts, rl_load = _rl_parts(config, shapes, trained, lay, whole)
+        rl_parts, rl_load = _rl_parts(config, shapes, trained, lay, whole, notes)
         parts += rl_parts
         load += rl_load
     return MemoryPlan(config.stage, lay.describe, world, shapes.total + trained.added, trained.trainable, parts,
                       load, notes)
 
 
-def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_bytes: int) -> tuple[list[Part], int]:
+def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_bytes: int, notes: list[str]
+              ) -> tuple[list[Part], int]:
     """What PPO/GRPO hold beside the actor (train/rl/recipe.py and trainer.py), and what they add at load."""
+    from posttrain.train.rl.placement import roles_apart, roles_of
+
     trust, parts, load = config.trust_remote_code, [], 0
+    apart = roles_apart(config)
+    if apart:
+        notes.append(f"placement: ray: {', '.join(roles_of(config))} in Ray actors of their own, not counted here")
     if config.kl_coef > 0 or config.kl_target:
-        if config.finetuning_type == "lora" and not config.ref_model:
+        if config.finetuning_type == "lora" and not config.ref_model and not config.pissa_init:
             parts.append(Part("reference (the actor's base, adapter disabled)", 0))
+        elif apart:
+            pass
         else:
             ref = model_shapes(config.ref_model or config.model_name_or_path, key="ref_model", trust_remote_code=trust)
             parts.append(Part("reference model (fp32, whole)", 4 * ref.total))
@@ -287,13 +295,15 @@ def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_
         critic = model_shapes(path, score_head=True, key="critic_model", trust_remote_code=trust)
         parts += _trained_parts("critic ", critic, Trained(0, critic.total, 0, 0), lay, config)
         load += 4 * critic.total
-    if config.reward_model:
+    if config.reward_model and not apart:
         reward = model_shapes(config.reward_model, score_head=True, key="reward_model", trust_remote_code=trust)
         parts.append(Part("reward model (fp32, whole)", 4 * reward.total))
         load += 4 * reward.total
     if lay.kind in ("fsdp", "deepspeed"):  # rollouts run on a whole copy, refreshed from the shards each step
         parts.append(Part("rollout copy of the actor (fp32, whole)", actor_bytes))
         load += actor_bytes
+    if apart:
+        return parts, load
     from posttrain.inference.weights import SUPPORTED_MODEL_TYPES
 
     if config.finetuning_type == "lora" and not config.use_dora and shapes.model_type in SUPPORTED_MODEL_TYPES:

@@ -4,10 +4,11 @@ The rollout sampler (a generation backend over its own copy of the actor), the r
 the reward model run as Ray actors, in one placement group (`ray_placement_strategy`: PACK keeps them
 on as few nodes as fit, SPREAD puts each on its own node where it can), on a local Ray or a cluster
 started with `ray start` (`ray_address: auto`). The trainer (actor and critic, which the update needs
-together) stays in the process that runs `posttrain`, or with `ray_trainer_ranks` runs as ranks in Ray actors
-of their own, each holding every role (trainer_ranks.py). After each update the actor's trainable tensors (a
-LoRA actor's adapter alone) go to the sampler's copy, through Ray's object store or, with `ray_weight_sync:
-collective`, over a process group of the two (weight_sync.py).
+together) stays in the process that runs `posttrain`, or with `ray_trainer_ranks` runs as ranks in Ray
+actors of their own, each holding every role or, with `ray_separate_roles`, sharing these (trainer_ranks.py).
+After each update the actor's trainable tensors (a LoRA actor's adapter alone) go to the sampler's copy,
+through Ray's object store or, with `ray_weight_sync: collective`, over a process group of the two
+(weight_sync.py).
 
 Each role computes exactly what it computes in one process, with the same code, batches, seeds and
 thread count, so a run gives the same result placed or not. Without `placement: ray` nothing here runs.
@@ -54,6 +55,11 @@ def check_ray_address(address: str) -> None:
     except OSError as err:
         raise ConfigError(f"ray_address {address!r}: nothing answers there ({err.strerror or err}); is `ray start "
                           "--head` running on that machine, and is the port the one it printed?") from None
+
+
+def roles_apart(config) -> bool:
+    """The sampler, reference and reward model run in Ray actors of their own, not in the trainer's process(es)."""
+    return config.placement == "ray" and (not config.ray_trainer_ranks or config.ray_separate_roles)
 
 
 def roles_of(config) -> list[str]:
@@ -114,15 +120,26 @@ class RaySession:
         self.weight_sync = config.ray_weight_sync
         log.info("Ray placement: %s, %g CPU each, %s", ", ".join(roles), self.cpus, config.ray_placement_strategy)
 
+    # This process builds the roles and sends the sampler its weights; trainer ranks that share roles
+    # (trainer_ranks.SharedRoles) leave both to rank 0.
+    leads = True
+
     def host(self, role: str, build, *args, **kwargs):
         """A RoleHost actor for `role`, holding build(*args, **kwargs)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.group,
                                                     placement_group_bundle_index=self.bundles[role])
-        actor = self.ray.remote(RoleHost).options(num_cpus=self.cpus, num_gpus=self.gpus, scheduling_strategy=strategy
+        actor = self.ray.remote(RoleHost).options(num_cpus=self.cpus, num_gpus=self.gpus, scheduling_strategy=strategy,
+                                                  **self.actor_options(role)
                                                   ).remote(role, self.threads, build, *args, **kwargs)
         return RemoteRole(self.ray, actor, role)
+
+    def actor_options(self, role: str) -> dict:
+        return {}
+
+    def all_ranks_here(self) -> None:
+        """Returns once every trainer rank using these roles has come here (one trainer: at once)."""
 
     def close(self) -> None:
         if getattr(self, "group", None) is not None:
@@ -147,6 +164,9 @@ class RoleHost:
 
     def call(self, method: str, *args, **kwargs):
         return getattr(self.held, method)(*args, **kwargs)
+
+    def ready(self) -> bool:
+        return True
 
     def attr(self, name: str):
         return getattr(self.held, name)
@@ -219,6 +239,10 @@ class RemoteRole:
     def attr(self, name: str):
         return self.wait(self.actor.attr.remote(name))
 
+    def ready(self) -> None:
+        """Once the role is built; its build's error if it failed."""
+        self.wait(self.actor.ready.remote())
+
 
 # ---- the roles --------------------------------------------------------------------------------------
 
@@ -285,11 +309,12 @@ class RayRolloutBackend:
     def __init__(self, session: RaySession, model, tokenizer, *, kind: str, max_batch_size: int, seed: int,
                  vllm_options: dict | None):
         self.model = model
-        self.role = session.host("rollout", RolloutHost, model_spec(model), tokenizer, kind, max_batch_size, seed,
-                                 vllm_options)
+        self.session = session
+        self.role = session.host("rollout", RolloutHost, model_spec(model) if session.leads else None, tokenizer, kind,
+                                 max_batch_size, seed, vllm_options)
         self.name = f"ray/{self.role.attr('name')}"
         self.weights = None
-        if session.weight_sync == "collective":
+        if session.weight_sync == "collective" and session.leads:
             from posttrain.train.rl.weight_sync import WeightGroup, open_store
 
             store, host = open_store()
@@ -307,19 +332,25 @@ class RayRolloutBackend:
         return self.role.wait(handle)
 
     def update_weights(self) -> None:
-        if self.weights is not None:
+        """On every rank: the leading one sends, and no rank samples again before the sampler has the weights."""
+        if not self.session.leads:
+            pass
+        elif self.weights is not None:
             from posttrain.train.rl.weight_sync import layout
 
             trainable = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
             receiving = self.role.start("receive_weights", layout(trainable))
             self.role.alongside(lambda: self.weights.send([v for _, v in trainable]), receiving)
-            return
-        trainable = {k: v.detach().to("cpu") for k, v in self.model.named_parameters() if v.requires_grad}
-        self.role.call("load", trainable)
+        else:
+            trainable = {k: v.detach().to("cpu") for k, v in self.model.named_parameters() if v.requires_grad}
+            self.role.call("load", trainable)
+        self.session.all_ranks_here()
 
     def close(self) -> None:
         self.weights = None  # the group and the store's port go with it
-        self.role.call("close")
+        # Ranks sharing the sampler: each one's last sampling ended before the collectives that end a run.
+        if self.session.leads:
+            self.role.call("close")
 
 
 class ReferenceHost:

@@ -26,7 +26,7 @@ from posttrain.model.loading import load_model
 from posttrain.model.reward import load_reward_model
 from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import TrainResult
-from posttrain.train.rl.placement import RayReference, RaySession, check_placement
+from posttrain.train.rl.placement import RayReference, RaySession, check_placement, roles_apart
 from posttrain.train.rl.rewards import build_rewards
 from posttrain.train.rl.trainer import RLTrainer
 
@@ -65,10 +65,14 @@ def run_rl(config: RLConfig) -> TrainResult:
     return train_here(config)
 
 
-def train_here(config: RLConfig) -> TrainResult:
-    """The run in this process: alone, as one torchrun rank or Ray trainer rank, or beside the Ray roles."""
+def train_here(config: RLConfig, placed=None) -> TrainResult:
+    """The run in this process: alone, as one torchrun rank or Ray trainer rank, or beside the Ray roles.
+    `placed`: what builds the roles' session for a Ray trainer rank that shares them with the other ranks."""
     device = stage_steps.start_run(config)
-    placed = RaySession(config) if config.placement == "ray" and not config.ray_trainer_ranks else None
+    if placed is not None:
+        placed = placed()
+    elif roles_apart(config):  # beside this process, the trainer
+        placed = RaySession(config)
     try:
         return _run_rl(config, device, placed)
     finally:

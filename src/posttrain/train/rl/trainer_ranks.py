@@ -4,7 +4,9 @@ Each rank runs exactly what `torchrun --nproc_per_node N` runs in its process (t
 group over gloo on CPU or NCCL on GPU, DDP or `fsdp` / `deepspeed` as configured), but Ray places the ranks: one
 placement group bundle each (`ray_num_cpus_per_role`, `ray_num_gpus_per_role`; `ray_placement_strategy` PACK
 or SPREAD over the nodes of a cluster joined with `ray_address: auto`). Every rank holds every role (actor, critic,
-reference, reward model, sampler), colocated as veRL's hybrid workers hold them; rank 0 writes the output folder,
+reference, reward model, sampler), colocated as veRL's hybrid workers hold them, or with `ray_separate_roles` the
+sampler, reference and reward model run in Ray actors of their own in the same placement group, which every rank
+uses (OpenRLHF's layout: rank 0 builds them and sends the sampler its weights); rank 0 writes the output folder,
 which on several nodes must be on a filesystem they share, as under torchrun. The `posttrain` process only places
 the ranks, shows their output and waits; when one rank fails the others are stopped rather than left waiting in a
 collective.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 from posttrain.train.loop import TrainResult
-from posttrain.train.rl.placement import RaySession, role_failure
+from posttrain.train.rl.placement import RaySession, RemoteRole, role_failure, roles_of
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class TrainerRank:
 
     @staticmethod
     def run(config, rank: int, world_size: int, local_world_size: int, master: tuple[str, int], cwd: str,
-            env: dict[str, str]) -> dict:
+            env: dict[str, str], roles: tuple | None = None) -> dict:
+        """`roles`: (the placement group, each role's bundle, the run's tag) with ray_separate_roles."""
         from posttrain.cli import setup_logging
         from posttrain.train import distributed as dist
         from posttrain.train.rl.recipe import train_here
@@ -56,17 +59,64 @@ class TrainerRank:
             os.chdir(cwd)
         setup_logging()  # as the command sets it up in each torchrun process: rank 0 logs, the others warn
         try:
-            result = train_here(config)  # the config as given: the saved posttrain_config.yaml reruns this layout
+            # The config as given: the saved posttrain_config.yaml reruns this layout. The process group must be up
+            # before SharedRoles waits on it, so train_here builds it from this factory after starting the run.
+            shared = (lambda: SharedRoles(config, *roles)) if roles else None
+            result = train_here(config, placed=shared)
+            if roles:
+                dist.barrier()  # rank 0 owns the shared roles' actors: they go when it returns, after every rank
         finally:
             dist.cleanup()
         return {"global_step": result.global_step, "output_dir": str(result.output_dir),
                 "plot": str(result.plot) if result.plot else None, "metrics": result.metrics if rank == 0 else []}
 
 
+class SharedRoles(RaySession):
+    """In a trainer rank, with ray_separate_roles: the roles' actors in the driver's placement group. Rank 0 builds
+    each (a named actor), the other ranks find it by name; rank 0 alone sends the sampler its weights, and no rank
+    samples again before it has them."""
+
+    def __init__(self, config, group, bundles: dict[str, int], tag: str):
+        import ray
+
+        from posttrain.train import distributed as dist
+
+        self.ray, self.started, self.group, self.bundles, self.tag = ray, False, group, bundles, tag
+        self.cpus, self.gpus, self.weight_sync = config.ray_num_cpus_per_role, config.ray_num_gpus_per_role, \
+            config.ray_weight_sync
+        self.threads = max(1, int(config.ray_num_cpus_per_role))
+        self.leads, self.dist = dist.is_main(), dist
+
+    def host(self, role: str, build, *args, **kwargs):
+        if self.leads:
+            remote = super().host(role, build, *args, **kwargs)
+            remote.ready()  # built (or failed) before the other ranks look for it
+        self.all_ranks_here()
+        return remote if self.leads else RemoteRole(self.ray, self.ray.get_actor(self.name(role)), role)
+
+    def actor_options(self, role: str) -> dict:
+        return {"name": self.name(role)}
+
+    def name(self, role: str) -> str:
+        return f"{self.tag} {role}"
+
+    def all_ranks_here(self) -> None:
+        self.dist.barrier()
+
+    def close(self) -> None:
+        """The driver removes the placement group, and the roles' actors with it."""
+
+
 def run_trainer_ranks(config) -> TrainResult:
+    import uuid
+
     count = config.ray_trainer_ranks
-    session = RaySession(config, roles=[f"trainer {i}" for i in range(count)],
-                         threads=max(1, int(config.ray_num_cpus_per_role)), log_to_driver=True)
+    ranks = [f"trainer {i}" for i in range(count)]
+    shared = roles_of(config) if config.ray_separate_roles else []
+    session = RaySession(config, roles=ranks + shared, threads=max(1, int(config.ray_num_cpus_per_role)),
+                         log_to_driver=True)
+    roles = (session.group, {role: session.bundles[role] for role in shared}, f"posttrain-{uuid.uuid4().hex[:8]}") \
+        if shared else None
     try:
         hosts = [session.host(f"trainer {i}", TrainerRank) for i in range(count)]
         places = [host.call("where") for host in hosts]
@@ -76,9 +126,10 @@ def run_trainer_ranks(config) -> TrainResult:
         per_node = {node: sum(p[0] == node for p in places) for node, _, _ in places}
         master = places[order[0]][1:]
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-        log.info("Ray placement: %d trainer ranks on %d node(s), rendezvous at %s:%d", count, len(per_node), *master)
+        log.info("Ray placement: %d trainer ranks on %d node(s), rendezvous at %s:%d%s", count, len(per_node), *master,
+                 f"; {', '.join(shared)} in actors of their own" if shared else "")
         refs = {host_index: hosts[host_index].start("run", config, rank, count, per_node[places[host_index][0]],
-                                                    master, os.getcwd(), env)
+                                                    master, os.getcwd(), env, roles)
                 for rank, host_index in enumerate(order)}
         _wait_all(session, hosts, refs, order)
         out = session.ray.get(refs[order[0]])

@@ -13,6 +13,7 @@ from posttrain.cli import main
 from test_rl_distributed import _grpo, grpo_task
 from test_rl_training import STARTS_WITH_ONE, _run, rl_setup  # noqa: F401  (the fixture)
 from test_rm import rm_data, rm_overrides  # noqa: F401  (the fixture)
+from test_sharded import zero3_config  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.ray
 PLACED = dict(placement="ray", ray_num_cpus_per_role=0.5)
@@ -68,10 +69,12 @@ def test_roles_that_do_not_fit_the_cluster_are_refused(rl_setup, tmp_path, capsy
     # the sampler and the reference in actors of their own, beside the ranks: 4 x half a CPU
     {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5},
     {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5, "fsdp": "full_shard"},
-], ids=["colocated", "separate-roles", "separate-roles-fsdp"])
-def test_trainer_ranks_on_ray_match_torchrun(layout, tiny_model_dir, tmp_path):
+    {"ray_num_cpus_per_role": 1, "deepspeed": "ZeRO-3"},
+], ids=["colocated", "separate-roles", "separate-roles-fsdp", "colocated-deepspeed"])
+def test_trainer_ranks_on_ray_match_torchrun(layout, tiny_model_dir, tmp_path, zero3_config):
     prompts, reward = grpo_task(tmp_path)
-    sharding = {k: v for k, v in layout.items() if k == "fsdp"}
+    layout = {k: zero3_config if k == "deepspeed" else v for k, v in layout.items()}
+    sharding = {k: v for k, v in layout.items() if k in ("fsdp", "deepspeed")}
     torchrun = _grpo(tiny_model_dir, prompts, reward, tmp_path / "torchrun", procs=2, prompts_per_proc=2, **sharding)
     ray = _grpo(tiny_model_dir, prompts, reward, tmp_path / "ray", procs=1, prompts_per_proc=2, placement="ray",
                 ray_trainer_ranks=2, **layout)

@@ -2,8 +2,8 @@
 
 vLLM runs in a worker process of its own environment ($POSTTRAIN_VLLM_PYTHON). Checked: the same greedy
 tokens and log-probs as the built-in engine, before and after weights are sent (a full model reloaded
-in place, a LoRA actor's adapter as a new version), seeds that hold whatever shares the batch, and RL
-on vLLM rollouts that raises the reward as it does on the engine.
+in place, a LoRA actor's adapter as a new version), seeds that hold whatever shares the batch, RL
+on vLLM rollouts that raises the reward as it does on the engine, and Ray trainer ranks sharing one vLLM.
 """
 
 from __future__ import annotations
@@ -144,6 +144,21 @@ def test_lora_grpo_and_ppo_on_vllm_rollouts(rl_setup, tmp_path, vllm_python):
     # The actor moved off its reference, and every step's rollouts came from its weights of that step.
     assert steps[-1]["kl"] > 0 and max(r["logp_gap"] for r in steps) < 1e-3
 
+
+
+def test_lora_grpo_on_ray_trainer_ranks_sharing_one_vllm_sampler(rl_setup, tmp_path, vllm_python):
+    """OpenRLHF's layout: two trainer ranks in Ray actors, vLLM in an actor of its own that both sample from;
+    rank 0 sends it the adapter after each step, and neither rank samples before it has."""
+    records = _run("grpo", rl_setup, tmp_path / "ray", max_steps=6, num_generations=4, eval_steps=100,
+                   rollout_batch_size=4, per_device_train_batch_size=16, reward_funcs=f"[{STARTS_WITH_ONE}]",
+                   rollout_backend="vllm", vllm_python=vllm_python, finetuning_type="lora", lora_rank=8,
+                   learning_rate=5e-3, placement="ray", ray_trainer_ranks=2, ray_separate_roles=True,
+                   ray_num_cpus_per_role=0.6)
+    steps = [r for r in records if "reward_mean" in r]
+    assert records[0]["rollout_backend"] == "ray/vllm" and records[0]["parallel"] == "DDP over 2 processes"
+    # Both ranks' samples (the metrics are reduced over them) came from the adapter of their step.
+    assert len(steps) == 6 and steps[-1]["kl"] > 0 and max(r["logp_gap"] for r in steps) < 1e-3
+    assert (tmp_path / "ray" / "adapter_config.json").is_file()
 
 
 def test_async_rollouts_on_vllm_resume_to_the_same_weights(rl_setup, tmp_path, vllm_python):

@@ -101,6 +101,25 @@ def test_ppo_on_trainer_ranks_sharing_the_sampler_reference_and_reward_model_mat
     _same_weights(tmp_path / "torchrun", tmp_path / "ray")
 
 
+@pytest.mark.parametrize("layout", [{"ray_num_cpus_per_role": 0.5},  # the sampler and the reference in actors
+                                    {"ray_trainer_ranks": 2, "ray_separate_roles": True, "ray_num_cpus_per_role": 0.5}],
+                         ids=["beside-this-process", "trainer-ranks-separate-roles"])
+def test_a_placed_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_weights(layout, tiny_model_dir, tmp_path):
+    import shutil
+
+    prompts, reward = grpo_task(tmp_path)
+    placed = dict(placement="ray", save_steps=2, **layout)
+    straight = _grpo(tiny_model_dir, prompts, reward, tmp_path / "straight", procs=1, prompts_per_proc=2, **placed)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", resumed / "checkpoint-2")  # as if killed after step 2
+    again = _grpo(tiny_model_dir, prompts, reward, resumed, procs=1, prompts_per_proc=2, resume_from_checkpoint="auto",
+                  **placed)
+    last = lambda records: [r for r in records if "reward_mean" in r][-1]  # noqa: E731
+    _same_run([last(straight)], [last(again)])  # step 3: the same samples (the sampler got the checkpoint's weights)
+    _same_weights(tmp_path / "straight", resumed)
+
+
 ONLY_RANK_ONE_FAILS = ("import os\n\ndef reward(prompts, completions, **kw):\n"
                        "    if os.environ['RANK'] == '1':\n        raise ValueError('rank one refuses')\n"
                        "    return [float(len(c) % 5) for c in completions]\n")

@@ -33,7 +33,7 @@ def _grpo(model, prompts, reward, out, procs: int, prompts_per_proc: int, stage:
                 max_completion_length=8, kl_coef=0.05, learning_rate=1e-3, max_steps=3, disable_tqdm=True,
                 plot_loss=False, seed=0, **extra)
     res = subprocess.run([*launch, "-m", "posttrain", stage, *[f"{k}={v}" for k, v in args.items()]],
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -69,3 +69,14 @@ def test_two_processes_match_one(sharding, tiny_model_dir, tmp_path):
     atol = 5e-5 if sharding else 2e-5
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol)
+
+
+def test_two_processes_evaluate_fewer_prompts_than_ranks(tiny_model_dir, tmp_path):
+    """The rank with no held-out prompt still takes part in the evaluation's reduction (it used to skip it, and
+    the other rank waited for it for ever)."""
+    prompts, reward = grpo_task(tmp_path)
+    held = write_jsonl([{"prompt": "reverse 12", "answer": "21"}], tmp_path / "held.jsonl")
+    records = _grpo(tiny_model_dir, prompts, reward, tmp_path / "two", procs=2, prompts_per_proc=2,
+                    eval_dataset=held, eval_steps=1)
+    evals = [r for r in records if "eval_reward" in r]
+    assert len(evals) == 4 and all(r["eval_response_length"] > 0 for r in evals)  # steps 0-3

@@ -33,7 +33,7 @@ def _run(command: str, overrides: list[str], procs: int) -> subprocess.Completed
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [sys.executable]
     res = subprocess.run([*launch, "-m", "posttrain", command, *overrides], env=child_env(), capture_output=True,
-                         text=True)
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -166,12 +166,16 @@ def test_conflicting_or_unknown_sharding_keys_are_refused_before_loading(overrid
 
 def test_fsdp_reward_model_matches_one_process(tiny_model_dir, tmp_path):
     """The reward statistics are scored on every rank through the sharded model; the saved reward model is
-    merged and whole."""
+    merged and whole. Three held-out pairs over two ranks, one a batch: rank 1 runs a second, dropped forward
+    beside rank 0's second batch (the sharded forward gathers weights with it), and the figures are one process's."""
     from posttrain.data.synthetic import preference_pairs, split_task, write_jsonl
-    data = write_jsonl(preference_pairs(split_task(16, 0, seed=3)[0], seed=0), tmp_path / "pairs.jsonl")
+    train, held = split_task(16, 3, seed=3)
+    data = write_jsonl(preference_pairs(train, seed=0), tmp_path / "pairs.jsonl")
+    held = write_jsonl(preference_pairs(held, seed=1), tmp_path / "held.jsonl")
     common = dict(model_name_or_path=tiny_model_dir, dataset=data, max_steps=3, per_device_train_batch_size=2,
                   learning_rate=1e-3, logging_steps=1, save_steps=0, cutoff_len=64, disable_tqdm=True, seed=0,
-                  plot_loss=False, finetuning_type="lora")
+                  plot_loss=False, finetuning_type="lora", eval_dataset=held, eval_steps=3,
+                  per_device_eval_batch_size=1)
     args = lambda out, **kw: [f"{k}={v}" for k, v in dict(common, output_dir=out, **kw).items()]  # noqa: E731
     _run("rm", args(tmp_path / "one", gradient_accumulation_steps=2), 1)
     _run("rm", [*args(tmp_path / "two"), "fsdp=full_shard"], 2)
@@ -179,6 +183,9 @@ def test_fsdp_reward_model_matches_one_process(tiny_model_dir, tmp_path):
     _assert_rank1_held_half(_records(tmp_path / "two")[0])  # the new head is rank 0's on both ranks
     stats = [json.loads((tmp_path / p / "config.json").read_text())["reward_mean"] for p in ("one", "two")]
     assert stats[0] == pytest.approx(stats[1], abs=1e-5)
+    evals = [[r for r in _records(tmp_path / p) if "eval_loss" in r][-1] for p in ("one", "two")]
+    assert evals[0].keys() == evals[1].keys() and "eval_accuracy" in evals[0]
+    assert all(evals[0][k] == pytest.approx(evals[1][k], abs=1e-4) for k in evals[0] if k.startswith("eval_"))
 
 
 @pytest.mark.parametrize("sharding", ["fsdp", "deepspeed"])

@@ -199,13 +199,20 @@ class Trainer:
         metrics: dict[str, list[float]] = {}
         batches = [self.collate(mine[i:i + bs]) for i in range(0, len(mine), bs)]
         self._begin(batches)
-        for batch in batches:
-            units += self.count(batch)  # counted on the host copy: no wait for the device
+        # Every rank runs as many forwards as rank 0, which has the most rows: a sharded forward gathers the
+        # weights with the other ranks, and every rank reduces the same metric names. A rank with fewer rows (fewer
+        # rows than ranks: none) fills up with a row whose results it drops.
+        most = math.ceil(math.ceil(len(self.eval_examples) / self.world) / bs)
+        filler = [self.collate(self.eval_examples[:1])] * (most - len(batches))
+        for k, batch in enumerate(batches + filler):
+            counted = k < len(batches)
+            units += self.count(batch) if counted else 0  # counted on the host copy: no wait for the device
             batch = _to(batch, self.device)
             with autocast(self.device, self.args):
                 out = module(batch)
-            loss_sum = loss_sum + out["loss_sum"].detach()
-            add_metrics(metrics, out.get("metrics", {}))
+            loss_sum = loss_sum + (out["loss_sum"].detach() if counted else 0.0)
+            add_metrics(metrics, {name: value if counted else (0.0, 0.0)
+                                  for name, value in out.get("metrics", {}).items()})
         sums = dist.all_reduce_sum(torch.tensor([*host_floats([loss_sum]), units], dtype=torch.float64))
         self.eval_metrics = reduce_metrics(metrics, "eval_")
         module.train()

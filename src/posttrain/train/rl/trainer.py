@@ -306,7 +306,9 @@ class RLTrainer:
         evals = {}
         for prefix, prompts in self.eval_sets.items():
             mine = prompts[self.rank::self.world]
-            sums: dict = {}
+            # Every name on every rank, a rank without prompts (fewer than ranks) too: the reduction is collective.
+            sums: dict = {name: [0.0, 0.0] for name in ("reward", "response_length",
+                                                         *(f"rewards/{n}" for n in self.rewards.names))}
             if mine:
                 rollouts = self.sampler.sample([p for p, _ in mine],
                                                max_new_tokens=self.config.max_completion_length, temperature=0.0)

@@ -238,14 +238,16 @@ def test_rl_holds_the_reference_critic_and_a_whole_rollout_copy_when_sharded(tin
 
 
 @pytest.mark.parametrize("layout", [{}, {"ray_trainer_ranks": 2, "ray_separate_roles": True}])
-def test_roles_in_ray_actors_of_their_own_are_not_counted_on_the_trainer(layout, tiny_model_dir):
-    plan = plan_memory(_config(tiny_model_dir, "ppo", fsdp="full_shard", placement="ray", **layout), world=2)
+def test_roles_on_gpus_of_their_own_are_not_counted_on_the_trainer(layout, tiny_model_dir):
+    placed = dict(placement="ray", ray_num_gpus_per_role=1, **layout)
+    plan = plan_memory(_config(tiny_model_dir, "ppo", fsdp="full_shard", **placed), world=2)
     parts = _parts(plan)
     assert not any(k.startswith(("reference", "rollout KV", "reward model")) for k in parts)
     assert "rollout copy of the actor (fp32, whole)" in parts and "critic weights (fp32)" in parts  # the trainer's
-    assert "placement: ray: rollout, reference in Ray actors of their own, not counted here" in plan.notes
-    colocated = _parts(plan_memory(_config(tiny_model_dir, "ppo", placement="ray", ray_trainer_ranks=2), world=2))
-    assert "reference model (fp32, whole)" in colocated  # each rank holds every role
+    assert "placement: ray: rollout, reference on GPUs of their own, not counted here" in plan.notes
+    # On CPU the roles' actors take this machine's memory: counted; and colocated, each rank holds every role.
+    for where in (dict(placed, ray_num_gpus_per_role=0), dict(placement="ray", ray_trainer_ranks=2)):
+        assert "reference model (fp32, whole)" in _parts(plan_memory(_config(tiny_model_dir, "ppo", **where), world=2))
 
 
 def test_a_plan_fits_a_budget_by_its_peak():

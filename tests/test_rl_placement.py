@@ -120,8 +120,26 @@ def test_a_placed_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_we
     _same_weights(tmp_path / "straight", resumed)
 
 
-ONLY_RANK_ONE_FAILS = ("import os\n\ndef reward(prompts, completions, **kw):\n"
-                       "    if os.environ['RANK'] == '1':\n        raise ValueError('rank one refuses')\n"
+def test_the_ray_example_runs_as_shipped(tiny_model_dir, tmp_path):
+    """examples/grpo_ray.yaml on this machine's CPUs, with only the model, data and length made small."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from child_env import child_env
+
+    prompts, _ = grpo_task(tmp_path)
+    example = Path(__file__).resolve().parents[1] / "examples" / "grpo_ray.yaml"
+    res = subprocess.run([sys.executable, "-m", "posttrain", "grpo", str(example), f"model_name_or_path={tiny_model_dir}",
+                          f"dataset={prompts}", f"output_dir={tmp_path / 'o'}", "max_steps=2",
+                          "max_completion_length=8"], env=child_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rollout, reference in actors of their own" in res.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+ONLY_ONE_RANK_FAILS = ("import os\n\ndef reward(prompts, completions, **kw):\n"
+                       "    if os.environ['RANK'] == '{rank}':\n        raise ValueError('rank {rank} refuses')\n"
                        "    return [float(len(c) % 5) for c in completions]\n")
 
 
@@ -129,7 +147,9 @@ ONLY_RANK_ONE_FAILS = ("import os\n\ndef reward(prompts, completions, **kw):\n"
     ("data-on-every-rank", ["ray_num_cpus_per_role=1"]), ("reward-on-rank-1", ["ray_num_cpus_per_role=1"]),
     # rank 0 then waits for rank 1 at the sampler's next weight update
     ("reward-on-rank-1", ["ray_separate_roles=true", "ray_num_cpus_per_role=0.5", "kl_coef=0.05"]),
-], ids=["data-on-every-rank", "reward-on-rank-1", "reward-on-rank-1-separate-roles"])
+    # rank 0 owns the shared roles: they go with it, and rank 1 then fails on them; rank 0's error is shown
+    ("reward-on-rank-0", ["ray_separate_roles=true", "ray_num_cpus_per_role=0.5", "kl_coef=0.05"]),
+], ids=["data-on-every-rank", "reward-on-rank-1", "reward-on-rank-1-separate-roles", "reward-on-rank-0-separate-roles"])
 def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(broken, layout, tiny_model_dir, tmp_path):
     """A rank's own error is what the user reads, also when only that rank raised it and its peer then failed on
     the closed connection; nothing is left running or written."""
@@ -142,7 +162,7 @@ def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(broken
     prompts.write_text('{"prompt": "reverse 12", "answer": "21"}\n' * 4 + ('{"prompt": 5\n' if broken.startswith("data")
                                                                             else ""))
     reward = tmp_path / "reward.py"
-    reward.write_text(ONLY_RANK_ONE_FAILS)
+    reward.write_text(ONLY_ONE_RANK_FAILS.replace("{rank}", broken[-1]))
     res = subprocess.run([sys.executable, "-m", "posttrain", "grpo", f"model_name_or_path={tiny_model_dir}",
                           f"dataset={prompts}", f"output_dir={tmp_path / 'o'}", f"reward_funcs=[{reward}:reward]",
                           "rollout_batch_size=1", "max_steps=2", "placement=ray", "ray_trainer_ranks=2", *layout],
@@ -152,7 +172,7 @@ def test_a_trainer_rank_that_fails_stops_them_all_with_its_one_line_error(broken
     if broken.startswith("data"):
         assert last == f"error: {prompts}:5: invalid JSON: Expecting ',' delimiter at column 1"
     else:
-        assert last.startswith("error: ") and "rank one refuses" in last, last
+        assert last.startswith("error: ") and f"rank {broken[-1]} refuses" in last, last
     assert "Traceback" not in res.stderr and not (tmp_path / "o" / "model.safetensors").exists()
 
 

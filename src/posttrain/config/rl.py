@@ -150,8 +150,9 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
                                   "process group of the two) | object_store (through Ray's shared memory)")
     ray_trainer_ranks: int = Field(
         0, ge=0, description="ray: train in this many Ray actors, the ranks of one process group (as torchrun "
-                             "--nproc_per_node would run them), each holding every role; 0: the trainer stays in this "
-                             "process and the sampler, reference and reward model get actors of their own")
+                             "--nproc_per_node would run them), each holding every role unless ray_separate_roles; 0: "
+                             "the trainer stays in this process and the sampler, reference and reward model get actors "
+                             "of their own")
     ray_separate_roles: bool = Field(
         False, description="ray_trainer_ranks: the sampler, reference and reward model in Ray actors of their own "
                            "that every rank uses (OpenRLHF's layout), not a copy in each rank (veRL's hybrid one)")

@@ -65,9 +65,9 @@ def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_c
     return finish_loading(model, gradient_checkpointing)
 
 
-def check_is_reward_model(name_or_path: str) -> None:
+def check_is_reward_model(name_or_path: str, what: str = "model_name_or_path") -> None:
     """Scoring with a causal-LM folder would put a new, random head on it and report noise as rewards."""
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, what)
     try:
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):

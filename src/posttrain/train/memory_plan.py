@@ -278,15 +278,14 @@ def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_
     from posttrain.train.rl.placement import roles_apart, roles_of
 
     trust, parts, load = config.trust_remote_code, [], 0
-    apart = roles_apart(config)
+    # Left out only where the roles have GPUs of their own: on CPU their actors share this machine's memory.
+    apart = roles_apart(config) and config.ray_num_gpus_per_role > 0
     if apart:
-        notes.append(f"placement: ray: {', '.join(roles_of(config))} in Ray actors of their own, not counted here")
+        notes.append(f"placement: ray: {', '.join(roles_of(config))} on GPUs of their own, not counted here")
     if config.kl_coef > 0 or config.kl_target:
         if config.finetuning_type == "lora" and not config.ref_model and not config.pissa_init:
             parts.append(Part("reference (the actor's base, adapter disabled)", 0))
-        elif apart:
-            pass
-        else:
+        elif not apart:
             ref = model_shapes(config.ref_model or config.model_name_or_path, key="ref_model", trust_remote_code=trust)
             parts.append(Part("reference model (fp32, whole)", 4 * ref.total))
             load += 4 * ref.total

@@ -114,11 +114,15 @@ class RaySession:
             raise ConfigError(f"placement: ray: no room for {len(roles)} bundles of {bundle} with strategy "
                               f"{config.ray_placement_strategy} after 120 s (enough in all, but not on the nodes "
                               "that strategy allows); lower the per-role CPUs / GPUs, or use PACK") from None
-        self.bundles = {role: i for i, role in enumerate(roles)}
+        self.adopt(config, self.group, {role: i for i, role in enumerate(roles)}, threads)
+        log.info("Ray placement: %s, %g CPU each, %s", ", ".join(roles), self.cpus, config.ray_placement_strategy)
+
+    def adopt(self, config, group, bundles: dict[str, int], threads: int | None) -> None:
+        """The placement group and what each role's actor gets from it."""
+        self.group, self.bundles = group, bundles
         self.cpus, self.gpus = config.ray_num_cpus_per_role, config.ray_num_gpus_per_role
         self.threads = threads or torch.get_num_threads()
         self.weight_sync = config.ray_weight_sync
-        log.info("Ray placement: %s, %g CPU each, %s", ", ".join(roles), self.cpus, config.ray_placement_strategy)
 
     # This process builds the roles and sends the sampler its weights; trainer ranks that share roles
     # (trainer_ranks.SharedRoles) leave both to rank 0.
@@ -172,12 +176,20 @@ class RoleHost:
         return getattr(self.held, name)
 
 
+class RoleLost(ConfigError):
+    """A role's actor died under a call (its process crashed, or the trainer rank that owned it failed)."""
+
+
 def role_failure(error, role: str) -> PosttrainError:
     """What a role's failure is to the user: the role's own one-line error where it raised one (bad data found in
     the actor reads as it would in one process), else the Ray error naming the role."""
     cause = getattr(error, "cause", None)
     if isinstance(cause, PosttrainError):
         return cause
+    import ray
+
+    if isinstance(error, ray.exceptions.RayActorError):
+        return RoleLost(f"the Ray actor of the {role} died: {(str(error).strip().splitlines() or ['?'])[0]}")
     # One line: a task error's text holds the remote traceback, its cause the exception itself.
     what = f"{type(cause).__name__}: {cause}" if cause is not None else (str(error).strip().splitlines() or ["?"])[-1]
     return ConfigError(f"the Ray {role} role failed: {what}")
@@ -333,9 +345,12 @@ class RayRolloutBackend:
 
     def update_weights(self) -> None:
         """On every rank: the leading one sends, and no rank samples again before the sampler has the weights."""
-        if not self.session.leads:
-            pass
-        elif self.weights is not None:
+        if self.session.leads:
+            self.send_weights()
+        self.session.all_ranks_here()
+
+    def send_weights(self) -> None:
+        if self.weights is not None:
             from posttrain.train.rl.weight_sync import layout
 
             trainable = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
@@ -344,7 +359,6 @@ class RayRolloutBackend:
         else:
             trainable = {k: v.detach().to("cpu") for k, v in self.model.named_parameters() if v.requires_grad}
             self.role.call("load", trainable)
-        self.session.all_ranks_here()
 
     def close(self) -> None:
         self.weights = None  # the group and the store's port go with it

@@ -23,7 +23,7 @@ from posttrain.data.stage_samples import load_rows
 from posttrain.data.templates import check_template_encodes
 from posttrain.errors import ConfigError
 from posttrain.model.loading import load_model
-from posttrain.model.reward import load_reward_model
+from posttrain.model.reward import check_is_reward_model, load_reward_model
 from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import TrainResult
 from posttrain.train.rl.placement import RayReference, RaySession, check_placement, roles_apart
@@ -40,6 +40,8 @@ def check_rl(config: RLConfig) -> None:
         raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not available for RL; use one of "
                           f"{', '.join(RL_FINETUNING)}")
     check_placement(config)
+    if config.reward_model:  # here, before Ray starts: a causal-LM folder would score with a random head (noise)
+        check_is_reward_model(config.reward_model, "reward_model")
     if config.rollout_backend == "vllm":  # where vLLM is, before any model loads
         from posttrain.generation.vllm_backend import check_vllm_config
 
@@ -65,13 +67,11 @@ def run_rl(config: RLConfig) -> TrainResult:
     return train_here(config)
 
 
-def train_here(config: RLConfig, placed=None) -> TrainResult:
+def train_here(config: RLConfig, placed: RaySession | None = None) -> TrainResult:
     """The run in this process: alone, as one torchrun rank or Ray trainer rank, or beside the Ray roles.
-    `placed`: what builds the roles' session for a Ray trainer rank that shares them with the other ranks."""
+    `placed`: the roles' session of a Ray trainer rank that shares them with the other ranks."""
     device = stage_steps.start_run(config)
-    if placed is not None:
-        placed = placed()
-    elif roles_apart(config):  # beside this process, the trainer
+    if placed is None and roles_apart(config):  # beside this process, the trainer
         placed = RaySession(config)
     try:
         return _run_rl(config, device, placed)

@@ -284,9 +284,6 @@ def build_rewards(config, device: torch.device, placed=None) -> Rewards:
     own Ray actor when the run is `placed` (placement.RaySession)."""
     sources = [make_source(spec, config.reward_timeout) for spec in config.reward_funcs]
     if config.reward_model:
-        from posttrain.model.reward import check_is_reward_model
-
-        check_is_reward_model(config.reward_model)  # a causal-LM folder would score with a random head: noise
         args = (config.reward_model, config.per_device_eval_batch_size, config.trust_remote_code)
         if placed is not None:
             from posttrain.train.rl.placement import RayReward

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 from posttrain.train.loop import TrainResult
-from posttrain.train.rl.placement import RaySession, RemoteRole, role_failure, roles_of
+from posttrain.train.rl.placement import RaySession, RemoteRole, RoleLost, role_failure, roles_of
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,10 @@ class TrainerRank:
             os.chdir(cwd)
         setup_logging()  # as the command sets it up in each torchrun process: rank 0 logs, the others warn
         try:
-            # The config as given: the saved posttrain_config.yaml reruns this layout. The process group must be up
-            # before SharedRoles waits on it, so train_here builds it from this factory after starting the run.
-            shared = (lambda: SharedRoles(config, *roles)) if roles else None
-            result = train_here(config, placed=shared)
-            if roles:
-                dist.barrier()  # rank 0 owns the shared roles' actors: they go when it returns, after every rank
+            shared = SharedRoles(config, *roles) if roles else None
+            result = train_here(config, placed=shared)  # the config as given: its saved copy reruns this layout
+            if shared is not None:
+                shared.all_ranks_here()  # rank 0 holds the shared roles until every rank is done with them
         finally:
             dist.cleanup()
         return {"global_step": result.global_step, "output_dir": str(result.output_dir),
@@ -73,26 +71,33 @@ class TrainerRank:
 
 class SharedRoles(RaySession):
     """In a trainer rank, with ray_separate_roles: the roles' actors in the driver's placement group. Rank 0 builds
-    each (a named actor), the other ranks find it by name; rank 0 alone sends the sampler its weights, and no rank
-    samples again before it has them."""
+    each (a named actor) and holds it until every rank is done, the other ranks find it by name; rank 0 alone sends
+    the sampler its weights, and no rank samples again before it has them.
+
+    The ranks wait for each other here over a gloo group of their own with a long timeout: while one waits, rank 0
+    may be building a role (loading a model, starting vLLM) or sending the weights, alone, for longer than the
+    default group's NCCL watchdog allows (10 min)."""
 
     def __init__(self, config, group, bundles: dict[str, int], tag: str):
         import ray
 
+        self.ray, self.started, self.tag = ray, False, tag
+        self.adopt(config, group, bundles, max(1, int(config.ray_num_cpus_per_role)))
+        self.built: list[RemoteRole] = []  # rank 0's handles: a role lives as long as its owner holds one
+        self.waits = None  # the ranks' gloo group, made at the first wait (every rank comes to it)
+
+    @property
+    def leads(self) -> bool:
         from posttrain.train import distributed as dist
 
-        self.ray, self.started, self.group, self.bundles, self.tag = ray, False, group, bundles, tag
-        self.cpus, self.gpus, self.weight_sync = config.ray_num_cpus_per_role, config.ray_num_gpus_per_role, \
-            config.ray_weight_sync
-        self.threads = max(1, int(config.ray_num_cpus_per_role))
-        self.leads, self.dist = dist.is_main(), dist
+        return dist.is_main()
 
     def host(self, role: str, build, *args, **kwargs):
         if self.leads:
-            remote = super().host(role, build, *args, **kwargs)
-            remote.ready()  # built (or failed) before the other ranks look for it
+            self.built.append(super().host(role, build, *args, **kwargs))
+            self.built[-1].ready()  # built (or failed) before the other ranks look for it
         self.all_ranks_here()
-        return remote if self.leads else RemoteRole(self.ray, self.ray.get_actor(self.name(role)), role)
+        return self.built[-1] if self.leads else RemoteRole(self.ray, self.ray.get_actor(self.name(role)), role)
 
     def actor_options(self, role: str) -> dict:
         return {"name": self.name(role)}
@@ -101,7 +106,13 @@ class SharedRoles(RaySession):
         return f"{self.tag} {role}"
 
     def all_ranks_here(self) -> None:
-        self.dist.barrier()
+        import torch.distributed
+
+        from posttrain.train.rl.weight_sync import TIMEOUT
+
+        if self.waits is None:
+            self.waits = torch.distributed.new_group(backend="gloo", timeout=TIMEOUT)
+        torch.distributed.barrier(group=self.waits)
 
     def close(self) -> None:
         """The driver removes the placement group, and the roles' actors with it."""
@@ -153,15 +164,28 @@ def _wait_all(session, hosts, refs: dict, order: list[int]) -> None:
         except ray.exceptions.RayError:
             pass
         ray.wait(pending, num_returns=len(pending), timeout=5)
-        errors = []  # (the rank raised a posttrain error of its own, the error to show)
+        errors = []  # (how much it says about the cause: 0 most, the error to show)
         for rank, host_index in enumerate(order):
             try:
                 ray.get(refs[host_index], timeout=0)
             except ray.exceptions.GetTimeoutError:
                 continue
             except ray.exceptions.RayError as err:
-                own = isinstance(getattr(err, "cause", None), PosttrainError)
-                errors.append((not own, role_failure(err, f"trainer rank {rank}")))
+                errors.append((_telling(err), role_failure(err, f"trainer rank {rank}")))
         for host in hosts:
             ray.kill(host.actor)
         raise min(errors, key=lambda e: e[0])[1]
+
+
+def _telling(err) -> int:
+    """0: the rank raised a posttrain error of its own; 1: the rank's process died; 2: anything else it raised
+    (a peer's closed connection among them); 3: a shared role died under it (that role's owner, rank 0, failed
+    first: its own error says why)."""
+    import ray
+
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, RoleLost):
+        return 3
+    if isinstance(cause, PosttrainError):
+        return 0
+    return 1 if isinstance(err, ray.exceptions.RayActorError) else 2

@@ -2,8 +2,9 @@
 group of two, the trainer rank 0 and the sampler rank 1, as OpenRLHF and veRL move weights to their rollout
 engines, instead of through Ray's object store (serialized into shared memory and out again on every update).
 
-The group is a standalone one on a TCPStore of its own: the trainer runs as one process and has no default
-process group, and creating one would make the rest of the code believe it runs several ranks. Gloo moves host
+The group is a standalone one on a TCPStore of its own, apart from any default process group: a trainer in the
+`posttrain` process has none (creating one would make the rest of the code believe it runs several ranks), and
+rank 0 of Ray trainer ranks that share the sampler (trainer_ranks.py) has one the sampler is not in. Gloo moves host
 tensors (a GPU side sends and receives through host copies). NCCL between the two GPUs is not used: Ray does not
 know which GPU the trainer's process holds, so it may give the sampler the same one, which NCCL refuses.
 The trainer's side waits on the group while watching the sampler's Ray call (placement.RemoteRole.alongside), so a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,6 +47,8 @@ def start_run(config) -> torch.device:
     """Device and process group, the seed, and the checks that need nothing loaded (the memory plan among them:
     the models' config.json is all it reads)."""
     device = pick_device(config.device)
+    if device.type == "cpu":  # what DeepSpeed would pick (transformers imports it at save), without its warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist.init(device)
     # Before any model is built or adapted: new heads, LoRA A, soft prompts and PiSSA's randomized SVD all draw
     # from torch's RNG, so the same config gives the same weights, and a resumed run the same frozen PiSSA base.

@@ -70,16 +70,19 @@ def test_roles_that_do_not_fit_the_cluster_are_refused(rl_setup, tmp_path, capsy
     {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5},
     {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5, "fsdp": "full_shard"},
     {"ray_num_cpus_per_role": 1, "deepspeed": "ZeRO-3"},
-], ids=["colocated", "separate-roles", "separate-roles-fsdp", "colocated-deepspeed"])
+    # sampling one step ahead, the weights through the object store
+    {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5, "async_rollouts": 1, "ray_weight_sync": "object_store"},
+], ids=["colocated", "separate-roles", "separate-roles-fsdp", "colocated-deepspeed", "separate-roles-async"])
 def test_trainer_ranks_on_ray_match_torchrun(layout, tiny_model_dir, tmp_path, zero3_config):
     prompts, reward = grpo_task(tmp_path)
     layout = {k: zero3_config if k == "deepspeed" else v for k, v in layout.items()}
-    sharding = {k: v for k, v in layout.items() if k in ("fsdp", "deepspeed")}
+    sharding = {k: v for k, v in layout.items() if k in ("fsdp", "deepspeed", "async_rollouts")}
     torchrun = _grpo(tiny_model_dir, prompts, reward, tmp_path / "torchrun", procs=2, prompts_per_proc=2, **sharding)
     ray = _grpo(tiny_model_dir, prompts, reward, tmp_path / "ray", procs=1, prompts_per_proc=2, placement="ray",
                 ray_trainer_ranks=2, **layout)
     assert len([r for r in ray if "reward_mean" in r]) == 3 and any(r["reward_std"] > 0 for r in ray if "reward_std" in r)
     assert ray[0]["rollout_backend"] == ("ray/engine" if layout.get("ray_separate_roles") else "engine")
+    assert any(r.get("staleness", 0) > 0 for r in ray) == bool(layout.get("async_rollouts"))  # sampled ahead
     _same_run(torchrun, ray)  # rank 0's log: the same samples, rewards, KL
     _same_weights(tmp_path / "torchrun", tmp_path / "ray")  # the same code and reductions: bit for bit
     saved = (tmp_path / "ray" / "posttrain_config.yaml").read_text()  # what reruns (or resumes) this layout

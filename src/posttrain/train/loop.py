@@ -203,7 +203,7 @@ class Trainer:
         # weights with the other ranks, and every rank reduces the same metric names. A rank with fewer rows (fewer
         # rows than ranks: none) fills up with a row whose results it drops.
         most = math.ceil(math.ceil(len(self.eval_examples) / self.world) / bs)
-        filler = [self.collate(self.eval_examples[:1])] * (most - len(batches))
+        filler = [self.collate(self.eval_examples[:1])] * (most - len(batches)) if most > len(batches) else []
         for k, batch in enumerate(batches + filler):
             counted = k < len(batches)
             units += self.count(batch) if counted else 0  # counted on the host copy: no wait for the device

@@ -188,11 +188,12 @@ def role_failure(error, role: str) -> PosttrainError:
         return cause
     import ray
 
+    lines = str(error).strip().splitlines() or ["?"]
     if isinstance(error, ray.exceptions.RayActorError):
-        return RoleLost(f"the Ray actor of the {role} died: {(str(error).strip().splitlines() or ['?'])[0]}")
+        return RoleLost(f"the Ray actor of the {role} died: {lines[0]}")
     # One line: a task error's text holds the remote traceback, its cause the exception itself.
-    what = f"{type(cause).__name__}: {cause}" if cause is not None else (str(error).strip().splitlines() or ["?"])[-1]
-    return ConfigError(f"the Ray {role} role failed: {what}")
+    return ConfigError(f"the Ray {role} role failed: " + (f"{type(cause).__name__}: {cause}" if cause is not None
+                                                         else lines[-1]))
 
 
 def role_device() -> torch.device:

@@ -56,7 +56,7 @@ class WeightGroup:
     @torch.no_grad()
     def receive(self, named: list[tuple[str, torch.Tensor]], sent: list) -> None:
         """Into the tensors of `named` in place (the sampler's parameters), once their layout is the one `sent`."""
-        if layout(named) != [tuple((n, tuple(s), d)) for n, s, d in sent]:
+        if layout(named) != [(n, tuple(s), d) for n, s, d in sent]:
             mine = {n: (s, d) for n, s, d in layout(named)}
             wrong = next(f"{n}: {tuple(s)} {d} sent, {mine.get(n, 'absent')} here" for n, s, d in sent
                          if mine.get(n) != (tuple(s), d))

@@ -50,6 +50,35 @@ def test_sft_cli_loss_falls_and_writes_a_usable_folder(tiny_model_dir, task_data
     assert res.returncode == 0 and res.stdout.strip()
 
 
+def test_tokens_per_s_leaves_out_evaluation(tiny_model_dir, task_data, tmp_path, monkeypatch):
+    """Evaluation is not training: a slow evaluation does not lower the tokens/s of the window it falls in.
+    The loop's clock is a fake one that moves a second per reading and a day per evaluation."""
+    import types
+
+    from posttrain.train import loop
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1.0
+        return clock[0]
+
+    evaluate = loop.Trainer.evaluate
+
+    def slow_evaluate(self, module):
+        clock[0] += 86400.0
+        return evaluate(self, module)
+
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(loop.Trainer, "evaluate", slow_evaluate)
+    out = tmp_path / "run"
+    assert main(["sft", *sft_overrides(tiny_model_dir, task_data, out, max_steps=20, val_size=40, eval_steps=5)]) == 0
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "eval_loss" in r]) == 4
+    rates = [r["tokens_per_s"] for r in records if "loss" in r]
+    assert len(rates) == 4 and min(rates) > 10  # a day in a window would read under 1
+
+
 def test_continued_pretraining_on_text(tiny_model_dir, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": f"the model reads tokens {i % 7} and learns"}) + "\n"

@@ -284,6 +284,7 @@ class Trainer:
                     run.bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}")
                     window_loss, window_units, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                paused = time.perf_counter()  # evaluation and checkpoints are not training: tokens/s leaves them out
                 if self.eval_examples and run.evaluates_at(step):
                     last_eval = self.evaluate(module)
                     run.log({"step": step, "eval_loss": round(last_eval, 6), **self.eval_metrics})
@@ -292,6 +293,7 @@ class Trainer:
                              optimizer_state=parallel.optimizer_state(module, optimizer), scheduler=scheduler,
                              engine_writer=parallel.engine_writer({"objective": (module, optimizer)}),
                              trainer_state={"epoch": epoch, "steps_per_epoch": per_epoch})
+                window_start += time.perf_counter() - paused
                 run.bar.update(1)
                 if step >= total_steps:
                     break

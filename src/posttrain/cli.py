@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("quickstart", help="teach a tiny local model a task end to end (no downloads)")
-    s.add_argument("--output-dir", default="runs/quickstart")
+    s.add_argument("--output-dir", "--output_dir", default="runs/quickstart")  # HF TrainingArguments spells it so
     s.add_argument("--fast", action="store_true", help="a much shorter run (for smoke tests)")
     s.add_argument("--seed", type=int, default=0, help="the tiny model's initial weights, the data and every stage")
     s.set_defaults(func=cmd_quickstart)

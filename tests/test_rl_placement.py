@@ -64,6 +64,43 @@ def test_roles_that_do_not_fit_the_cluster_are_refused(rl_setup, tmp_path, capsy
 
 
 
+def test_rollouts_sampled_on_other_weights_than_asked_are_told(tiny_model_dir, caplog):
+    """A sampler shared by ranks serves each rank's request on the weights version that rank asked for; where Ray
+    delivered the request after another rank's weight update (callers are not ordered among themselves), the rank
+    says so. The late delivery is played here by loading the next version before this rank's request."""
+    from posttrain.config import GRPOConfig, build_config
+    from posttrain.model.loading import load_model, load_tokenizer
+    from posttrain.train.rl.placement import RaySession
+    from posttrain.train.rl.rollout import RolloutSampler
+
+    config = build_config(GRPOConfig, dict(model_name_or_path=str(tiny_model_dir), dataset="unused", output_dir="unused",
+                                           reward_funcs=["exact_match"], **PLACED))
+    model, tokenizer = load_model(str(tiny_model_dir), device=torch.device("cpu")), load_tokenizer(str(tiny_model_dir))
+    session = RaySession(config, roles=["rollout"], threads=1)
+    try:
+        sampler = RolloutSampler(model, tokenizer, max_batch_size=4, seed=0, placed=session)
+        prompts, greedy = [tokenizer("reverse 123")["input_ids"]], dict(max_new_tokens=4, temperature=0.0)
+        with caplog.at_level("WARNING", logger="posttrain.train.rl.placement"):
+            before = sampler.sample(prompts, **greedy)
+            with torch.no_grad():
+                model.lm_head.weight.mul_(-1.0)  # other greedy tokens
+            sampler.update_weights()
+            after = sampler.sample(prompts, **greedy)
+            assert not caplog.records and after[0].response_ids != before[0].response_ids
+            # Another rank's next update reaches the sampler before this rank's request for version 1.
+            backend = sampler.backend
+            backend.role.call("load", {k: v.detach() for k, v in model.named_parameters()}, backend.version + 1)
+            sampler.sample(prompts, **greedy)
+        assert backend.reordered == 1
+        assert [r.getMessage() for r in caplog.records] == [
+            "rollouts sampled on weights version 2 where this rank asked for version 1: the shared sampler received "
+            "another rank's weight update first; the run stays on-policy within async_rollouts but no longer repeats "
+            "bit for bit"]
+        sampler.close()
+    finally:
+        session.close()
+
+
 @pytest.mark.parametrize("layout", [
     {"ray_num_cpus_per_role": 1},  # each rank holds every role
     # the sampler and the reference in actors of their own, beside the ranks: 4 x half a CPU

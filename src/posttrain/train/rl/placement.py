@@ -290,26 +290,30 @@ class RolloutHost:
         self.backend = open_backend(kind, self.model, tokenizer, max_batch_size=max_batch_size, seed=seed,
                                     vllm_options=vllm_options, purpose="rollouts")
         self.name = self.backend.name
+        self.version = 0  # how many of the trainer's weight updates this copy holds
 
     def generate(self, prompts, params):
-        return self.backend.generate(prompts, params)
+        """The completions, and the version of the weights they were sampled on."""
+        return self.backend.generate(prompts, params), self.version
 
-    def load(self, trainable: dict) -> None:
+    def load(self, trainable: dict, version: int) -> None:
         with torch.no_grad():
             own = dict(self.model.named_parameters())
             for name, tensor in trainable.items():
                 own[name].copy_(tensor)  # to the role's device
         self.backend.update_weights()
+        self.version = version
 
     def join_weight_group(self, host: str, port: int) -> None:
         from posttrain.train.rl.weight_sync import WeightGroup, join_store
 
         self.weights = WeightGroup(join_store(host, port), 1)
 
-    def receive_weights(self, layout: list) -> None:
+    def receive_weights(self, layout: list, version: int) -> None:
         own = dict(self.model.named_parameters())
         self.weights.receive([(name, own[name]) for name, _, _ in layout if name in own], layout)
         self.backend.update_weights()
+        self.version = version
 
     def close(self) -> None:
         self.weights = None
@@ -327,6 +331,9 @@ class RayRolloutBackend:
                                  max_batch_size, seed, vllm_options)
         self.name = f"ray/{self.role.attr('name')}"
         self.weights = None
+        # The weight updates so far, counted on every rank (update_weights is collective) and held by the sampler
+        # with its weights: each rank's rollouts are checked to come from the weights that rank asked them of.
+        self.version = self.reordered = 0
         if session.weight_sync == "collective" and session.leads:
             from posttrain.train.rl.weight_sync import WeightGroup, open_store
 
@@ -339,13 +346,23 @@ class RayRolloutBackend:
         return self.collect(self.submit(prompts, params))
 
     def submit(self, prompts, params):
-        return self.role.start("generate", prompts, params)
+        return self.role.start("generate", prompts, params), self.version
 
-    def collect(self, handle):
-        return self.role.wait(handle)
+    def collect(self, started):
+        handle, asked = started
+        outputs, sampled = self.role.wait(handle)
+        if sampled != asked and not self.reordered:
+            # Ranks sharing the sampler under async_rollouts: this rank's request, sent before the next update, was
+            # served after it (Ray orders each caller's tasks, not different callers'). Rare; said once.
+            log.warning("rollouts sampled on weights version %d where this rank asked for version %d: the shared "
+                        "sampler received another rank's weight update first; the run stays on-policy within "
+                        "async_rollouts but no longer repeats bit for bit", sampled, asked)
+        self.reordered += sampled != asked
+        return outputs
 
     def update_weights(self) -> None:
         """On every rank: the leading one sends, and no rank samples again before the sampler has the weights."""
+        self.version += 1
         if self.session.leads:
             self.send_weights()
         self.session.all_ranks_here()
@@ -355,11 +372,11 @@ class RayRolloutBackend:
             from posttrain.train.rl.weight_sync import layout
 
             trainable = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
-            receiving = self.role.start("receive_weights", layout(trainable))
+            receiving = self.role.start("receive_weights", layout(trainable), self.version)
             self.role.alongside(lambda: self.weights.send([v for _, v in trainable]), receiving)
         else:
             trainable = {k: v.detach().to("cpu") for k, v in self.model.named_parameters() if v.requires_grad}
-            self.role.call("load", trainable)
+            self.role.call("load", trainable, self.version)
 
     def close(self) -> None:
         self.weights = None  # the group and the store's port go with it

@@ -181,6 +181,21 @@ def test_retain_drop_compares_the_retained_skill_with_its_value_before_training(
     assert resumed.check({"step": 5, "eval_retain_reward": 0.5}) == {"alarm/retain_drop": 1}
 
 
+def test_retain_drop_measures_a_drop_by_the_size_of_a_negative_start_and_can_watch_one_reward():
+    from posttrain.train.rl.alarms import Alarms
+
+    alarms = Alarms()  # a reward model's score can start below 0: unchanged is no drop
+    assert alarms.check({"step": 0, "eval_retain_reward": -2.0}) == {}
+    assert alarms.check({"step": 4, "eval_retain_reward": -2.0}) == {}
+    assert alarms.check({"step": 8, "eval_retain_reward": -2.05}) == {}  # within 5% of 2.0
+    assert alarms.check({"step": 12, "eval_retain_reward": -2.2}) == {"alarm/retain_drop": 1}
+    one = Alarms(retain_metric="exact_match")  # the skill alone, whatever the total reward does
+    assert one.check({"step": 0, "eval_retain_reward": 0.1, "eval_retain_rewards/exact_match": 1.0}) == {}
+    assert one.check({"step": 4, "eval_retain_reward": 0.0, "eval_retain_rewards/exact_match": 0.99}) == {}
+    assert one.check({"step": 8, "eval_retain_reward": 0.5, "eval_retain_rewards/exact_match": 0.9}) == \
+        {"alarm/retain_drop": 1}
+
+
 def test_a_run_stops_at_an_alarm_it_is_told_to_stop_on(tiny_model_dir, tmp_path):
     """retain_eval_dataset is scored beside eval_dataset at every eval; an alarm in stop_on_alarms ends the run
     after that step with the model saved (here `truncated`: an untrained model's 8-token answers are all cut)."""

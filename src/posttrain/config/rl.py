@@ -169,6 +169,10 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
         None, description="prompts with answers of a skill the run must keep (e.g. what SFT taught), as dataset: "
                           "scored greedily every eval_steps beside eval_dataset, logged as eval_retain_*; the "
                           "retain_drop alarm watches its reward")
+    retain_metric: str = Field(
+        "reward", description="what the retain_drop alarm watches on retain_eval_dataset: reward (the weighted total) "
+                              "or one reward source by name (exact_match, model for the reward model, a function's "
+                              "name), e.g. exact_match with a reward_weights entry of 0 to watch the skill alone")
     stop_on_alarms: list[str] = Field(
         default_factory=lambda: ["retain_drop"],
         description="alarms that end the run when they fire: it stops after that step and saves the model as it is "

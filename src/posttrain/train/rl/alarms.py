@@ -12,7 +12,9 @@ resumed run reads it back from metrics.jsonl):
   truncated      truncated (share of completions cut at max_completion_length) > threshold
   logp_gap       logp_gap (mean |trainer - rollout engine| log-prob of the sampled tokens) > threshold,
                  on steps sampled on the trainer's own weights (staleness 0)
-  retain_drop    eval_retain_reward (retain_eval_dataset, greedy) < threshold x its value before training
+  retain_drop    the retain_metric of retain_eval_dataset (greedy; the total reward eval_retain_reward, or
+                 one source's eval_retain_rewards/NAME) fell by more than 1 - threshold of its size before
+                 training (threshold x its value there, for a positive value)
 
 An alarm is judged only on records that hold its metric (eval records come every eval_steps): it stays
 raised or clear in between. Alarms named in `stop_on_alarms` end the run (trainer.py).
@@ -28,15 +30,16 @@ log = logging.getLogger(__name__)
 
 
 class Alarms:
-    def __init__(self, overrides: dict[str, float] | None = None, history: list[dict] = ()):
+    def __init__(self, overrides: dict[str, float] | None = None, history: list[dict] = (), retain_metric: str = "reward"):
         self.limits = {**ALARM_DEFAULTS, **(overrides or {})}
+        self.retained = retain_key(retain_metric)
         self.first: dict[str, float] = {}  # each metric's value at the first step that logged it
         self.raised: set[str] = set()
         for record in history:
             self._note_first(record)
 
     def _note_first(self, record: dict) -> None:
-        for key in ("entropy", "response_length", "eval_retain_reward"):
+        for key in ("entropy", "response_length", self.retained):
             if key in record:
                 self.first.setdefault(key, record[key])
 
@@ -67,11 +70,17 @@ class Alarms:
         # Samples drawn on older weights (async_rollouts) differ from the trainer's by design: on-policy steps only.
         if "logp_gap" in r:
             yield "logp_gap", not r.get("staleness") and r["logp_gap"] > lim["logp_gap"]
-        if "eval_retain_reward" in r and "eval_retain_reward" in first:
-            yield "retain_drop", r["eval_retain_reward"] < lim["retain_drop"] * first["eval_retain_reward"]
+        if self.retained in r and self.retained in first:  # a drop by a share of the size: rewards can be < 0
+            start = first[self.retained]
+            yield "retain_drop", r[self.retained] < start - (1 - lim["retain_drop"]) * abs(start)
 
     def _describe(self, name: str, r: dict) -> str:
         metric = {"entropy_drop": "entropy", "length_ratio": "response_length",
-                  "retain_drop": "eval_retain_reward"}.get(name, name)
+                  "retain_drop": self.retained}.get(name, name)
         base = f" (first step: {self.first[metric]:.4g})" if metric in self.first else ""
         return f"{metric} is {r.get(metric, float('nan')):.4g}{base}, threshold {self.limits[name]:g}"
+
+
+def retain_key(retain_metric: str) -> str:
+    """The eval metric retain_drop watches: the total reward, or one reward source's."""
+    return "eval_retain_reward" if retain_metric == "reward" else f"eval_retain_rewards/{retain_metric}"

@@ -374,7 +374,7 @@ class RLTrainer:
             if dist.is_main() and c.log_completions else None
         # A resumed run's alarms compare with its first steps, as the uninterrupted run's would.
         logged = run.logger.path if run.logger else None
-        alarms = Alarms(c.alarms, read_metrics(logged) if logged and done and logged.exists() else [])
+        alarms = Alarms(c.alarms, read_metrics(logged) if logged and done and logged.exists() else [], c.retain_metric)
         evals = {}
         if self.eval_sets and not done:
             evals = self.evaluate()

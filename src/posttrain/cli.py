@@ -113,7 +113,7 @@ def cmd_score(a) -> None:
     if not c.output:
         for row in summary["scores"]:
             print(json.dumps(row))
-    line = f"scored {summary['rows']} rows: mean reward {summary['reward_mean']:.4f}"
+    line = f"scored {summary['rows']} rows ({summary['scored_by']}): mean reward {summary['reward_mean']:.4f}"
     if "pair_accuracy" in summary:
         line += f", pair accuracy {summary['pair_accuracy']:.1%} (chosen scored above rejected)"
     print(line + (f"; scores in {c.output}" if c.output else ""), file=sys.stderr)

@@ -1,4 +1,5 @@
-"""`posttrain score MODEL DATA`: score responses with a trained reward model.
+"""`posttrain score MODEL DATA`: score responses with a trained reward model (a `posttrain rm` folder, or a
+`posttrain dpo` folder by its implicit reward: train/reward_scoring.py).
 
 DATA holds prompt/response rows in any SFT format (prompt + completion, messages, sharegpt,
 alpaca, ...): the last assistant message is the response that is scored. A preference file
@@ -24,10 +25,9 @@ from posttrain.data.preference_formats import load_preferences
 from posttrain.data.sources import RawRow, read_rows
 from posttrain.data.templates import check_template_encodes
 from posttrain.errors import DataError
-from posttrain.model.loading import load_tokenizer, pick_device
-from posttrain.model.reward import (check_is_reward_model, load_reward_model, reward_stats, trained_settings,
-                                    trained_template)
-from posttrain.train.rm import score_sequences
+from posttrain.model.loading import pick_device
+from posttrain.model.reward import check_is_reward_model
+from posttrain.train.reward_scoring import RewardScorer
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,11 @@ def _warn_cut(report: PrepareReport, cutoff_len: int, left_out: list[str]) -> No
 def run_score(model_path: str, data: str, output: str | None = None, *, template: str | None = None,
               batch_size: int = 16, cutoff_len: int | None = None, trust_remote_code: bool = False) -> dict:
     check_is_reward_model(model_path)
-    trained = trained_settings(model_path)
-    cutoff_len = cutoff_len or trained.get("cutoff_len", 4096)
-    device = pick_device("auto")
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    renderer = response_renderer(tokenizer, template or trained_template(trained.get("template"), tokenizer))
+    scorer = RewardScorer(model_path, pick_device("auto"), trust_remote_code)
+    cutoff_len = cutoff_len or scorer.cutoff_len or 4096
+    tokenizer, stats = scorer.tokenizer, scorer.stats
+    renderer = response_renderer(tokenizer, template or scorer.template)
     check_template_encodes(tokenizer, renderer.template, template)
-    model = load_reward_model(model_path, device=device, trust_remote_code=trust_remote_code)
-    stats = reward_stats(model_path)
     if _is_preference_file(data):
         pairs, _ = load_preferences([DatasetSpec(path=data)])
         samples, report = tokenize_pairs(pairs, renderer, cutoff_len)
@@ -77,9 +74,8 @@ def run_score(model_path: str, data: str, output: str | None = None, *, template
         read = [c.source for c in convs]
         sources, sequences = [k[0] for k in kept], [k[1] for k in kept]
     _warn_cut(report, cutoff_len, sorted(set(read) - set(sources)))
-    rewards = score_sequences(model, sequences, pad_id=tokenizer.pad_token_id, device=device,
-                              batch_size=batch_size).tolist()
-    summary = {"rows": len(sources), "reward_mean": sum(rewards) / len(rewards)}
+    rewards = scorer(sequences, batch_size).tolist()
+    summary = {"rows": len(sources), "scored_by": scorer.kind, "reward_mean": sum(rewards) / len(rewards)}
     rows = []
     if len(sequences) == 2 * len(sources):  # pairs: chosen then rejected
         n = len(sources)

@@ -65,8 +65,36 @@ def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_c
     return finish_loading(model, gradient_checkpointing)
 
 
+def implicit_reward_settings(name_or_path: str | Path) -> dict | None:
+    """{"reference": folder, "beta": float} for a folder written by `posttrain dpo` with a loss that has a
+    reference: its implicit reward, beta * log(pi(y|x) / pi_ref(y|x)), scores responses (train/reward_scoring.py).
+    None for any other folder."""
+    import yaml
+
+    from posttrain.train.dpo import REFERENCE_FREE
+
+    recorded = Path(name_or_path).expanduser() / "posttrain_config.yaml"
+    try:
+        config = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
+    except (OSError, yaml.YAMLError):
+        config = None
+    if not isinstance(config, dict) or config.get("stage") != "dpo":
+        return None
+    loss = config.get("pref_loss", "sigmoid")
+    if loss in REFERENCE_FREE:
+        raise ConfigError(f"{name_or_path}: a `posttrain dpo` folder trained with pref_loss {loss}, which has no "
+                          "reference model and so no implicit reward to score with; use a folder trained with a "
+                          "reference (pref_loss sigmoid, ipo, ...) or a reward model from `posttrain rm`")
+    reference = config.get("ref_model") or config.get("model_name_or_path")
+    resolve_model_path(str(reference), f"{name_or_path}: the reference its DPO run recorded")
+    return {"reference": str(reference), "beta": float(config.get("pref_beta", 0.1))}
+
+
 def check_is_reward_model(name_or_path: str, what: str = "model_name_or_path") -> None:
-    """Scoring with a causal-LM folder would put a new, random head on it and report noise as rewards."""
+    """Scoring with a causal-LM folder would put a new, random head on it and report noise as rewards, unless
+    `posttrain dpo` wrote it: that one scores with its implicit reward."""
+    if implicit_reward_settings(name_or_path) is not None:
+        return
     path = resolve_model_path(name_or_path, what)
     try:
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
@@ -75,7 +103,7 @@ def check_is_reward_model(name_or_path: str, what: str = "model_name_or_path") -
     if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
         shown = ", ".join(map(str, architectures)) or "not recorded"
         raise ConfigError(f"{name_or_path}: not a reward model (its architecture is {shown}, with no scalar "
-                          "head); train one with `posttrain rm` and score with that folder")
+                          "head); train one with `posttrain rm`, or give a `posttrain dpo` folder (scored by its implicit reward)")
 
 
 def _is_classifier(config) -> bool:

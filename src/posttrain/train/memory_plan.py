@@ -55,6 +55,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -276,6 +277,7 @@ def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_
               ) -> tuple[list[Part], int]:
     """What PPO/GRPO hold beside the actor (train/rl/recipe.py and trainer.py), and what they add at load."""
     from posttrain.train.rl.placement import roles_apart, roles_of
+    from posttrain.train.rl.rewards import critic_source
 
     trust, parts, load = config.trust_remote_code, [], 0
     # Left out only where the roles have GPUs of their own: on CPU their actors share this machine's memory.
@@ -290,14 +292,13 @@ def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_
             parts.append(Part("reference model (fp32, whole)", 4 * ref.total))
             load += 4 * ref.total
     if config.advantage_estimator == "gae":
-        path = config.critic_model or config.reward_model or config.model_name_or_path
-        critic = model_shapes(path, score_head=True, key="critic_model", trust_remote_code=trust)
+        critic = model_shapes(critic_source(config), score_head=True, key="critic_model", trust_remote_code=trust)
         parts += _trained_parts("critic ", critic, Trained(0, critic.total, 0, 0), lay, config)
         load += 4 * critic.total
     if config.reward_model and not apart:
-        reward = model_shapes(config.reward_model, score_head=True, key="reward_model", trust_remote_code=trust)
-        parts.append(Part("reward model (fp32, whole)", 4 * reward.total))
-        load += 4 * reward.total
+        for name, reward in _reward_models(config.reward_model, trust):
+            parts.append(Part(f"{name} (fp32, whole)", 4 * reward.total))
+            load += 4 * reward.total
     if lay.kind in ("fsdp", "deepspeed"):  # rollouts run on a whole copy, refreshed from the shards each step
         parts.append(Part("rollout copy of the actor (fp32, whole)", actor_bytes))
         load += actor_bytes
@@ -312,6 +313,21 @@ def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_
     parts.append(Part(f"rollout KV cache ({sequences} x {length} tokens)",
                       sequences * length * shapes.layers * 2 * shapes.kv_dim * 4, batch=True))
     return parts, load
+
+
+def _reward_models(folder: str, trust: bool) -> list[tuple[str, ModelShapes]]:
+    """What the reward model holds: a `posttrain rm` folder, or a DPO policy and its reference (a LoRA policy's
+    reference is its own base, adapter disabled), scored by their implicit reward."""
+    from posttrain.model.reward import implicit_reward_settings
+
+    implicit = implicit_reward_settings(folder)
+    if implicit is None:
+        return [("reward model", model_shapes(folder, score_head=True, key="reward_model", trust_remote_code=trust))]
+    reference = model_shapes(implicit["reference"], key="reward_model", trust_remote_code=trust)
+    if not (Path(folder).expanduser() / "config.json").is_file():  # a LoRA adapter on the reference
+        return [("reward model: DPO policy (LoRA) on its reference", reference)]
+    return [("reward model: DPO policy", model_shapes(folder, key="reward_model", trust_remote_code=trust)),
+            ("reward model: its DPO reference", reference)]
 
 
 # -- what there is, and whether it fits ------------------------------------------------------------------

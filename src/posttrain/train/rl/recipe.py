@@ -27,7 +27,7 @@ from posttrain.model.reward import check_is_reward_model, load_reward_model
 from posttrain.train import distributed as dist, stage_steps
 from posttrain.train.loop import TrainResult
 from posttrain.train.rl.placement import RayReference, RaySession, check_placement, roles_apart
-from posttrain.train.rl.rewards import build_rewards
+from posttrain.train.rl.rewards import build_rewards, critic_source
 from posttrain.train.rl.trainer import RLTrainer
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ def train_here(config: RLConfig, placed: RaySession | None = None) -> TrainResul
 
 def _run_rl(config: RLConfig, device, placed: RaySession | None) -> TrainResult:
     rewards = build_rewards(config, device, placed)  # function files and endpoints fail here, before anything big
+    if config.retain_metric not in ("reward", *rewards.names):
+        raise ConfigError(f"retain_metric: {config.retain_metric!r} is not one of this run's rewards; use reward (the "
+                          f"total) or one of {', '.join(rewards.names)}")
     tokenizer = stage_steps.load_stage_tokenizer(config)
     rows, eval_rows = load_rows(config, load_prompts)
     retain_rows = load_prompts(dataset_specs(config, "retain_eval_dataset"), config.on_bad_rows,
@@ -120,7 +123,7 @@ def _run_rl(config: RLConfig, device, placed: RaySession | None) -> TrainResult:
             reference.requires_grad_(False).eval()
     critic = None
     if config.advantage_estimator == "gae":
-        critic_path = config.critic_model or config.reward_model or config.model_name_or_path
+        critic_path = critic_source(config)
         critic = load_reward_model(critic_path, device=device, trust_remote_code=config.trust_remote_code,
                                    attn_implementation=config.attn_implementation,
                                    gradient_checkpointing=config.gradient_checkpointing,

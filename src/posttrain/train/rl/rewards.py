@@ -4,7 +4,8 @@ Every source scores a batch of completions and returns one float per completion:
 
   reward_model: FOLDER     a reward model written by `posttrain rm`: the prompt + completion rendered
                            with its chat template and scored at the last token, then normalized with
-                           the mean / std saved at training time: (r - mean) / std
+                           the mean / std saved at training time: (r - mean) / std; or a `posttrain dpo`
+                           folder: its implicit reward beta * log(pi / pi_ref) of the completion
   exact_match              1.0 if the stripped completion equals the reference column, else 0.0
   numeric_match            1.0 if the last number in the completion equals the reference's number
   format:REGEX             1.0 if the stripped completion matches REGEX in full (re.fullmatch, DOTALL)
@@ -202,24 +203,24 @@ class RemoteReward:
 # ---- a trained reward model ---------------------------------------------------------------------
 
 class ModelReward:
-    """A `posttrain rm` folder; rewards are normalized with its saved mean / std (when it has them)."""
+    """A `posttrain rm` folder, rewards normalized with its saved mean / std (when it has them), or a
+    `posttrain dpo` folder scored by its implicit reward (train/reward_scoring.py)."""
 
     def __init__(self, path: str, device: torch.device, batch_size: int, trust_remote_code: bool = False):
         from posttrain.data.pairs import response_renderer
-        from posttrain.model.loading import load_tokenizer, resolve_model_path
-        from posttrain.model.reward import load_reward_model, reward_stats, trained_settings, trained_template
+        from posttrain.model.loading import resolve_model_path
+        from posttrain.model.reward import implicit_reward_settings
+        from posttrain.train.reward_scoring import RewardScorer
 
-        resolve_model_path(path, "reward_model")
+        if implicit_reward_settings(path) is None:
+            resolve_model_path(path, "reward_model")
         self.name = "model"
-        self.tokenizer = load_tokenizer(path, trust_remote_code)
+        self.scorer = RewardScorer(path, device, trust_remote_code)
+        self.tokenizer = self.scorer.tokenizer
         # Rendered and cut as the reward model was trained (as `posttrain score` does), not as the RL run's prompts.
-        trained = trained_settings(path)
-        self.renderer = response_renderer(self.tokenizer, trained_template(trained.get("template"), self.tokenizer))
-        self.cutoff_len = trained.get("cutoff_len")
-        self.model = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
-        self.model.requires_grad_(False).eval()
-        self.stats = reward_stats(path)
-        self.device, self.batch_size = device, batch_size
+        self.renderer = response_renderer(self.tokenizer, self.scorer.template)
+        self.cutoff_len, self.stats = self.scorer.cutoff_len, self.scorer.stats
+        self.batch_size = batch_size
 
     def check(self, prompts: list[Prompt]) -> None:
         pass
@@ -227,17 +228,27 @@ class ModelReward:
     def __call__(self, batch: CompletionBatch) -> list[float]:
         from posttrain.data.pairs import tokenize_response
         from posttrain.data.prepare import truncate
-        from posttrain.train.rm import score_sequences
 
         sequences = [tokenize_response(self.renderer, p.messages, Message("assistant", c), p.tools, p.source)
                      for p, c in zip(batch.prompts, batch.completions)]
         if self.cutoff_len:
             sequences = [truncate(s, self.cutoff_len) for s in sequences]
-        scores = score_sequences(self.model, sequences, pad_id=self.tokenizer.pad_token_id, device=self.device,
-                                 batch_size=self.batch_size)
+        scores = self.scorer(sequences, self.batch_size)
         if self.stats is not None and self.stats[1] > 0:
             scores = (scores - self.stats[0]) / self.stats[1]
         return scores.tolist()
+
+
+def critic_source(config) -> str:
+    """The folder PPO's critic starts from: critic_model, else the reward model (its head a first value estimate;
+    a DPO folder scored by its implicit reward has no head, so not that one), else the actor's model."""
+    from posttrain.model.reward import implicit_reward_settings
+
+    if config.critic_model:
+        return config.critic_model
+    if config.reward_model and implicit_reward_settings(config.reward_model) is None:
+        return config.reward_model
+    return config.model_name_or_path
 
 
 # ---- several, weighted --------------------------------------------------------------------------

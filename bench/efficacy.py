@@ -32,9 +32,12 @@ FIGURES = [
     ("SFT held-out exact match", lambda s: s["sft"]["after"], 0.99),
     ("LoRA held-out exact match", lambda s: s["lora"]["after"], 0.99),
     ("SFT on the other wordings (where the later stages start)", lambda s: s["headroom"], None),
-    ("reward model pair accuracy", lambda s: s["rm"]["pair_accuracy"], 0.95),
+    ("reward model (PPO's: the DPO model's implicit reward) pair accuracy", lambda s: s["rm"]["pair_accuracy"], 0.95),
     ("  against the SFT model's own wrong answers", lambda s: s["rm"]["own_pair_accuracy"], 0.95),
     ("  against near misses of the same length", lambda s: s["rm"]["same_length_pair_accuracy"], 0.95),
+    ("reward model with a score head (`posttrain rm`) pair accuracy", lambda s: s["rm_head"]["pair_accuracy"], None),
+    ("  against the SFT model's own wrong answers", lambda s: s["rm_head"]["own_pair_accuracy"], None),
+    ("  against near misses of the same length", lambda s: s["rm_head"]["same_length_pair_accuracy"], None),
     *[(f"{stage.upper()} gain on the other wordings", lambda s, st=stage: s[st]["after"] - s[st]["before"], 0.30)
       for stage in ("dpo", "ppo", "grpo")],
     *[(f"{stage.upper()} original wording after", lambda s, st=stage: s[st]["original_after"], 0.95)

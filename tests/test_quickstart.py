@@ -12,7 +12,8 @@ from posttrain.cli import main
 
 pytestmark = pytest.mark.efficacy
 
-FIGURES = {"sft": {"before", "after"}, "lora": {"after"}, "rm": {"pair_accuracy", "own_pair_accuracy", "same_length_pair_accuracy"},
+PAIRS = {"pair_accuracy", "own_pair_accuracy", "same_length_pair_accuracy"}
+FIGURES = {"sft": {"before", "after"}, "lora": {"after"}, "rm": PAIRS, "rm_head": PAIRS,
            **{stage: {"before", "after", "original_after"} for stage in ("dpo", "ppo", "grpo")}}
 
 
@@ -32,7 +33,9 @@ def test_every_stage_moves_its_figure_the_right_way(seed, tmp_path, capsys):
     # The bars are looser than the full run's (bench/efficacy.py): --fast trains every stage less.
     assert summary["sft"]["before"] < 0.05 and summary["sft"]["after"] >= 0.95 and summary["lora"]["after"] >= 0.9
     assert summary["headroom"] <= 0.7  # SFT leaves the other wordings undone...
-    assert summary["rm"]["own_pair_accuracy"] > 0.8  # the exact answer above the SFT model's own wrong one
+    assert summary["rm_head"]["own_pair_accuracy"] > 0.8  # the exact answer above the SFT model's own wrong one
+    assert summary["rm"]["pair_accuracy"] >= 0.9  # PPO's reward model (DPO's implicit reward) judges digits too
+    assert summary["rm"]["same_length_pair_accuracy"] >= 0.9
     for stage in ("dpo", "ppo", "grpo"):  # ...and each later stage raises them, keeping the original wording
         figures = summary[stage]
         assert figures["before"] == summary["headroom"], stage

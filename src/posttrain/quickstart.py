@@ -5,9 +5,9 @@ accuracy, runs SFT through the same code path as `posttrain sft`, and measures a
 on the same budget stands beside it. The SFT data also asks the task in other words, demonstrated
 by a source that mostly wraps its answers ("Answer: 321"), so the SFT model leaves those wordings
 undone, and every later stage starts from it there: pairs of the exact answer against its own wrong
-answers train a reward model and run DPO (`posttrain rm` / `posttrain dpo`), PPO maximizes that
-reward model, GRPO exact match as a rule (`posttrain ppo` / `posttrain grpo`), each keeping an eye on
-the original wording as the skill to retain."""
+answers train a reward model and run DPO (`posttrain rm` / `posttrain dpo`), PPO maximizes the DPO
+model's implicit reward (its critic starting from the reward model), GRPO exact match as a rule
+(`posttrain ppo` / `posttrain grpo`), each keeping an eye on the original wording as the skill to retain."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def run_quickstart(output_dir: str = "runs/quickstart", fast: bool = False, seed
           f"held-out exact match {headroom:.1%}, 'Answer: ...' {wrapped:.1%}: it learned the demonstrations' "
           f"habit; the preference and RL stages train on these wordings")
     preference = preference_stage(result.output_dir, new_train, new_held, sft_answers, held_out, root, fast, seed)
-    rl = rl_stage(result.output_dir, preference["rm_dir"], new_train, new_held, held_out, root, fast, seed)
+    rl = rl_stage(result.output_dir, preference, new_train, new_held, held_out, root, fast, seed)
     seconds = time.perf_counter() - start
     summary = write_summary(root, seed, fast, seconds, before, after, lora, headroom, preference, rl)
     print(f"[quickstart] finished in {seconds:.0f}s; every figure: {root / 'summary.json'}")
@@ -151,8 +151,9 @@ def write_summary(root: Path, seed: int, fast: bool, seconds: float, before: flo
                "sft": {"before": round(before, 4), "after": round(after, 4)},
                "lora": {"after": round(lora["accuracy"], 4)},
                "headroom": round(headroom, 4),  # the SFT model on the other wordings: where the later stages start
-               "rm": {"pair_accuracy": round(preference["rm_accuracy"], 4),
-                      **{f"{kind}_pair_accuracy": round(v, 4) for kind, v in preference["rm_by_kind"].items()}},
+               # the reward model PPO uses (the DPO model's implicit reward), and the score-head one
+               **{key: {("pair_accuracy" if kind == "all" else f"{kind}_pair_accuracy"): round(v, 4)
+                        for kind, v in preference[key].items()} for key in ("rm", "rm_head")},
                "dpo": keep(preference, "before", "after", "original_after"),
                "ppo": keep(rl["ppo"], "before", "after", "original_after"),
                "grpo": keep(rl["grpo"], "before", "after", "original_after")}
@@ -251,7 +252,6 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
     against a same-length near miss: train a reward model on the SFT model, then run DPO from the SFT
     model; held-out pair accuracy (each kind apart too) and exact match before and after."""
     from posttrain.config import DPOConfig, RMConfig
-    from posttrain.score import run_score
     from posttrain.train.dpo import run_dpo
     from posttrain.train.rm import run_rm
 
@@ -271,12 +271,11 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
                   overwrite_output_dir=True, cutoff_len=64, per_device_train_batch_size=32, lr_scheduler_type="cosine",
                   warmup_ratio=0.1, logging_steps=10, save_steps=0, seed=seed)
     rm = run_rm(build_config(RMConfig, dict(common, output_dir=str(root / "rm"), **RM_STAGE)))
-    rm_accuracy = [r for r in rm.metrics if "eval_accuracy" in r][-1]["eval_accuracy"]
-    by_kind = {kind: run_score(str(rm.output_dir), str(path), batch_size=64)["pair_accuracy"] if path.stat().st_size
-               else float("nan") for kind, path in kinds.items()}
-    print(f"[quickstart] reward model: held-out pair accuracy {rm_accuracy:.1%} (exact answer scored above the "
-          f"wrong one): against the SFT model's own wrong answers {by_kind['own']:.1%}, against near misses of the "
-          f"same length {by_kind['same_length']:.1%}; model: {rm.output_dir}")
+    head = pair_accuracies(rm.output_dir, held_pairs, kinds)
+    print(f"[quickstart] reward model with a score head (`posttrain rm`): held-out pair accuracy {head['all']:.1%} "
+          f"(exact answer scored above the wrong one): against the SFT model's own wrong answers {head['own']:.1%}, "
+          f"against near misses of the same length {head['same_length']:.1%} (a head read at the last token learns "
+          f"that digit check slowly); model: {rm.output_dir}")
 
     pref_before = preference_accuracy(sft_dir, held_pairs)
     dpo = run_dpo(build_config(DPOConfig, dict(common, output_dir=str(root / "dpo"),
@@ -286,9 +285,22 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
     print(f"[quickstart] DPO from the SFT model: held-out exact match on the other wordings {before:.1%} -> {after:.1%} "
           f"(original wording after: {original_after:.1%}); preference accuracy {pref_before:.1%} -> {pref_after:.1%}")
     print(f"[quickstart] DPO model: {dpo.output_dir}")
-    return {"rm_accuracy": rm_accuracy, "rm_by_kind": by_kind, "rm_dir": rm.output_dir, "before": before, "after": after,
+    implicit = pair_accuracies(dpo.output_dir, held_pairs, kinds)
+    print(f"[quickstart] the DPO model as a reward model (its implicit reward, beta * log pi/pi_ref, as `posttrain "
+          f"score` and PPO's reward_model read a DPO folder): held-out pair accuracy {implicit['all']:.1%}: against "
+          f"the SFT model's own wrong answers {implicit['own']:.1%}, against near misses of the same length "
+          f"{implicit['same_length']:.1%}")
+    return {"rm": implicit, "rm_head": head, "rm_dir": rm.output_dir, "before": before, "after": after,
             "original_after": original_after, "preference_before": pref_before, "preference_after": pref_after,
             "dpo_dir": dpo.output_dir}
+
+
+def pair_accuracies(model_dir: Path, held_pairs: Path, kinds: dict[str, Path]) -> dict[str, float]:
+    """`posttrain score`'s pair accuracy of a reward model on every held-out pair, and on each kind apart."""
+    from posttrain.score import run_score
+
+    return {kind: run_score(str(model_dir), str(path), batch_size=64)["pair_accuracy"] if path.stat().st_size
+            else float("nan") for kind, path in {"all": held_pairs, **kinds}.items()}
 
 
 PREFERENCE_PROMPTS = {False: 2000, True: 512}  # by `fast`
@@ -305,8 +317,9 @@ DPO_STAGE = dict(learning_rate=2e-4, pref_beta=0.1, pref_ftx=1.0, num_train_epoc
 # where it started.
 GRPO_STAGE = dict(temperature=1.0, num_generations=8, rollout_batch_size=16, per_device_train_batch_size=128,
                   learning_rate=3e-4, kl_coef=0.1, max_completion_length=16, lr_scheduler_type="constant")
-# PPO: one completion per prompt, a critic initialised from the reward model, rewards normalized by the
-# RM's saved statistics, the KL penalty in the reward (k1), GAE and whitened advantages: the defaults.
+# PPO: one completion per prompt, the DPO model's implicit reward (exact match only measured, weight 0, and
+# watched on the original wording by retain_drop), a critic initialised from the score-head reward model, the
+# KL penalty in the reward (k1), GAE and whitened advantages: the defaults.
 PPO_STAGE = dict(temperature=1.0, rollout_batch_size=64, per_device_train_batch_size=32, ppo_epochs=4,
                  learning_rate=2e-4, critic_learning_rate=1e-3, kl_coef=0.1, max_completion_length=16,
                  lr_scheduler_type="constant")
@@ -331,9 +344,10 @@ def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, retain_pat
                                               if k.startswith("stopped_by_alarm/")), None)}
 
 
-def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], original: list[dict], root: Path,
+def rl_stage(sft_dir: Path, preference: dict, train: list[dict], held: list[dict], original: list[dict], root: Path,
              fast: bool, seed: int = 0) -> dict:
-    """PPO with the trained reward model and GRPO with exact match as its rule, each from the SFT model on
+    """PPO with the DPO model's implicit reward (its critic starting from the score-head reward model) and GRPO
+    with exact match as its rule, each from the SFT model on
     the other wordings (`posttrain ppo|grpo` code paths); held-out exact match before and after, and on
     the original wording (retain_eval_dataset) after."""
     from posttrain.config import GRPOConfig, PPOConfig
@@ -343,10 +357,11 @@ def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], o
     retain = write_jsonl(original, root / "data" / "rl_retain.jsonl")  # messages rows: the answer turn is dropped
     out = {}
     for name, cls, settings, reward in (
-            ("PPO", PPOConfig, PPO_STAGE, dict(reward_model=str(rm_dir), reward_funcs=["exact_match"],
-                                               reward_weights=[1.0, 0.0])),  # exact match only measured
+            ("PPO", PPOConfig, PPO_STAGE, dict(reward_model=str(preference["dpo_dir"]),
+                                               critic_model=str(preference["rm_dir"]), reward_funcs=["exact_match"],
+                                               reward_weights=[1.0, 0.0], retain_metric="exact_match")),
             ("GRPO", GRPOConfig, GRPO_STAGE, dict(reward_funcs=["exact_match"]))):
-        what = "the reward model" if name == "PPO" else "a rule (exact match)"
+        what = "the DPO model's implicit reward" if name == "PPO" else "a rule (exact match)"
         steps = RL_STEPS[name][fast]
         print(f"[quickstart] RL: {name} from the SFT model with {what} as reward, {steps} steps x "
               f"{settings['rollout_batch_size']} prompts x {settings.get('num_generations', 1)} samples")
@@ -356,7 +371,7 @@ def rl_stage(sft_dir: Path, rm_dir: Path, train: list[dict], held: list[dict], o
         stopped = f"; stopped early by the {figures['stopped_by_alarm']} alarm" if figures["stopped_by_alarm"] else ""
         print(f"[quickstart] {name} ({time.perf_counter() - t:.0f}s): held-out exact match on the other wordings "
               f"{figures['before']:.1%} -> {figures['after']:.1%}; on the original wording {figures['original_after']:.1%} "
-              f"after; the reward it maximizes ({'normalized RM score' if name == 'PPO' else 'exact match'}, held-out) "
+              f"after; the reward it maximizes ({'implicit reward' if name == 'PPO' else 'exact match'}, held-out) "
               f"{figures['reward_before']:.3f} -> {figures['reward_after']:.3f}{stopped}; model: {result.output_dir}")
         out[name.lower()] = {**figures, "output_dir": result.output_dir}
     return out

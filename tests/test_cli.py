@@ -226,7 +226,8 @@ def test_serve_takes_a_config_file_key_values_and_its_flags(monkeypatch):
 
 
 def test_score_chat_and_compare_take_positionals_key_values_and_flags(monkeypatch, tmp_path):
-    scored = _record(monkeypatch, "posttrain.score.run_score", {"rows": 0, "reward_mean": 0.0, "scores": []})
+    scored = _record(monkeypatch, "posttrain.score.run_score",
+                     {"rows": 0, "scored_by": "reward head", "reward_mean": 0.0, "scores": []})
     assert main(["score", "runs/rm", "rows.jsonl", "--output", "scores.jsonl"]) == 0
     assert main(["score", "runs/rm", "--batch-size", "4", "rows.jsonl", "cutoff_len=64"]) == 0
     assert [call[0] for call in scored] == [("runs/rm", "rows.jsonl", "scores.jsonl"), ("runs/rm", "rows.jsonl", None)]

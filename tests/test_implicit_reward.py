@@ -67,6 +67,34 @@ def _copy_with(folder, tmp_path, **recorded):
     return copy
 
 
+def test_a_reference_recorded_relative_to_where_dpo_ran_is_found_from_anywhere(tiny_model_dir, pair_files, tmp_path,
+                                                                              monkeypatch, capsys):
+    import shutil
+
+    launched = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, launched / "models" / "sft")
+    monkeypatch.chdir(launched)
+    assert main(["dpo", *overrides("models/sft", pair_files["pairs"], "runs/dpo", "cache", max_steps=2,
+                                   eval_steps=2)]) == 0
+    assert yaml.safe_load((launched / "runs/dpo/posttrain_config.yaml").read_text())["model_name_or_path"] == \
+        "models/sft"
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "models" / "sft").mkdir(parents=True)  # a folder of the same name here is not the reference
+    monkeypatch.chdir(elsewhere)
+    assert main(["score", str(launched / "runs/dpo"), str(pair_files["pairs"])]) == 0
+    capsys.readouterr()
+    shutil.move(launched / "runs" / "dpo", tmp_path / "moved")  # now nothing tells where it ran
+    assert main(["score", str(tmp_path / "moved"), str(pair_files["pairs"])]) == 2
+    assert "relative to where it ran, which this folder no longer tells (moved since" in capsys.readouterr().err
+
+
+def test_a_dpo_run_that_has_not_finished_is_refused(dpo_folders, pair_files, tmp_path, capsys):
+    folder = _copy_with(dpo_folders["full"], tmp_path)
+    (folder / "config.json").unlink()
+    assert main(["score", str(folder), str(pair_files["pairs"])]) == 2
+    assert "a `posttrain dpo` folder with no model in it yet" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("edit, says", [
     ({"pref_loss": "simpo"}, "pref_loss simpo, which has no reference model and so no implicit reward"),
     ({"model_name_or_path": "/nowhere/sft"}, "the reference its DPO run recorded"),
@@ -85,7 +113,12 @@ def test_a_dpo_folder_without_a_usable_reference_is_refused(edit, says, dpo_fold
 
 def test_a_retain_metric_that_is_not_a_reward_of_the_run_is_refused(rl_setup, tmp_path, capsys):
     with pytest.raises(AssertionError):
-        _run("grpo", rl_setup, tmp_path / "grpo", reward_funcs="[exact_match]", retain_metric="exact_mach")
+        _run("grpo", rl_setup, tmp_path / "grpo", reward_funcs="[exact_match]", retain_metric="exact_mach",
+             retain_eval_dataset=rl_setup["held"])
     err = capsys.readouterr().err
     assert "retain_metric: 'exact_mach' is not one of this run's rewards; use reward (the total) or one of " \
            "exact_match" in err, err
+    with pytest.raises(AssertionError):
+        _run("grpo", rl_setup, tmp_path / "grpo", reward_funcs="[exact_match]", retain_metric="exact_match")
+    assert "set retain_eval_dataset too, or leave retain_metric unset" in capsys.readouterr().err
+    assert not (tmp_path / "grpo").exists()

@@ -73,8 +73,8 @@ def test_rollouts_sampled_on_other_weights_than_asked_are_told(tiny_model_dir, c
     from posttrain.train.rl.placement import RaySession
     from posttrain.train.rl.rollout import RolloutSampler
 
-    config = build_config(GRPOConfig, dict(model_name_or_path=str(tiny_model_dir), dataset="unused", output_dir="unused",
-                                           reward_funcs=["exact_match"], **PLACED))
+    config = build_config(GRPOConfig, dict(model_name_or_path=str(tiny_model_dir), dataset="unused",
+                                           output_dir="unused", reward_funcs=["exact_match"], **PLACED))
     model, tokenizer = load_model(str(tiny_model_dir), device=torch.device("cpu")), load_tokenizer(str(tiny_model_dir))
     session = RaySession(config, roles=["rollout"], threads=1)
     try:

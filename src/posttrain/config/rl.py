@@ -63,7 +63,8 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
 
     # rewards: any mix, summed with reward_weights (in this order: reward_model first, then reward_funcs)
     reward_model: str | None = Field(
-        None, description="a folder written by `posttrain rm` (normalized with its saved mean/std)")
+        None, description="a folder written by `posttrain rm` (normalized with its saved mean/std), or by `posttrain "
+                          "dpo` (its implicit reward, beta * log pi/pi_ref of the completion)")
     reward_funcs: list[str] = Field(
         default_factory=list, description="exact_match, numeric_match, format:REGEX, path/to/file.py:function, or "
                                           "an http(s):// endpoint")
@@ -131,7 +132,8 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
     gamma: float = Field(1.0, ge=0, le=1, description="gae: discount")
     lam: float = Field(0.95, ge=0, le=1, description="gae: lambda")
     critic_model: str | None = Field(
-        None, description="gae: the critic's starting folder; null: reward_model if given, else model_name_or_path")
+        None, description="gae: the critic's starting folder; null: reward_model if given (a `posttrain rm` one), "
+                          "else model_name_or_path")
     critic_learning_rate: float = Field(9e-6, gt=0, description="gae: the critic's learning rate")
     cliprange_value: float = Field(0.2, gt=0, description="gae: clip of the value update")
     critic_warmup_steps: int = Field(0, ge=0, description="gae: rollout steps that train the critic only")
@@ -217,6 +219,9 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
         if self.tis_cap is not None and self.temperature != 1.0:
             raise ValueError(f"tis_cap compares the sampler's log-probs with the trainer's, which agree only at "
                              f"temperature 1 (got {self.temperature}); unset tis_cap or sample at temperature 1")
+        if self.retain_metric != "reward" and not self.retain_eval_dataset:
+            raise ValueError(f"retain_metric ({self.retain_metric!r}) is what the retain_drop alarm watches on "
+                             "retain_eval_dataset: set retain_eval_dataset too, or leave retain_metric unset")
         for key in ("alarms", "stop_on_alarms"):
             unknown = sorted(set(getattr(self, key)) - set(ALARM_DEFAULTS))
             if unknown:
@@ -232,8 +237,8 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
                              f"and a rank uses one), not ray_num_gpus_per_role {self.ray_num_gpus_per_role:g}; set "
                              "it to 1, or 0 for CPU ranks")
         if not self.reward_model and not self.reward_funcs:
-            raise ValueError("no reward: set reward_model (a `posttrain rm` folder) and/or reward_funcs "
-                             "(exact_match, numeric_match, format:REGEX, file.py:function, http://...)")
+            raise ValueError("no reward: set reward_model (a `posttrain rm` or `posttrain dpo` folder) and/or "
+                             "reward_funcs (exact_match, numeric_match, format:REGEX, file.py:function, http://...)")
         return self
 
 

@@ -66,14 +66,17 @@ def load_reward_model(name_or_path: str, *, device: torch.device, trust_remote_c
 
 
 def implicit_reward_settings(name_or_path: str | Path) -> dict | None:
-    """{"reference": folder, "beta": float} for a folder written by `posttrain dpo` with a loss that has a
-    reference: its implicit reward, beta * log(pi(y|x) / pi_ref(y|x)), scores responses (train/reward_scoring.py).
-    None for any other folder."""
+    """For a folder written by `posttrain dpo` with a loss that has a reference: {"reference": folder, "beta": float,
+    "adapter_on_reference": bool (a LoRA policy whose base is its reference, scored with the adapter off)}. Its
+    implicit reward, beta * log(pi(y|x) / pi_ref(y|x)), scores responses (train/reward_scoring.py). None for any
+    other folder."""
     import yaml
 
+    from posttrain.model.files import adapter_base, check_adapter_files
     from posttrain.train.dpo import REFERENCE_FREE
 
-    recorded = Path(name_or_path).expanduser() / "posttrain_config.yaml"
+    folder = Path(name_or_path).expanduser()
+    recorded = folder / "posttrain_config.yaml"
     try:
         config = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
     except (OSError, yaml.YAMLError):
@@ -85,9 +88,35 @@ def implicit_reward_settings(name_or_path: str | Path) -> dict | None:
         raise ConfigError(f"{name_or_path}: a `posttrain dpo` folder trained with pref_loss {loss}, which has no "
                           "reference model and so no implicit reward to score with; use a folder trained with a "
                           "reference (pref_loss sigmoid, ipo, ...) or a reward model from `posttrain rm`")
-    reference = config.get("ref_model") or config.get("model_name_or_path")
-    resolve_model_path(str(reference), f"{name_or_path}: the reference its DPO run recorded")
-    return {"reference": str(reference), "beta": float(config.get("pref_beta", 0.1))}
+    adapter = (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+    if not adapter and not (folder / "config.json").is_file():
+        raise ConfigError(f"{name_or_path}: a `posttrain dpo` folder with no model in it yet (no config.json or "
+                          "adapter_config.json): score with it once its run has finished")
+    base = adapter_base(folder, check_adapter_files(folder, str(name_or_path)),
+                        f"set ref_model in {recorded}") if adapter else None
+    if config.get("ref_model") or base is None:
+        reference = _as_launched(str(config.get("ref_model") or config.get("model_name_or_path")), folder, config,
+                                 recorded)
+    else:
+        reference = base  # a LoRA run without ref_model: its reference is its base, as the adapter records it
+    resolve_model_path(reference, f"{name_or_path}: the reference its DPO run recorded")
+    same = base is not None and Path(base).resolve() == Path(reference).expanduser().resolve()
+    return {"reference": reference, "beta": float(config.get("pref_beta", 0.1)), "adapter_on_reference": same}
+
+
+def _as_launched(path: str, folder: Path, config: dict, recorded: Path) -> str:
+    """A path a run recorded as given: relative to the folder that run was launched in, which its output folder
+    (recorded the same way) tells. Not relative to here: a folder of that name here may be another model."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return str(given)
+    out = Path(str(config.get("output_dir", ""))).expanduser()
+    here = folder.resolve()
+    if not out.is_absolute() and out.parts and here.parts[-len(out.parts):] == out.parts:
+        return str(Path(*here.parts[:-len(out.parts)]) / given)
+    raise ConfigError(f"{folder}: its DPO run recorded its reference as {path!r}, relative to where it ran, which "
+                      f"this folder no longer tells (moved since, or written to an absolute output_dir); set "
+                      f"ref_model in {recorded} to the reference's folder")
 
 
 def check_is_reward_model(name_or_path: str, what: str = "model_name_or_path") -> None:
@@ -103,7 +132,8 @@ def check_is_reward_model(name_or_path: str, what: str = "model_name_or_path") -
     if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
         shown = ", ".join(map(str, architectures)) or "not recorded"
         raise ConfigError(f"{name_or_path}: not a reward model (its architecture is {shown}, with no scalar "
-                          "head); train one with `posttrain rm`, or give a `posttrain dpo` folder (scored by its implicit reward)")
+                          "head); train one with `posttrain rm`, or give a `posttrain dpo` folder (scored by its "
+                          "implicit reward)")
 
 
 def _is_classifier(config) -> bool:

@@ -284,7 +284,11 @@ class Trainer:
                     run.bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}")
                     window_loss, window_units, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-                paused = time.perf_counter()  # evaluation and checkpoints are not training: tokens/s leaves them out
+                # Evaluation and checkpoints are not training: tokens/s leaves them out (on CUDA, once the step's
+                # queued kernels have run, which are training).
+                if self.device.type == "cuda" and (run.saves_at(step) or self.eval_examples and run.evaluates_at(step)):
+                    torch.cuda.synchronize(self.device)
+                paused = time.perf_counter()
                 if self.eval_examples and run.evaluates_at(step):
                     last_eval = self.evaluate(module)
                     run.log({"step": step, "eval_loss": round(last_eval, 6), **self.eval_metrics})

@@ -324,10 +324,17 @@ def _reward_models(folder: str, trust: bool) -> list[tuple[str, ModelShapes]]:
     if implicit is None:
         return [("reward model", model_shapes(folder, score_head=True, key="reward_model", trust_remote_code=trust))]
     reference = model_shapes(implicit["reference"], key="reward_model", trust_remote_code=trust)
-    if not (Path(folder).expanduser() / "config.json").is_file():  # a LoRA adapter on the reference
+    if implicit["adapter_on_reference"]:
         return [("reward model: DPO policy (LoRA) on its reference", reference)]
-    return [("reward model: DPO policy", model_shapes(folder, key="reward_model", trust_remote_code=trust)),
+    policy = folder if (Path(folder).expanduser() / "config.json").is_file() else _adapter_base(folder)
+    return [("reward model: DPO policy", model_shapes(policy, key="reward_model", trust_remote_code=trust)),
             ("reward model: its DPO reference", reference)]
+
+
+def _adapter_base(folder: str) -> str:
+    from posttrain.model.files import adapter_base, check_adapter_files
+
+    return adapter_base(folder, check_adapter_files(folder, "reward_model"), "pass a full DPO folder")
 
 
 # -- what there is, and whether it fits ------------------------------------------------------------------

@@ -10,8 +10,6 @@ last token learns only slowly. Either way responses are rendered and cut as the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from posttrain.model.loading import load_for_inference, load_model, load_tokenizer
@@ -34,8 +32,7 @@ class RewardScorer:
         else:
             # A LoRA policy's reference is its own base with the adapter disabled, as DPO trained it.
             self.model, self.tokenizer = load_for_inference(path, device=device, trust_remote_code=trust_remote_code)
-            base = getattr(self.model, "peft_config", {}).get("default")
-            if base is None or not _same_folder(base.base_model_name_or_path, self.implicit["reference"]):
+            if not self.implicit["adapter_on_reference"]:
                 self.reference = load_model(self.implicit["reference"], device=device,
                                             trust_remote_code=trust_remote_code)
                 self.reference.requires_grad_(False).eval()
@@ -59,6 +56,3 @@ class RewardScorer:
                                   batch_size=batch_size)
         return self.implicit["beta"] * (own - reference)
 
-
-def _same_folder(a: str | None, b: str) -> bool:
-    return a is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class Alarms:
-    def __init__(self, overrides: dict[str, float] | None = None, history: list[dict] = (), retain_metric: str = "reward"):
+    def __init__(self, overrides: dict[str, float] | None = None, history: list[dict] = (),
+                 retain_metric: str = "reward"):
         self.limits = {**ALARM_DEFAULTS, **(overrides or {})}
         self.retained = retain_key(retain_metric)
         self.first: dict[str, float] = {}  # each metric's value at the first step that logged it

@@ -82,9 +82,6 @@ def train_here(config: RLConfig, placed: RaySession | None = None) -> TrainResul
 
 def _run_rl(config: RLConfig, device, placed: RaySession | None) -> TrainResult:
     rewards = build_rewards(config, device, placed)  # function files and endpoints fail here, before anything big
-    if config.retain_metric not in ("reward", *rewards.names):
-        raise ConfigError(f"retain_metric: {config.retain_metric!r} is not one of this run's rewards; use reward (the "
-                          f"total) or one of {', '.join(rewards.names)}")
     tokenizer = stage_steps.load_stage_tokenizer(config)
     rows, eval_rows = load_rows(config, load_prompts)
     retain_rows = load_prompts(dataset_specs(config, "retain_eval_dataset"), config.on_bad_rows,

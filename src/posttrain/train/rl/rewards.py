@@ -264,14 +264,18 @@ def make_source(spec: str, timeout: float):
                       "path/to/file.py:function or an http(s):// URL (a reward model goes in reward_model)")
 
 
+def unique_names(names: list[str]) -> list[str]:
+    """Each source's name in the logs (rewards/<name>): a name two sources share gets its position appended."""
+    return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+
 class Rewards:
     """The weighted sum of every source; per-source means are logged as rewards/<name>."""
 
     def __init__(self, sources: list, weights: list[float] | None = None):
         self.sources = sources
         self.weights = weights or [1.0] * len(sources)
-        names = [s.name for s in sources]
-        self.names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+        self.names = unique_names([s.name for s in sources])
 
     def check(self, prompts: list[Prompt]) -> None:
         for source in self.sources:
@@ -294,6 +298,10 @@ def build_rewards(config, device: torch.device, placed=None) -> Rewards:
     """Function files and built-ins are checked here, before any model loads; the reward model last, in its
     own Ray actor when the run is `placed` (placement.RaySession)."""
     sources = [make_source(spec, config.reward_timeout) for spec in config.reward_funcs]
+    names = unique_names((["model"] if config.reward_model else []) + [s.name for s in sources])  # as Rewards has them
+    if config.retain_metric not in ("reward", *names):
+        raise ConfigError(f"retain_metric: {config.retain_metric!r} is not one of this run's rewards; use reward (the "
+                          f"total) or one of {', '.join(names)}")
     if config.reward_model:
         args = (config.reward_model, config.per_device_eval_batch_size, config.trust_remote_code)
         if placed is not None:

@@ -107,9 +107,12 @@ def test_rollouts_sampled_on_other_weights_than_asked_are_told(tiny_model_dir, c
     {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5},
     {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5, "fsdp": "full_shard"},
     {"ray_num_cpus_per_role": 1, "deepspeed": "ZeRO-3"},
+    {"ray_num_cpus_per_role": 1, "fsdp": "full_shard"},
+    {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5, "deepspeed": "ZeRO-3"},
     # sampling one step ahead, the weights through the object store
     {"ray_separate_roles": True, "ray_num_cpus_per_role": 0.5, "async_rollouts": 1, "ray_weight_sync": "object_store"},
-], ids=["colocated", "separate-roles", "separate-roles-fsdp", "colocated-deepspeed", "separate-roles-async"])
+], ids=["colocated", "separate-roles", "separate-roles-fsdp", "colocated-deepspeed", "colocated-fsdp",
+        "separate-roles-deepspeed", "separate-roles-async"])
 def test_trainer_ranks_on_ray_match_torchrun(layout, tiny_model_dir, tmp_path, zero3_config):
     prompts, reward = grpo_task(tmp_path)
     layout = {k: zero3_config if k == "deepspeed" else v for k, v in layout.items()}

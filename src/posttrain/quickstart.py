@@ -347,9 +347,8 @@ def rl_run(config_cls, sft_dir: Path, prompts: Path, held_path: Path, retain_pat
 def rl_stage(sft_dir: Path, preference: dict, train: list[dict], held: list[dict], original: list[dict], root: Path,
              fast: bool, seed: int = 0) -> dict:
     """PPO with the DPO model's implicit reward (its critic starting from the score-head reward model) and GRPO
-    with exact match as its rule, each from the SFT model on
-    the other wordings (`posttrain ppo|grpo` code paths); held-out exact match before and after, and on
-    the original wording (retain_eval_dataset) after."""
+    with exact match as its rule, each from the SFT model on the other wordings (`posttrain ppo|grpo` code
+    paths); held-out exact match before and after, and on the original wording (retain_eval_dataset) after."""
     from posttrain.config import GRPOConfig, PPOConfig
 
     prompts = write_jsonl(train, root / "data" / "rl_prompts.jsonl")

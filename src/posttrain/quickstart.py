@@ -260,9 +260,9 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
     own, near = on_policy_pairs(train[:n], train_answers, seed=seed)
     pairs = write_jsonl(own + near, root / "data" / "pairs.jsonl")
     held_own, held_near = on_policy_pairs(held, held_answers, seed=seed + 1)
-    held_pairs = write_jsonl(held_own + held_near, root / "data" / "held_out_pairs.jsonl")
-    kinds = {"own": write_jsonl(held_own, root / "data" / "held_out_pairs_own.jsonl"),
-             "same_length": write_jsonl(held_near, root / "data" / "held_out_pairs_same_length.jsonl")}
+    held_pairs = write_jsonl(held_own + held_near, root / "data" / "held_out_pairs.jsonl")  # own answers first
+    write_jsonl(held_own, root / "data" / "held_out_pairs_own.jsonl")  # each kind apart, to score by hand
+    write_jsonl(held_near, root / "data" / "held_out_pairs_same_length.jsonl")
     before = accuracy(held_answers, held)
     print(f"[quickstart] preference pairs on the other wordings: the exact answer against the SFT model's own answer "
           f"where wrong, and against a near miss of the same length; {len(own) + len(near)} train, "
@@ -271,7 +271,7 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
                   overwrite_output_dir=True, cutoff_len=64, per_device_train_batch_size=32, lr_scheduler_type="cosine",
                   warmup_ratio=0.1, logging_steps=10, save_steps=0, seed=seed)
     rm = run_rm(build_config(RMConfig, dict(common, output_dir=str(root / "rm"), **RM_STAGE)))
-    head = pair_accuracies(rm.output_dir, held_pairs, kinds)
+    head = pair_accuracies(rm.output_dir, held_pairs, len(held_own))
     print(f"[quickstart] reward model with a score head (`posttrain rm`): held-out pair accuracy {head['all']:.1%} "
           f"(exact answer scored above the wrong one): against the SFT model's own wrong answers {head['own']:.1%}, "
           f"against near misses of the same length {head['same_length']:.1%} (a head read at the last token learns "
@@ -285,7 +285,7 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
     print(f"[quickstart] DPO from the SFT model: held-out exact match on the other wordings {before:.1%} -> {after:.1%} "
           f"(original wording after: {original_after:.1%}); preference accuracy {pref_before:.1%} -> {pref_after:.1%}")
     print(f"[quickstart] DPO model: {dpo.output_dir}")
-    implicit = pair_accuracies(dpo.output_dir, held_pairs, kinds)
+    implicit = pair_accuracies(dpo.output_dir, held_pairs, len(held_own))
     print(f"[quickstart] the DPO model as a reward model (its implicit reward, beta * log pi/pi_ref, as `posttrain "
           f"score` and PPO's reward_model read a DPO folder): held-out pair accuracy {implicit['all']:.1%}: against "
           f"the SFT model's own wrong answers {implicit['own']:.1%}, against near misses of the same length "
@@ -295,12 +295,18 @@ def preference_stage(sft_dir: Path, train: list[dict], held: list[dict], held_an
             "dpo_dir": dpo.output_dir}
 
 
-def pair_accuracies(model_dir: Path, held_pairs: Path, kinds: dict[str, Path]) -> dict[str, float]:
-    """`posttrain score`'s pair accuracy of a reward model on every held-out pair, and on each kind apart."""
+def pair_accuracies(model_dir: Path, held_pairs: Path, own_rows: int) -> dict[str, float]:
+    """`posttrain score`'s pair accuracy of a reward model on every held-out pair, and on each kind apart (the
+    file's first `own_rows` lines are the pairs against the SFT model's own answers), from one scoring pass."""
     from posttrain.score import run_score
 
-    return {kind: run_score(str(model_dir), str(path), batch_size=64)["pair_accuracy"] if path.stat().st_size
-            else float("nan") for kind, path in {"all": held_pairs, **kinds}.items()}
+    scored = run_score(str(model_dir), str(held_pairs), batch_size=64)["scores"]
+    right = {"all": [], "own": [], "same_length": []}
+    for row in scored:
+        kind = "own" if int(row["source"].rpartition(":")[2]) <= own_rows else "same_length"
+        for key in ("all", kind):
+            right[key].append(row["chosen"] > row["rejected"])
+    return {kind: sum(r) / len(r) if r else float("nan") for kind, r in right.items()}
 
 
 PREFERENCE_PROMPTS = {False: 2000, True: 512}  # by `fast`

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.model.loading import load_for_inference, load_model, load_tokenizer
+from posttrain.model.loading import load_for_inference, load_model, load_tokenizer, resolve_model_path
 from posttrain.model.reward import (implicit_reward_settings, load_reward_model, reward_stats, trained_settings,
                                     trained_template)
 from posttrain.train.logps import compute_logps
@@ -22,10 +22,11 @@ from posttrain.train.rm import score_sequences
 class RewardScorer:
     """`scorer(sequences, batch_size)` -> one reward per sequence; check the folder (check_is_reward_model) first."""
 
-    def __init__(self, path: str, device: torch.device, trust_remote_code: bool = False):
+    def __init__(self, path: str, device: torch.device, trust_remote_code: bool = False, what: str = "model"):
         self.implicit = implicit_reward_settings(path)
         self.device, self.reference = device, None
         if self.implicit is None:
+            resolve_model_path(path, what)  # `what` named in the error when the folder is not there
             self.tokenizer = load_tokenizer(path, trust_remote_code)
             self.model = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
             self.stats = reward_stats(path)
@@ -55,4 +56,3 @@ class RewardScorer:
         reference = compute_logps(self.reference or self.model, sequences, pad_id=pad_id, device=self.device,
                                   batch_size=batch_size)
         return self.implicit["beta"] * (own - reference)
-

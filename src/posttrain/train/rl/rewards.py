@@ -208,14 +208,10 @@ class ModelReward:
 
     def __init__(self, path: str, device: torch.device, batch_size: int, trust_remote_code: bool = False):
         from posttrain.data.pairs import response_renderer
-        from posttrain.model.loading import resolve_model_path
-        from posttrain.model.reward import implicit_reward_settings
         from posttrain.train.reward_scoring import RewardScorer
 
-        if implicit_reward_settings(path) is None:
-            resolve_model_path(path, "reward_model")
         self.name = "model"
-        self.scorer = RewardScorer(path, device, trust_remote_code)
+        self.scorer = RewardScorer(path, device, trust_remote_code, what="reward_model")
         self.tokenizer = self.scorer.tokenizer
         # Rendered and cut as the reward model was trained (as `posttrain score` does), not as the RL run's prompts.
         self.renderer = response_renderer(self.tokenizer, self.scorer.template)

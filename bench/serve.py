@@ -9,6 +9,9 @@ Prints three figures, each side by side in one run:
   (d) posttrain engine / vLLM (with --vllm-python) on the same requests, each with its adapter
   (e) `posttrain serve` over HTTP / the same engine in-process: the requests sent all at once by the
       real `openai` client from a thread pool, to a server in its own process     (target >= 0.9)
+      With --client-cpus N the client runs on the last N CPUs and everything else (the engine in-process,
+      PEFT, vLLM, the server) on the rest, as when the clients are other machines; without it the client
+      takes its CPU from the server's.
 
 Everything is built locally (the `small` tiny Llama, adapters from PEFT with random weights);
 generation ignores end-of-sequence, so both sides produce exactly the tokens each request asked for
@@ -16,6 +19,7 @@ generation ignores end-of-sequence, so both sides produce exactly the tokens eac
 
     python bench/serve.py            # full run (a quiet machine, several minutes on 2 CPU cores)
     python bench/serve.py --quick    # a smoke run
+    python bench/serve.py --client-cpus 1    # the openai client on a core of its own
 """
 
 from __future__ import annotations
@@ -104,9 +108,12 @@ class HTTPServer:
     """`posttrain serve` in its own process, every adapter folder of `adapter_dir` served; requests from the
     `openai` client, all in flight at once (one thread each), timed from the first sent to the last answered."""
 
-    def __init__(self, base_dir: Path, adapter_dir: Path, max_loras: int, batch_size: int):
+    def __init__(self, base_dir: Path, adapter_dir: Path, max_loras: int, batch_size: int,
+                 client_cpus: set[int] | None = None):
         import socket
         import subprocess
+
+        self.client_cpus = client_cpus
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -142,10 +149,16 @@ class HTTPServer:
                                           extra_body={"ignore_eos": True})
             return r.usage.completion_tokens, r.choices[0].text
 
-        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            t, cpu = time.perf_counter(), (time.process_time(), self._server_cpu())
-            done = list(pool.map(one, range(len(prompts))))
-            seconds = time.perf_counter() - t
+        server_cpus = os.sched_getaffinity(0)
+        if self.client_cpus:  # this thread and the pool's threads, which take its CPUs when they start
+            os.sched_setaffinity(0, self.client_cpus)
+        try:
+            with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+                t, cpu = time.perf_counter(), (time.process_time(), self._server_cpu())
+                done = list(pool.map(one, range(len(prompts))))
+                seconds = time.perf_counter() - t
+        finally:
+            os.sched_setaffinity(0, server_cpus)
         # CPU seconds per wall second, of this client and of the server: on a small machine they share cores
         self.load = ((time.process_time() - cpu[0]) / seconds, (self._server_cpu() - cpu[1]) / seconds)
         return sum(n for n, _ in done) / seconds, [text for _, text in done]
@@ -220,13 +233,23 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings per configuration")
+    parser.add_argument("--client-cpus", type=int, default=0,
+                        help="run the HTTP client on the last N CPUs and everything else on the rest (default: shared)")
     parser.add_argument("--vllm-python", default=os.environ.get("POSTTRAIN_VLLM_PYTHON"),
                         help="the Python of vLLM's environment (`make vllm`): adds (d), posttrain vs vLLM on the same "
                              "requests and adapters (default: $POSTTRAIN_VLLM_PYTHON; none: left out)")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.new_tokens, args.repeats = 64, 32, 2
-    if args.threads:
+    client_cpus = None
+    if args.client_cpus:
+        cpus = sorted(os.sched_getaffinity(0))
+        if args.client_cpus >= len(cpus):
+            raise SystemExit(f"--client-cpus {args.client_cpus}: this process has {len(cpus)} CPUs; leave one for the server")
+        client_cpus = set(cpus[-args.client_cpus:])
+        os.sched_setaffinity(0, cpus[:-args.client_cpus])  # children (the server, vLLM) start with this mask
+        torch.set_num_threads(args.threads or len(cpus) - args.client_cpus)
+    elif args.threads:
         torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.adapters.split(",")]
 
@@ -248,7 +271,8 @@ def main() -> None:
                for _ in prompts]
     print(f"base: {args.size} Llama ({sum(p.numel() for p in load_model(str(base_dir), device=CPU).parameters()) / 1e6:.1f}M "
           f"params); {args.requests} requests, {sum(lengths)} new tokens in all ({'each ' + str(args.new_tokens) if args.fixed_lengths else f'{min(lengths)}-{max(lengths)} each'}), prompts 16-96 tokens; batch "
-          f"{args.batch_size}; rank-{args.rank} LoRA on {','.join(TARGETS)}; torch threads {torch.get_num_threads()}")
+          f"{args.batch_size}; rank-{args.rank} LoRA on {','.join(TARGETS)}; torch threads {torch.get_num_threads()}"
+          + (f"; HTTP client on CPU {sorted(client_cpus)}, the rest on {sorted(os.sched_getaffinity(0))}" if client_cpus else ""))
 
     for count in counts:
         names = names_all[:count]
@@ -313,7 +337,7 @@ def main() -> None:
             print(f"  (d) posttrain: {best['spread']:8.1f} tok/s   vLLM {worker.version} (LLM.generate, a LoRARequest "
                   f"per request): {vllm_best:8.1f} tok/s   ratio {best['spread'] / vllm_best:.2f}x; identical greedy "
                   f"outputs: {same:.0%}")
-        with HTTPServer(base_dir, work / "adapters", count, args.batch_size) as server:
+        with HTTPServer(base_dir, work / "adapters", count, args.batch_size, client_cpus) as server:
             names_sent = [a.name for a in spread]
             server.generate(prompts[:4], [4] * 4, names_sent[:4])  # warm-up
             http_best, texts = 0.0, []

@@ -169,6 +169,21 @@ def test_lora_actor_uses_its_base_as_reference(rl_setup, tmp_path, caplog):
     assert records[-1]["output_weights_bytes"] == (out / "adapter_model.safetensors").stat().st_size
 
 
+def test_vllm_sleep_mode_is_refused_where_it_cannot_work(rl_setup, tmp_path, capsys):
+    """Sleep mode frees GPU memory between phases: refused on CPU, beside async rollouts (which sample while the
+    actor trains) and with another backend, each in one line before any model loads."""
+    base = dict(model_name_or_path=rl_setup["sft"], dataset=rl_setup["prompts"], output_dir=tmp_path / "o",
+                reward_funcs=f"[{STARTS_WITH_ONE}]", vllm_enable_sleep_mode="true", device="cpu")
+    for extra, says in (({"rollout_backend": "vllm"}, "needs the model on a CUDA GPU"),
+                        ({"rollout_backend": "auto"}, "needs the model on a CUDA GPU"),
+                        ({"rollout_backend": "vllm", "async_rollouts": 1}, "choose one"),
+                        ({"rollout_backend": "engine"}, "set rollout_backend: vllm")):
+        assert main(["grpo", *[f"{k}={v}" for k, v in {**base, **extra}.items()]]) != 0
+        err = capsys.readouterr().err
+        assert says in err and "vllm_enable_sleep_mode" in err and "Traceback" not in err, err
+        assert not (tmp_path / "o").exists()
+
+
 def test_rollout_backend_vllm_without_vllm_says_how_to_get_it(rl_setup, tmp_path, monkeypatch, capsys):
     """Refused before any model loads: an output folder is never started."""
     monkeypatch.delenv("POSTTRAIN_VLLM_PYTHON", raising=False)

@@ -99,6 +99,42 @@ def test_lora_actor_is_sent_as_adapter_versions(tiny_model_dir, vllm_python):
         vllm.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's sleep mode needs a CUDA GPU")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sleep_mode_frees_the_gpu_after_each_batch_and_samples_as_an_awake_vllm(tiny_model_dir, vllm_python, lora):
+    """A sleeping vLLM (level 2 for a full model, 1 for a LoRA actor's base) holds little of the GPU between
+    batches, and samples exactly what a vLLM that never slept samples, before and after an update."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model, prompts = _model(tiny_model_dir, lora=lora).cuda(), _prompts(tokenizer)
+    if lora:
+        _perturb(model, only="lora_B")
+    params = [SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=0)] * len(prompts)
+    options = {"python": vllm_python, "gpu_memory_utilization": 0.25}
+    free, total = torch.cuda.mem_get_info()
+    awake = open_backend("vllm", model, tokenizer, seed=3, vllm_options=options)
+    beside_awake = torch.cuda.mem_get_info()[0]
+    assert free - beside_awake > 0.2 * total  # an awake vLLM holds its share
+    sleepy = open_backend("vllm", model, tokenizer, seed=3, vllm_options={**options, "enable_sleep_mode": True})
+    try:
+        assert beside_awake - torch.cuda.mem_get_info()[0] < 0.05 * total  # asleep from the start
+        for update in (False, True):
+            if update:
+                _perturb(model, only="lora_B" if lora else "")
+                awake.update_weights()
+                sleepy.update_weights()
+            want, got = awake.generate(prompts, params), sleepy.generate(prompts, params)
+            assert beside_awake - torch.cuda.mem_get_info()[0] < 0.05 * total  # asleep again after the batch
+            for a, b in zip(want, got):
+                assert a.token_ids == b.token_ids
+                assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+            if not update:
+                first = [c.token_ids for c in got]
+        assert [c.token_ids for c in got] != first  # the update changed what is sampled, asleep or not
+    finally:
+        sleepy.close()
+        awake.close()
+
+
 def test_dora_is_refused_with_the_backend_that_runs_it(tiny_model_dir, vllm_python):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

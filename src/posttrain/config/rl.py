@@ -93,6 +93,9 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
                           "else this Python when it imports vllm")
     vllm_gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="vllm on a GPU: the share of its memory vLLM may take beside training")
+    vllm_enable_sleep_mode: bool = Field(
+        False, description="vllm on a GPU shared with training: vLLM frees its weights and KV cache while the actor "
+                           "trains and takes them back to sample (a LoRA actor's base waits in host memory)")
     async_rollouts: int = Field(
         0, ge=0, description="sample the next N steps' rollouts before this step trains, on the weights as they are "
                              "(off-policy by N updates; with vllm generation overlaps training); 0: on-policy")
@@ -219,6 +222,12 @@ class RLConfig(TrainArgs, QuantizationArgs, DataArgs):
         if self.tis_cap is not None and self.temperature != 1.0:
             raise ValueError(f"tis_cap compares the sampler's log-probs with the trainer's, which agree only at "
                              f"temperature 1 (got {self.temperature}); unset tis_cap or sample at temperature 1")
+        if self.vllm_enable_sleep_mode and self.rollout_backend not in ("vllm", "auto"):
+            raise ValueError(f"vllm_enable_sleep_mode is for vLLM rollouts, not rollout_backend "
+                             f"{self.rollout_backend!r}: set rollout_backend: vllm, or leave it off")
+        if self.vllm_enable_sleep_mode and self.async_rollouts:
+            raise ValueError("vllm_enable_sleep_mode frees vLLM's memory while the actor trains, and async_rollouts "
+                             "samples while it trains: choose one")
         if self.retain_metric != "reward" and not self.retain_eval_dataset:
             raise ValueError(f"retain_metric ({self.retain_metric!r}) is what the retain_drop alarm watches on "
                              "retain_eval_dataset: set retain_eval_dataset too, or leave retain_metric unset")

@@ -5,7 +5,9 @@ vLLM gets the starting weights once, as a folder this backend writes (so it gene
 the model in memory, resumed or not); after each update `update_weights` sends the trained weights:
 a full model's as safetensors reloaded in place (`reload_weights`), a LoRA model's adapter alone,
 loaded as a new LoRA version (no merge). vLLM's prefix cache is reset after each, so no cached prompt
-keeps the old weights' keys and values. Text is decoded here, by the trainer's tokenizer, as the engine
+keeps the old weights' keys and values. With `enable_sleep_mode` (a GPU shared with training) vLLM gives
+its memory back after every batch of samples and takes it again at the next update or batch (the
+worker's `sleep` op says how). Text is decoded here, by the trainer's tokenizer, as the engine
 decodes it; every request gets a seed (drawn from the backend's seed when it has none), so a run's
 samples repeat.
 
@@ -37,6 +39,8 @@ from posttrain.inference.sampling import SamplingParams, TokenChoice
 log = logging.getLogger(__name__)
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
+SLEEP_NEEDS_GPU = ("vllm_enable_sleep_mode frees the GPU memory vLLM holds while the actor trains; it needs the "
+                   "model on a CUDA GPU: leave it off on CPU")
 NO_VLLM = ("rollout_backend: vllm needs vLLM: `make vllm` sets up its CPU build (then set vllm_python: "
            ".venv-vllm/bin/python, or $POSTTRAIN_VLLM_PYTHON), or `pip install vllm` on a GPU machine")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
@@ -73,6 +77,8 @@ def find_vllm_python(explicit: str | None = None) -> str | None:
 
 def check_vllm_config(config) -> None:
     """A run asking for vLLM rollouts: vLLM is there, and the actor is one vLLM can sample as trained."""
+    if config.vllm_enable_sleep_mode and not _gpu_for_rollouts(config):
+        raise ConfigError(SLEEP_NEEDS_GPU)
     if find_vllm_python(config.vllm_python) is None:
         raise ConfigError(NO_VLLM)
     if getattr(config, "use_dora", False):
@@ -80,6 +86,13 @@ def check_vllm_config(config) -> None:
     if getattr(config, "pissa_init", False) or getattr(config, "quantization_bit", None):
         raise ConfigError("rollout_backend: vllm samples the full-precision original base: PiSSA (a residual base) "
                           "and QLoRA (a quantized one) would train another policy; use rollout_backend: engine")
+
+
+def _gpu_for_rollouts(config) -> bool:
+    """Whether vLLM would sample on a GPU: this machine's, or one Ray gives its actor (a cluster's)."""
+    if config.device == "cpu":
+        return False
+    return torch.cuda.is_available() or (config.placement == "ray" and config.ray_num_gpus_per_role > 0)
 
 
 def _lora_config(model):
@@ -106,7 +119,10 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model, tokenizer, *, seed: int | None = None, python: str | None = None,
-                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, max_num_seqs: int = 64):
+                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, max_num_seqs: int = 64,
+                 enable_sleep_mode: bool = False):
+        if enable_sleep_mode and next(model.parameters()).device.type != "cuda":
+            raise ConfigError(SLEEP_NEEDS_GPU)
         exe = find_vllm_python(python)
         if exe is None:
             raise ConfigError(NO_VLLM)
@@ -116,6 +132,9 @@ class VLLMBackend:
                               "train a different policy: use rollout_backend: engine")
         self.model, self.tokenizer = model, tokenizer
         self.lora = _lora_config(model)
+        # after each batch: a LoRA actor's base never changes, so it waits in host memory (level 1); a full
+        # model's weights are replaced at the next update, so they are dropped (level 2)
+        self.sleep_level = (1 if self.lora is not None else 2) if enable_sleep_mode else 0
         self.stop_ids = stop_ids_of(model, tokenizer)
         self._seeds = random.Random(seed)
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
@@ -134,13 +153,15 @@ class VLLMBackend:
                                      stderr=open(self.log_path, "w"), text=True, env=env, cwd=self.dir)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         options = {"model": str(base), "dtype": dtype, "max_model_len": self.max_seq_len,
-                   "max_num_seqs": max_num_seqs, "seed": seed or 0, "gpu_memory_utilization": gpu_memory_utilization}
+                   "max_num_seqs": max_num_seqs, "seed": seed or 0, "gpu_memory_utilization": gpu_memory_utilization,
+                   "enable_sleep_mode": enable_sleep_mode}
         if self.lora is not None:
             options.update(enable_lora=True, max_lora_rank=vllm_lora_rank(self.lora.r))
         log.info("starting vLLM (%s) for %s", exe, "a LoRA actor" if self.lora else "the model")
         self.vllm_version = self._call("start", **options)["version"]
         if self.lora is not None:
             self.update_weights()  # the adapter as it starts
+        self._sleep()  # until the first batch: the trainer may load more (a reference, a reward model) first
 
     # -- the weights ---------------------------------------------------------------------------------
     def _write_base(self, folder: Path) -> None:
@@ -193,6 +214,7 @@ class VLLMBackend:
     def collect(self, handle: tuple) -> list[Completion]:
         sent, prompts, params = handle
         done = self._reply(sent, "generate")["completions"]
+        self._sleep()
         out = []
         for prompt, p, c in zip(prompts, params, done):
             ids = c["token_ids"]
@@ -218,6 +240,11 @@ class VLLMBackend:
                 "seed": seed, "logprobs": p.logprobs}
 
     # -- the worker ----------------------------------------------------------------------------------
+    def _sleep(self) -> None:
+        """With sleep mode, vLLM frees its GPU memory now (the worker wakes it when it is next needed)."""
+        if self.sleep_level and self.sent == self.answered:  # nothing queued that would wake it at once
+            self._call("sleep", level=self.sleep_level)
+
     def _call(self, op: str, **request) -> dict:
         return self._reply(self._send(op, **request), op)
 

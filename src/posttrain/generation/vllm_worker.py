@@ -7,13 +7,19 @@ pins clash with ours on CPU: `make vllm`). It speaks JSON lines: one request on 
 the stdout it started with (vLLM's own prints go to stderr). Requests, by "op":
 
   start     {"model", "dtype", "max_model_len", "max_num_seqs", "seed", "enable_lora", "max_lora_rank",
-             "max_loras", "gpu_memory_utilization"}          -> {"ok": true, "version": vllm.__version__}
+             "max_loras", "gpu_memory_utilization", "enable_sleep_mode"}
+                                                             -> {"ok": true, "version": vllm.__version__}
   generate  {"prompts": [[ids]], "params": [{...}], "lora": {"name", "id", "path"} | null,
              "loras": [one such adapter or null per prompt] | null}
             -> {"ok": true, "completions": [{"token_ids", "finish_reason", "logprobs": [[lp, [[id, lp]...]]]}]}
   reload    {"path"}: the model's weights from that folder's safetensors (all of them), then the prefix
             cache reset, so no cached prompt keeps the old weights' keys and values
   adapter   {"name", "id", "path"}: a LoRA version to generate with; the previous one is dropped
+  sleep     {"level"}: vLLM gives its GPU memory back while the trainer trains (sleep mode, CUDA only): level 1
+            keeps the weights in host memory (a LoRA actor's base, which never changes), level 2 drops them
+            (a full model, reloaded after every update anyway). The next op that needs the engine wakes it:
+            reload wakes the weights alone and loads the new ones into them (no copy of the old), generate
+            wakes the rest (a level-2 sleep with no reload since: the last weights are read again).
   close     ends the worker; so does the end of stdin (the trainer died)
 
 Every failure is a reply {"ok": false, "error": "..."}, never a traceback on the protocol stream.
@@ -47,15 +53,25 @@ class Worker:
     def __init__(self):
         self.llm = None
         self.lora = None  # the LoRARequest generated with, if any
+        self.weights_path = None  # the folder the weights were last loaded from
+        self.asleep = set()  # what a sleep released and no op has woken yet: "weights", "kv_cache"
+        self.sleep_level = 0
 
     def start(self, model, dtype="float32", max_model_len=2048, max_num_seqs=64, seed=0, enable_lora=False,
-              max_lora_rank=16, max_loras=1, gpu_memory_utilization=0.3):
+              max_lora_rank=16, max_loras=1, gpu_memory_utilization=0.3, enable_sleep_mode=False):
         from vllm import LLM
 
         kwargs = dict(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
                       skip_tokenizer_init=True, enable_prefix_caching=True)
         if enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras)
+        if enable_sleep_mode:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_sleep_mode_available():
+                raise ValueError(f"vLLM has no sleep mode on this platform ({current_platform.device_name}); it "
+                                 "needs a CUDA or ROCm GPU")
+            kwargs["enable_sleep_mode"] = True
         import torch
 
         if torch.cuda.is_available():
@@ -63,6 +79,7 @@ class Worker:
         else:  # on CPU, compiling the model costs most of a minute at every start and gains little for small ones
             kwargs["enforce_eager"] = True
         self.llm = LLM(**kwargs)
+        self.weights_path = model
         import vllm
 
         return {"version": vllm.__version__}
@@ -74,6 +91,7 @@ class Worker:
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 
+        self._wake()
         sampling = [SamplingParams(detokenize=False, **p) for p in params]
         request = self.lora
         if lora is not None:
@@ -95,14 +113,40 @@ class Worker:
         return {"completions": done}
 
     def reload(self, path):
+        if "weights" in self.asleep:  # memory for the weights, which this load fills
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+        self._load(path)
+        if "kv_cache" not in self.asleep:  # an asleep cache holds nothing; it is reset when it wakes
+            self.llm.reset_prefix_cache()
+        return {}
+
+    def _load(self, path):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         self.llm.collective_rpc(_retie_lm_head)
-        self.llm.reset_prefix_cache()
+        self.weights_path = path
+
+    def sleep(self, level):
+        if not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep, self.sleep_level = {"weights", "kv_cache"}, level
         return {}
+
+    def _wake(self):
+        if "weights" in self.asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+            if self.sleep_level == 2:  # dropped, not kept: the memory is back but holds nothing
+                self._load(self.weights_path)
+        if "kv_cache" in self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep.discard("kv_cache")
+            self.llm.reset_prefix_cache()  # the blocks' contents are gone: no prompt may match them
 
     def adapter(self, name, id, path):
         from vllm.lora.request import LoRARequest
 
+        self._wake()
         previous = self.lora
         self.lora = LoRARequest(name, id, path)
         if previous is not None and previous.lora_int_id != id:
@@ -123,7 +167,7 @@ def main():
             if op == "close":
                 out.write(json.dumps({"ok": True}) + "\n")
                 break
-            if op not in ("start", "generate", "reload", "adapter"):
+            if op not in ("start", "generate", "reload", "adapter", "sleep"):
                 raise ValueError(f"unknown op {op!r}")
             reply = getattr(worker, op)(**request)
             out.write(json.dumps({"ok": True, **reply}) + "\n")

@@ -42,7 +42,7 @@ def check_rl(config: RLConfig) -> None:
     check_placement(config)
     if config.reward_model:  # here, before Ray starts: a causal-LM folder would score with a random head (noise)
         check_is_reward_model(config.reward_model, "reward_model")
-    if config.rollout_backend == "vllm":  # where vLLM is, before any model loads
+    if config.rollout_backend == "vllm" or config.vllm_enable_sleep_mode:  # where vLLM is, before any model loads
         from posttrain.generation.vllm_backend import check_vllm_config
 
         check_vllm_config(config)

@@ -73,4 +73,5 @@ class RolloutSampler:
 def vllm_options(config) -> dict:
     """The vLLM backend's options from an RL config's keys."""
     return {"python": config.vllm_python, "gpu_memory_utilization": config.vllm_gpu_memory_utilization,
-            "max_model_len": config.cutoff_len + config.max_completion_length}
+            "max_model_len": config.cutoff_len + config.max_completion_length,
+            "enable_sleep_mode": config.vllm_enable_sleep_mode}

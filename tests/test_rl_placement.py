@@ -90,8 +90,9 @@ def test_rollouts_sampled_on_other_weights_than_asked_are_told(tiny_model_dir, c
             # Another rank's next update reaches the sampler before this rank's request for version 1.
             backend = sampler.backend
             backend.role.call("load", {k: v.detach() for k, v in model.named_parameters()}, backend.version + 1)
+            assert backend.newer_by == 0
             sampler.sample(prompts, **greedy)
-        assert backend.reordered == 1
+        assert backend.reordered == 1 and backend.newer_by == 1  # the trainer counts the staleness from it
         assert [r.getMessage() for r in caplog.records] == [
             "rollouts sampled on weights version 2 where this rank asked for version 1: the shared sampler received "
             "another rank's weight update first; the run stays on-policy within async_rollouts but no longer repeats "

@@ -334,6 +334,7 @@ class RayRolloutBackend:
         # The weight updates so far, counted on every rank (update_weights is collective) and held by the sampler
         # with its weights: each rank's rollouts are checked to come from the weights that rank asked them of.
         self.version = self.reordered = 0
+        self.newer_by = 0  # of the last batch collected: how many updates newer its weights were than asked
         if session.weight_sync == "collective" and session.leads:
             from posttrain.train.rl.weight_sync import WeightGroup, open_store
 
@@ -358,6 +359,7 @@ class RayRolloutBackend:
                         "sampler received another rank's weight update first; the run stays on-policy within "
                         "async_rollouts but no longer repeats bit for bit", sampled, asked)
         self.reordered += sampled != asked
+        self.newer_by = sampled - asked
         return outputs
 
     def update_weights(self) -> None:

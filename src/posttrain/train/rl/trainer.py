@@ -195,7 +195,7 @@ class RLTrainer:
         if not self.ahead or self.ahead[0]["step"] != step:
             self.ahead.appendleft(self.start_rollout(step))
         pending = self.ahead.popleft()
-        rollouts = pending["rollouts"] if "rollouts" in pending else self.sampler.finish(pending["started"])
+        rollouts = pending["rollouts"] if "rollouts" in pending else self.finish_rollout(pending)
         queued = {p["step"] for p in self.ahead}
         for k in range(step + 1, min(step + self.config.async_rollouts, self.total_steps()) + 1):
             if k not in queued:
@@ -203,12 +203,19 @@ class RLTrainer:
         rows = [self.prompts[i][1] for i in self.step_prompts(step - 1) for _ in range(self.group)]
         return rollouts, rows, self.weights_version - pending["version"]
 
+    def finish_rollout(self, pending: dict) -> list[Rollout]:
+        """A started rollout's samples. A sampler shared by Ray ranks may have served it after another rank's
+        update reached it (placement.RayRolloutBackend warns): its version is then the one it was sampled on."""
+        rollouts = self.sampler.finish(pending.pop("started"))
+        pending["version"] += getattr(self.sampler.backend, "newer_by", 0)
+        return rollouts
+
     def ahead_state(self) -> list[dict]:
         """The rollouts started ahead of their steps, finished and written out, for a checkpoint (each rank's,
         in rank order): a resumed run trains on the very samples the uninterrupted one does."""
         for pending in self.ahead:
             if "rollouts" not in pending:
-                pending["rollouts"] = self.sampler.finish(pending.pop("started"))
+                pending["rollouts"] = self.finish_rollout(pending)
         mine = [{"step": p["step"], "version": p["version"], "rollouts": [vars(r) for r in p["rollouts"]]}
                 for p in self.ahead]
         return dist.gather_objects(mine) if self.config.async_rollouts else []

@@ -1,6 +1,7 @@
 """The shared-prompt layout (each prompt run once per batch) gives the plain per-row forward's per-token
 log-probs, entropies, values AND gradients: for a causal LM, a LoRA actor (and its base with the adapter
-off) and a value-head critic, with prompts of different lengths, groups out of order and ragged responses."""
+off) and a value-head critic, with prompts of different lengths, groups out of order and ragged responses
+(run in several tail passes, each padded to its own longest)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from posttrain.model.loading import load_model
 from posttrain.model.reward import load_reward_model
 from posttrain.train.rl.experience import collate_rollouts, response_logps, response_values, shares_prompts
 from posttrain.train.rl.rollout import Rollout
-from posttrain.train.rl.shared_prompt import GPU_SHARING_BREAK_EVEN, min_saved_positions, worth_sharing
+from posttrain.train.rl.shared_prompt import (CPU_SHARING_BREAK_EVEN, GPU_SHARING_BREAK_EVEN, min_saved_positions,
+                                              worth_sharing)
 
 CPU = torch.device("cpu")
 
@@ -35,6 +37,7 @@ def _both(model, rollouts, pad_id, run):
     for share in (False, True):
         batch = collate_rollouts(rollouts, pad_id, CPU, share_prompts=share)
         assert ("tail_ids" in batch) == share  # the shared layout was taken when asked (prompts repeat)
+        assert ("chunks" in batch) == share  # ragged responses: tail passes grouped by length
         model.zero_grad(set_to_none=True)
         values, loss = run(batch)
         loss.backward()
@@ -105,14 +108,27 @@ def test_plain_layout_where_sharing_cannot_run_or_gains_nothing(tiny_model_dir, 
 
 def test_on_a_gpu_small_models_keep_the_plain_layout_and_large_prompt_savings_share(tiny_model_dir):
     """A GPU pays two decoder passes in launches: a small model shares only when the skipped prompt positions
-    outweigh them (GPU_SHARING_BREAK_EVEN); a CPU shares any saving. Read from the device type alone."""
+    outweigh them (GPU_SHARING_BREAK_EVEN); a CPU pays them in op dispatch, far less (CPU_SHARING_BREAK_EVEN).
+    Read from the device type alone."""
     model = load_model(str(tiny_model_dir), device=CPU)
     params, layers = sum(p.numel() for p in model.parameters()), model.config.num_hidden_layers
     cuda_min = min_saved_positions(model, torch.device("cuda"))
-    assert min_saved_positions(model, CPU) == 1
+    assert min_saved_positions(model, CPU) == math.ceil(CPU_SHARING_BREAK_EVEN * layers / params) < cuda_min / 1000
     assert cuda_min == math.ceil(GPU_SHARING_BREAK_EVEN * layers / params) > 1000  # a tiny model: hardly ever
     group = [Rollout(list(range(3, 3 + 40)), [5, 6], "", True)] * 8  # one prompt of 40 tokens, 8 completions
     saved = 8 * 42 - (39 + 8 * 2)
     assert worth_sharing(group) and worth_sharing(group, saved) and not worth_sharing(group, saved + 1)
     assert "tail_ids" in collate_rollouts(group, 0, CPU, share_prompts=True, min_saved=saved)
     assert "input_ids" in collate_rollouts(group, 0, CPU, share_prompts=True, min_saved=cuda_min)
+
+
+def test_tail_passes_group_rows_by_length_where_a_pass_saves_more_than_it_costs():
+    from posttrain.train.rl.shared_prompt import tail_chunks
+
+    lengths = [16] + [6] * 62 + [1]
+    groups = tail_chunks(lengths, pass_cost=1)
+    assert sorted(i for g in groups for i in g) == list(range(64))  # every row once
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[16], [6] * 62, [1]]  # 16 + 372 + 1 + 2 < 1024
+    assert tail_chunks(lengths, pass_cost=1000) == [list(range(64))]  # a pass that costs more than it saves
+    assert len(tail_chunks(list(range(1, 65)), pass_cost=0)) == 4  # at most MAX_TAIL_PASSES
+    assert tail_chunks([5] * 8, pass_cost=0) == [list(range(8))]  # equal lengths: one pass

@@ -48,7 +48,7 @@ def collate_rollouts(rollouts: list[Rollout], pad_id: int, device: torch.device,
     `targets` and `mask` [B, L]. With `share_prompts`, the shared-prompt layout instead wherever it runs
     at least `min_saved` fewer token positions (rows repeat a prompt; `min_saved_positions`)."""
     if share_prompts and worth_sharing(rollouts, min_saved):
-        return collate_shared(rollouts, pad_id, device)
+        return collate_shared(rollouts, pad_id, device, min_saved)
     width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
     length = max(len(r.response_ids) for r in rollouts)
     b = len(rollouts)

@@ -81,3 +81,49 @@ def test_adapters_vllm_cannot_serve_are_refused_with_the_reason(lively_model_dir
     with pytest.raises(ConfigError, match="PROMPT_TUNING adapter and vLLM serves LoRA adapters only.*--backend engine"):
         build_state(_settings(lively_model_dir, adapters={"pt": str(tmp_path / "pt")}, backend="vllm",
                               vllm_python=python))
+
+
+def test_a_killed_server_takes_vllm_with_it(lively_model_dir):
+    """`posttrain serve` killed outright (SIGKILL: no shutdown runs) leaves no vLLM server holding the port and
+    the memory: vLLM's server gets SIGTERM when the process that started it dies, and ends its own processes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "posttrain", "serve", str(lively_model_dir), "--backend", "vllm",
+                              "--vllm-python", os.environ["POSTTRAIN_VLLM_PYTHON"], "--port", str(port),
+                              "--max-model-len", "160"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert serve.poll() is None and time.time() < deadline, serve.stderr.read()[-2000:] if serve.poll() else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        children = subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True, text=True).stdout.split()
+        # vLLM's server leads a process group of its own, with the processes it started
+        vllm = subprocess.run(["pgrep", "-g", ",".join(children)], capture_output=True, text=True).stdout.split()
+        vllm = [int(pid) for pid in vllm]
+        assert len(vllm) >= 2, "vLLM's server (a child of posttrain serve) and its engine"
+        serve.send_signal(signal.SIGKILL)
+        serve.wait()
+        deadline = time.time() + 60
+        while any(_alive(pid) for pid in vllm) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(_alive(pid) for pid in vllm)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

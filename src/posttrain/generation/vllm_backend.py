@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import torch
 
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.backend import Completion, stop_ids_of
+from posttrain.generation.vllm_process import end_group, start_group
 from posttrain.inference.detokenize import decode_continuation
 from posttrain.inference.sampling import SamplingParams, TokenChoice
 
@@ -43,6 +45,7 @@ SLEEP_NEEDS_GPU = ("vllm_enable_sleep_mode frees the GPU memory vLLM holds while
                    "model on a CUDA GPU: leave it off on CPU")
 NO_VLLM = ("rollout_backend: vllm needs vLLM: `make vllm` sets up its CPU build (then set vllm_python: "
            ".venv-vllm/bin/python, or $POSTTRAIN_VLLM_PYTHON), or `pip install vllm` on a GPU machine")
+ROUTINE_LOG = ("Loading safetensors checkpoint shards", "Failed to load weights")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
 
 
@@ -149,8 +152,9 @@ class VLLMBackend:
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the worker's own function after a reload (_retie_lm_head)
         self.log_path = self.dir / "worker.log"
-        self.proc = subprocess.Popen([exe, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(self.log_path, "w"), text=True, env=env, cwd=self.dir)
+        # It ends when its stdin does (this process ended, however); its group, with vLLM's own processes, in close()
+        self.proc = start_group([exe, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=open(self.log_path, "w"), text=True, env=env, cwd=self.dir)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         options = {"model": str(base), "dtype": dtype, "max_model_len": self.max_seq_len,
                    "max_num_seqs": max_num_seqs, "seed": seed or 0, "gpu_memory_utilization": gpu_memory_utilization,
@@ -251,17 +255,20 @@ class VLLMBackend:
     def _send(self, op: str, **request) -> int:
         """Queue a request with the worker; its number, for `_reply`. The worker answers in order."""
         if self.proc is None or self.proc.poll() is not None:
-            raise PosttrainError(f"the vLLM worker is not running{self._log_tail()}")
+            raise PosttrainError(f"the vLLM worker is not running{self._why_it_ended()}")
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it ended since the check above
+            raise PosttrainError(f"the vLLM worker ended before {op}{self._why_it_ended()}") from None
         self.sent += 1
-        self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
-        self.proc.stdin.flush()
         return self.sent
 
     def _reply(self, number: int, op: str) -> dict:
         while number not in self.replies:  # replies to earlier requests not yet collected are kept
             line = self.proc.stdout.readline()
             if not line:
-                raise PosttrainError(f"the vLLM worker ended during {op}{self._log_tail()}")
+                raise PosttrainError(f"the vLLM worker ended during {op}{self._why_it_ended()}")
             self.answered += 1
             self.replies[self.answered] = json.loads(line)
         reply = self.replies.pop(number)
@@ -269,9 +276,25 @@ class VLLMBackend:
             raise PosttrainError(f"vLLM {op} failed: {reply['error']}{self._log_tail()}")
         return reply
 
+    def _why_it_ended(self) -> str:
+        """How the worker ended, and its log's last lines unless a signal ended it (its log cannot say why)."""
+        if self.proc is None:
+            return ""
+        try:
+            code = self.proc.wait(timeout=10)  # its stdout closed or it is gone: it is ending
+        except subprocess.TimeoutExpired:
+            return f" (its output closed){self._log_tail()}"
+        if code < 0:
+            name = signal.Signals(-code).name
+            return f" (killed by {name}{': out of memory, or killed by hand' if code == -signal.SIGKILL else ''})"
+        return f" (exit {code}){self._log_tail()}"
+
     def _log_tail(self, lines: int = 15) -> str:
         try:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+            # without what every weight update logs (vLLM reloads a folder; the tied head and rotary tables are
+            # not in it), so the lines before the end are the ones that say why
+            tail = [line for line in self.log_path.read_text(errors="replace").splitlines()
+                    if line.strip() and not any(x in line for x in ROUTINE_LOG)][-lines:]
         except OSError:
             return ""
         return ("; its log ends:\n" + "\n".join(tail)) if tail else ""
@@ -284,7 +307,8 @@ class VLLMBackend:
                     self.proc.stdin.close()
                     self.proc.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
+                pass
+            end_group(self.proc, timeout=10)  # what is left: all of it if it hung, vLLM's processes if it died
             self.proc = None
         if getattr(self, "dir", None) is not None:  # not there when the constructor refused the model
             shutil.rmtree(self.dir, ignore_errors=True)

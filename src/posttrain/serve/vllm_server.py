@@ -22,6 +22,7 @@ from pathlib import Path
 from posttrain.config import ServeConfig
 from posttrain.errors import ConfigError
 from posttrain.generation.vllm_backend import vllm_env, vllm_lora_rank
+from posttrain.generation.vllm_process import end_group, module_dying_with_us, start_group
 from posttrain.inference.lora import check_base_model, read_adapter_config
 from posttrain.inference.registry import Adapter, AdapterError, AdapterRegistry
 from posttrain.serve.prometheus_metrics import Metrics
@@ -63,8 +64,7 @@ class VLLMProcess:
     def __init__(self, command: list[str], env: dict, log_path: Path, port: int):
         self.log_path, self.port = log_path, port
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = start_group(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
 
     @property
     def alive(self) -> bool:
@@ -91,12 +91,7 @@ class VLLMProcess:
         raise ConfigError(f"vLLM's server did not answer within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.alive:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        end_group(self.proc, timeout=30)  # vLLM's own processes too, also where the server itself died
 
 
 @dataclass
@@ -140,10 +135,8 @@ def build_vllm_state(settings: ServeConfig, model_dir: Path, base_config, vllm_p
     limit = getattr(base_config, "max_position_embeddings", None) or 2048
     max_model_len = min(settings.max_model_len or limit, limit)
     port = _free_port()
-    command = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", base_name, "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", str(max_model_len), "--max-num-seqs", str(settings.max_batch_size),
-               "--dtype", dtype]
+    command = ["--model", str(model_dir), "--served-model-name", base_name, "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", str(max_model_len), "--max-num-seqs", str(settings.max_batch_size), "--dtype", dtype]
     if settings.seed is not None:
         command += ["--seed", str(settings.seed)]
     if settings.trust_remote_code:
@@ -169,7 +162,8 @@ def build_vllm_state(settings: ServeConfig, model_dir: Path, base_config, vllm_p
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     log_path = Path(tempfile.mkstemp(prefix="posttrain-vllm-server-", suffix=".log")[1])
     log.info("starting vLLM's server (%s); its log: %s", vllm_python, log_path)
-    process = VLLMProcess(command, env, log_path, port)
+    process = VLLMProcess(module_dying_with_us(vllm_python, "vllm.entrypoints.openai.api_server", command), env,
+                          log_path, port)
     process.wait_ready(timeout=600)
     return VLLMServerState(settings, process, registry, base_name, Metrics(), int(time.time()), max_model_len)
 

@@ -1,0 +1,52 @@
+"""vLLM's processes, tied to the posttrain process that starts them.
+
+vLLM starts processes of its own (its engine core, its workers). When the vLLM process we start dies
+abruptly (killed, out of memory), they live on, spinning and holding memory (the GPU's, on a GPU). So
+each vLLM process we start leads a process group of its own, and is ended with its whole group. A
+server, which has no pipe from us to notice our end by, also gets SIGTERM when the posttrain process
+that started it dies, however it dies (Linux's parent-death signal, set before vLLM loads).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+# Run first in the child: SIGTERM when the parent dies; a parent that died before that line was run is
+# seen as the child's new parent.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+                    "os.getppid() == {parent} or sys.exit(0)\n")
+
+
+def start_group(command: list[str], **popen) -> subprocess.Popen:
+    """`command` leading a process group of its own (ended with `end_group`)."""
+    return subprocess.Popen(command, start_new_session=True, **popen)
+
+
+def module_dying_with_us(python: str, module: str, args: list[str]) -> list[str]:
+    """The command that runs `python -m module args`, ended by SIGTERM when this process dies (Linux). Linux
+    sends it when the thread that started the process ends: start it from one that lives as long (the main)."""
+    run = f"import runpy\nrunpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    return [python, "-c", _DIE_WITH_PARENT.format(parent=os.getpid()) + run, *args]
+
+
+def end_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to `proc`'s group (it and every process vLLM started under it), SIGKILL to what is left after
+    `timeout` seconds. Nothing to do once the group is empty."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps the leader, so the group empties once its other members end
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    proc.poll()

@@ -244,8 +244,9 @@ def main() -> None:
     client_cpus = None
     if args.client_cpus:
         cpus = sorted(os.sched_getaffinity(0))
-        if args.client_cpus >= len(cpus):
-            raise SystemExit(f"--client-cpus {args.client_cpus}: this process has {len(cpus)} CPUs; leave one for the server")
+        if not 0 < args.client_cpus < len(cpus):
+            raise SystemExit(f"--client-cpus {args.client_cpus}: this process has {len(cpus)} CPUs; give the client 1 to "
+                             f"{len(cpus) - 1}, leaving the rest to the server")
         client_cpus = set(cpus[-args.client_cpus:])
         os.sched_setaffinity(0, cpus[:-args.client_cpus])  # children (the server, vLLM) start with this mask
         torch.set_num_threads(args.threads or len(cpus) - args.client_cpus)

@@ -104,6 +104,16 @@ def test_plain_layout_where_sharing_cannot_run_or_gains_nothing(tiny_model_dir, 
     assert "input_ids" in collate_rollouts(one_token, pad, CPU, share_prompts=True)
     model = load_model(str(tiny_model_dir), device=CPU, gradient_checkpointing=True)
     assert shares_prompts(model, with_grad=False) and not shares_prompts(model, with_grad=True)
+    # A sliding window counts cache slots, the shared prompts' padding included: such models keep the plain layout.
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    assert not shares_prompts(MistralForCausalLM(MistralConfig(sliding_window=16, **small)), with_grad=False)
+    assert shares_prompts(MistralForCausalLM(MistralConfig(sliding_window=None, **small)), with_grad=False)
+    assert shares_prompts(Qwen2ForCausalLM(Qwen2Config(**small)), with_grad=False)  # its window is off
+    assert not shares_prompts(Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=16,
+                                                           max_window_layers=0, **small)), with_grad=False)
 
 
 def test_on_a_gpu_small_models_keep_the_plain_layout_and_large_prompt_savings_share(tiny_model_dir):

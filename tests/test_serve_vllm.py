@@ -83,7 +83,7 @@ def test_adapters_vllm_cannot_serve_are_refused_with_the_reason(lively_model_dir
                               vllm_python=python))
 
 
-def test_a_killed_server_takes_vllm_with_it(lively_model_dir):
+def test_a_killed_server_takes_vllm_with_it(lively_model_dir, tmp_path):
     """`posttrain serve` killed outright (SIGKILL: no shutdown runs) leaves no vLLM server holding the port and
     the memory: vLLM's server gets SIGTERM when the process that started it dies, and ends its own processes."""
     import signal
@@ -95,11 +95,12 @@ def test_a_killed_server_takes_vllm_with_it(lively_model_dir):
     port = free_port()
     serve = subprocess.Popen([sys.executable, "-m", "posttrain", "serve", str(lively_model_dir), "--backend", "vllm",
                               "--vllm-python", os.environ["POSTTRAIN_VLLM_PYTHON"], "--port", str(port),
-                              "--max-model-len", "160"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              "--max-model-len", "160"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"))
+    vllm = []
     try:
         deadline = time.time() + 300
         while True:
-            assert serve.poll() is None and time.time() < deadline, serve.stderr.read()[-2000:] if serve.poll() else ""
+            assert serve.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()[-2000:]
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -120,6 +121,9 @@ def test_a_killed_server_takes_vllm_with_it(lively_model_dir):
     finally:
         if serve.poll() is None:
             serve.kill()
+        for pid in vllm:  # what a failure left running
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

@@ -135,26 +135,13 @@ def test_sleep_mode_frees_the_gpu_after_each_batch_and_samples_as_an_awake_vllm(
         awake.close()
 
 
-def _group(leader: int) -> list[int]:
-    """The live processes of `leader`'s process group (the worker's, vLLM's own processes in it); zombies hold
-    nothing and wait for whoever reaps orphans here."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
-        except OSError:
-            continue
-        if int(stat[2]) == leader and stat[0] != "Z":
-            found.append(int(pid))
-    return found
-
-
 def test_a_killed_worker_is_reported_in_one_line_and_leaves_no_vllm_process(tiny_model_dir, vllm_python):
     """vLLM starts processes of its own, which outlive a worker killed under them (out of memory): the next call
     says how it ended, and closing ends the whole group."""
     import signal
 
     from posttrain.errors import PosttrainError
+    from posttrain.generation.vllm_process import live_members
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model, prompts = _model(tiny_model_dir), _prompts(tokenizer)
@@ -163,14 +150,14 @@ def test_a_killed_worker_is_reported_in_one_line_and_leaves_no_vllm_process(tiny
     try:
         vllm.generate(prompts, params)
         leader = vllm.proc.pid
-        assert len(_group(leader)) >= 2  # the worker and vLLM's engine process(es)
+        assert len(live_members(leader)) >= 2  # the worker and vLLM's engine process(es)
         os.kill(leader, signal.SIGKILL)
         with pytest.raises(PosttrainError, match="vLLM worker .*killed by SIGKILL: out of memory") as caught:
             vllm.generate(prompts, params)
         assert "\n" not in str(caught.value)  # a signal leaves nothing in its log to quote
     finally:
         vllm.close()
-    assert _group(leader) == []
+    assert live_members(leader) == []
 
 
 def test_dora_is_refused_with_the_backend_that_runs_it(tiny_model_dir, vllm_python):

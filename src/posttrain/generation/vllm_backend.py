@@ -45,7 +45,10 @@ SLEEP_NEEDS_GPU = ("vllm_enable_sleep_mode frees the GPU memory vLLM holds while
                    "model on a CUDA GPU: leave it off on CPU")
 NO_VLLM = ("rollout_backend: vllm needs vLLM: `make vllm` sets up its CPU build (then set vllm_python: "
            ".venv-vllm/bin/python, or $POSTTRAIN_VLLM_PYTHON), or `pip install vllm` on a GPU machine")
-ROUTINE_LOG = ("Loading safetensors checkpoint shards", "Failed to load weights")
+# logged at every weight update: vLLM reloads a folder without the tied output head, and says so for the head and
+# for the rotary embedding
+ROUTINE_LOG = ("Loading safetensors checkpoint shards", "ParallelLMHead: Failed to load weights",
+               "RotaryEmbedding: Failed to load weights")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
 
 
@@ -79,23 +82,27 @@ def find_vllm_python(explicit: str | None = None) -> str | None:
 
 
 def check_vllm_config(config) -> None:
-    """A run asking for vLLM rollouts: vLLM is there, and the actor is one vLLM can sample as trained."""
+    """A run asking for vLLM rollouts (or for vLLM's sleep mode): vLLM is there, and the actor is one vLLM can
+    sample as trained."""
     if config.vllm_enable_sleep_mode and not _gpu_for_rollouts(config):
         raise ConfigError(SLEEP_NEEDS_GPU)
+    asked = "rollout_backend: vllm" if config.rollout_backend == "vllm" else "vllm_enable_sleep_mode"
     if find_vllm_python(config.vllm_python) is None:
-        raise ConfigError(NO_VLLM)
+        raise ConfigError(NO_VLLM.replace("rollout_backend: vllm", asked))
     if getattr(config, "use_dora", False):
-        raise ConfigError("rollout_backend: vllm: vLLM has no DoRA; use rollout_backend: hf")
+        raise ConfigError(f"{asked}: vLLM has no DoRA; use rollout_backend: hf")
     if getattr(config, "pissa_init", False) or getattr(config, "quantization_bit", None):
-        raise ConfigError("rollout_backend: vllm samples the full-precision original base: PiSSA (a residual base) "
-                          "and QLoRA (a quantized one) would train another policy; use rollout_backend: engine")
+        raise ConfigError(f"{asked}: vLLM samples the full-precision original base: PiSSA (a residual base) and "
+                          "QLoRA (a quantized one) would train another policy; use rollout_backend: engine")
 
 
 def _gpu_for_rollouts(config) -> bool:
-    """Whether vLLM would sample on a GPU: this machine's, or one Ray gives its actor (a cluster's)."""
+    """Whether vLLM would sample on a GPU: this machine's, or the one Ray gives the sampler's actor."""
     if config.device == "cpu":
         return False
-    return torch.cuda.is_available() or (config.placement == "ray" and config.ray_num_gpus_per_role > 0)
+    if config.placement == "ray":
+        return config.ray_num_gpus_per_role > 0
+    return torch.cuda.is_available()
 
 
 def _lora_config(model):
@@ -151,6 +158,9 @@ class VLLMBackend:
         env = vllm_env()
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the worker's own function after a reload (_retie_lm_head)
+        # vLLM forks its engine process on CUDA: forked, it would hold the worker's reply pipe open after the worker
+        # died, and the trainer would wait on it forever; spawned, it holds nothing of the worker's
+        env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         self.log_path = self.dir / "worker.log"
         # It ends when its stdin does (this process ended, however); its group, with vLLM's own processes, in close()
         self.proc = start_group([exe, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -195,6 +205,7 @@ class VLLMBackend:
         """The model trained: vLLM generates from its current weights from the next call on."""
         from safetensors.torch import save_file
 
+        self._make_room()
         self.version += 1
         folder = self.dir / f"v{self.version}"
         folder.mkdir()
@@ -213,6 +224,7 @@ class VLLMBackend:
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple:
         """The request goes to the worker now; vLLM generates while this process goes on (training)."""
+        self._make_room()
         return self._send("generate", prompts=prompts, params=[self._vllm_params(p) for p in params]), prompts, params
 
     def collect(self, handle: tuple) -> list[Completion]:
@@ -244,6 +256,12 @@ class VLLMBackend:
                 "seed": seed, "logprobs": p.logprobs}
 
     # -- the worker ----------------------------------------------------------------------------------
+    def _make_room(self) -> None:
+        """Before vLLM wakes (the next update or batch): the memory training freed goes back to the GPU, where vLLM
+        can take it; PyTorch would otherwise keep it cached for its own next step."""
+        if self.sleep_level and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _sleep(self) -> None:
         """With sleep mode, vLLM frees its GPU memory now (the worker wakes it when it is next needed)."""
         if self.sleep_level and self.sent == self.answered:  # nothing queued that would wake it at once
@@ -291,8 +309,7 @@ class VLLMBackend:
 
     def _log_tail(self, lines: int = 15) -> str:
         try:
-            # without what every weight update logs (vLLM reloads a folder; the tied head and rotary tables are
-            # not in it), so the lines before the end are the ones that say why
+            # without what every weight update logs, so the lines before the end are the ones that say why
             tail = [line for line in self.log_path.read_text(errors="replace").splitlines()
                     if line.strip() and not any(x in line for x in ROUTINE_LOG)][-lines:]
         except OSError:
@@ -309,6 +326,10 @@ class VLLMBackend:
             except (OSError, subprocess.TimeoutExpired):
                 pass
             end_group(self.proc, timeout=10)  # what is left: all of it if it hung, vLLM's processes if it died
+            try:
+                self.proc.stdin.close()  # a request it died before reading would be flushed at exit, noisily
+            except OSError:
+                pass
             self.proc = None
         if getattr(self, "dir", None) is not None:  # not there when the constructor refused the model
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -35,18 +35,32 @@ def module_dying_with_us(python: str, module: str, args: list[str]) -> list[str]
 
 def end_group(proc: subprocess.Popen, timeout: float) -> None:
     """SIGTERM to `proc`'s group (it and every process vLLM started under it), SIGKILL to what is left after
-    `timeout` seconds. Nothing to do once the group is empty."""
+    `timeout` seconds; done once no process of the group runs."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        proc.poll()  # reaps the leader once it ended
+        if not live_members(proc.pid):
+            return
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            break
+            return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            proc.poll()  # reaps the leader, so the group empties once its other members end
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
+            proc.poll()
+            if not live_members(proc.pid):
                 return
             time.sleep(0.1)
-    proc.poll()
+
+
+def live_members(group: int) -> list[int]:
+    """The processes of process group `group` that still run: zombies hold nothing, and wait for whoever reaps
+    orphans on this machine, which may be nobody."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            state, _, pgrp = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == group and state != "Z":
+            found.append(int(pid))
+    return found

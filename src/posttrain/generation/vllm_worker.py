@@ -18,8 +18,8 @@ the stdout it started with (vLLM's own prints go to stderr). Requests, by "op":
   sleep     {"level"}: vLLM gives its GPU memory back while the trainer trains (sleep mode, CUDA only): level 1
             keeps the weights in host memory (a LoRA actor's base, which never changes), level 2 drops them
             (a full model, reloaded after every update anyway). The next op that needs the engine wakes it:
-            reload wakes the weights alone and loads the new ones into them (no copy of the old), generate
-            wakes the rest (a level-2 sleep with no reload since: the last weights are read again).
+            reload wakes the weights alone and loads the new ones into them (no copy of the old); generate and
+            adapter wake all of it (after a level-2 sleep with no reload since, the last weights are read again).
   close     ends the worker; so does the end of stdin (the trainer died)
 
 Every failure is a reply {"ok": false, "error": "..."}, never a traceback on the protocol stream.

@@ -79,6 +79,7 @@ class VLLMProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if not self.alive:
+                self.stop()  # the processes it started
                 raise ConfigError(f"vLLM's server ended while starting (exit {self.proc.returncode}); its log ends:\n"
                                   + "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:]))
             try:

@@ -27,9 +27,10 @@ from posttrain.train.rl.shared_prompt import collate_shared, shared_hidden, wort
 
 def shares_prompts(model: nn.Module, *, with_grad: bool, critic: bool = False) -> bool:
     """Whether `model` can run the shared-prompt layout: its bare decoder must be reachable (not a
-    prompt-learning PEFT model, whose virtual tokens live in the cache; no post-processed logits), and
+    prompt-learning PEFT model, whose virtual tokens live in the cache; no post-processed logits), its
+    layers all full attention (a sliding window counts the cache's slots, prompt padding included), and
     with gradients, no gradient checkpointing (transformers drops the cache in checkpointed layers)."""
-    if prompt_learning_config(model) is not None:
+    if prompt_learning_config(model) is not None or not full_attention_only(model):
         return False
     if with_grad and is_checkpointing(model):
         return False
@@ -40,6 +41,19 @@ def shares_prompts(model: nn.Module, *, with_grad: bool, critic: bool = False) -
             return False
         return True
     return causal_parts(model) is not None
+
+
+def full_attention_only(model: nn.Module) -> bool:
+    """Whether every layer of `model` attends to all earlier positions (no sliding window, chunked or linear
+    attention), as the shared layout's cache of padded prompts needs."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if text is None:
+        return False
+    if getattr(text, "layer_types", None):
+        return all(kind == "full_attention" for kind in text.layer_types)
+    windowed = getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)
+    return not windowed and getattr(text, "attention_chunk_size", None) is None
 
 
 def collate_rollouts(rollouts: list[Rollout], pad_id: int, device: torch.device, share_prompts: bool = False,

@@ -85,7 +85,7 @@ def tail_chunks(lengths: list[int], pass_cost: int, max_passes: int = MAX_TAIL_P
         best[k][len(starts)] = 0
     for k in range(1, max_passes + 1):
         for j in range(len(starts) - 1, -1, -1):
-            for e in range(j + 1, len(starts) + 1):
+            for e in range(len(starts), j, -1):  # fewer passes first: a pass that only breaks even is not run
                 end = starts[e] if e < len(starts) else n
                 cost = (end - starts[j]) * ranked[starts[j]] + (pass_cost if e < len(starts) else 0) + best[k - 1][e]
                 if cost < best[k][j]:

@@ -250,6 +250,23 @@ def test_roles_on_gpus_of_their_own_are_not_counted_on_the_trainer(layout, tiny_
         assert "reference model (fp32, whole)" in _parts(plan_memory(_config(tiny_model_dir, "ppo", **where), world=2))
 
 
+def test_rollouts_on_vllm_count_what_vllm_takes_instead_of_the_engine_cache(tiny_model_dir):
+    shapes = model_shapes(str(tiny_model_dir))
+    engine = _parts(plan_memory(_config(tiny_model_dir, "grpo", device="cpu")))
+    assert any(k.startswith("rollout KV cache") for k in engine)
+    # On CPU: vLLM's own process on this machine, the model and the KV cache posttrain gives it.
+    cpu = _parts(plan_memory(_config(tiny_model_dir, "grpo", device="cpu", rollout_backend="vllm")))
+    assert cpu["vLLM's process: the model (fp32) and a 1 GiB KV cache"] == 4 * shapes.total + 2 ** 30
+    assert not any(k.startswith("rollout KV cache") for k in cpu)
+    # On a GPU: its share of the GPU, held all the time, or asleep while the actor trains (beside no batch).
+    gpu = dict(device="cuda", rollout_backend="vllm", memory_budget_gb=80, vllm_gpu_memory_utilization=0.25)
+    awake = plan_memory(_config(tiny_model_dir, "grpo", **gpu))
+    assert _parts(awake)["vLLM (0.25 of the GPU: its weights and KV cache)"] == 20 * 2 ** 30
+    asleep = plan_memory(_config(tiny_model_dir, "grpo", vllm_enable_sleep_mode=True, **gpu))
+    assert asleep.on("device", with_batch=False) == awake.on("device", with_batch=False) - 20 * 2 ** 30
+    assert asleep.on("device") == awake.on("device")
+
+
 def test_a_plan_fits_a_budget_by_its_peak():
     from posttrain.train.memory_plan import MemoryPlan, Part
 

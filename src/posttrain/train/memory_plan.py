@@ -37,7 +37,7 @@ input (H values) plus one layer's whole set. Logits: R x S x vocabulary in fp32,
 bound where only trained positions reach the head). DPO and KTO precompute the reference's log-probs: no second model
 trains beside the policy. PPO/GRPO add the reference (none for a LoRA actor: its base with the
 adapter disabled), the critic (gae), a reward model, the rollout engine's KV cache (and a LoRA
-actor's merged matrices), and, sharded, a whole copy of the actor that rollouts run on.
+actor's merged matrices) or what vLLM takes, and, sharded, a whole copy of the actor that rollouts run on.
 
 Every rank loads its models whole (fp32) before sharding them: that is a peak of its own. Under FSDP2 over
 several processes (sft, dpo, kto, rm) only rank 0 does and the others hold only their shards; the plan is
@@ -76,7 +76,9 @@ class Part:
     what: str
     bytes: int
     where: str = "device"  # device | host | disk
-    batch: bool = False  # grows with the micro-batch (rows x tokens): activations, logits, the rollout KV cache
+    # grows with the micro-batch (rows x tokens), or is held only beside it: activations, logits, the rollout KV
+    # cache, a sleeping vLLM's share
+    batch: bool = False
 
 
 @dataclass
@@ -304,6 +306,9 @@ def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_
         load += actor_bytes
     if apart:
         return parts, load
+    if _rollouts_on_vllm(config):
+        parts.append(_vllm_part(config, shapes, notes))
+        return parts, load
     from posttrain.inference.weights import SUPPORTED_MODEL_TYPES
 
     if config.finetuning_type == "lora" and not config.use_dora and shapes.model_type in SUPPORTED_MODEL_TYPES:
@@ -313,6 +318,45 @@ def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_
     parts.append(Part(f"rollout KV cache ({sequences} x {length} tokens)",
                       sequences * length * shapes.layers * 2 * shapes.kv_dim * 4, batch=True))
     return parts, load
+
+
+def _on_cuda(config) -> bool:
+    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+
+
+def _rollouts_on_vllm(config) -> bool:
+    """Whether the run's rollouts go to vLLM (auto: on CUDA, where vLLM is installed)."""
+    if config.rollout_backend != "auto":
+        return config.rollout_backend == "vllm"
+    from posttrain.generation.vllm_backend import find_vllm_python
+
+    try:
+        return _on_cuda(config) and find_vllm_python(config.vllm_python) is not None
+    except ConfigError:  # a vllm_python that is not there: the run says so when it starts
+        return False
+
+
+def _vllm_part(config, shapes: ModelShapes, notes: list[str]) -> Part:
+    """What vLLM holds beside the trainer, in place of the engine's KV cache. On a GPU: its share of the GPU's
+    memory, weights and KV cache together, all the time or (sleep mode) while it samples, when the batch's
+    activations are freed. On CPU: its own process on this machine, the model and the KV cache it is given."""
+    if not _on_cuda(config):
+        from posttrain.generation.vllm_backend import vllm_env
+
+        kv = int(vllm_env()["VLLM_CPU_KVCACHE_SPACE"])
+        return Part(f"vLLM's process: the model (fp32) and a {kv} GiB KV cache", 4 * shapes.total + kv * GiB)
+    share = config.vllm_gpu_memory_utilization
+    if config.memory_budget_gb is not None:
+        total = config.memory_budget_gb * GiB
+    elif torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    else:
+        notes.append(f"vLLM takes {share:g} of the GPU's memory: not counted (no GPU here; memory_budget_gb sets it)")
+        return Part(f"vLLM ({share:g} of the GPU's memory)", 0)
+    if config.vllm_enable_sleep_mode:
+        return Part(f"vLLM while it samples ({share:g} of the GPU; asleep while the actor trains)",
+                    int(share * total), batch=True)
+    return Part(f"vLLM ({share:g} of the GPU: its weights and KV cache)", int(share * total))
 
 
 def _reward_models(folder: str, trust: bool) -> list[tuple[str, ModelShapes]]:
@@ -367,8 +411,7 @@ def host_available() -> int | None:
 
 def budget(config, local_world: int, device: torch.device | None = None) -> Budget:
     """`memory_budget_gb` when set, else what this rank's device has free (CPU: its share of the available RAM)."""
-    cuda = device.type == "cuda" if device is not None else (
-        config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()))
+    cuda = device.type == "cuda" if device is not None else _on_cuda(config)
     ram = host_available()
     host = ram // local_world if ram is not None else None
     stated = getattr(config, "memory_budget_gb", None)

@@ -301,6 +301,16 @@ def test_plan_command_exits_2_naming_the_cheapest_fix(llama_7b, tmp_path, capsys
     assert code == 2 and "it fits with finetuning_type: lora" in capsys.readouterr().err
 
 
+def test_plan_command_names_the_stage_a_file_without_one_is_for(tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "rl.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: p.jsonl\nnum_generations: 8\nkl_coef: 0.04\n")
+    assert main(["plan", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no `stage:` key" in err and "add `stage: grpo`" in err, err
+    assert main(["plan", str(config), "--stage", "grpo"]) == 0  # as it says
+    assert "memory plan for grpo" in capsys.readouterr().out
+
+
 def test_plan_command_warns_when_only_the_longest_batches_would_not_fit(tiny_model_dir, capsys):
     # the models take 13.6 MB (weights, gradients, AdamW), a batch of 8 x 64 tokens 25 MB more
     code = main(["plan", f"model_name_or_path={tiny_model_dir}", "per_device_train_batch_size=8", "cutoff_len=64",

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -214,12 +215,21 @@ def _inspected_config(a, stages, refusal: str, overrides: list[str], defaults: d
             stage = (yaml.safe_load(Path(a.config).read_text()) or {}).get("stage")
         except (yaml.YAMLError, AttributeError):
             stage = None  # load_config says what is wrong with the file
+    guessed = stage is None
     stage = stage or "sft"
     if stage not in stages:
         raise ConfigError(f"stage {stage!r} {refusal}; use one of {', '.join(stages)}")
     if stage in ("ppo", "grpo"):
         defaults = {**defaults, "reward_funcs": ["exact_match"]}
-    return load_config(stage, a.config, overrides, defaults=defaults)
+    try:
+        return load_config(stage, a.config, overrides, defaults=defaults)
+    except ConfigError as err:
+        other = re.search(r"is for ([\w /]+), not for sft", str(err))
+        if guessed and other:  # another stage's file without its `stage:` key, read as sft's
+            first = other.group(1).split(" / ")[-1]
+            raise ConfigError(f"{a.config or 'the config'} has no `stage:` key and is read as sft's, but its keys are "
+                              f"for {other.group(1)}: add `stage: {first}` to it, or pass --stage {first}") from None
+        raise
 
 
 def cmd_plan(a) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from conftest import sft_overrides
 from posttrain.cli import main
 from posttrain.config import load_config
 from posttrain.model.shapes import model_shapes, trained_params
-from posttrain.train.memory_plan import Budget, GiB, plan_memory, shortfalls
+from posttrain.train.memory_plan import Budget, GiB, budget, plan_memory, shortfalls, verdict
 
 # A Llama-2-7B-shaped config.json (no weights: the plan reads nothing else).
 H, I, L, V = 4096, 11008, 32, 32000
@@ -258,13 +259,32 @@ def test_rollouts_on_vllm_count_what_vllm_takes_instead_of_the_engine_cache(tiny
     cpu = _parts(plan_memory(_config(tiny_model_dir, "grpo", device="cpu", rollout_backend="vllm")))
     assert cpu["vLLM's process: the model (fp32) and a 1 GiB KV cache"] == 4 * shapes.total + 2 ** 30
     assert not any(k.startswith("rollout KV cache") for k in cpu)
-    # On a GPU: its share of the GPU, held all the time, or asleep while the actor trains (beside no batch).
+    # On a GPU (planned here from memory_budget_gb): its share of the GPU, held all the time; or, asleep while the
+    # actor trains, taken back beside the models between batches: the models plus the larger of the two.
     gpu = dict(device="cuda", rollout_backend="vllm", memory_budget_gb=80, vllm_gpu_memory_utilization=0.25)
     awake = plan_memory(_config(tiny_model_dir, "grpo", **gpu))
-    assert _parts(awake)["vLLM (0.25 of the GPU: its weights and KV cache)"] == 20 * 2 ** 30
+    share = _parts(awake)["vLLM (0.25 of the GPU: its weights and KV cache)"]
+    assert share == 20 * 2 ** 30
     asleep = plan_memory(_config(tiny_model_dir, "grpo", vllm_enable_sleep_mode=True, **gpu))
-    assert asleep.on("device", with_batch=False) == awake.on("device", with_batch=False) - 20 * 2 ** 30
-    assert asleep.on("device") == awake.on("device")
+    batch = awake.on("device") - awake.on("device", with_batch=False)
+    assert asleep.on("device", with_batch=False) == awake.on("device", with_batch=False)  # it wakes beside them
+    assert asleep.on("device") == awake.on("device", with_batch=False) - share + max(share, batch)
+    lora = plan_memory(_config(tiny_model_dir, "grpo", vllm_enable_sleep_mode=True, finetuning_type="lora", **gpu))
+    assert _parts(lora)["vLLM asleep: the base model (fp32)"] == 4 * shapes.total  # level 1 keeps it on the host
+    # Its share and the models fit, the batch beside them does not: asleep while the actor trains, it fits.
+    models, act = awake.on("device", with_batch=False) - share, batch
+    room = 2 ** 30  # a budget B with models + share + batch > B >= models + share, and share >= batch
+    tight = _config(tiny_model_dir, "grpo", **{**gpu, "memory_budget_gb": room / 2 ** 30,
+                                               "vllm_gpu_memory_utilization": (room - models - act / 2) / room})
+    refusal, warning = verdict(tight, plan_memory(tight), budget(tight, 1), None, 1)
+    assert refusal is None and "it fits with vllm_enable_sleep_mode: true" in warning, warning
+    full = _config(tiny_model_dir, "grpo", **{**gpu, "memory_budget_gb": 1, "vllm_gpu_memory_utilization": 1.0})
+    refusal, _ = verdict(full, plan_memory(full), budget(full, 1), None, 1)
+    assert "it fits with vllm_enable_sleep_mode" not in refusal  # asleep it still wakes beside the models
+    assert refusal.endswith("or a lower vllm_gpu_memory_utilization")
+    auto = _config(tiny_model_dir, "grpo", device="cuda", rollout_backend="auto", memory_budget_gb=80,
+                   vllm_python=sys.executable, finetuning_type="lora", use_dora=True)
+    assert any(k.startswith("rollout KV cache") for k in _parts(plan_memory(auto)))  # auto: DoRA stays on the engine
 
 
 def test_a_plan_fits_a_budget_by_its_peak():
@@ -306,9 +326,14 @@ def test_plan_command_names_the_stage_a_file_without_one_is_for(tiny_model_dir, 
     config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: p.jsonl\nnum_generations: 8\nkl_coef: 0.04\n")
     assert main(["plan", str(config)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "has no `stage:` key" in err and "add `stage: grpo`" in err, err
-    assert main(["plan", str(config), "--stage", "grpo"]) == 0  # as it says
+    assert err.count("\n") == 1 and "has no `stage:` key" in err, err
+    # keys both RL stages take: either may be meant
+    assert "keys are for ppo or grpo: add `stage: ppo` to it (or pass --stage ppo), or another of these" in err
+    assert main(["plan", str(config), "--stage", "grpo"]) == 0
     assert "memory plan for grpo" in capsys.readouterr().out
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: p.jsonl\npref_beta: 0.1\npref_loss: ipo\n")
+    assert main(["plan", str(config)]) == 2  # pref_beta is DPO's and KTO's, pref_loss DPO's alone
+    assert "keys are for dpo: add `stage: dpo`" in capsys.readouterr().err
 
 
 def test_plan_command_warns_when_only_the_longest_batches_would_not_fit(tiny_model_dir, capsys):

@@ -114,6 +114,12 @@ def test_plain_layout_where_sharing_cannot_run_or_gains_nothing(tiny_model_dir, 
     assert shares_prompts(Qwen2ForCausalLM(Qwen2Config(**small)), with_grad=False)  # its window is off
     assert not shares_prompts(Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=16,
                                                            max_window_layers=0, **small)), with_grad=False)
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    neo = dict(vocab_size=64, hidden_size=32, num_heads=4, num_layers=2, window_size=8)
+    assert not shares_prompts(GPTNeoForCausalLM(GPTNeoConfig(attention_types=[[["global", "local"], 1]], **neo)),
+                              with_grad=False)
+    assert shares_prompts(GPTNeoForCausalLM(GPTNeoConfig(attention_types=[[["global"], 2]], **neo)), with_grad=False)
 
 
 def test_on_a_gpu_small_models_keep_the_plain_layout_and_large_prompt_savings_share(tiny_model_dir):

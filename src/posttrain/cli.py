@@ -224,11 +224,12 @@ def _inspected_config(a, stages, refusal: str, overrides: list[str], defaults: d
     try:
         return load_config(stage, a.config, overrides, defaults=defaults)
     except ConfigError as err:
-        other = re.search(r"is for ([\w /]+), not for sft", str(err))
-        if guessed and other:  # another stage's file without its `stage:` key, read as sft's
-            first = other.group(1).split(" / ")[-1]
+        foreign = [set(m.split(" / ")) for m in re.findall(r"is for ([\w /]+), not for sft", str(err))]
+        if guessed and foreign:  # another stage's file without its `stage:` key, read as sft's
+            fits = [st for st in stages if all(st in keys for keys in foreign)] or sorted(set.union(*foreign))
             raise ConfigError(f"{a.config or 'the config'} has no `stage:` key and is read as sft's, but its keys are "
-                              f"for {other.group(1)}: add `stage: {first}` to it, or pass --stage {first}") from None
+                              f"for {' or '.join(fits)}: add `stage: {fits[0]}` to it (or pass --stage "
+                              f"{fits[0]}){'' if len(fits) == 1 else ', or another of these'}") from None
         raise
 
 

@@ -86,14 +86,25 @@ def check_vllm_config(config) -> None:
     sample as trained."""
     if config.vllm_enable_sleep_mode and not _gpu_for_rollouts(config):
         raise ConfigError(SLEEP_NEEDS_GPU)
-    asked = "rollout_backend: vllm" if config.rollout_backend == "vllm" else "vllm_enable_sleep_mode"
+    explicit = config.rollout_backend == "vllm"
+    asked = "rollout_backend: vllm" if explicit else "vllm_enable_sleep_mode"
     if find_vllm_python(config.vllm_python) is None:
         raise ConfigError(NO_VLLM.replace("rollout_backend: vllm", asked))
     if getattr(config, "use_dora", False):
-        raise ConfigError(f"{asked}: vLLM has no DoRA; use rollout_backend: hf")
+        raise ConfigError(f"{asked}: vLLM has no DoRA; "
+                          + ("use rollout_backend: hf" if explicit else "leave vllm_enable_sleep_mode off"))
     if getattr(config, "pissa_init", False) or getattr(config, "quantization_bit", None):
         raise ConfigError(f"{asked}: vLLM samples the full-precision original base: PiSSA (a residual base) and "
-                          "QLoRA (a quantized one) would train another policy; use rollout_backend: engine")
+                          "QLoRA (a quantized one) would train another policy; "
+                          + ("use rollout_backend: engine" if explicit else "leave vllm_enable_sleep_mode off"))
+
+
+def physical_gpu(index: int, visible: str | None = None) -> str:
+    """The CUDA_VISIBLE_DEVICES entry for this process's GPU `index` (itself numbered within the visible ones)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible:
+        return [v.strip() for v in visible.split(",") if v.strip()][index]
+    return str(index)
 
 
 def _gpu_for_rollouts(config) -> bool:
@@ -161,6 +172,10 @@ class VLLMBackend:
         # vLLM forks its engine process on CUDA: forked, it would hold the worker's reply pipe open after the worker
         # died, and the trainer would wait on it forever; spawned, it holds nothing of the worker's
         env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        device = next(model.parameters()).device
+        if device.type == "cuda":  # this rank's GPU, not every rank's vLLM on the first one
+            env["CUDA_VISIBLE_DEVICES"] = physical_gpu(device.index if device.index is not None
+                                                       else torch.cuda.current_device())
         self.log_path = self.dir / "worker.log"
         # It ends when its stdin does (this process ended, however); its group, with vLLM's own processes, in close()
         self.proc = start_group([exe, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

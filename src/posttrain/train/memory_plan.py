@@ -76,9 +76,8 @@ class Part:
     what: str
     bytes: int
     where: str = "device"  # device | host | disk
-    # grows with the micro-batch (rows x tokens), or is held only beside it: activations, logits, the rollout KV
-    # cache, a sleeping vLLM's share
-    batch: bool = False
+    batch: bool = False  # grows with the micro-batch (rows x tokens): activations, logits, the rollout KV cache
+    between_batches: bool = False  # held only while no batch is (a sleeping vLLM, awake to sample): the larger counts
 
 
 @dataclass
@@ -93,8 +92,12 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
 
     def on(self, where: str, with_batch: bool = True) -> int:
-        """Bytes per rank in `where`; without the batch: only what the models hold, whatever the data."""
-        return sum(p.bytes for p in self.parts if p.where == where and (with_batch or not p.batch))
+        """Bytes per rank in `where`; without the batch: only what the models hold, whatever the data (and what
+        takes the batch's place between batches)."""
+        here = [p for p in self.parts if p.where == where]
+        models = sum(p.bytes for p in here if not p.batch and not p.between_batches)
+        between = sum(p.bytes for p in here if p.between_batches)
+        return models + (max(between, sum(p.bytes for p in here if p.batch)) if with_batch else between)
 
     def lines(self) -> list[str]:
         """The plan as a small table (component, bytes per rank, where)."""
@@ -307,7 +310,7 @@ def _rl_parts(config, shapes: ModelShapes, trained: Trained, lay: Layout, actor_
     if apart:
         return parts, load
     if _rollouts_on_vllm(config):
-        parts.append(_vllm_part(config, shapes, notes))
+        parts += _vllm_parts(config, shapes, notes)
         return parts, load
     from posttrain.inference.weights import SUPPORTED_MODEL_TYPES
 
@@ -325,9 +328,12 @@ def _on_cuda(config) -> bool:
 
 
 def _rollouts_on_vllm(config) -> bool:
-    """Whether the run's rollouts go to vLLM (auto: on CUDA, where vLLM is installed)."""
+    """Whether the run's rollouts go to vLLM (auto: on CUDA, where vLLM is installed and samples the actor as
+    trained, as generation/backend.py decides)."""
     if config.rollout_backend != "auto":
         return config.rollout_backend == "vllm"
+    if config.use_dora or config.pissa_init or config.quantization_bit:
+        return False
     from posttrain.generation.vllm_backend import find_vllm_python
 
     try:
@@ -336,7 +342,7 @@ def _rollouts_on_vllm(config) -> bool:
         return False
 
 
-def _vllm_part(config, shapes: ModelShapes, notes: list[str]) -> Part:
+def _vllm_parts(config, shapes: ModelShapes, notes: list[str]) -> list[Part]:
     """What vLLM holds beside the trainer, in place of the engine's KV cache. On a GPU: its share of the GPU's
     memory, weights and KV cache together, all the time or (sleep mode) while it samples, when the batch's
     activations are freed. On CPU: its own process on this machine, the model and the KV cache it is given."""
@@ -344,19 +350,22 @@ def _vllm_part(config, shapes: ModelShapes, notes: list[str]) -> Part:
         from posttrain.generation.vllm_backend import vllm_env
 
         kv = int(vllm_env()["VLLM_CPU_KVCACHE_SPACE"])
-        return Part(f"vLLM's process: the model (fp32) and a {kv} GiB KV cache", 4 * shapes.total + kv * GiB)
+        return [Part(f"vLLM's process: the model (fp32) and a {kv} GiB KV cache", 4 * shapes.total + kv * GiB)]
     share = config.vllm_gpu_memory_utilization
-    if config.memory_budget_gb is not None:
-        total = config.memory_budget_gb * GiB
-    elif torch.cuda.is_available():
+    if torch.cuda.is_available():  # vLLM takes its share of the whole GPU, whatever the budget
         total = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    elif config.memory_budget_gb is not None:  # planned away from the GPU: the budget stands for it
+        total = config.memory_budget_gb * GiB
     else:
         notes.append(f"vLLM takes {share:g} of the GPU's memory: not counted (no GPU here; memory_budget_gb sets it)")
-        return Part(f"vLLM ({share:g} of the GPU's memory)", 0)
-    if config.vllm_enable_sleep_mode:
-        return Part(f"vLLM while it samples ({share:g} of the GPU; asleep while the actor trains)",
-                    int(share * total), batch=True)
-    return Part(f"vLLM ({share:g} of the GPU: its weights and KV cache)", int(share * total))
+        return [Part(f"vLLM ({share:g} of the GPU's memory)", 0)]
+    if not config.vllm_enable_sleep_mode:
+        return [Part(f"vLLM ({share:g} of the GPU: its weights and KV cache)", int(share * total))]
+    parts = [Part(f"vLLM while it samples ({share:g} of the GPU; asleep while the actor trains)", int(share * total),
+                  between_batches=True)]
+    if config.finetuning_type == "lora":  # sleep level 1: the base waits in host memory
+        parts.append(Part("vLLM asleep: the base model (fp32)", 4 * shapes.total, where="host"))
+    return parts
 
 
 def _reward_models(folder: str, trust: bool) -> list[tuple[str, ModelShapes]]:
@@ -458,7 +467,8 @@ class Fix:
 
 
 def _fixes(config, ds_config: dict | None, world: int) -> list[Fix]:
-    """The settings that lower a rank's memory, cheapest first: sharding, gradient checkpointing, offload, LoRA."""
+    """The settings that lower a rank's memory, cheapest first: vLLM asleep while training, sharding, gradient
+    checkpointing, offload, LoRA."""
     out = []
     fsdp = parse_fsdp(config.fsdp, config.fsdp_config)
     kind, stage = strategy_kind(fsdp, ds_config, world), zero_stage(ds_config)
@@ -479,6 +489,9 @@ def _fixes(config, ds_config: dict | None, world: int) -> list[Fix]:
         out.append(Fix("fsdp: full_shard offload", {"fsdp": "full_shard offload"}))
     if config.finetuning_type in ("full", "freeze"):
         out.append(Fix("finetuning_type: lora", {"finetuning_type": "lora"}))
+    if config.stage in ("ppo", "grpo") and _on_cuda(config) and _rollouts_on_vllm(config) and not (
+            config.vllm_enable_sleep_mode or config.async_rollouts):
+        out.insert(0, Fix("vllm_enable_sleep_mode: true", {"vllm_enable_sleep_mode": True}))
     return out
 
 
@@ -519,6 +532,8 @@ def verdict(config, plan: MemoryPlan, have: Budget, ds_config: dict | None, loca
             tried = " + ".join(f.label for f in _fixes(config, ds_config, plan.world)) or "no other setting"
             advice = (f"it does not fit even with {tried}; use more processes, a smaller per_device_train_batch_size "
                       "or cutoff_len, or a smaller model")
+            if any(p.what.startswith("vLLM (") or p.between_batches for p in plan.parts):
+                advice += ", or a lower vllm_gpu_memory_utilization"
         line = f"memory plan: {'; '.join(problems)} (largest: {largest}); {advice}"
         if not with_batch:
             return line, None

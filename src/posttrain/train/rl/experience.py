@@ -52,6 +52,10 @@ def full_attention_only(model: nn.Module) -> bool:
         return False
     if getattr(text, "layer_types", None):
         return all(kind == "full_attention" for kind in text.layer_types)
+    if getattr(text, "attention_types", None):  # GPT-Neo's [[["global", "local"], n]]
+        return all(kind == "global" for kinds, _ in text.attention_types for kind in kinds)
+    if getattr(text, "model_type", None) in ("rwkv", "mamba", "mamba2"):  # recurrent: no cache of keys to share
+        return False
     windowed = getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)
     return not windowed and getattr(text, "attention_chunk_size", None) is None
 

@@ -1,10 +1,14 @@
-"""The vLLM worker's sleep mode, in the order it calls vLLM. vLLM sleeps only on CUDA (test_vllm.py runs it
-there); here a recorder stands in for vLLM's `LLM`, so the order the worker relies on is checked on any
-machine: a level-2 sleep drops the weights, so they are loaded again before anything samples, and a reload
-wakes only the weights' memory, which it fills (the KV cache wakes when a batch needs it, emptied)."""
+"""What the vllm backend decides on a GPU, checked on any machine.
+
+The worker's sleep mode, in the order it calls vLLM. vLLM sleeps only on CUDA (test_vllm.py runs it
+there); here a recorder stands in for vLLM's `LLM`, so the order the worker relies on is checked
+everywhere: a level-2 sleep drops the weights, so they are loaded again before anything samples, and a
+reload wakes only the weights' memory, which it fills (the KV cache wakes when a batch needs it, emptied).
+And the GPU each rank's vLLM is given."""
 
 from __future__ import annotations
 
+from posttrain.generation.vllm_backend import physical_gpu
 from posttrain.generation.vllm_worker import Worker
 
 
@@ -58,3 +62,11 @@ def test_level_one_keeps_the_weights_and_awake_workers_are_left_alone():
     worker._wake()
     worker.reload("v2")
     assert calls[4:] == ["reload_weights v2", "reset prefix cache"]
+
+
+def test_each_rank_gives_its_vllm_its_own_gpu():
+    """The worker sees one GPU: the rank's, named as CUDA_VISIBLE_DEVICES names it where the rank was started with
+    a list (a GPU index inside a process is counted among the visible ones)."""
+    assert physical_gpu(1, "") == "1"
+    assert physical_gpu(1, "4,6") == "6"
+    assert physical_gpu(0, "GPU-3f2a, GPU-77c1") == "GPU-3f2a"

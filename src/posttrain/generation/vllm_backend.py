@@ -142,7 +142,8 @@ class VLLMBackend:
     def __init__(self, model, tokenizer, *, seed: int | None = None, python: str | None = None,
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, max_num_seqs: int = 64,
                  enable_sleep_mode: bool = False):
-        if enable_sleep_mode and next(model.parameters()).device.type != "cuda":
+        first = next(model.parameters())
+        if enable_sleep_mode and first.device.type != "cuda":
             raise ConfigError(SLEEP_NEEDS_GPU)
         exe = find_vllm_python(python)
         if exe is None:
@@ -172,15 +173,14 @@ class VLLMBackend:
         # vLLM forks its engine process on CUDA: forked, it would hold the worker's reply pipe open after the worker
         # died, and the trainer would wait on it forever; spawned, it holds nothing of the worker's
         env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-        device = next(model.parameters()).device
-        if device.type == "cuda":  # this rank's GPU, not every rank's vLLM on the first one
-            env["CUDA_VISIBLE_DEVICES"] = physical_gpu(device.index if device.index is not None
+        if first.device.type == "cuda":  # this rank's GPU, not every rank's vLLM on the first one
+            env["CUDA_VISIBLE_DEVICES"] = physical_gpu(first.device.index if first.device.index is not None
                                                        else torch.cuda.current_device())
         self.log_path = self.dir / "worker.log"
         # It ends when its stdin does (this process ended, however); its group, with vLLM's own processes, in close()
         self.proc = start_group([exe, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=open(self.log_path, "w"), text=True, env=env, cwd=self.dir)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = str(first.dtype).removeprefix("torch.")
         options = {"model": str(base), "dtype": dtype, "max_model_len": self.max_seq_len,
                    "max_num_seqs": max_num_seqs, "seed": seed or 0, "gpu_memory_utilization": gpu_memory_utilization,
                    "enable_sleep_mode": enable_sleep_mode}

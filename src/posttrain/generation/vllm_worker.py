@@ -113,9 +113,7 @@ class Worker:
         return {"completions": done}
 
     def reload(self, path):
-        if "weights" in self.asleep:  # memory for the weights, which this load fills
-            self.llm.wake_up(tags=["weights"])
-            self.asleep.discard("weights")
+        self._wake_weights(refill=False)  # memory for the weights, which this load fills
         self._load(path)
         if "kv_cache" not in self.asleep:  # an asleep cache holds nothing; it is reset when it wakes
             self.llm.reset_prefix_cache()
@@ -132,12 +130,15 @@ class Worker:
             self.asleep, self.sleep_level = {"weights", "kv_cache"}, level
         return {}
 
-    def _wake(self):
+    def _wake_weights(self, refill: bool):
         if "weights" in self.asleep:
             self.llm.wake_up(tags=["weights"])
             self.asleep.discard("weights")
-            if self.sleep_level == 2:  # dropped, not kept: the memory is back but holds nothing
+            if refill and self.sleep_level == 2:  # dropped, not kept: the memory is back but holds nothing
                 self._load(self.weights_path)
+
+    def _wake(self):
+        self._wake_weights(refill=True)
         if "kv_cache" in self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep.discard("kv_cache")

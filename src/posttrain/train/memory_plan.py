@@ -342,6 +342,11 @@ def _rollouts_on_vllm(config) -> bool:
         return False
 
 
+def _vllm_on_gpu(config) -> bool:
+    """An RL run whose vLLM takes a share of the trainer's GPU."""
+    return config.stage in ("ppo", "grpo") and _on_cuda(config) and _rollouts_on_vllm(config)
+
+
 def _vllm_parts(config, shapes: ModelShapes, notes: list[str]) -> list[Part]:
     """What vLLM holds beside the trainer, in place of the engine's KV cache. On a GPU: its share of the GPU's
     memory, weights and KV cache together, all the time or (sleep mode) while it samples, when the batch's
@@ -489,8 +494,7 @@ def _fixes(config, ds_config: dict | None, world: int) -> list[Fix]:
         out.append(Fix("fsdp: full_shard offload", {"fsdp": "full_shard offload"}))
     if config.finetuning_type in ("full", "freeze"):
         out.append(Fix("finetuning_type: lora", {"finetuning_type": "lora"}))
-    if config.stage in ("ppo", "grpo") and _on_cuda(config) and _rollouts_on_vllm(config) and not (
-            config.vllm_enable_sleep_mode or config.async_rollouts):
+    if _vllm_on_gpu(config) and not (config.vllm_enable_sleep_mode or config.async_rollouts):
         out.insert(0, Fix("vllm_enable_sleep_mode: true", {"vllm_enable_sleep_mode": True}))
     return out
 
@@ -532,7 +536,7 @@ def verdict(config, plan: MemoryPlan, have: Budget, ds_config: dict | None, loca
             tried = " + ".join(f.label for f in _fixes(config, ds_config, plan.world)) or "no other setting"
             advice = (f"it does not fit even with {tried}; use more processes, a smaller per_device_train_batch_size "
                       "or cutoff_len, or a smaller model")
-            if any(p.what.startswith("vLLM (") or p.between_batches for p in plan.parts):
+            if _vllm_on_gpu(config):
                 advice += ", or a lower vllm_gpu_memory_utilization"
         line = f"memory plan: {'; '.join(problems)} (largest: {largest}); {advice}"
         if not with_batch:
